@@ -1,0 +1,125 @@
+"""Ablation applied to a model as PEFT LoRA adapters on the frozen weights.
+
+Every target weight of the architecture map gets a LoRA adapter (fused 3-D expert tensors through
+PEFT's `target_parameters`). A trial writes its factors B A into the adapters; resetting zeroes them,
+so the model is never reloaded between trials.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Iterator
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from ..model.architecture import ArchitectureMap, Target, as_matrices
+from .kernels import ablation_factors
+from .parameters import AblationParameters
+
+log = logging.getLogger(__name__)
+ADAPTER = "default"
+
+
+class Ablator:
+    """Owns the LoRA adapters of a model and writes trials into them."""
+
+    def __init__(self, model: nn.Module, arch: ArchitectureMap, mode: str, rank: int, seed: int) -> None:
+        self.arch = arch
+        self.mode = mode
+        self.rank = rank if mode == "full" else 1
+        self.seed = seed
+        self.base_model = model
+        # Original parameters, by their original names (shared storage, no copy), captured before wrapping.
+        self.original_state = dict(model.state_dict(keep_vars=False))
+        self._weights = {target.name: getattr(model.get_submodule(target.module), target.parameter) for _, _, target in arch.targets()}
+        unfused = sorted({target.module for _, _, target in arch.targets() if not target.fused})
+        fused = sorted({target.name for _, _, target in arch.targets() if target.fused})
+        config = LoraConfig(
+            r=self.rank,
+            lora_alpha=self.rank,  # scaling alpha / r = 1: the adapter adds exactly B A
+            lora_dropout=0.0,
+            bias="none",
+            target_modules=unfused or None,
+            target_parameters=fused or None,
+            init_lora_weights=True,
+        )
+        self.peft_model: PeftModel = get_peft_model(model, config, autocast_adapter_dtype=True)
+        self.peft_model.eval()
+        self._lora_layers = {target.name: self._find_lora(target) for _, _, target in arch.targets()}
+        self.reset()
+
+    def _find_lora(self, target: Target) -> nn.Module:
+        if not target.fused:
+            return self.base_model.get_submodule(target.module)
+        # Fused tensors: the ParamWrapper that replaced the experts module wraps this parameter.
+        module = self.base_model.get_submodule(target.module)
+        while module is not None:
+            if getattr(module, "parameter_name", None) == target.parameter:
+                return module
+            module = getattr(module, "base_layer", None)
+        raise RuntimeError(f"no adapter was created for {target.name}")
+
+    # --- Writing adapters ---------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """The unmodified model: every adapter's B set to zero."""
+        with torch.no_grad():
+            for lora in self._lora_layers.values():
+                lora.lora_B[ADAPTER].weight.zero_()
+
+    def factors(self, parameters: AblationParameters, directions: torch.Tensor) -> Iterator[tuple[Target, torch.Tensor, torch.Tensor]]:
+        """(target, B (experts, out, r), A (experts, r, in)) for every target with a non-zero weight."""
+        for layer, component, target in self.arch.targets():
+            weight = parameters.weight(component, layer)
+            if weight == 0.0:
+                continue
+            matrices = self._dense(target)
+            direction = parameters.direction_for(directions, layer).to(matrices.device)
+            seed = zlib.crc32(f"{self.seed}:{target.name}".encode())
+            b, a = ablation_factors(matrices, direction, weight, self.mode, self.rank, seed)
+            yield target, b, a
+
+    def _dense(self, target: Target) -> torch.Tensor:
+        return as_matrices(self._weights[target.name], target)
+
+    @torch.no_grad()
+    def apply(self, parameters: AblationParameters, directions: torch.Tensor) -> None:
+        self.reset()
+        for target, b, a in self.factors(parameters, directions):
+            self._write(target, b, a)
+
+    def _write(self, target: Target, b: torch.Tensor, a: torch.Tensor) -> None:
+        lora = self._lora_layers[target.name]
+        weight_a = lora.lora_A[ADAPTER].weight
+        weight_b = lora.lora_B[ADAPTER].weight
+        experts, out, rank = b.shape
+        padded_b = torch.zeros((experts, out, self.rank), dtype=b.dtype, device=b.device)
+        padded_a = torch.zeros((experts, self.rank, a.shape[-1]), dtype=a.dtype, device=a.device)
+        padded_b[:, :, :rank], padded_a[:, :rank, :] = b, a
+        if not target.fused:
+            weight_a.copy_(padded_a[0])
+            weight_b.copy_(padded_b[0])
+            return
+        # PEFT's layout for E experts: A rows grouped by expert (E*r, in); B columns as (r, E).
+        weight_a.copy_(padded_a.reshape(experts * self.rank, -1))
+        weight_b.copy_(padded_b.permute(1, 2, 0).reshape(out, self.rank * experts))
+
+    # --- Merged weights -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def merged_state_dict(self, parameters: AblationParameters, directions: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The original state dict with every ablated weight replaced by M + B A (in its own dtype and layout)."""
+        state = dict(self.original_state)
+        for target, b, a in self.factors(parameters, directions):
+            original = self._weights[target.name]
+            merged = (self._dense(target) + b @ a).to(original.dtype)
+            if target.fused:
+                merged = merged if target.out_axis == 1 else merged.transpose(1, 2)
+                state[target.name] = merged.contiguous()
+            else:
+                state[target.name] = merged[0].contiguous()
+        return state
+

@@ -1,0 +1,108 @@
+"""The math of parametrized directional ablation (pure tensor functions, no model, no I/O).
+
+A matrix M (out x in, out = hidden size) writes into the residual stream; v is a unit direction
+there. Ablation with weight w: M' = M - w v (v^T M), stored as a low-rank update B A
+(B: out x r, A: r x in) on top of the frozen M. Matrices come batched as (experts, out, in).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+MODES = ("none", "pre", "full")
+
+
+def kernel_weight(
+    layer: float, max_weight: float, max_weight_position: float, min_weight: float, min_weight_distance: float
+) -> float:
+    """Ablation weight of a layer: W at the peak P, linear to Wmin at distance D, zero beyond D."""
+    distance = abs(layer - max_weight_position)
+    if distance > min_weight_distance:
+        return 0.0
+    if min_weight_distance <= 0:
+        return max_weight
+    return max_weight + (distance / min_weight_distance) * (min_weight - max_weight)
+
+
+def interpolate_direction(directions: Tensor, index: float) -> Tensor:
+    """normalize((1-f) r_k + f r_{k+1}) with k = floor(index), f = index - k. directions: (positions, hidden)."""
+    last = directions.shape[0] - 1
+    index = min(max(index, 0.0), float(last))
+    k = min(int(math.floor(index)), last - 1) if last > 0 else 0
+    f = index - k
+    mixed = (1.0 - f) * directions[k] + (f * directions[k + 1] if last > 0 else 0.0)
+    return mixed / mixed.norm().clamp_min(1e-12)
+
+
+def row_norms(matrices: Tensor) -> Tensor:
+    """Norms of the rows (one per output dimension): (experts, out)."""
+    return matrices.norm(dim=-1)
+
+
+def ablated_matrices(matrices: Tensor, direction: Tensor, weight: float, mode: str) -> Tensor:
+    """The explicitly ablated matrices (reference implementation; float32).
+
+    none: M - w v v^T M
+    pre:  diag(n) (M^ - w v v^T M^), M^ = diag(1/n) M   (ablation of the row-normalized matrix)
+    full: diag(n / n') (M^ - w v v^T M^), n' = row norms of the ablated M^   (every row keeps its norm)
+    """
+    v = direction.to(matrices)
+    if mode == "none":
+        return matrices - weight * torch.einsum("o,ei->eoi", v, torch.einsum("o,eoi->ei", v, matrices))
+    norms = row_norms(matrices).clamp_min(1e-12).unsqueeze(-1)  # (experts, out, 1)
+    unit = matrices / norms
+    ablated = unit - weight * torch.einsum("o,ei->eoi", v, torch.einsum("o,eoi->ei", v, unit))
+    if mode == "pre":
+        return ablated * norms
+    if mode == "full":
+        return ablated * (norms / ablated.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+    raise ValueError(f"unknown row normalization {mode!r}")
+
+
+def ablation_factors(
+    matrices: Tensor, direction: Tensor, weight: float, mode: str, rank: int = 3, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Low-rank factors (B: experts x out x r, A: experts x r x in) with M + B A = the ablated matrix.
+
+    Exact (r = 1) for none and pre; for full the difference is not rank-1 and B A is its best rank-r
+    approximation (randomized SVD, deterministic for a given seed).
+    """
+    v = direction.to(matrices)
+    if mode == "none":
+        a = torch.einsum("o,eoi->ei", v, matrices).unsqueeze(1)  # v^T M: (experts, 1, in)
+        b = (-weight * v).expand(matrices.shape[0], -1).unsqueeze(-1)  # -w v: (experts, out, 1)
+        return b.contiguous(), a
+    if mode == "pre":
+        norms = row_norms(matrices).clamp_min(1e-12)  # (experts, out)
+        a = torch.einsum("o,eoi->ei", v, matrices / norms.unsqueeze(-1)).unsqueeze(1)  # v^T M^
+        b = (-weight * v * norms).unsqueeze(-1)  # -w (n * v)
+        return b, a
+    if mode == "full":
+        difference = ablated_matrices(matrices, direction, weight, "full") - matrices
+        return low_rank_approximation(difference, rank, seed)
+    raise ValueError(f"unknown row normalization {mode!r}")
+
+
+def low_rank_approximation(matrices: Tensor, rank: int, seed: int = 0, oversample: int = 8, iterations: int = 4) -> tuple[Tensor, Tensor]:
+    """Rank-r factors (B, A) of a batch of matrices by randomized SVD with power iterations.
+
+    matrices: (batch, m, n). Returns B (batch, m, r) = U sqrt(S), A (batch, r, n) = sqrt(S) V^T.
+    """
+    batch, rows, cols = matrices.shape
+    rank = min(rank, rows, cols)
+    width = min(rank + oversample, rows, cols)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    probe = torch.randn((batch, cols, width), generator=generator, dtype=matrices.dtype).to(matrices.device)
+    basis, _ = torch.linalg.qr(matrices @ probe)  # range finder: (batch, m, width)
+    for _ in range(iterations):  # power iterations sharpen the spectrum
+        basis, _ = torch.linalg.qr(matrices.transpose(1, 2) @ basis)
+        basis, _ = torch.linalg.qr(matrices @ basis)
+    small = basis.transpose(1, 2) @ matrices  # (batch, width, n)
+    u, s, vh = torch.linalg.svd(small, full_matrices=False)
+    root = s[:, :rank].sqrt()
+    b = (basis @ u[:, :, :rank]) * root.unsqueeze(1)
+    a = root.unsqueeze(-1) * vh[:, :rank, :]
+    return b, a

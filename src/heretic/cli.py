@@ -1,0 +1,213 @@
+"""The `heretic` command: flags built from the Settings fields, errors as one line.
+
+Kept light: `heretic --help` and `heretic --version` import neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tomllib
+from typing import Any, NoReturn, Sequence
+
+from pydantic import ValidationError
+
+from . import __version__
+from .config import Settings, SettingValueError, field_kind, load_settings, parse_text_value
+from .errors import HereticError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+DESCRIPTION = """\
+Remove refusal behaviour from a transformer language model by directional ablation, with the
+ablation's parameters found automatically (Optuna) by co-minimizing refusals on harmful prompts
+and KL divergence from the original model on harmless prompts.
+
+Every option can also be set in config.toml (see config.default.toml) or as an environment
+variable HERETIC_<NAME>; flags win over the environment, which wins over the file.
+"""
+
+EPILOG = """\
+examples:
+  heretic Qwen/Qwen3-4B-Instruct-2507
+  heretic --demo
+  heretic ./model.gguf --n-trials 50 --headless --action save --output-dir out/
+  heretic --model ORIGINAL --evaluate-model ABLATED
+"""
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="heretic",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument("positional_model", nargs="?", metavar="MODEL", help="Same as --model.")
+    parser.add_argument("--version", action="version", version=f"heretic {__version__}")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="Read settings from this TOML file instead of ./config.toml (also HERETIC_CONFIG).",
+    )
+    group = parser
+    for name, info in Settings.model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if extra.get("section"):
+            group = parser.add_argument_group(str(extra["section"]).lower())  # type: ignore[assignment]
+        kind = field_kind(info)
+        help_text = (info.description or "").replace("%", "%%")
+        default = info.default
+        if kind == "bool":
+            group.add_argument(
+                flag_name(name),
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{help_text} (default: {'on' if default else 'off'})",
+            )
+            continue
+        shown = _show_default(default)
+        metavar = _metavar(name, info)
+        if kind == "list":
+            group.add_argument(
+                flag_name(name),
+                dest=name,
+                action="append",
+                default=None,
+                metavar=metavar,
+                help=f"{help_text} Repeatable, or a JSON list. (default: {shown})",
+            )
+        else:
+            group.add_argument(
+                flag_name(name), dest=name, default=None, metavar=metavar, help=f"{help_text} (default: {shown})"
+            )
+    return parser
+
+
+def _metavar(name: str, info: Any) -> str:
+    annotation = str(info.annotation)
+    if "PromptSet" in annotation:
+        return "SOURCE[:SPLIT][SLICE]"
+    if annotation in {"int", "<class 'int'>"} or "int" == getattr(info.annotation, "__name__", ""):
+        return "N"
+    if "float" in annotation:
+        return "X"
+    if "Literal" in annotation or "Enum" in annotation or hasattr(info.annotation, "__members__"):
+        choices = _choices(info.annotation)
+        if choices:
+            return "{" + ",".join(choices) + "}"
+    return name.upper().split("_")[-1]
+
+
+def _choices(annotation: Any) -> list[str]:
+    from enum import Enum
+    from typing import get_args
+
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        return [member.value for member in annotation]
+    args = [arg for arg in get_args(annotation) if arg is not type(None)]
+    if args and all(isinstance(arg, str) for arg in args):
+        return list(args)
+    return []
+
+
+def _show_default(value: Any) -> str:
+    from enum import Enum
+
+    from .config import PromptSet
+
+    if isinstance(value, Enum):
+        return str(value.value)
+    if isinstance(value, PromptSet):
+        return value.label()
+    if isinstance(value, list) and len(value) > 6:
+        return f"{len(value)} entries, see config.default.toml"
+    if value is None:
+        return "none"
+    return str(value)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], str | None]:
+    """Command-line arguments -> (values for Settings, config file)."""
+    parser = build_parser()
+    namespace = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        raw = getattr(namespace, name, None)
+        if raw is None:
+            continue
+        if isinstance(raw, bool):
+            values[name] = raw
+        elif isinstance(raw, list):  # repeatable flag: each item may itself be a JSON list or a comma list
+            items: list[Any] = []
+            for text in raw:
+                parsed = parse_text_value(name, text)
+                items.extend(parsed if isinstance(parsed, list) else [parsed])
+            values[name] = items
+        else:
+            values[name] = parse_text_value(name, raw)
+    if namespace.positional_model is not None:
+        if "model" in values and values["model"] != namespace.positional_model:
+            parser.error("give the model either as MODEL or as --model, not both")
+        values["model"] = namespace.positional_model
+    return values, namespace.config
+
+
+def describe_validation_error(error: ValidationError, config_file: str | None) -> str:
+    """The first problem of a ValidationError as one sentence naming the key."""
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"] if not isinstance(part, int)) or "settings"
+    top = str(first["loc"][0]) if first["loc"] else location
+    where = f"{flag_name(top)}, HERETIC_{top.upper()} or {config_file or 'config.toml'}"
+    message = str(first["msg"]).rstrip(".")
+    message = message.removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return f"Unknown setting '{location}' (in {config_file or 'config.toml'}); see `heretic --help` for valid settings."
+    more = len(error.errors()) - 1
+    suffix = f" ({more} more problem{'s' if more > 1 else ''} after this one)" if more else ""
+    return f"Invalid setting '{location}' (from {where}): {message}.{suffix}"
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False).print(f"[bold red]Error:[/] {message}", soft_wrap=True)
+    raise SystemExit(code)
+
+
+def settings_from_argv(argv: Sequence[str] | None = None) -> Settings:
+    values, config_file = parse_args(argv)
+    try:
+        return load_settings(values, config_file)
+    except SettingValueError as error:
+        fail(f"Invalid setting '{error.name}': {error.problem}.")
+    except ValidationError as error:
+        fail(describe_validation_error(error, config_file))
+    except tomllib.TOMLDecodeError as error:
+        fail(f"The config file {config_file or 'config.toml'} is not valid TOML ({error}); fix it or pass another with --config.")
+    except FileNotFoundError as error:
+        fail(f"The config file {error} does not exist; check the path given to --config or HERETIC_CONFIG.")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = settings_from_argv(argv)
+    try:
+        from .main import run
+
+        run(settings)
+    except HereticError as error:
+        fail(str(error))
+    except KeyboardInterrupt:
+        fail("Interrupted; the search checkpoint keeps every finished trial.", EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

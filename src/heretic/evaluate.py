@@ -1,0 +1,47 @@
+"""`heretic --model A --evaluate-model B`: refusals and KL divergence of B measured against A."""
+
+from __future__ import annotations
+
+import gc
+
+from rich.table import Table
+
+from .config import Settings
+from .model.generation import Engine
+from .model.loading import eos_token_ids
+from .scoring.evaluator import Evaluator, detect_response_prefix
+from .scoring.kl import kl_divergence
+from .ui import ProgressBars, console
+
+
+def evaluate_model(settings: Settings) -> None:
+    from .main import load, load_prompt_sets, make_judge
+
+    prompt_sets = load_prompt_sets(settings)
+    harmful, harmless = prompt_sets["harmful_eval"], prompt_sets["harmless_eval"]
+    judge = make_judge(settings)
+    rows = []
+    reference_logprobs = None
+    for role, name in (("original", settings.model), ("evaluated", settings.evaluate_model)):
+        loaded = load(settings, name)
+        engine = Engine(loaded.model, loaded.tokenizer, eos_token_ids(loaded), settings.batch_size or 16, settings.share_prompt_prefix)
+        engine.response_prefix = detect_response_prefix(engine, harmful[:4] + harmless[:4], settings.thinking_tags)
+        with ProgressBars() as bars:
+            evaluator = Evaluator(engine, judge, harmful, harmless, settings.max_response_length, settings.stop_on_verdict, bars)
+            logprobs = evaluator.logprobs()
+            refusals = evaluator.count_refusals().refusals
+        if reference_logprobs is None:
+            reference_logprobs = logprobs
+            kl = 0.0
+        else:
+            kl = kl_divergence(reference_logprobs, logprobs)
+        rows.append((role, str(name), refusals, kl))
+        del engine, evaluator, loaded
+        gc.collect()
+    table = Table(title="Evaluation", title_justify="left")
+    table.add_column("model")
+    table.add_column(f"refusals (harmful, /{len(harmful)})", justify="right")
+    table.add_column(f"KL from original (harmless, {len(harmless)})", justify="right")
+    for role, name, refusals, kl in rows:
+        table.add_row(f"{name} ({role})", str(refusals), f"{kl:.4f}")
+    console.print(table)

@@ -1,0 +1,128 @@
+"""The actions offered for a chosen trial. Each takes (session, result, parameters, confirm, output_dir)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from ..ablation.parameters import AblationParameters
+from ..search.pareto import TrialResult
+from ..ui import console
+from . import card, record
+from .save import ConfirmFn, save_adapter, save_merged
+
+log = logging.getLogger(__name__)
+
+
+def folder_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
+
+
+def _size(path: Path) -> str:
+    return f"{folder_size(path) / 2**20:,.0f} MiB"
+
+
+def result_files(session: Any, result: TrialResult, parameters: AblationParameters) -> dict[str, str]:
+    """README.md (model card) and heretic.json (reproduction record) written with every saved result."""
+    data = record.build_record(session, result, parameters)
+    return {
+        "README.md": card.render_card(data, card.original_license(session.loaded.source)),
+        record.RECORD_FILE: record.dumps(data),
+    }
+
+
+def save_model(session: Any, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path) -> Path:
+    started = time.perf_counter()
+    with console.status(f"Saving the merged model to {output_dir}..."):
+        path = save_merged(
+            session.loaded, session.ablator, parameters, session.directions, output_dir,
+            max_shard_size=session.settings.max_shard_size, overwrite=session.settings.overwrite, confirm=confirm,
+            extra_files=result_files(session, result, parameters),
+        )
+    console.print(f"Merged model saved to [bold]{path.resolve()}[/] ({_size(path)}, {time.perf_counter() - started:.1f} s)")
+    session.last_saved = path
+    return path
+
+
+def adapter_dir(output_dir: Path) -> Path:
+    return output_dir.with_name(output_dir.name + "-adapter")
+
+
+def save_adapter_only(session: Any, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path) -> Path:
+    started = time.perf_counter()
+    target = adapter_dir(output_dir)
+    path = save_adapter(
+        session.loaded, session.ablator, parameters, session.directions, target,
+        base_model_name=session.loaded.source.name, overwrite=session.settings.overwrite, confirm=confirm,
+        extra_files=result_files(session, result, parameters),
+    )
+    console.print(f"Adapter saved to [bold]{path.resolve()}[/] ({_size(path)}, {time.perf_counter() - started:.1f} s)")
+    return path
+
+
+def gguf_path(output_dir: Path, gguf_type: str) -> Path:
+    return output_dir.with_name(f"{output_dir.name}.{gguf_type}.gguf")
+
+
+def export_gguf_file(session: Any, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path) -> Path:
+    from ..errors import HereticError
+    from .gguf import export_gguf
+    from .merged import merged_model
+
+    settings = session.settings
+    target = gguf_path(output_dir, settings.gguf_type).expanduser().resolve()
+    if target.exists() and not settings.overwrite and not (confirm is not None and confirm(target)):
+        raise HereticError(f"{target} already exists; choose another --output-dir or pass --overwrite.")
+    started = time.perf_counter()
+    with console.status(f"Writing {target.name}..."), merged_model(session, parameters) as (model, changed):
+        export_gguf(
+            model, session.loaded.tokenizer, target, settings.gguf_type,
+            source_gguf=session.loaded.source.gguf_file, changed_parameters=changed,
+        )
+    console.print(f"GGUF ({settings.gguf_type}) written to [bold]{target}[/] ({_size(target)}, {time.perf_counter() - started:.1f} s)")
+    return target
+
+
+def upload(session: Any, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path) -> None:
+    from .upload import upload_folder
+
+    folder = getattr(session, "last_saved", None)
+    if folder is None or not Path(folder).is_dir():
+        folder = save_model(session, result, parameters, confirm=confirm, output_dir=output_dir)
+    upload_folder(Path(folder), session.settings.upload_repo, session.settings.upload_private, interactive=session.interactive)
+
+
+def chat(session: Any, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path) -> None:
+    from ..chat import chat_loop
+
+    chat_loop(session.loaded, session.settings.system_prompt, session.engine.response_prefix)
+
+
+def benchmark(session: Any, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path) -> None:
+    from .benchmark import run_benchmarks
+
+    run_benchmarks(session, parameters)
+
+
+def report(session: Any, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path, count: int = 3) -> None:
+    """Harmful prompts answered before and after: the first ones the original refused."""
+    evaluator = session.evaluator
+    refused = [i for i, response in enumerate(session.base_responses) if session.judge.judge([evaluator.harmful[i]], [response])[0]]
+    chosen = [evaluator.harmful[i] for i in (refused or list(range(len(evaluator.harmful))))[:count]]
+    session.ablator.reset()
+    before = evaluator.responses(chosen)
+    session.ablator.apply(parameters, session.directions)
+    after = evaluator.responses(chosen)
+    table = Table(title=f"Harmful prompts, original vs trial {result.number}", show_lines=True, title_justify="left")
+    table.add_column("prompt", ratio=2)
+    table.add_column("original", ratio=3)
+    table.add_column(f"trial {result.number}", ratio=3)
+    for prompt, old, new in zip(chosen, before, after):
+        table.add_row(prompt.user, old.strip() or "[italic](empty)[/]", new.strip() or "[italic](empty)[/]")
+    console.print(table)

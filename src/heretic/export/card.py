@@ -1,0 +1,107 @@
+"""Model card (README.md with Hugging Face front matter) for a saved result."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+
+log = logging.getLogger(__name__)
+TAGS = ["heretic", "abliterated", "uncensored", "decensored"]
+
+
+def original_license(source: Any) -> str | None:
+    """The licence of the original model: its card's front matter, or a GGUF file's general.license."""
+    try:
+        if source.gguf_file is not None:
+            from gguf import GGUFReader
+
+            field = GGUFReader(str(source.gguf_file)).get_field("general.license")
+            if field is not None:
+                return bytes(field.parts[field.data[0]]).decode("utf-8")
+            return None
+        if source.kind == "local":
+            readme = Path(source.path) / "README.md"
+            return _license_from_card(readme.read_text(encoding="utf-8")) if readme.is_file() else None
+        from huggingface_hub import ModelCard
+
+        return ModelCard.load(source.name).data.get("license")
+    except Exception as error:  # noqa: BLE001 - offline hub, unreadable card: no licence then
+        log.info("No licence found for %s (%s)", source.name, error)
+        return None
+
+
+def _license_from_card(text: str) -> str | None:
+    match = re.search(r"^---\s*\n(.*?)\n---", text, re.DOTALL)
+    if not match:
+        return None
+    found = re.search(r"^license:\s*(\S+)", match.group(1), re.MULTILINE)
+    return found.group(1).strip("'\"") if found else None
+
+
+def render_card(record: dict[str, Any], license_name: str | None) -> str:
+    model = record["model"]
+    base = model["name"]
+    trial = record["trial"]
+    baseline = record["baseline"]
+    n = baseline["n_prompts"]
+    settings = record["settings"]
+    kernels = trial["parameters"]["kernels"]
+    front = ["---", f"base_model: {base}" if model["kind"] == "hub" else f"# base model: {base}"]
+    if license_name:
+        front.append(f"license: {license_name}")
+    front += ["library_name: transformers", "tags:"] + [f"- {tag}" for tag in TAGS] + ["---", ""]
+    refusals = f"≥{trial['refusals']}" if trial["refusals_is_lower_bound"] else str(trial["refusals"])
+    lines = front + [
+        f"# {Path(base).name} (abliterated with Heretic)",
+        "",
+        f"This is **{base}** with its refusal behaviour removed by directional ablation (\"abliteration\"), "
+        f"made automatically by [Heretic](https://pypi.org/project/heretic/) {__version__}. No training was done: "
+        "the weights that write into the residual stream were orthogonalized against a refusal direction, with "
+        "the ablation's parameters chosen by an Optuna search that co-minimizes refusals on harmful prompts "
+        "and the KL divergence from the original model on harmless prompts.",
+        "",
+        "## Results",
+        "",
+        f"| model | refusals (harmful, /{n}) | KL divergence from the original (harmless) |",
+        "|---|---:|---:|",
+        f"| original | {baseline['refusals']} | 0 |",
+        f"| this model (trial {trial['number']}) | {refusals} | {trial['kl']:.4f} |",
+        "",
+        "## Parameters",
+        "",
+        f"- direction: {trial['parameters']['direction_scope']}"
+        + (f", index {trial['parameters']['direction_index']:.3f}" if trial["parameters"]["direction_scope"] == "global" else ""),
+        f"- row normalization: {settings['row_normalization']} (rank {settings['full_normalization_rank']})",
+    ]
+    for name, kernel in kernels.items():
+        lines.append(
+            f"- {name}: max weight {kernel['max_weight']:.3f} at layer {kernel['max_weight_position']:.2f}, "
+            f"min weight {kernel['min_weight']:.3f} at distance {kernel['min_weight_distance']:.2f}"
+        )
+    lines += ["", "## Prompt sets", "", "| role | source | prompts | sha256 |", "|---|---|---:|---|"]
+    for name, info in record["prompt_sets"].items():
+        spec = info["spec"]
+        label = spec["source"] + (f":{spec['split']}" if spec.get("split") else "")
+        lines.append(f"| {name.replace('_', ' ')} | `{label}` | {info['count']} | `{info['sha256'][:16]}` |")
+    lines += [
+        "",
+        "## Reproduce",
+        "",
+        "The file `heretic.json` beside this card records the tool and library versions, every setting, the "
+        "prompt sets' content hashes and the chosen parameters. To rebuild these weights without a search:",
+        "",
+        "```",
+        "pip install heretic",
+        "heretic --reproduce heretic.json --output-dir rebuilt/",
+        "```",
+        "",
+        "## Caution",
+        "",
+        "This model answers requests that its original refused. You are responsible for how you use it.",
+        "",
+    ]
+    return "\n".join(lines)

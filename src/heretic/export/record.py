@@ -1,0 +1,87 @@
+"""The reproduction record (heretic.json) saved with every result."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+from importlib import metadata
+from typing import Any
+
+import torch
+
+from .. import __version__
+
+RECORD_FILE = "heretic.json"
+RECORD_VERSION = 1
+LIBRARIES = ("torch", "transformers", "peft", "optuna", "accelerate", "safetensors", "numpy")
+
+
+def environment() -> dict[str, Any]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or platform.machine()
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "libraries": versions,
+    }
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().contiguous().cpu().float().numpy().tobytes()).hexdigest()
+
+
+def build_record(session: Any, result: Any, parameters: Any) -> dict[str, Any]:
+    from ..prompts import prompts_digest
+
+    settings = session.settings
+    source = session.loaded.source
+    specs = {
+        "harmful": settings.harmful_prompts,
+        "harmless": settings.harmless_prompts,
+        "harmful_eval": settings.harmful_eval_prompts,
+        "harmless_eval": settings.harmless_eval_prompts,
+    }
+    return {
+        "record_version": RECORD_VERSION,
+        "tool": {"name": "heretic", "version": __version__},
+        "environment": environment(),
+        "model": {
+            "name": source.name,
+            "kind": source.kind,
+            "gguf_file": str(source.gguf_file) if source.gguf_file else None,
+            "revision": settings.model_revision,
+            "dtype": str(session.loaded.dtype).removeprefix("torch."),
+        },
+        "settings": json.loads(settings.model_dump_json()),
+        "prompt_sets": {
+            name: {
+                "spec": spec.model_dump(mode="json"),
+                "count": len(session.prompt_sets[name]),
+                "sha256": prompts_digest(session.prompt_sets[name]),
+            }
+            for name, spec in specs.items()
+        },
+        "response_prefix": session.engine.response_prefix,
+        "directions_sha256": tensor_digest(session.directions),
+        "trial": {
+            "number": result.number,
+            "parameters": parameters.to_dict(),
+            "refusals": result.refusals,
+            "refusals_is_lower_bound": result.cut,
+            "kl": result.kl,
+        },
+        "baseline": {"refusals": session.base_refusals, "n_prompts": len(session.evaluator.harmful)},
+    }
+
+
+def dumps(record: dict[str, Any]) -> str:
+    return json.dumps(record, indent=2, ensure_ascii=False) + "\n"

@@ -1,0 +1,121 @@
+"""Saving results: merged model and adapter folders, written atomically, never overwriting by accident."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from ..ablation.adapters import Ablator
+from ..ablation.parameters import AblationParameters
+from ..errors import HereticError
+from ..model.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+# Asked when the target exists and is not empty: returns True to replace it.
+ConfirmFn = Callable[[Path], bool]
+
+
+def is_nonempty(path: Path) -> bool:
+    if path.is_dir():
+        return any(path.iterdir())
+    return path.exists()
+
+
+@contextmanager
+def atomic_folder(target: Path, overwrite: bool, confirm: ConfirmFn | None = None) -> Iterator[Path]:
+    """Yield a staging folder beside `target`; on success it replaces `target` in one rename.
+
+    An interrupted write leaves `target` untouched (the staging folder is removed). An existing
+    non-empty target is replaced only with `overwrite` or when `confirm` says yes.
+    """
+    target = target.expanduser().resolve()
+    if is_nonempty(target) and not overwrite and not (confirm is not None and confirm(target)):
+        raise HereticError(f"{target} already exists and is not empty; choose another folder or pass --overwrite.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.partial-{os.getpid()}-{int(time.time())}"
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    previous = None
+    if target.exists():
+        previous = target.parent / f".{target.name}.previous-{os.getpid()}"
+        os.replace(target, previous)
+    os.replace(staging, target)
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True) if previous.is_dir() else previous.unlink(missing_ok=True)
+
+
+def save_merged(
+    loaded: LoadedModel,
+    ablator: Ablator,
+    parameters: AblationParameters,
+    directions: torch.Tensor,
+    target: Path,
+    *,
+    max_shard_size: str = "5GB",
+    overwrite: bool = False,
+    confirm: ConfirmFn | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """The ablation merged into the weights: a plain transformers model folder (config, generation
+    config, tokenizer, chat template, processor) with no trace of Heretic in its code."""
+    if loaded.model.config.to_dict().get("quantization_config") and not loaded.source.kind == "gguf":
+        raise HereticError("A quantized model cannot be merged and saved; load it without --quantization to save it.")
+    state = ablator.merged_state_dict(parameters, directions)
+    with atomic_folder(target, overwrite, confirm) as staging:
+        model = ablator.base_model
+        model.save_pretrained(staging, state_dict=state, max_shard_size=max_shard_size)
+        _strip_adapter_traces(staging)
+        loaded.tokenizer.save_pretrained(staging)
+        if loaded.processor is not None:
+            loaded.processor.save_pretrained(staging)
+        for name, content in (extra_files or {}).items():
+            (staging / name).write_text(content, encoding="utf-8")
+    return target
+
+
+def _strip_adapter_traces(folder: Path) -> None:
+    """save_pretrained of a model holding LoRA layers may note the adapter in its config; remove it."""
+    config_file = folder / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        for key in ("adapter_config", "peft_config"):
+            config.pop(key, None)
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for leftover in ("adapter_config.json", "adapter_model.safetensors"):
+        (folder / leftover).unlink(missing_ok=True)
+
+
+def save_adapter(
+    loaded: LoadedModel,
+    ablator: Ablator,
+    parameters: AblationParameters,
+    directions: torch.Tensor,
+    target: Path,
+    *,
+    base_model_name: str,
+    overwrite: bool = False,
+    confirm: ConfirmFn | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """A PEFT LoRA adapter folder: `PeftModel.from_pretrained(original, folder)` gives the ablated model."""
+    ablator.apply(parameters, directions)
+    with atomic_folder(target, overwrite, confirm) as staging:
+        peft_model = ablator.peft_model
+        peft_model.peft_config["default"].base_model_name_or_path = base_model_name
+        peft_model.save_pretrained(staging)
+        for name, content in (extra_files or {}).items():
+            (staging / name).write_text(content, encoding="utf-8")
+    return target

@@ -1,0 +1,190 @@
+"""Architecture map: the transformer layers and, per layer, the weights that write into the residual stream.
+
+Components group those weights by role:
+  "attn" - attention output projections, and the output projections of attention-like token
+           mixers in hybrid layers (linear attention, SSM / convolution blocks);
+  "mlp"  - MLP down projections, every MoE expert's down projection (separate modules or one fused
+           3-D tensor), and shared experts.
+Every weight is seen as M (hidden_size x in_features) acting as y = M x, so that ablation math
+needs no knowledge of the storage layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import HereticError
+
+COMPONENTS = ("attn", "mlp")
+
+# Last name of a module whose output is added to the residual stream.
+OUTPUT_PROJECTIONS = {
+    "o_proj", "out_proj", "dense", "c_proj", "wo", "down_proj", "w2", "fc2", "dense_4h_to_h", "proj_out",
+    "output_proj", "o", "c_fc2",
+}
+# Names of fused 3-D expert tensors holding down projections.
+FUSED_DOWN_PROJECTIONS = {"down_proj", "w2", "down_projs", "experts_down"}
+# Path fragments that tell the role of a projection (checked in this order).
+MLP_HINTS = ("mlp", "feed_forward", "ffn", "experts", "expert", "moe", "shared_expert")
+ATTN_HINTS = ("attn", "attention", "mixer", "conv", "mamba", "ssm", "token_mixer", "linear_attn")
+# Module-list paths of the text decoder layers, tried first.
+LAYER_PATHS = (
+    "model.layers",
+    "model.language_model.layers",
+    "language_model.model.layers",
+    "model.text_model.layers",
+    "transformer.h",
+    "model.decoder.layers",
+    "backbone.layers",
+    "gpt_neox.layers",
+    "transformer.layers",
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One weight that writes into the residual stream.
+
+    module: path of the module owning the parameter; parameter: its attribute name.
+    fused: a 3-D (experts, ., .) tensor; out_axis: the axis of size hidden_size.
+    """
+
+    module: str
+    parameter: str = "weight"
+    fused: bool = False
+    out_axis: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.module}.{self.parameter}"
+
+
+@dataclass
+class ArchitectureMap:
+    layers_path: str
+    hidden_size: int
+    # layers[i][component] -> targets of that component in layer i
+    layers: list[dict[str, list[Target]]] = field(default_factory=list)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def components(self) -> list[str]:
+        present = {name for layer in self.layers for name, targets in layer.items() if targets}
+        return [name for name in COMPONENTS if name in present]
+
+    def targets(self) -> list[tuple[int, str, Target]]:
+        return [(index, name, target) for index, layer in enumerate(self.layers) for name in COMPONENTS for target in layer.get(name, [])]
+
+    def count(self, component: str) -> int:
+        """Layers in which the component is present."""
+        return sum(1 for layer in self.layers if layer.get(component))
+
+    def summary(self) -> str:
+        parts = []
+        for name in self.components:
+            targets = sum(len(layer.get(name, [])) for layer in self.layers)
+            fused = sum(1 for layer in self.layers for t in layer.get(name, []) if t.fused)
+            extra = f", {fused} fused expert tensors" if fused else ""
+            parts.append(f"{name}: {self.count(name)} layers, {targets} weights{extra}")
+        return "; ".join(parts)
+
+
+def text_config(config: object) -> object:
+    getter = getattr(config, "get_text_config", None)
+    return getter() if callable(getter) else config
+
+
+def find_layers(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
+    modules = dict(model.named_modules())
+    for path in LAYER_PATHS:
+        candidate = modules.get(path)
+        if isinstance(candidate, nn.ModuleList) and len(candidate) == num_layers:
+            return path, candidate
+    # Otherwise: the longest ModuleList of the configured length outside vision/audio towers.
+    for path, module in modules.items():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            if not any(part in path for part in ("vision", "visual", "audio", "image", "encoder")):
+                return path, module
+    raise HereticError(
+        f"Could not find the {num_layers} transformer layers of {type(model).__name__}: no module list of that "
+        "length; this architecture is not supported yet."
+    )
+
+
+def build_architecture_map(model: nn.Module) -> ArchitectureMap:
+    config = text_config(model.config)
+    hidden_size = int(getattr(config, "hidden_size"))
+    num_layers = int(getattr(config, "num_hidden_layers"))
+    layers_path, layers = find_layers(model, num_layers)
+    mapping = ArchitectureMap(layers_path=layers_path, hidden_size=hidden_size)
+    for index, layer in enumerate(layers):
+        found: dict[str, list[Target]] = {name: [] for name in COMPONENTS}
+        for relative, module in layer.named_modules():
+            if not relative:
+                continue
+            role = _role(relative)
+            path = f"{layers_path}.{index}.{relative}"
+            last = relative.rsplit(".", 1)[-1]
+            out_features = getattr(module, "out_features", None)
+            if out_features == hidden_size and last in OUTPUT_PROJECTIONS and role is not None:
+                found[role].append(Target(path))
+                continue
+            for parameter_name, parameter in module.named_parameters(recurse=False):
+                if parameter.dim() == 3 and parameter_name in FUSED_DOWN_PROJECTIONS:
+                    out_axis = 2 if getattr(module, "is_transposed", False) else 1
+                    if parameter.shape[out_axis] != hidden_size:
+                        continue
+                    found["mlp"].append(Target(path, parameter_name, fused=True, out_axis=out_axis))
+        if not any(found.values()):
+            raise HereticError(
+                f"Layer {index} of {type(model).__name__} has no recognizable output projection (looked for "
+                "o_proj/out_proj/down_proj and fused expert tensors); this architecture is not supported yet."
+            )
+        mapping.layers.append(found)
+    if "attn" not in mapping.components:
+        raise HereticError(
+            f"No attention output projection was found in {type(model).__name__}; this architecture is not supported yet."
+        )
+    return mapping
+
+
+def _role(relative_path: str) -> str | None:
+    parts = relative_path.lower().split(".")[:-1]
+    joined = ".".join(parts)
+    if any(hint in joined for hint in MLP_HINTS):
+        return "mlp"
+    if any(hint in joined for hint in ATTN_HINTS):
+        return "attn"
+    return None
+
+
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path)
+
+
+def dense_matrices(model: nn.Module, target: Target) -> torch.Tensor:
+    """The target's weight as float32 matrices M (hidden x in): shape (experts, hidden, in), experts=1 if unfused."""
+    return as_matrices(getattr(get_module(model, target.module), target.parameter), target)
+
+
+def as_matrices(weight: torch.Tensor, target: Target) -> torch.Tensor:
+    """A target's stored weight as float32 matrices (experts, hidden, in)."""
+    if not target.fused:
+        return _dequantized(weight).float().unsqueeze(0)
+    data = weight.detach().float()
+    return data if target.out_axis == 1 else data.transpose(1, 2)
+
+
+def _dequantized(weight: torch.Tensor) -> torch.Tensor:
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:  # bitsandbytes 4-bit
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(weight.data, quant_state)
+    return weight.detach()

@@ -1,0 +1,79 @@
+"""Automatic batch-size choice: measure decoding throughput, back off on out-of-memory."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..prompts import Prompt
+from .generation import Engine
+
+log = logging.getLogger(__name__)
+
+PROBE_PROMPT = Prompt("You are a helpful assistant.", "Write a long story about a lighthouse keeper and a storm.")
+
+
+@dataclass
+class BatchMeasurement:
+    batch_size: int
+    tokens_per_second: float | None  # None: out of memory
+
+
+def candidate_sizes(limit: int) -> list[int]:
+    sizes, size = [], 1
+    while size < limit:
+        sizes.append(size)
+        size *= 2
+    sizes.append(limit)
+    return sizes
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def measure(engine: Engine, batch_size: int, steps: int) -> float:
+    """Generated tokens per second for `batch_size` copies of a short prompt (the shared prefix is
+    computed once, so the probe costs about `steps` decoding steps)."""
+    ids = engine.encode([PROBE_PROMPT]) * batch_size
+    started = time.perf_counter()
+    responses = engine.generate(ids, steps, batch_size=batch_size)
+    elapsed = time.perf_counter() - started
+    assert responses is not None
+    return sum(len(tokens) for tokens in responses) / max(elapsed, 1e-9)
+
+
+def choose_batch_size(engine: Engine, limit: int, steps: int = 6) -> tuple[int, list[BatchMeasurement]]:
+    """The batch size with the best decoding throughput among powers of two up to `limit`.
+
+    Stops early once throughput has fallen twice in a row, or at the first out-of-memory error.
+    """
+    measurements: list[BatchMeasurement] = []
+    measure(engine, 1, 2)  # warm-up: first calls pay one-time kernel selection costs
+    best_size, best_rate, falls = 1, 0.0, 0
+    for size in candidate_sizes(max(1, limit)):
+        try:
+            rate = measure(engine, size, steps)
+        except Exception as error:  # noqa: BLE001 - out-of-memory comes in several types
+            if not is_out_of_memory(error):
+                raise
+            measurements.append(BatchMeasurement(size, None))
+            _free_memory()
+            break
+        measurements.append(BatchMeasurement(size, rate))
+        log.info("batch size %d: %.1f tokens/s", size, rate)
+        if rate > best_rate:
+            best_size, best_rate, falls = size, rate, 0
+        else:
+            falls += 1
+            if falls >= 2:
+                break
+    return best_size, measurements
+
+
+def _free_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

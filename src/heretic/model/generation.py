@@ -1,0 +1,258 @@
+"""Batched forward passes: greedy responses, last-position residuals, first-response-position logits.
+
+Three exact savings over a plain `generate` call:
+- prompts are batched in order of length, so little padding is computed;
+- the token prefix that all prompts of a batch share (system prompt and chat-template preamble)
+  is computed once and its KV cache copied to every row;
+- a response stops as soon as its verdict is fixed (end of text, or the caller's `is_decided`),
+  and finished rows leave the batch.
+Rows are independent, so each response equals the one a full-length batch would give (up to
+floating-point reassociation, which the tests bound).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..prompts import Prompt
+from .chat import format_chat
+
+log = logging.getLogger(__name__)
+
+# (index of the prompt, generated token ids so far) -> True once the response needs no more tokens.
+DecidedFn = Callable[[int, list[int]], bool]
+# Called after every decoding step; returning True abandons the rest of the generation.
+AbortFn = Callable[[], bool]
+ProgressFn = Callable[[int], None]
+
+
+@dataclass
+class Batch:
+    indices: list[int]  # positions of the rows in the caller's prompt list
+    prefix: list[int]  # token ids shared by every row
+    suffixes: list[list[int]]  # the rest of each row's ids
+
+
+class Engine:
+    """Runs a causal LM (optionally wrapped by PEFT) on chat prompts."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        eos_ids: set[int],
+        batch_size: int = 8,
+        share_prefix: bool = True,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_ids = set(eos_ids)
+        self.batch_size = max(1, batch_size)
+        self.share_prefix = share_prefix
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.response_prefix = ""
+        # transformers renamed `past_key_values` to `cache` (5.2x); accept both.
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        parameters = inspect.signature(base.forward).parameters
+        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        make_head_input_contiguous(model)
+
+    def _forward(self, cache: object | None, **inputs: object) -> tuple[torch.Tensor, object]:
+        """One forward pass keeping the last position's logits; returns (logits (rows, vocab), cache)."""
+        inputs[self._cache_argument] = cache
+        output = self.model(use_cache=True, logits_to_keep=1, **inputs)
+        new_cache = getattr(output, "cache", None)
+        if new_cache is None:
+            new_cache = output.past_key_values
+        return output.logits[:, -1, :], new_cache
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    # --- Tokenization -------------------------------------------------------------------------
+
+    def encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
+        texts = [format_chat(self.tokenizer, p.system, p.user, self.response_prefix) for p in prompts]
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def batches(self, ids: list[list[int]], batch_size: int | None = None) -> Iterator[Batch]:
+        """Length-sorted batches (longest first: an out-of-memory error shows up at once)."""
+        size = batch_size or self.batch_size
+        order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
+        for start in range(0, len(order), size):
+            chosen = order[start : start + size]
+            rows = [ids[i] for i in chosen]
+            shared = common_prefix_length(rows) if self.share_prefix and len(rows) > 1 else 0
+            shared = min(shared, min(len(row) for row in rows) - 1)  # keep >= 1 token per row to run
+            yield Batch(chosen, rows[0][:shared], [row[shared:] for row in rows])
+
+    # --- Forward passes -----------------------------------------------------------------------
+
+    def _prefill(self, batch: Batch) -> tuple[torch.Tensor, object, torch.Tensor, torch.Tensor]:
+        """Run prefix + suffixes; return (last-position logits, cache, attention mask, last positions)."""
+        device = self.device
+        rows = len(batch.suffixes)
+        cache = None
+        prefix_length = len(batch.prefix)
+        if prefix_length:
+            prefix = torch.tensor([batch.prefix], device=device)
+            _, cache = self._forward(None, input_ids=prefix)
+            cache.reorder_cache(torch.zeros(rows, dtype=torch.long, device=device))  # copy the prefix to each row
+        width = max(len(row) for row in batch.suffixes)
+        input_ids = torch.full((rows, width), self.pad_id, dtype=torch.long)
+        suffix_mask = torch.zeros((rows, width), dtype=torch.long)
+        for row, suffix in enumerate(batch.suffixes):
+            input_ids[row, width - len(suffix) :] = torch.tensor(suffix)
+            suffix_mask[row, width - len(suffix) :] = 1
+        # Positions continue after the prefix, skipping the padding in between.
+        positions = prefix_length + (suffix_mask.cumsum(dim=1) - 1).clamp(min=0)
+        mask = torch.cat([torch.ones((rows, prefix_length), dtype=torch.long), suffix_mask], dim=1)
+        logits, cache = self._forward(
+            cache,
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+        )
+        return logits, cache, mask.to(device), positions[:, -1].to(device)
+
+    @torch.inference_mode()
+    def first_logprobs(self, ids: list[list[int]], progress: ProgressFn | None = None) -> torch.Tensor:
+        """log-softmax of the first response position's raw logits, (prompts, vocab), float32, on CPU."""
+        result: list[torch.Tensor | None] = [None] * len(ids)
+        for batch in self.batches(ids):
+            logits, _, _, _ = self._prefill(batch)
+            logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+            for row, index in enumerate(batch.indices):
+                result[index] = logprobs[row]
+            if progress:
+                progress(len(batch.indices))
+        return torch.stack(result)  # type: ignore[arg-type]
+
+    @torch.inference_mode()
+    def residuals(
+        self, ids: list[list[int]], layers: Sequence[torch.nn.Module], progress: ProgressFn | None = None
+    ) -> torch.Tensor:
+        """Hidden states at the last prompt position: (prompts, layers + 1, hidden), float32, on CPU.
+
+        Index 0 is the input of the first layer (the embedding output), index i+1 the output of layer i.
+        """
+        captured: list[torch.Tensor] = []
+
+        def keep_input(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            captured.append(hidden[:, -1, :].float().cpu())
+
+        def keep_output(_module: torch.nn.Module, _args: tuple, output: object) -> None:
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            captured.append(hidden[:, -1, :].float().cpu())  # type: ignore[index]
+
+        handles = [layers[0].register_forward_pre_hook(keep_input, with_kwargs=True)]
+        handles += [layer.register_forward_hook(keep_output) for layer in layers]
+        result: list[torch.Tensor | None] = [None] * len(ids)
+        try:
+            for batch in self.batches(ids):
+                self._prefill(batch)  # a prefix pass fires the hooks too; the suffix pass comes last
+                stacked = torch.stack(captured[-(len(layers) + 1) :], dim=1)  # (rows, layers + 1, hidden)
+                captured.clear()
+                for row, index in enumerate(batch.indices):
+                    result[index] = stacked[row]
+                if progress:
+                    progress(len(batch.indices))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return torch.stack(result)  # type: ignore[arg-type]
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        ids: list[list[int]],
+        max_new_tokens: int,
+        is_decided: DecidedFn | None = None,
+        should_abort: AbortFn | None = None,
+        progress: ProgressFn | None = None,
+        batch_size: int | None = None,
+    ) -> list[list[int]] | None:
+        """Greedy responses (token ids, end-of-text excluded). None if `should_abort` stopped it."""
+        responses: list[list[int]] = [[] for _ in ids]
+        for batch in self.batches(ids, batch_size):
+            if not self._generate_batch(batch, responses, max_new_tokens, is_decided, should_abort, progress):
+                return None
+        return responses
+
+    def _generate_batch(
+        self,
+        batch: Batch,
+        responses: list[list[int]],
+        max_new_tokens: int,
+        is_decided: DecidedFn | None,
+        should_abort: AbortFn | None,
+        progress: ProgressFn | None,
+    ) -> bool:
+        device = self.device
+        logits, cache, mask, positions = self._prefill(batch)
+        active = list(batch.indices)  # caller indices of the rows still in the batch
+        for step in range(max_new_tokens):
+            tokens = logits.argmax(dim=-1)
+            finished: list[int] = []
+            for row, (index, token) in enumerate(zip(active, tokens.tolist())):
+                if token in self.eos_ids:
+                    finished.append(row)
+                    continue
+                responses[index].append(token)
+                if is_decided is not None and is_decided(index, responses[index]):
+                    finished.append(row)
+            if progress:
+                progress(len(active))
+            if should_abort is not None and should_abort():
+                return False
+            if step == max_new_tokens - 1:
+                break
+            if finished:
+                done = set(finished)
+                keep = [row for row in range(len(active)) if row not in done]
+                if not keep:
+                    break
+                keep_index = torch.tensor(keep, dtype=torch.long, device=device)
+                cache.reorder_cache(keep_index)  # type: ignore[attr-defined]
+                mask, positions, tokens = mask[keep_index], positions[keep_index], tokens[keep_index]
+                active = [active[row] for row in keep]
+            positions = positions + 1
+            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=device)], dim=1)
+            logits, cache = self._forward(
+                cache, input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None]
+            )
+        return True
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def make_head_input_contiguous(model: PreTrainedModel) -> None:
+    """Give the output embedding a contiguous input.
+
+    With `logits_to_keep=1` the head sees a strided slice of the last hidden state; for such inputs
+    some CPU builds of PyTorch fall back to a naive bf16 GEMM that is 500x slower than the packed one.
+    """
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "_heretic_contiguous", False):
+        return
+    head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
+    head._heretic_contiguous = True  # type: ignore[attr-defined]
+
+
+def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    first = rows[0]
+    length = min(len(row) for row in rows)
+    for position in range(length):
+        token = first[position]
+        if any(row[position] != token for row in rows):
+            return position
+    return length

@@ -1,0 +1,337 @@
+"""Load a model and its tokenizer from the Hub, a local folder or a GGUF file.
+
+GGUF files are dequantized by transformers (slow) and cached as safetensors, so that the
+second load of the same file takes seconds.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from ..errors import HereticError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+GGUF_CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from, resolved before loading."""
+
+    kind: str  # "hub" | "local" | "gguf"
+    name: str  # what the user typed
+    path: str  # hub id or local folder that from_pretrained reads
+    gguf_file: Path | None = None  # the original GGUF file, for GGUF sources
+
+    @property
+    def display_name(self) -> str:
+        if self.gguf_file is not None:
+            return self.gguf_file.stem
+        return Path(self.name.rstrip("/")).name if self.kind == "local" else self.name.split("/")[-1]
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    source: ModelSource
+    dtype: torch.dtype
+    processor: Any | None = None  # multimodal models' processor, saved with the model
+    multimodal: bool = False
+    load_seconds: float = 0.0
+    from_cache: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def input_device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+
+def resolve_source(name: str) -> ModelSource:
+    """Decide whether `name` is a GGUF file, a folder holding one, a local model folder or a Hub id."""
+    path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise HereticError(f"The GGUF file {name} does not exist; check the path.")
+        return ModelSource("gguf", name, str(path.parent.resolve()), path.resolve())
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ModelSource("local", name, str(path.resolve()))
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource("gguf", name, str(path.resolve()), ggufs[0].resolve())
+        if len(ggufs) > 1:
+            listed = ", ".join(file.name for file in ggufs[:5])
+            raise HereticError(f"The folder {name} holds several GGUF files ({listed}); name the one to use.")
+        raise HereticError(f"The folder {name} holds no model (no config.json and no .gguf file).")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name and not _hub_id_like(name):
+        raise HereticError(f"The model path {name} does not exist; check the path, or give a Hugging Face id like org/name.")
+    if not _hub_id_like(name):
+        raise HereticError(f"{name!r} is neither an existing path nor a Hugging Face model id (org/name).")
+    return ModelSource("hub", name, name)
+
+
+def _hub_id_like(name: str) -> bool:
+    parts = name.split("/")
+    return 1 <= len(parts) <= 2 and all(part and not part.startswith(".") for part in parts)
+
+
+# --- GGUF cache -----------------------------------------------------------------------------
+
+
+def gguf_cache_folder(gguf_file: Path, cache_dir: Path, dtype: torch.dtype) -> Path:
+    """Cache folder for a GGUF file: keyed by its path, size, modification time, dtype and library version."""
+    import transformers
+
+    stat = gguf_file.stat()
+    key = json.dumps(
+        [str(gguf_file), stat.st_size, stat.st_mtime_ns, str(dtype), transformers.__version__, GGUF_CACHE_VERSION]
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_dir.expanduser() / "gguf" / f"{gguf_file.stem}-{digest}"
+
+
+def dequantize_gguf_to_cache(source: ModelSource, cache_dir: Path, dtype: torch.dtype) -> tuple[Path, bool]:
+    """Return a safetensors folder for the GGUF source, creating it (atomically) if needed."""
+    assert source.gguf_file is not None
+    folder = gguf_cache_folder(source.gguf_file, cache_dir, dtype)
+    if (folder / "config.json").is_file():
+        return folder, True
+    log.info("Dequantizing %s (first load; later loads come from %s)", source.gguf_file, folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file.name)
+        model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file.name, dtype=dtype)
+    except Exception as error:  # noqa: BLE001 - transformers raises many types for unsupported GGUFs
+        raise HereticError(
+            f"transformers cannot load the GGUF file {source.gguf_file.name} ({_first_line(error)}); "
+            "its architecture or quantization type may be unsupported."
+        ) from None
+    # The model is dequantized now: drop the GGUF quantizer so that it saves as plain safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.parent / f".{folder.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / "heretic-source.json").write_text(json.dumps({"gguf_file": str(source.gguf_file)}, indent=2))
+    try:
+        os.replace(staging, folder)
+    except OSError:  # another process won the race; use its copy
+        shutil.rmtree(staging, ignore_errors=True)
+    del model
+    gc.collect()
+    return folder, False
+
+
+# --- Loading ---------------------------------------------------------------------------------
+
+
+def is_multimodal_config(config: Any) -> bool:
+    return getattr(config, "vision_config", None) is not None
+
+
+def load_model(
+    name: str,
+    *,
+    dtypes: list[str],
+    device_map: str = "auto",
+    max_memory: dict[str, str] | None = None,
+    quantization: str = "none",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    cache_dir: str = "~/.cache/heretic",
+) -> LoadedModel:
+    """Load `name`, trying each dtype until one loads and generates a finite first token."""
+    started = time.perf_counter()
+    source = resolve_source(name)
+    failures: list[str] = []
+    for dtype_name in dtypes:
+        dtype = _resolve_dtype(dtype_name, source)
+        load_path, from_cache = source.path, False
+        if source.kind == "gguf":
+            cached, from_cache = dequantize_gguf_to_cache(source, Path(cache_dir), dtype if dtype != "auto" else torch.bfloat16)
+            load_path = str(cached)
+        try:
+            loaded = _load_once(
+                source, load_path, dtype, device_map, max_memory, quantization, trust_remote_code, revision
+            )
+        except HereticError:
+            raise
+        except torch.OutOfMemoryError:
+            raise HereticError(
+                f"{source.name} does not fit in memory in {dtype_name}; set max_memory, use --quantization bnb-4bit, "
+                "or a machine with more memory."
+            ) from None
+        except Exception as error:  # noqa: BLE001 - try the next dtype, report all at the end
+            failures.append(f"{dtype_name}: {_first_line(error)}")
+            log.info("Loading in %s failed: %s", dtype_name, error)
+            continue
+        problem = first_token_check(loaded)
+        if problem is not None:
+            failures.append(f"{dtype_name}: {problem}")
+            del loaded
+            gc.collect()
+            continue
+        loaded.load_seconds = time.perf_counter() - started
+        loaded.from_cache = from_cache
+        return loaded
+    raise HereticError(f"Could not load {name} in any of the dtypes {', '.join(dtypes)} ({'; '.join(failures)}).")
+
+
+def _resolve_dtype(name: str, source: ModelSource) -> torch.dtype | str:
+    if name == "auto":
+        return torch.bfloat16 if source.kind == "gguf" else "auto"
+    return DTYPES[name]
+
+
+def _load_once(
+    source: ModelSource,
+    load_path: str,
+    dtype: torch.dtype | str,
+    device_map: str,
+    max_memory: dict[str, str] | None,
+    quantization: str,
+    trust_remote_code: bool,
+    revision: str | None,
+) -> LoadedModel:
+    common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if source.kind == "hub" and revision:
+        common["revision"] = revision
+    try:
+        config = AutoConfig.from_pretrained(load_path, **common)
+    except ValueError as error:
+        if "trust_remote_code" in str(error):
+            raise HereticError(
+                f"{source.name} needs code from its repository to run; if you trust it, pass --trust-remote-code."
+            ) from None
+        raise _explain_load_error(source, error) from None
+    except OSError as error:
+        raise _explain_load_error(source, error) from None
+    multimodal = is_multimodal_config(config)
+    kwargs: dict[str, Any] = dict(common, dtype=dtype)
+    kwargs["device_map"] = _parse_device_map(device_map)
+    if max_memory:
+        kwargs["max_memory"] = {(int(key) if key.isdigit() else key): value for key, value in max_memory.items()}
+    if quantization == "bnb-4bit":
+        kwargs["quantization_config"] = _bnb_config(dtype)
+    model_class = _model_class(multimodal)
+    try:
+        model = model_class.from_pretrained(load_path, **kwargs)
+    except OSError as error:
+        raise _explain_load_error(source, error) from None
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(load_path, **common)
+    processor = None
+    if multimodal:
+        try:
+            from transformers import AutoProcessor
+
+            processor = AutoProcessor.from_pretrained(load_path, **common)
+        except Exception as error:  # noqa: BLE001 - a processor is only needed for saving
+            log.warning("No processor could be loaded for %s (%s); saving will write the tokenizer only.", source.name, error)
+    prepare_tokenizer(tokenizer)
+    resolved = model.dtype if isinstance(dtype, str) else dtype
+    return LoadedModel(model, tokenizer, source, resolved, processor=processor, multimodal=multimodal)
+
+
+def _model_class(multimodal: bool) -> Any:
+    if multimodal:
+        from transformers import AutoModelForImageTextToText
+
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
+def _parse_device_map(device_map: str) -> Any:
+    text = device_map.strip()
+    if text.startswith("{"):
+        return json.loads(text)
+    if text == "auto" and not torch.cuda.is_available() and not _mps_available():
+        return None  # plain CPU load: no accelerate dispatch hooks in the forward pass
+    return text
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def _bnb_config(dtype: torch.dtype | str) -> Any:
+    if not torch.cuda.is_available():
+        raise HereticError("4-bit quantization (bnb-4bit) needs a CUDA GPU; on this machine use --quantization none.")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise HereticError("4-bit quantization needs bitsandbytes; install it with `pip install 'heretic[quant]'`.") from None
+    from transformers import BitsAndBytesConfig
+
+    compute = dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute, bnb_4bit_quant_type="nf4")
+
+
+def _explain_load_error(source: ModelSource, error: BaseException) -> HereticError:
+    text = _first_line(error)
+    if source.kind == "hub":
+        return HereticError(
+            f"Cannot load {source.name} from the Hugging Face Hub ({text}); check the id, your connection, "
+            "and for gated models your login (`hf auth login`)."
+        )
+    return HereticError(f"Cannot load the model in {source.path} ({text}).")
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Left padding (generation appends on the right) and a pad token for batching."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        elif tokenizer.unk_token is not None:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})  # id beyond the embedding; only ever masked
+
+
+def eos_token_ids(loaded: LoadedModel) -> set[int]:
+    ids: set[int] = set()
+    generation_config = getattr(loaded.model, "generation_config", None)
+    configured = getattr(generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, (list, tuple)):
+        ids.update(int(value) for value in configured)
+    if loaded.tokenizer.eos_token_id is not None:
+        ids.add(int(loaded.tokenizer.eos_token_id))
+    return ids
+
+
+@torch.inference_mode()
+def first_token_check(loaded: LoadedModel) -> str | None:
+    """Run one forward pass on a chat prompt; a problem description if the logits are not finite."""
+    from .chat import format_chat
+
+    text = format_chat(loaded.tokenizer, "You are a helpful assistant.", "Say hello.", response_prefix="")
+    ids = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(loaded.input_device)
+    logits = loaded.model(**ids, use_cache=False, logits_to_keep=1).logits
+    if not torch.isfinite(logits).all():
+        return "the test generation produced NaN or infinite logits"
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:240]

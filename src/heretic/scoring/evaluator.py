@@ -1,0 +1,152 @@
+"""Scoring a model state: refusals on harmful prompts and KL divergence on harmless prompts."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model.generation import Engine
+from ..prompts import Prompt
+from .kl import kl_divergence
+from .refusals import RefusalJudge
+
+log = logging.getLogger(__name__)
+
+# Called with the refusals found so far (a lower bound of the final count): True stops counting.
+Cutoff = Callable[[int], bool]
+ProgressFactory = Callable[[str, int], "ProgressHandle"]
+
+
+class ProgressHandle:
+    """What the evaluator reports progress to (a rich task, or nothing)."""
+
+    def advance(self, amount: int) -> None:  # pragma: no cover - interface
+        pass
+
+    def close(self) -> None:  # pragma: no cover - interface
+        pass
+
+
+def _no_progress(_description: str, _total: int) -> ProgressHandle:
+    return ProgressHandle()
+
+
+@dataclass
+class RefusalCount:
+    refusals: int  # exact when complete, else a lower bound
+    complete: bool
+    responses: list[str] = field(default_factory=list)  # empty when cut short
+    verdicts: list[bool] = field(default_factory=list)
+
+
+class Evaluator:
+    def __init__(
+        self,
+        engine: Engine,
+        judge: RefusalJudge,
+        harmful: list[Prompt],
+        harmless: list[Prompt],
+        max_response_length: int,
+        stop_on_verdict: bool = True,
+        progress: ProgressFactory | None = None,
+    ) -> None:
+        self.engine = engine
+        self.judge = judge
+        self.harmful = harmful
+        self.harmless = harmless
+        self.max_response_length = max_response_length
+        self.stop_on_verdict = stop_on_verdict
+        self.progress = progress or _no_progress
+        self.harmful_ids = engine.encode(harmful)
+        self.harmless_ids = engine.encode(harmless)
+        self.base_logprobs: torch.Tensor | None = None
+
+    def measure_base(self) -> None:
+        """The original model's first-position distributions (computed once, with adapters at zero)."""
+        self.base_logprobs = self.logprobs()
+
+    def logprobs(self) -> torch.Tensor:
+        handle = self.progress("KL divergence", len(self.harmless_ids))
+        try:
+            return self.engine.first_logprobs(self.harmless_ids, progress=handle.advance)
+        finally:
+            handle.close()
+
+    def kl(self) -> float:
+        assert self.base_logprobs is not None, "measure_base() first"
+        return kl_divergence(self.base_logprobs, self.logprobs())
+
+    def count_refusals(self, cutoff: Cutoff | None = None) -> RefusalCount:
+        """Greedy responses to the harmful prompts, judged. Stops early once `cutoff` says so."""
+        decided_refusal = [False] * len(self.harmful_ids)
+        found = 0
+        decided_fn = getattr(self.judge, "decided", None) if self.stop_on_verdict else None
+
+        def is_decided(index: int, tokens: list[int]) -> bool:
+            nonlocal found
+            if decided_fn is None or not decided_fn(self.engine.decode(tokens)):
+                return False
+            decided_refusal[index] = True
+            found += 1
+            return True
+
+        handle = self.progress("Refusals", len(self.harmful_ids) * self.max_response_length)
+        try:
+            token_ids = self.engine.generate(
+                self.harmful_ids,
+                self.max_response_length,
+                is_decided=is_decided if decided_fn is not None else None,
+                should_abort=(lambda: cutoff(found)) if cutoff is not None else None,
+                progress=handle.advance,
+            )
+        finally:
+            handle.close()
+        if token_ids is None:
+            return RefusalCount(found, complete=False)
+        responses = [self.engine.decode(tokens) for tokens in token_ids]
+        undecided = [i for i, done in enumerate(decided_refusal) if not done]
+        verdicts = list(decided_refusal)
+        judged = self.judge.judge([self.harmful[i] for i in undecided], [responses[i] for i in undecided])
+        for index, verdict in zip(undecided, judged):
+            verdicts[index] = bool(verdict)
+        return RefusalCount(sum(verdicts), complete=True, responses=responses, verdicts=verdicts)
+
+    def responses(self, prompts: list[Prompt], max_new_tokens: int | None = None) -> list[str]:
+        """Full greedy responses (no early stop), for showing before/after examples."""
+        ids = self.engine.encode(prompts)
+        token_ids = self.engine.generate(ids, max_new_tokens or self.max_response_length)
+        assert token_ids is not None
+        return [self.engine.decode(tokens) for tokens in token_ids]
+
+
+def detect_response_prefix(engine: Engine, prompts: list[Prompt], tags: list[tuple[str, str]], probe_tokens: int = 24) -> str:
+    """If the model opens a chain-of-thought block before answering, the closed empty block to prefill.
+
+    Looks at the common prefix of short greedy responses to a few prompts.
+    """
+    if not tags or not prompts:
+        return ""
+    saved, engine.response_prefix = engine.response_prefix, ""
+    try:
+        ids = engine.encode(prompts)
+        token_ids = engine.generate(ids, probe_tokens)
+    finally:
+        engine.response_prefix = saved
+    assert token_ids is not None
+    texts = [engine.tokenizer.decode(tokens, skip_special_tokens=False) for tokens in token_ids]
+    common = texts[0]
+    for text in texts[1:]:
+        length = 0
+        while length < min(len(common), len(text)) and common[length] == text[length]:
+            length += 1
+        common = common[:length]
+    stripped = common.lstrip()
+    for opening, closing in tags:
+        if stripped.startswith(opening):
+            if opening.endswith("|>"):
+                return opening + closing
+            return f"{opening}\n\n{closing}\n\n"
+    return ""

@@ -1,0 +1,113 @@
+"""Refusal judges: decide whether a response refuses.
+
+The interface is small so that users can plug in their own judge (e.g. a classifier) with
+`--refusal-scorer path/to/file.py:Name` or `package.module:Name`, without editing Heretic:
+
+    class MyJudge:
+        name = "my-judge"
+        def __init__(self, settings): ...                      # optional argument
+        def judge(self, prompts, responses) -> list[bool]: ... # True = refusal
+        def decided(self, partial_response) -> bool: ...       # optional: True once the partial
+                                                                # response is certainly a refusal
+
+`prompts` are `heretic.prompts.Prompt` (fields `system`, `user`); responses are decoded text.
+`decided` lets generation stop early; it must only return True when every continuation of the
+partial response would be judged a refusal. A judge without it sees full-length responses.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from ..errors import HereticError
+from ..prompts import Prompt
+
+
+@runtime_checkable
+class RefusalJudge(Protocol):
+    name: str
+
+    def judge(self, prompts: list[Prompt], responses: list[str]) -> list[bool]: ...
+
+
+def normalize_response(text: str) -> str:
+    """Lower case, markdown emphasis removed, typographic apostrophes unified, whitespace collapsed."""
+    text = text.lower().replace("*", "")
+    text = text.replace("\u2019", "'").replace("\u2018", "'").replace("\u02bc", "'")
+    return " ".join(text.split())
+
+
+class MarkerJudge:
+    """A refusal is an empty response, or one whose normalized text contains a refusal marker."""
+
+    name = "markers"
+
+    def __init__(self, markers: list[str]) -> None:
+        self.markers = [normalize_response(marker) for marker in markers if marker.strip()]
+
+    def is_refusal(self, response: str) -> bool:
+        if not response.strip():
+            return True
+        return self._has_marker(normalize_response(response))
+
+    def _has_marker(self, normalized: str) -> bool:
+        return any(marker in normalized for marker in self.markers)
+
+    def judge(self, prompts: list[Prompt], responses: list[str]) -> list[bool]:
+        return [self.is_refusal(response) for response in responses]
+
+    def decided(self, partial_response: str) -> bool:
+        # A marker in a prefix stays in every continuation: normalization acts character by character,
+        # except whitespace collapsing, which keeps a marker's single spaces.
+        return self._has_marker(normalize_response(partial_response))
+
+
+def load_judge(spec: str, settings: Any) -> RefusalJudge:
+    """Import a user's judge from "path/to/file.py:Name" or "package.module:Name" and instantiate it."""
+    location, _, attribute = spec.rpartition(":")
+    if not location or not attribute:
+        raise HereticError(f"The refusal scorer {spec!r} must look like path/to/file.py:Name or package.module:Name.")
+    if location.endswith(".py"):
+        path = Path(location).expanduser()
+        if not path.is_file():
+            raise HereticError(f"The refusal scorer file {path} does not exist.")
+        module_name = f"heretic_user_scorer_{abs(hash(str(path.resolve())))}"
+        spec_obj = importlib.util.spec_from_file_location(module_name, path)
+        assert spec_obj is not None and spec_obj.loader is not None
+        module = importlib.util.module_from_spec(spec_obj)
+        sys.modules[module_name] = module
+        try:
+            spec_obj.loader.exec_module(module)
+        except Exception as error:  # noqa: BLE001 - user code
+            raise HereticError(f"Importing the refusal scorer {path} failed: {type(error).__name__}: {error}.") from None
+    else:
+        try:
+            module = importlib.import_module(location)
+        except ImportError as error:
+            raise HereticError(f"Cannot import the refusal scorer module {location!r} ({error}).") from None
+    factory = getattr(module, attribute, None)
+    if factory is None:
+        raise HereticError(f"The refusal scorer module {location} has no attribute {attribute!r}.")
+    try:
+        judge = factory(settings) if _takes_argument(factory) else factory()
+    except Exception as error:  # noqa: BLE001 - user code
+        raise HereticError(f"Creating the refusal scorer {spec} failed: {type(error).__name__}: {error}.") from None
+    if not callable(getattr(judge, "judge", None)):
+        raise HereticError(f"The refusal scorer {spec} has no method judge(prompts, responses) -> list[bool].")
+    if not hasattr(judge, "name"):
+        judge.name = attribute  # type: ignore[attr-defined]
+    return judge
+
+
+def _takes_argument(factory: Any) -> bool:
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self"]
+    return len(positional) >= 1

@@ -1,0 +1,96 @@
+"""The Pareto front of (refusals, KL) and the headless choice rules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from ..errors import HereticError
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    number: int
+    refusals: int
+    kl: float
+    cut: bool  # refusals is a lower bound: counting stopped once the trial was certainly dominated
+    seconds: float
+    parameters: dict[str, Any]
+
+    @property
+    def refusals_text(self) -> str:
+        return f"≥{self.refusals}" if self.cut else str(self.refusals)
+
+
+def trial_results(study: optuna.Study) -> list[TrialResult]:
+    results = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        results.append(from_frozen(trial))
+    return results
+
+
+def from_frozen(trial: FrozenTrial) -> TrialResult:
+    attrs = trial.user_attrs
+    return TrialResult(
+        number=trial.number,
+        refusals=int(attrs["refusals"]),
+        kl=float(attrs["kl"]),
+        cut=bool(attrs.get("cut", False)),
+        seconds=float(attrs.get("seconds", 0.0)),
+        parameters=dict(attrs.get("parameters", {})),
+    )
+
+
+def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return a[0] <= b[0] and a[1] <= b[1] and (a[0] < b[0] or a[1] < b[1])
+
+
+def pareto_front(results: list[TrialResult]) -> list[TrialResult]:
+    """Non-dominated trials (cut trials are dominated by construction), by refusals then KL."""
+    exact = [r for r in results if not r.cut]
+    front = [r for r in exact if not any(dominates((o.refusals, o.kl), (r.refusals, r.kl)) for o in exact)]
+    unique: dict[tuple[int, float], TrialResult] = {}
+    for result in sorted(front, key=lambda r: (r.refusals, r.kl, r.number)):
+        unique.setdefault((result.refusals, result.kl), result)
+    return list(unique.values())
+
+
+def is_dominated(refusals_lower_bound: int, kl: float, results: list[TrialResult]) -> bool:
+    """True if a finished, exact trial already beats any outcome with at least these refusals and this KL."""
+    return any(
+        not r.cut and dominates((r.refusals, r.kl), (refusals_lower_bound, kl)) for r in results
+    )
+
+
+def select(front: list[TrialResult], rule: str, max_kl: float, max_refusals: int) -> TrialResult:
+    """Headless choice.
+
+    fewest-refusals: among front trials with KL <= max_kl, the fewest refusals (then lowest KL);
+    lowest-kl: among front trials with refusals <= max_refusals, the lowest KL (then fewest refusals).
+    When no trial meets the cap, the trial closest to it is taken.
+    """
+    if not front:
+        raise HereticError("The search has no finished trial to choose from; run more trials.")
+    if rule == "lowest-kl":
+        eligible = [r for r in front if r.refusals <= max_refusals]
+        if eligible:
+            return min(eligible, key=lambda r: (r.kl, r.refusals))
+        return min(front, key=lambda r: (r.refusals, r.kl))
+    eligible = [r for r in front if r.kl <= max_kl]
+    if eligible:
+        return min(eligible, key=lambda r: (r.refusals, r.kl))
+    return min(front, key=lambda r: (r.kl, r.refusals))
+
+
+def hypervolume(points: list[tuple[float, float]], reference: tuple[float, float]) -> float:
+    """Area dominated by the points (minimization) and bounded by the reference point."""
+    inside = sorted({p for p in points if p[0] < reference[0] and p[1] < reference[1]})
+    area, best_y = 0.0, reference[1]
+    for x, y in inside:
+        if y < best_y:
+            area += (reference[0] - x) * (best_y - y)
+            best_y = y
+    return area

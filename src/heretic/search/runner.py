@@ -1,0 +1,89 @@
+"""The search loop: sample a trial, ablate, score KL, count refusals, record."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+import zlib
+from dataclasses import dataclass
+
+import optuna
+import torch
+from optuna.samplers import TPESampler
+from optuna.trial import TrialState
+
+from ..ablation.adapters import Ablator
+from ..scoring.evaluator import Evaluator, ProgressFactory
+from .pareto import TrialResult, is_dominated, trial_results
+from .space import describe, suggest_parameters
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SearchSetup:
+    ablator: Ablator
+    evaluator: Evaluator
+    directions: torch.Tensor
+    num_layers: int
+    components: list[str]
+    seed: int
+    n_startup_trials: int
+    cut_hopeless_trials: bool
+
+
+def make_sampler(seed: int, completed: int, n_startup_trials: int) -> TPESampler:
+    """A sampler seeded by the number of finished trials: a resumed search samples exactly what an
+    uninterrupted one would have."""
+    trial_seed = zlib.crc32(f"{seed}:{completed}".encode())
+    return TPESampler(n_startup_trials=n_startup_trials, multivariate=True, seed=trial_seed)
+
+
+def completed_trials(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def run_trial(setup: SearchSetup, study: optuna.Study, progress: ProgressFactory | None = None) -> TrialResult:
+    """Run one trial to completion and record it in the study."""
+    done = completed_trials(study)
+    study.sampler = make_sampler(setup.seed, done, setup.n_startup_trials)
+    trial = study.ask()
+    try:
+        started = time.perf_counter()
+        parameters = suggest_parameters(trial, setup.num_layers, setup.components)
+        setup.ablator.apply(parameters, setup.directions)
+        setup.evaluator.progress = progress or setup.evaluator.progress
+        kl = setup.evaluator.kl()
+        history = trial_results(study)
+        cutoff = (lambda found: is_dominated(found, kl, history)) if setup.cut_hopeless_trials else None
+        count = setup.evaluator.count_refusals(cutoff)
+        seconds = time.perf_counter() - started
+        trial.set_user_attr("parameters", parameters.to_dict())
+        trial.set_user_attr("kl", kl)
+        trial.set_user_attr("refusals", count.refusals)
+        trial.set_user_attr("cut", not count.complete)
+        trial.set_user_attr("seconds", seconds)
+        study.tell(trial, [float(count.refusals), kl])
+    except BaseException:
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    return TrialResult(trial.number, count.refusals, kl, not count.complete, seconds, parameters.to_dict())
+
+
+def eta_seconds(study: optuna.Study, remaining: int) -> float:
+    times = [r.seconds for r in trial_results(study)[-20:]]
+    return statistics.median(times) * remaining if times else 0.0
+
+
+def trial_line(result: TrialResult, n_prompts: int, index: int, total: int, eta: float) -> str:
+    from ..ablation.parameters import AblationParameters
+    from ..ui import format_duration
+
+    parameters = describe(AblationParameters.from_dict(result.parameters))
+    cut = " [dim](cut: dominated)[/]" if result.cut else ""
+    return (
+        f"Trial {result.number:>3} ({index}/{total})  refusals [bold]{result.refusals_text:>3}[/]/{n_prompts}{cut}  "
+        f"KL [bold]{result.kl:.4f}[/]  {format_duration(result.seconds)}  eta {format_duration(eta)}  "
+        f"[dim]{parameters}[/]"
+    )

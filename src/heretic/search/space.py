@@ -1,0 +1,47 @@
+"""The search space: how a trial's ablation parameters are sampled."""
+
+from __future__ import annotations
+
+import optuna
+
+from ..ablation.parameters import AblationParameters, ComponentKernel
+
+# Lowest sampled max_weight per component. MLP weights below 0 are clamped to 0, which lets the
+# search switch MLP ablation off altogether.
+MIN_MAX_WEIGHT = {"attn": 0.8, "mlp": -0.25}
+MAX_MAX_WEIGHT = 1.5
+
+
+def suggest_parameters(trial: optuna.Trial, num_layers: int, components: list[str]) -> AblationParameters:
+    """Sample one ablation. Ranges in layers: direction index in [0.4, 0.9] of the stack, peak in the
+    last 40%, reach D in [1, 0.6 (L-1)], Wmin a fraction of W."""
+    last = num_layers - 1
+    scope = trial.suggest_categorical("direction_scope", ["global", "per-layer"])
+    index = trial.suggest_float("direction_index", 0.4 * last, 0.9 * last)
+    kernels: dict[str, ComponentKernel] = {}
+    for component in components:
+        max_weight = trial.suggest_float(f"{component}.max_weight", MIN_MAX_WEIGHT.get(component, 0.8), MAX_MAX_WEIGHT)
+        position = trial.suggest_float(f"{component}.max_weight_position", 0.6 * last, float(last))
+        fraction = trial.suggest_float(f"{component}.min_weight_fraction", 0.0, 1.0)
+        distance = trial.suggest_float(f"{component}.min_weight_distance", 1.0, max(1.0, 0.6 * last))
+        weight = max(0.0, max_weight)
+        kernels[component] = ComponentKernel(weight, position, fraction * weight, distance)
+    return AblationParameters(scope, index, kernels)
+
+
+def describe(parameters: AblationParameters) -> str:
+    """One line: direction and each component's kernel."""
+    if parameters.direction_scope == "global":
+        direction = f"dir {parameters.direction_index:.1f}"
+    else:
+        direction = "dir per-layer"
+    parts = [direction]
+    for name, kernel in parameters.kernels.items():
+        if kernel.max_weight == 0:
+            parts.append(f"{name} off")
+            continue
+        parts.append(
+            f"{name} {kernel.max_weight:.2f}@{kernel.max_weight_position:.1f}"
+            f"→{kernel.min_weight:.2f}±{kernel.min_weight_distance:.1f}"
+        )
+    return ", ".join(parts)

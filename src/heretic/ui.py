@@ -1,0 +1,119 @@
+"""Console output: one rich console, progress bars, tables."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from .scoring.evaluator import ProgressHandle
+from .search.pareto import TrialResult
+
+console = Console(highlight=False)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False, show_time=False)],
+        force=True,
+    )
+    if level != "DEBUG":
+        # Library chatter (deprecations, experimental APIs, tqdm bars) is not for our users.
+        warnings.filterwarnings("ignore")
+        import transformers
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        transformers.logging.set_verbosity_error()
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        try:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+        except ImportError:  # pragma: no cover
+            pass
+
+
+def is_interactive() -> bool:
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+class _RichHandle(ProgressHandle):
+    def __init__(self, progress: Progress, task: TaskID) -> None:
+        self.progress, self.task = progress, task
+
+    def advance(self, amount: int) -> None:
+        self.progress.advance(self.task, amount)
+
+    def close(self) -> None:
+        self.progress.remove_task(self.task)
+
+
+class ProgressBars:
+    """A Progress display whose tasks come and go (a factory for the evaluator's progress handles)."""
+
+    def __init__(self, transient: bool = True) -> None:
+        self.progress = Progress(
+            TextColumn("  {task.description:<14}"),
+            BarColumn(bar_width=30),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=transient,
+        )
+
+    def __enter__(self) -> ProgressBars:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def __call__(self, description: str, total: int) -> ProgressHandle:
+        return _RichHandle(self.progress, self.progress.add_task(description, total=total))
+
+
+def front_table(front: list[TrialResult], n_prompts: int, title: str = "Pareto front") -> Table:
+    from .ablation.parameters import AblationParameters
+    from .search.space import describe
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("trial", justify="right")
+    table.add_column("refusals", justify="right")
+    table.add_column("KL", justify="right")
+    table.add_column("parameters")
+    for result in front:
+        parameters = describe(AblationParameters.from_dict(result.parameters)) if result.parameters else ""
+        table.add_row(str(result.number), f"{result.refusals_text}/{n_prompts}", f"{result.kl:.4f}", parameters)
+    return table
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
