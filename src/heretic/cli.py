@@ -184,8 +184,9 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
 
 
 def settings_from_argv(argv: Sequence[str] | None = None) -> Settings:
-    values, config_file = parse_args(argv)
+    config_file = None
     try:
+        values, config_file = parse_args(argv)
         return load_settings(values, config_file)
     except SettingValueError as error:
         fail(f"Invalid setting '{error.name}': {error.problem}.")

@@ -375,12 +375,6 @@ class Settings(BaseSettings):
                 raise ValueError("must be a string or a JSON object")
         return value
 
-    @model_validator(mode="after")
-    def _startup_not_above_trials(self) -> Settings:
-        if self.n_startup_trials > self.n_trials:
-            self.n_startup_trials = self.n_trials
-        return self
-
     @classmethod
     def settings_customise_sources(
         cls,
@@ -565,3 +559,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"cannot render {value!r} as TOML")
+
+
+if __name__ == "__main__":  # python -m heretic.config > config.default.toml
+    print(render_default_toml(), end="")

@@ -62,6 +62,7 @@ class Engine:
         parameters = inspect.signature(base.forward).parameters
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
         make_head_input_contiguous(model)
+        self.sliding_window = sliding_window(model)
 
     def _forward(self, cache: object | None, **inputs: object) -> tuple[torch.Tensor, object]:
         """One forward pass keeping the last position's logits; returns (logits (rows, vocab), cache)."""
@@ -82,7 +83,7 @@ class Engine:
         texts = [format_chat(self.tokenizer, p.system, p.user, self.response_prefix) for p in prompts]
         return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
-    def batches(self, ids: list[list[int]], batch_size: int | None = None) -> Iterator[Batch]:
+    def batches(self, ids: list[list[int]], batch_size: int | None = None, new_tokens: int = 0) -> Iterator[Batch]:
         """Length-sorted batches (longest first: an out-of-memory error shows up at once)."""
         size = batch_size or self.batch_size
         order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
@@ -91,6 +92,10 @@ class Engine:
             rows = [ids[i] for i in chosen]
             shared = common_prefix_length(rows) if self.share_prefix and len(rows) > 1 else 0
             shared = min(shared, min(len(row) for row in rows) - 1)  # keep >= 1 token per row to run
+            # With a shared prefix the padding sits between prefix and suffix; a sliding window counts
+            # cache slots, so sharing is only exact while the whole sequence fits in the window.
+            if self.sliding_window is not None and len(rows[0]) + new_tokens >= self.sliding_window:
+                shared = 0
             yield Batch(chosen, rows[0][:shared], [row[shared:] for row in rows])
 
     # --- Forward passes -----------------------------------------------------------------------
@@ -182,7 +187,7 @@ class Engine:
     ) -> list[list[int]] | None:
         """Greedy responses (token ids, end-of-text excluded). None if `should_abort` stopped it."""
         responses: list[list[int]] = [[] for _ in ids]
-        for batch in self.batches(ids, batch_size):
+        for batch in self.batches(ids, batch_size, new_tokens=max_new_tokens):
             if not self._generate_batch(batch, responses, max_new_tokens, is_decided, should_abort, progress):
                 return None
         return responses
@@ -246,6 +251,20 @@ def make_head_input_contiguous(model: PreTrainedModel) -> None:
         return
     head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
     head._heretic_contiguous = True  # type: ignore[attr-defined]
+
+
+def sliding_window(model: PreTrainedModel) -> int | None:
+    """The smallest attention window of the text model, or None when every layer attends to everything."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and all(kind == "full_attention" for kind in layer_types):
+        return None
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    return int(window)
 
 
 def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:

@@ -1,0 +1,146 @@
+"""Settings: precedence, validation, the documented defaults file, and the command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from heretic.cli import build_parser, flag_name, settings_from_argv
+from heretic.config import PromptSet, Settings, render_default_toml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_without_any_source() -> None:
+    settings = settings_from_argv([])
+    assert settings.n_trials == 200
+    assert settings.n_startup_trials == 60
+    assert settings.max_response_length == 100
+    assert settings.harmful_prompts == PromptSet(source="bundled", split="harmful_train")
+
+
+def test_precedence_default_toml_env_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "config.toml").write_text("n_trials = 11\nseed = 5\nmax_kl = 0.3\n")
+    assert settings_from_argv([]).n_trials == 11  # file over default
+    monkeypatch.setenv("HERETIC_N_TRIALS", "22")
+    monkeypatch.setenv("HERETIC_SEED", "6")
+    settings = settings_from_argv([])
+    assert (settings.n_trials, settings.seed, settings.max_kl) == (22, 6, 0.3)  # env over file
+    settings = settings_from_argv(["--n-trials", "33"])
+    assert (settings.n_trials, settings.seed) == (33, 6)  # flag over env
+
+
+def test_config_flag_and_positional_model(tmp_path: Path) -> None:
+    other = tmp_path / "other.toml"
+    other.write_text('model = "from-file/model"\nmax_response_length = 7\n')
+    settings = settings_from_argv(["--config", str(other)])
+    assert settings.model == "from-file/model" and settings.max_response_length == 7
+    assert settings_from_argv(["org/name"]).model == "org/name"
+    assert settings_from_argv(["--model", "org/name"]).model == "org/name"
+
+
+def test_prompt_set_forms(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text(
+        '[harmless_prompts]\nsource = "data.csv"\nsplit = "[:10]"\ncolumn = "text"\nprefix = "Please:"\n'
+    )
+    settings = settings_from_argv(["--harmful-prompts", "mlabonne/harmful_behaviors:train[:400]"])
+    assert settings.harmful_prompts == PromptSet(source="mlabonne/harmful_behaviors", split="train[:400]")
+    assert settings.harmless_prompts.column == "text" and settings.harmless_prompts.prefix == "Please:"
+    assert PromptSet.model_validate("bundled:harmful_test[:100]").split == "harmful_test[:100]"
+    assert PromptSet.model_validate("prompts.txt[5:9]") == PromptSet(source="prompts.txt", split="[5:9]")
+
+
+def test_list_and_bool_flags() -> None:
+    settings = settings_from_argv(["--action", "save", "--action", "gguf", "--no-orthogonalize-direction"])
+    assert settings.action == ["save", "gguf"] and settings.orthogonalize_direction is False
+    settings = settings_from_argv(["--refusal-markers", '["nope", "no way"]'])
+    assert settings.refusal_markers == ["nope", "no way"]
+
+
+def _error_of(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        settings_from_argv(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return " ".join(err.split())
+
+
+def test_wrong_type_names_the_key(capsys: pytest.CaptureFixture[str]) -> None:
+    message = _error_of(["--n-trials", "many"], capsys)
+    assert "n_trials" in message and "--n-trials" in message
+
+
+def test_out_of_range_names_the_key(capsys: pytest.CaptureFixture[str]) -> None:
+    message = _error_of(["--max-response-length", "0"], capsys)
+    assert "max_response_length" in message and "greater than" in message
+
+
+def test_unknown_toml_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "config.toml").write_text("n_trails = 3\n")
+    message = _error_of([], capsys)
+    assert "Unknown setting 'n_trails'" in message
+
+
+def test_unknown_environment_variable(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("HERETIC_N_TRAILS", "3")
+    message = _error_of([], capsys)
+    assert "n_trails" in message and "HERETIC_N_TRAILS" in message
+
+
+def test_malformed_toml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "config.toml").write_text("n_trials = = 3\n")
+    message = _error_of([], capsys)
+    assert "not valid TOML" in message
+
+
+def test_missing_config_file(capsys: pytest.CaptureFixture[str]) -> None:
+    message = _error_of(["--config", "nowhere.toml"], capsys)
+    assert "nowhere.toml does not exist" in message
+
+
+def test_bad_json_list(capsys: pytest.CaptureFixture[str]) -> None:
+    message = _error_of(["--refusal-markers", "[broken"], capsys)
+    assert "refusal_markers" in message and "JSON" in message
+
+
+def test_unknown_flag_is_rejected() -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--no-such-option"])
+
+
+def test_default_toml_is_in_sync() -> None:
+    committed = (ROOT / "config.default.toml").read_text(encoding="utf-8")
+    assert committed == render_default_toml(), "regenerate it: python -m heretic.config > config.default.toml"
+
+
+def test_default_toml_loads_to_defaults(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text(render_default_toml())
+    assert settings_from_argv([]) == Settings()
+
+
+def test_every_field_is_a_flag_with_its_description() -> None:
+    help_text = " ".join(build_parser().format_help().split())
+    for name, info in Settings.model_fields.items():
+        assert flag_name(name) in help_text, name
+        first_words = " ".join((info.description or "").split()[:5])
+        assert first_words in help_text, name
+
+
+def test_help_and_version_do_not_import_torch() -> None:
+    code = (
+        "import sys\n"
+        "from heretic.cli import main\n"
+        "for argv in (['--help'], ['--version']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import on --help'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "--max-response-length" in result.stdout and "heretic 0.1.0" in result.stdout

@@ -1,0 +1,183 @@
+"""The pure math: directions, kernels, interpolation, ablation factors, KL, Pareto front."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from heretic.ablation.kernels import ablated_matrices, ablation_factors, interpolate_direction, kernel_weight, low_rank_approximation
+from heretic.ablation.parameters import AblationParameters, ComponentKernel
+from heretic.directions import refusal_directions, winsorize
+from heretic.scoring.kl import kl_divergence
+from heretic.search.pareto import TrialResult, dominates, hypervolume, is_dominated, pareto_front, select
+
+
+def unit(vector: torch.Tensor) -> torch.Tensor:
+    return vector / vector.norm()
+
+
+@pytest.fixture
+def matrices() -> torch.Tensor:
+    return torch.randn(3, 16, 24, generator=torch.Generator().manual_seed(0))  # (experts, out, in)
+
+
+@pytest.fixture
+def direction() -> torch.Tensor:
+    return unit(torch.randn(16, generator=torch.Generator().manual_seed(1)))
+
+
+# --- Directions ----------------------------------------------------------------------------------
+
+
+def test_difference_of_means_direction() -> None:
+    harmful = torch.tensor([[[1.0, 2.0, 0.0]], [[3.0, 2.0, 0.0]]])  # mean (2, 2, 0)
+    harmless = torch.tensor([[[0.0, 2.0, 0.0]], [[0.0, 2.0, 0.0]]])  # mean (0, 2, 0)
+    raw = refusal_directions(harmful, harmless, orthogonalize=False)
+    torch.testing.assert_close(raw, torch.tensor([[1.0, 0.0, 0.0]]))
+
+
+def test_orthogonalized_direction_has_no_harmless_component() -> None:
+    generator = torch.Generator().manual_seed(2)
+    harmful = torch.randn(20, 5, 8, generator=generator) + 1.0
+    harmless = torch.randn(30, 5, 8, generator=generator) + 0.5
+    directions = refusal_directions(harmful, harmless, orthogonalize=True)
+    harmless_mean = harmless.double().mean(0)
+    assert directions.shape == (5, 8) and directions.dtype == torch.float32
+    torch.testing.assert_close(directions.norm(dim=-1), torch.ones(5))
+    cosine = (directions.double() * harmless_mean).sum(-1) / harmless_mean.norm(dim=-1)
+    assert cosine.abs().max() < 1e-6
+
+
+def test_winsorization_clamps_outliers_only() -> None:
+    residuals = torch.ones(2, 3, 100)
+    residuals[:, :, 0] = 1000.0
+    clamped = winsorize(residuals, 0.9)
+    assert clamped[:, :, 0].max() == 1.0 and torch.equal(clamped[:, :, 1:], residuals[:, :, 1:])
+    assert winsorize(residuals, 1.0) is residuals
+
+
+# --- Kernel and interpolation --------------------------------------------------------------------
+
+
+def test_kernel_weight_at_peak_edge_and_outside() -> None:
+    assert kernel_weight(10, 1.2, 10.0, 0.4, 4.0) == pytest.approx(1.2)  # peak
+    assert kernel_weight(14, 1.2, 10.0, 0.4, 4.0) == pytest.approx(0.4)  # edge: distance D
+    assert kernel_weight(6, 1.2, 10.0, 0.4, 4.0) == pytest.approx(0.4)  # symmetric
+    assert kernel_weight(12, 1.2, 10.0, 0.4, 4.0) == pytest.approx(0.8)  # halfway
+    assert kernel_weight(15, 1.2, 10.0, 0.4, 4.0) == 0.0  # outside
+    assert kernel_weight(10.5, 1.0, 10.0, 0.0, 0.0) == 0.0 and kernel_weight(10, 1.0, 10.0, 0.0, 0.0) == 1.0
+
+
+def test_interpolation_between_layers() -> None:
+    directions = torch.eye(4)[:3]  # r0 = e0, r1 = e1, r2 = e2
+    torch.testing.assert_close(interpolate_direction(directions, 1.0), torch.eye(4)[1])
+    torch.testing.assert_close(interpolate_direction(directions, 0.5), unit(torch.tensor([1.0, 1.0, 0.0, 0.0])))
+    torch.testing.assert_close(interpolate_direction(directions, 1.25), unit(torch.tensor([0.0, 0.75, 0.25, 0.0])))
+    torch.testing.assert_close(interpolate_direction(directions, 2.0), torch.eye(4)[2])
+    torch.testing.assert_close(interpolate_direction(directions, 9.0), torch.eye(4)[2])  # clamped
+
+
+def test_parameters_choose_directions_and_weights() -> None:
+    directions = torch.eye(6)  # positions 0..5 (embedding + 5 layers)
+    per_layer = AblationParameters("per-layer", 0.0, {"attn": ComponentKernel(1.0, 2.0, 0.5, 2.0)})
+    torch.testing.assert_close(per_layer.direction_for(directions, 3), directions[4])  # output of layer 3
+    global_ = AblationParameters("global", 2.5, {})
+    torch.testing.assert_close(global_.direction_for(directions, 0), unit(directions[3] + directions[4]))
+    assert per_layer.weight("attn", 2) == 1.0 and per_layer.weight("mlp", 2) == 0.0
+    assert AblationParameters.from_dict(per_layer.to_dict()) == per_layer
+
+
+# --- Ablation ------------------------------------------------------------------------------------
+
+
+def test_none_mode_is_the_explicit_orthogonalization(matrices: torch.Tensor, direction: torch.Tensor) -> None:
+    b, a = ablation_factors(matrices, direction, 0.7, "none")
+    assert b.shape == (3, 16, 1) and a.shape == (3, 1, 24)
+    projector = torch.eye(16) - 0.7 * torch.outer(direction, direction)
+    torch.testing.assert_close(matrices + b @ a, projector @ matrices, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(matrices + b @ a, ablated_matrices(matrices, direction, 0.7, "none"), atol=1e-5, rtol=1e-5)
+
+
+def test_pre_mode_ablates_the_row_normalized_matrix(matrices: torch.Tensor, direction: torch.Tensor) -> None:
+    b, a = ablation_factors(matrices, direction, 1.1, "pre")
+    norms = matrices.norm(dim=-1, keepdim=True)
+    normalized = matrices / norms
+    expected = (normalized - 1.1 * torch.einsum("o,ei->eoi", direction, torch.einsum("o,eoi->ei", direction, normalized))) * norms
+    torch.testing.assert_close(matrices + b @ a, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_full_mode_keeps_row_norms_and_approximates_the_explicit_matrix(matrices: torch.Tensor, direction: torch.Tensor) -> None:
+    explicit = ablated_matrices(matrices, direction, 1.0, "full")
+    torch.testing.assert_close(explicit.norm(dim=-1), matrices.norm(dim=-1), atol=1e-5, rtol=1e-5)
+    b, a = ablation_factors(matrices, direction, 1.0, "full", rank=3, seed=7)
+    approximated = matrices + b @ a
+    # The difference is not rank-1; rank 3 captures nearly all of it.
+    error = (approximated - explicit).norm() / (explicit - matrices).norm()
+    assert error < 0.35
+    # Row norms stay within tolerance, far closer than without norm preservation.
+    def drift(result: torch.Tensor) -> float:
+        return float(((result.norm(dim=-1) - matrices.norm(dim=-1)).abs() / matrices.norm(dim=-1)).max())
+
+    assert drift(approximated) < 0.1
+    assert drift(approximated) < drift(ablated_matrices(matrices, direction, 1.0, "none")) / 2
+    # Full rank reproduces it exactly, and a seed fixes the randomized SVD.
+    b_full, a_full = ablation_factors(matrices, direction, 1.0, "full", rank=16, seed=7)
+    torch.testing.assert_close(matrices + b_full @ a_full, explicit, atol=1e-4, rtol=1e-4)
+    b_again, a_again = ablation_factors(matrices, direction, 1.0, "full", rank=3, seed=7)
+    assert torch.equal(b, b_again) and torch.equal(a, a_again)
+
+
+def test_low_rank_approximation_is_exact_for_low_rank_input() -> None:
+    generator = torch.Generator().manual_seed(3)
+    low = torch.randn(2, 20, 2, generator=generator) @ torch.randn(2, 2, 30, generator=generator)
+    b, a = low_rank_approximation(low, 2)
+    torch.testing.assert_close(b @ a, low, atol=1e-4, rtol=1e-4)
+
+
+def test_output_has_no_component_along_v_after_full_weight_ablation(matrices: torch.Tensor, direction: torch.Tensor) -> None:
+    b, a = ablation_factors(matrices, direction, 1.0, "none")
+    x = torch.randn(3, 24, 5, generator=torch.Generator().manual_seed(4))
+    output = (matrices + b @ a) @ x  # (experts, out, tokens)
+    assert torch.einsum("o,eot->et", direction, output).abs().max() < 1e-5
+
+
+# --- KL and the Pareto front ---------------------------------------------------------------------
+
+
+def test_kl_divergence() -> None:
+    p = torch.log_softmax(torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 0.0]]), -1)
+    q = torch.log_softmax(torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.0, 0.0]]), -1)
+    expected = float((p[0].exp() * (p[0] - q[0])).sum() / 2)
+    assert kl_divergence(p, q) == pytest.approx(expected)
+    assert kl_divergence(p, p) == 0.0
+    masked = torch.tensor([[0.0, -math.inf]])
+    assert kl_divergence(masked, masked) == 0.0  # 0 log 0 = 0
+
+
+def result(number: int, refusals: int, kl: float, cut: bool = False) -> TrialResult:
+    return TrialResult(number, refusals, kl, cut, 1.0, {})
+
+
+def test_pareto_front_and_dominance() -> None:
+    results = [result(0, 10, 0.1), result(1, 5, 0.3), result(2, 5, 0.5), result(3, 12, 0.05), result(4, 20, 0.2), result(5, 3, 0.01, cut=True)]
+    assert [r.number for r in pareto_front(results)] == [1, 0, 3]
+    assert dominates((5, 0.3), (5, 0.5)) and not dominates((5, 0.3), (5, 0.3))
+    assert is_dominated(10, 0.4, results)  # trial 1 has fewer refusals and lower KL
+    assert not is_dominated(4, 0.4, results)
+    assert not is_dominated(6, 0.009, results)  # cut trials never dominate: their refusals are lower bounds
+
+
+def test_headless_selection_rules() -> None:
+    front = [result(1, 2, 0.9), result(2, 5, 0.3), result(3, 12, 0.05)]
+    assert select(front, "fewest-refusals", 0.5, 0).number == 2
+    assert select(front, "fewest-refusals", 0.01, 0).number == 3  # nothing under the cap: lowest KL
+    assert select(front, "lowest-kl", 0.5, 5).number == 2
+    assert select(front, "lowest-kl", 0.5, 1).number == 1  # nothing under the cap: fewest refusals
+
+
+def test_hypervolume() -> None:
+    assert hypervolume([(1, 5), (2, 3)], (10, 10)) == pytest.approx(61.0)
+    assert hypervolume([(11, 1)], (10, 10)) == 0.0
+    assert hypervolume([(1, 5), (1, 5), (3, 6)], (10, 10)) == pytest.approx(45.0)

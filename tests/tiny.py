@@ -1,0 +1,107 @@
+"""Tiny random models with a small trained tokenizer and a chat template, built offline."""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# A template that, like Gemma 2's, refuses system messages.
+NO_SYSTEM = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<start_of_image>", "<end_of_image>"]
+VOCAB_SIZE = 512
+KINDS = ("llama", "qwen2", "gemma3", "qwen3_moe", "qwen2_moe", "gemma3_mm")
+
+
+@functools.lru_cache(maxsize=None)
+def _trained_tokenizer_json() -> str:
+    corpus = []
+    for name in ("harmful_train", "harmless_train"):
+        corpus += resources.files("heretic").joinpath("data", "prompts", f"{name}.txt").read_text().splitlines()
+    corpus += ["You are a helpful assistant.", "I'm sorry, but I can't help with that.", "Sure, here is how."]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    return tokenizer.to_str()
+
+
+def make_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFast:
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_trained_tokenizer_json()),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def make_model(kind: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random causal LM of the given family (float32)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    vocab = VOCAB_SIZE
+    common = dict(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, eos_token_id=2, pad_token_id=0, bos_token_id=0,
+        tie_word_embeddings=False,
+    )
+    if kind == "llama":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**common))
+    elif kind == "qwen2":
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**common))
+    elif kind == "gemma3":
+        config = tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=8, query_pre_attn_scalar=16)
+        model = tf.Gemma3ForCausalLM(config)
+    elif kind == "qwen3_moe":
+        config = tf.Qwen3MoeConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, head_dim=16)
+        model = tf.Qwen3MoeForCausalLM(config)
+    elif kind == "qwen2_moe":
+        config = tf.Qwen2MoeConfig(
+            **common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=80
+        )
+        model = tf.Qwen2MoeForCausalLM(config)
+    elif kind == "gemma3_mm":
+        text = tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=8, query_pre_attn_scalar=16)
+        vision = tf.SiglipVisionConfig(
+            hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+        )
+        config = tf.Gemma3Config(
+            text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+            image_token_index=3, boi_token_index=4, eoi_token_index=5,
+        )
+        model = tf.Gemma3ForConditionalGeneration(config)
+    else:
+        raise ValueError(kind)
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def save_tiny(kind: str, folder: Path, chat_template: str | None = CHATML, seed: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    make_model(kind, seed).save_pretrained(folder)
+    make_tokenizer(chat_template).save_pretrained(folder)
+    return folder
