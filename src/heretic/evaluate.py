@@ -14,7 +14,8 @@ from .scoring.kl import kl_divergence
 from .ui import ProgressBars, console
 
 
-def evaluate_model(settings: Settings) -> None:
+def evaluate_model(settings: Settings) -> list[tuple[str, str, int, float]]:
+    """Print and return (role, model, refusals, KL) for the original and the evaluated model."""
     from .main import load, load_prompt_sets, make_judge
 
     prompt_sets = load_prompt_sets(settings)
@@ -43,5 +44,6 @@ def evaluate_model(settings: Settings) -> None:
     table.add_column(f"refusals (harmful, /{len(harmful)})", justify="right")
     table.add_column(f"KL from original (harmless, {len(harmless)})", justify="right")
     for role, name, refusals, kl in rows:
-        table.add_row(f"{name} ({role})", str(refusals), f"{kl:.4f}")
+        table.add_row(f"{name} ({role})", str(refusals), f"{kl:.4g}")
     console.print(table)
+    return rows

@@ -248,6 +248,7 @@ def open_study(session: Session):
     else:
         console.print(f"Checkpoint: {path}")
     study.set_user_attr("target_trials", max(target, done))
+    study.set_user_attr("baseline_refusals", session.base_refusals)
     return study, path
 
 

@@ -82,6 +82,10 @@ class Ablator:
             b, a = ablation_factors(matrices, direction, weight, self.mode, self.rank, seed)
             yield target, b, a
 
+    def changed_parameters(self, parameters: AblationParameters) -> set[str]:
+        """State-dict names of the weights this ablation changes (non-zero kernel weight)."""
+        return {target.name for layer, component, target in self.arch.targets() if parameters.weight(component, layer) != 0.0}
+
     def _dense(self, target: Target) -> torch.Tensor:
         return as_matrices(self._weights[target.name], target)
 

@@ -71,6 +71,7 @@ def build_record(session: Any, result: Any, parameters: Any) -> dict[str, Any]:
             for name, spec in specs.items()
         },
         "response_prefix": session.engine.response_prefix,
+        "batch_size": session.engine.batch_size,
         "directions_sha256": tensor_digest(session.directions),
         "trial": {
             "number": result.number,

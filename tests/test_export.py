@@ -1,0 +1,204 @@
+"""What users take away: merged model, adapter, GGUF, card, record, reproduce, benchmarks, upload."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from heretic.config import Settings
+from heretic.errors import HereticError
+from heretic.export.save import atomic_folder
+from heretic.main import run
+
+pytestmark = pytest.mark.slow
+
+MARKERS = ["ak", "ook", "ot"]
+
+
+def settings(model: Path, tmp_path: Path, **overrides) -> Settings:
+    values = dict(
+        model=str(model),
+        harmful_prompts="bundled:harmful_train[:12]",
+        harmless_prompts="bundled:harmless_train[:12]",
+        harmful_eval_prompts="bundled:harmful_test[:8]",
+        harmless_eval_prompts="bundled:harmless_test[:8]",
+        refusal_markers=MARKERS,
+        max_response_length=8,
+        batch_size=8,
+        n_trials=4,
+        n_startup_trials=2,
+        dtypes=["float32"],
+        checkpoint_dir=str(tmp_path / "checkpoints"),
+        headless=True,
+        output_dir=str(tmp_path / "out" / "model"),
+    )
+    values.update(overrides)
+    return Settings.model_validate(values)
+
+
+def sha256_of(folder: Path) -> dict[str, str]:
+    return {file.name: hashlib.sha256(file.read_bytes()).hexdigest() for file in sorted(folder.glob("*.safetensors"))}
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One headless run with every file-producing action on a tiny qwen2 model."""
+    tmp_path = tmp_path_factory.mktemp("saved")
+    run(settings(tiny_models["qwen2"], tmp_path, action=["save", "save-adapter", "gguf"], gguf_type="f16"))
+    out = tmp_path / "out"
+    return {"root": tmp_path, "model": out / "model", "adapter": out / "model-adapter", "gguf": out / "model.f16.gguf", "original": tiny_models["qwen2"]}
+
+
+def test_merged_model_is_plain_transformers_and_reproduces_the_trial(saved: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    folder = saved["model"]
+    files = {file.name for file in folder.iterdir()}
+    assert {"config.json", "generation_config.json", "tokenizer.json", "model.safetensors", "README.md", "heretic.json"} <= files
+    assert not any(name.startswith("adapter") for name in files)
+    config = json.loads((folder / "config.json").read_text())
+    assert "heretic" not in json.dumps(config).lower()
+    record = json.loads((folder / "heretic.json").read_text())
+    trial = record["trial"]
+    assert not trial["refusals_is_lower_bound"]
+    # Refusals and KL of the saved model, measured from scratch against the original.
+    from heretic.evaluate import evaluate_model
+
+    rows = evaluate_model(settings(saved["original"], saved["root"], evaluate_model=str(folder)))
+    (_, _, refusals, kl) = rows[1]
+    assert refusals == trial["refusals"]
+    assert kl > 0 and kl == pytest.approx(trial["kl"], rel=0.02, abs=1e-8)
+    assert f"{kl:.4g}" in " ".join(capsys.readouterr().out.split())
+
+
+def test_adapter_gives_the_merged_logits(saved: dict[str, Path]) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter_config = json.loads((saved["adapter"] / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(saved["original"])
+    base = AutoModelForCausalLM.from_pretrained(saved["original"], dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, saved["adapter"]).eval()
+    merged = AutoModelForCausalLM.from_pretrained(saved["model"], dtype=torch.float32).eval()
+    tokens = torch.randint(3, 500, (3, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        difference = (adapted(tokens).logits - merged(tokens).logits).abs().max().item()
+    assert difference < 1e-4  # float32: only summation order differs
+
+
+def test_gguf_export_matches_the_merged_model(saved: dict[str, Path]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(saved["model"], dtype=torch.float32).eval()
+    exported = AutoModelForCausalLM.from_pretrained(saved["gguf"].parent, gguf_file=saved["gguf"].name, dtype=torch.float32).eval()
+    tokens = torch.randint(3, 500, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference, logits = merged(tokens).logits, exported(tokens).logits
+    relative = ((logits - reference).abs().max() / reference.abs().max()).item()
+    assert relative < 0.005  # f16 tensors
+
+
+def test_card_holds_metrics_parameters_and_provenance(saved: dict[str, Path]) -> None:
+    card = (saved["model"] / "README.md").read_text()
+    record = json.loads((saved["model"] / "heretic.json").read_text())
+    assert card.startswith("---\n") and "abliterated" in card and "uncensored" in card
+    assert f"| original | {record['baseline']['refusals']} | 0 |" in card
+    assert f"{record['trial']['kl']:.4f}" in card and "heretic --reproduce heretic.json" in card
+    assert "bundled:harmful_test[:8]" in card and record["prompt_sets"]["harmful_eval"]["sha256"][:16] in card
+    assert record["environment"]["libraries"]["torch"] == torch.__version__.split("+")[0] or record["environment"]["libraries"]["torch"]
+    assert "token" not in json.dumps(record).lower()
+
+
+def test_reproduce_gives_identical_weights(saved: dict[str, Path], tmp_path: Path) -> None:
+    target = tmp_path / "rebuilt"
+    run(Settings(reproduce=str(saved["model"] / "heretic.json"), output_dir=str(target), headless=True))
+    assert sha256_of(target) == sha256_of(saved["model"])
+
+
+def test_existing_output_is_never_overwritten_without_consent(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    target = tmp_path / "out" / "model"
+    target.mkdir(parents=True)
+    (target / "precious.txt").write_text("keep me")
+    with pytest.raises(HereticError, match="already exists and is not empty"):
+        run(settings(tiny_models["qwen2"], tmp_path, action=["save"], n_trials=1))
+    assert (target / "precious.txt").read_text() == "keep me"
+    run(settings(tiny_models["qwen2"], tmp_path, action=["save"], n_trials=1, overwrite=True))
+    assert not (target / "precious.txt").exists() and (target / "model.safetensors").exists()
+
+
+def test_interrupted_write_leaves_the_target_untouched(tmp_path: Path) -> None:
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_folder(target, overwrite=True) as staging:
+            (staging / "half.safetensors").write_bytes(b"\0" * 100)
+            raise KeyboardInterrupt
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # the staging folder is gone
+
+
+def test_killed_save_leaves_the_target_untouched(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    script = textwrap.dedent(
+        f"""
+        import time
+        from pathlib import Path
+        from heretic.export.save import atomic_folder
+        with atomic_folder(Path({str(target)!r}), overwrite=True) as staging:
+            (staging / "model-00001.safetensors").write_bytes(b"x" * 1000)
+            print("writing", flush=True)
+            time.sleep(60)
+        """
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "writing"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert [p.name for p in target.iterdir()] == ["old.txt"] and (target / "old.txt").read_text() == "old"
+
+
+def test_upload_offline_is_one_clear_error_and_keeps_the_save(tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value_123")
+    with pytest.raises(HereticError, match="the model stays saved in") as info:
+        run(settings(tiny_models["llama"], tmp_path, action=["upload"], upload_repo="someone/abliterated", n_trials=1))
+    assert "hf_secret_value_123" not in str(info.value)
+    saved = tmp_path / "out" / "model"
+    assert (saved / "model.safetensors").exists()
+    assert "hf_secret_value_123" not in "".join(p.read_text(errors="ignore") for p in saved.iterdir() if p.suffix in {".json", ".md"})
+
+
+def test_benchmark_with_a_local_task(tiny_models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("lm_eval")
+    data = tmp_path / "tiny_task.jsonl"
+    rows = [{"question": f"What is {a} plus {b}?", "choices": [str(a + b), str(a + b + 1)], "answer": 0} for a, b in [(1, 2), (3, 4), (2, 2), (5, 1)]]
+    data.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    task = tmp_path / "tiny_task.yaml"
+    task.write_text(textwrap.dedent(f"""\
+        task: heretic_tiny_sums
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: {data}
+        test_split: test
+        output_type: multiple_choice
+        doc_to_text: "{{{{question}}}}"
+        doc_to_choice: "{{{{choices}}}}"
+        doc_to_target: "{{{{answer}}}}"
+        metric_list:
+          - metric: acc
+        """))
+    capsys.readouterr()
+    run(settings(tiny_models["llama"], tmp_path, action=["benchmark"], benchmark_tasks=[str(task)], n_trials=1))
+    out = " ".join(capsys.readouterr().out.split())
+    assert "heretic_tiny_sums" in out and "acc" in out and "original" in out and "ablated" in out
