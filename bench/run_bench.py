@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from heretic.search.pareto import hypervolume  # the same measure both tools are judged by
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
@@ -167,16 +169,6 @@ def read_journal(python: Path, journal: Path) -> dict[str, Any]:
 def pareto(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
     front = [p for p in points if not any(q[0] <= p[0] and q[1] <= p[1] and q != p for q in points)]
     return sorted(set(front))
-
-
-def hypervolume(points: list[tuple[int, float]], reference: tuple[float, float]) -> float:
-    inside = sorted(p for p in set(points) if p[0] < reference[0] and p[1] < reference[1])
-    area, best = 0.0, reference[1]
-    for x, y in inside:
-        if y < best:
-            area += (reference[0] - x) * (best - y)
-            best = y
-    return area
 
 
 def metrics(run: dict[str, Any], journal: dict[str, Any], n_prompts: int, kind: str) -> dict[str, Any]:
@@ -377,7 +369,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def write_markdown(results: dict[str, Any], command: str) -> str:
     settings = results["settings"]
     quick = settings["quick"]
-    title = "Quick check (NOT the full benchmark)" if quick else "Side-by-side benchmark"
+    title = f"Reduced side-by-side run ({settings['deviations']}; NOT the full benchmark)" if quick else "Side-by-side benchmark"
     tools = results["tools"]
     parts = [
         f"## {title}: {settings['date']}",
@@ -393,7 +385,7 @@ def write_markdown(results: dict[str, Any], command: str) -> str:
     ]
     if settings.get("reference_reused"):
         parts.append(f"- the reference's numbers come from an earlier run with identical settings ({settings['reference_reused']})")
-    parts += ["", table(results), "", "![Pareto fronts](bench/results/fronts.png)" if not quick else "", ""]
+    parts += ["", table(results), "", "![Pareto fronts](bench/results/fronts.png)", ""]
     if "reference" in tools:
         parts += ["<details><summary>reference configuration (config.toml)</summary>", "", "```toml", tools["reference"]["config"].rstrip(), "```", "</details>", ""]
     if "ours" in tools:
@@ -411,6 +403,32 @@ def update_benchmarks_md(section: str, marker: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def record_lever(label: str, flags: str, data: dict[str, Any], settings: dict[str, Any]) -> None:
+    """Keep each of our runs in levers.json (label "ours" = every speed-up on) and rewrite the lever table."""
+    path = RESULTS / "levers.json"
+    levers = json.loads(path.read_text()) if path.exists() else {}
+    keys = ("time_to_first_trial_s", "median_trial_s", "total_trials_s", "n_trials", "cut_trials", "hypervolume", "peak_rss_mb", "baseline_refusals")
+    levers[label] = {"flags": flags, "date": settings["date"], "settings": {k: settings[k] for k in ("trials", "train_prompts", "eval_prompts", "max_response_length", "seed")},
+                     **{k: data.get(k) for k in keys}}
+    path.write_text(json.dumps(levers, indent=2))
+    base = levers.get("ours")
+    lines = [
+        "Each row is our tool with one speed-up switched off (flags shown), on the same work as the run above "
+        "unless its settings say otherwise; the gain is that row's median trial time divided by the all-on run's.",
+        "",
+        "| run | flags | settings (trials, train, eval, tokens) | time to first trial (s) | median trial (s) | gain of the lever | cut trials | hypervolume |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in levers.items():
+        s = row["settings"]
+        comparable = base is not None and s == base["settings"]
+        gain = f"{row['median_trial_s'] / base['median_trial_s']:.2f}×" if comparable and name != "ours" else ""
+        flags_cell = f"`{row['flags']}`" if row["flags"] else "(all speed-ups on)"
+        lines.append(f"| {name} | {flags_cell} | {s['trials']}, {s['train_prompts']}, {s['eval_prompts']}, {s['max_response_length']} | "
+                     f"{row['time_to_first_trial_s']:.0f} | {row['median_trial_s']:.1f} | {gain} | {row['cut_trials']} | {row['hypervolume']:.3f} |")
+    update_benchmarks_md("## Levers: what each speed-up buys\n\n" + "\n".join(lines), "levers")
 
 
 # --- Main ----------------------------------------------------------------------------------------
@@ -433,15 +451,21 @@ def main() -> None:
     parser.add_argument("--timeout-hours", type=float, default=12.0)
     args = parser.parse_args()
 
-    quick = (args.trials < 30 or args.train_prompts < 400 or args.eval_prompts < 100 or args.max_response_length != 100)
+    deviations = [
+        f"{name} {value} instead of {full}"
+        for name, value, full in (("trials", args.trials, 30), ("training prompts", args.train_prompts, 400),
+                                  ("evaluation prompts", args.eval_prompts, 100), ("max_response_length", args.max_response_length, 100))
+        if value != full and not (name == "trials" and value > full)
+    ]
+    quick = bool(deviations)
     settings = {
         "trials": args.trials, "startup_trials": args.startup_trials, "train_prompts": args.train_prompts,
         "eval_prompts": args.eval_prompts, "max_response_length": args.max_response_length,
         "max_batch_size": args.max_batch_size, "seed": args.seed, "datasets": str(args.datasets.resolve()),
-        "quick": quick, "machine": machine(), "date": dt.date.today().isoformat(), "timeout_s": args.timeout_hours * 3600,
+        "quick": quick, "deviations": ", ".join(deviations), "machine": machine(), "date": dt.date.today().isoformat(), "timeout_s": args.timeout_hours * 3600,
     }
     if quick:
-        log("QUICK CHECK: fewer trials or prompts than the full benchmark; results are labelled as such")
+        log(f"REDUCED RUN ({settings['deviations']}): results are labelled as such")
     WORK.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     model = prepare_model()
@@ -451,7 +475,7 @@ def main() -> None:
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", COLUMNS="160")
     env.pop("HERETIC_CONFIG", None)
 
-    key_settings = {k: v for k, v in settings.items() if k not in {"machine", "date", "timeout_s", "quick"}}
+    key_settings = {k: v for k, v in settings.items() if k not in {"machine", "date", "timeout_s", "quick", "deviations"}}
     reference_cache = RESULTS / f"reference-{hashlib.sha256(json.dumps(key_settings, sort_keys=True).encode()).hexdigest()[:12]}.json"
     tools: dict[str, Any] = {}
     wanted = [name.strip() for name in args.tools.split(",") if name.strip()]
@@ -470,6 +494,8 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     text = json.dumps(results, indent=2, default=str)
     (RESULTS / f"{stamp}.json").write_text(text)
+    if args.label in tools:
+        record_lever(args.label, args.ours_args, tools[args.label], settings)
     if args.label == "ours" and set(tools) == {"reference", "ours"}:
         (RESULTS / "latest.json").write_text(text)
         plot(results, RESULTS / "fronts.png")
