@@ -405,32 +405,6 @@ def update_benchmarks_md(section: str, marker: str) -> None:
     path.write_text(text)
 
 
-def record_lever(label: str, flags: str, data: dict[str, Any], settings: dict[str, Any]) -> None:
-    """Keep each of our runs in levers.json (label "ours" = every speed-up on) and rewrite the lever table."""
-    path = RESULTS / "levers.json"
-    levers = json.loads(path.read_text()) if path.exists() else {}
-    keys = ("time_to_first_trial_s", "median_trial_s", "total_trials_s", "n_trials", "cut_trials", "hypervolume", "peak_rss_mb", "baseline_refusals")
-    levers[label] = {"flags": flags, "date": settings["date"], "settings": {k: settings[k] for k in ("trials", "train_prompts", "eval_prompts", "max_response_length", "seed")},
-                     **{k: data.get(k) for k in keys}}
-    path.write_text(json.dumps(levers, indent=2))
-    base = levers.get("ours")
-    lines = [
-        "Each row is our tool with one speed-up switched off (flags shown), on the same work as the run above "
-        "unless its settings say otherwise; the gain is that row's median trial time divided by the all-on run's.",
-        "",
-        "| run | flags | settings (trials, train, eval, tokens) | time to first trial (s) | median trial (s) | gain of the lever | cut trials | hypervolume |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for name, row in levers.items():
-        s = row["settings"]
-        comparable = base is not None and s == base["settings"]
-        gain = f"{row['median_trial_s'] / base['median_trial_s']:.2f}×" if comparable and name != "ours" else ""
-        flags_cell = f"`{row['flags']}`" if row["flags"] else "(all speed-ups on)"
-        lines.append(f"| {name} | {flags_cell} | {s['trials']}, {s['train_prompts']}, {s['eval_prompts']}, {s['max_response_length']} | "
-                     f"{row['time_to_first_trial_s']:.0f} | {row['median_trial_s']:.1f} | {gain} | {row['cut_trials']} | {row['hypervolume']:.3f} |")
-    update_benchmarks_md("## Levers: what each speed-up buys\n\n" + "\n".join(lines), "levers")
-
-
 # --- Main ----------------------------------------------------------------------------------------
 
 
@@ -494,8 +468,6 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     text = json.dumps(results, indent=2, default=str)
     (RESULTS / f"{stamp}.json").write_text(text)
-    if args.label in tools:
-        record_lever(args.label, args.ours_args, tools[args.label], settings)
     if args.label == "ours" and set(tools) == {"reference", "ours"}:
         (RESULTS / "latest.json").write_text(text)
         plot(results, RESULTS / "fronts.png")

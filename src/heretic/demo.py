@@ -31,7 +31,7 @@ DEMO_PRESET: dict[str, object] = {
     "n_trials": 24,
     "n_startup_trials": 10,
     "headless": True,
-    "action": ["save", "report"],
+    "action": ["report", "save"],
     "select": "fewest-refusals",
     "max_kl": 0.5,
 }

@@ -55,6 +55,7 @@ class Engine:
         self.eos_ids = set(eos_ids)
         self.batch_size = max(1, batch_size)
         self.share_prefix = share_prefix
+        self.length_order = True  # batch prompts in order of length (False: in the caller's order)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.response_prefix = ""
         # transformers renamed `past_key_values` to `cache` (5.2x); accept both.
@@ -86,7 +87,7 @@ class Engine:
     def batches(self, ids: list[list[int]], batch_size: int | None = None, new_tokens: int = 0) -> Iterator[Batch]:
         """Length-sorted batches (longest first: an out-of-memory error shows up at once)."""
         size = batch_size or self.batch_size
-        order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
+        order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i)) if self.length_order else list(range(len(ids)))
         for start in range(0, len(order), size):
             chosen = order[start : start + size]
             rows = [ids[i] for i in chosen]
@@ -94,7 +95,7 @@ class Engine:
             shared = min(shared, min(len(row) for row in rows) - 1)  # keep >= 1 token per row to run
             # With a shared prefix the padding sits between prefix and suffix; a sliding window counts
             # cache slots, so sharing is only exact while the whole sequence fits in the window.
-            if self.sliding_window is not None and len(rows[0]) + new_tokens >= self.sliding_window:
+            if self.sliding_window is not None and max(map(len, rows)) + new_tokens >= self.sliding_window:
                 shared = 0
             yield Batch(chosen, rows[0][:shared], [row[shared:] for row in rows])
 
@@ -249,8 +250,8 @@ def make_head_input_contiguous(model: PreTrainedModel) -> None:
     head = model.get_output_embeddings()
     if head is None or getattr(head, "_heretic_contiguous", False):
         return
-    head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
-    head._heretic_contiguous = True  # type: ignore[attr-defined]
+    handle = head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
+    head._heretic_contiguous = handle  # type: ignore[attr-defined]
 
 
 def sliding_window(model: PreTrainedModel) -> int | None:
