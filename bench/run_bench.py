@@ -208,6 +208,22 @@ def metrics(run: dict[str, Any], journal: dict[str, Any], n_prompts: int, kind: 
     }
 
 
+def first_trials(data: dict[str, Any], n: int, n_prompts: int) -> dict[str, Any]:
+    """Our metrics over only the first n trials: the study an n-trial run gives (trials are sampled in
+    order, each from the ones before it), for comparing fronts with a reference run that stopped early."""
+    trials = [t for t in data["trials"] if t["number"] < n]
+    exact = [(t["refusals"], t["kl"]) for t in trials if not t["cut"]]
+    durations = [t["seconds"] for t in trials]
+    best = {str(k): min((kl for r, kl in exact if r <= k), default=None) for k in REFUSAL_CAPS}
+    return dict(
+        data,
+        median_trial_s=round(statistics.median(durations), 2), total_trials_s=round(sum(durations), 1), n_trials=len(trials),
+        trials_per_hour=round(3600 * len(trials) / sum(durations), 1), cut_trials=sum(t["cut"] for t in trials),
+        pareto=[[r, kl] for r, kl in pareto(exact)], hypervolume=round(hypervolume(exact, (n_prompts, KL_CAP)), 4),
+        best_kl_at_refusals=best, trials=trials,
+    )
+
+
 # --- The two tools -------------------------------------------------------------------------------
 
 
@@ -306,9 +322,16 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores{memory}, {platform.system()} {platform.release()}"
 
 
+COLUMN_TITLES = {"reference": "reference", "ours": "ours", "ours_same_trials": "ours, first {n} trials"}
+
+
 def table(results: dict[str, Any]) -> str:
+    """Markdown table; the ratio column compares ours (over the same number of trials) with the reference."""
     tools = results["tools"]
-    names = [name for name in ("reference", "ours") if name in tools]
+    names = [name for name in ("reference", "ours_same_trials", "ours") if name in tools]
+    compared = ("reference", "ours_same_trials" if "ours_same_trials" in tools else "ours")
+    with_ratio = all(name in tools for name in compared)
+    titles = [COLUMN_TITLES[name].format(n=tools[name]["n_trials"]) for name in names]
     rows = [
         ("time to first trial (s)", "time_to_first_trial_s", "{:.0f}"),
         ("median trial (s)", "median_trial_s", "{:.1f}"),
@@ -320,22 +343,21 @@ def table(results: dict[str, Any]) -> str:
         ("original's refusals", "baseline_refusals", "{}"),
         (f"hypervolume (ref. point {results['settings']['eval_prompts']} refusals, KL {KL_CAP})", "hypervolume", "{:.3f}"),
     ]
-    header = "| | " + " | ".join(names) + (" | ours / reference |" if len(names) == 2 else " |")
-    lines = [header, "|---|" + "---:|" * (len(names) + (1 if len(names) == 2 else 0))]
+    lines = ["| | " + " | ".join(titles) + (" | ours / reference |" if with_ratio else ""), "|---|" + "---:|" * (len(names) + with_ratio)]
     for label, key, fmt in rows:
-        values = [tools[name].get(key) for name in names]
-        cells = [fmt.format(v) if v is not None else "–" for v in values]
+        cells = [fmt.format(tools[name][key]) if tools[name].get(key) is not None else "–" for name in names]
         ratio = ""
-        if len(names) == 2 and all(isinstance(v, (int, float)) and v for v in values) and key not in {"n_trials", "baseline_refusals", "cut_trials"}:
-            ratio = f"{values[1] / values[0]:.2f}×"
-        lines.append(f"| {label} | " + " | ".join(cells) + (f" | {ratio} |" if len(names) == 2 else " |"))
+        if with_ratio and key not in {"n_trials", "baseline_refusals", "cut_trials"}:
+            base, ours = (tools[name].get(key) for name in compared)
+            ratio = f"{ours / base:.2f}×" if isinstance(base, (int, float)) and isinstance(ours, (int, float)) and base else ""
+        lines.append(f"| {label} | " + " | ".join(cells) + (f" | {ratio} |" if with_ratio else " |"))
     for cap in REFUSAL_CAPS:
         values = [tools[name]["best_kl_at_refusals"].get(str(cap)) for name in names]
         cells = [f"{v:.4f}" if v is not None else "–" for v in values]
-        lines.append(f"| best KL at refusals ≤ {cap} | " + " | ".join(cells) + (" | |" if len(names) == 2 else " |"))
-    for name in names:
+        lines.append(f"| best KL at refusals ≤ {cap} | " + " | ".join(cells) + (" | |" if with_ratio else " |"))
+    for name, title in zip(names, titles):
         front = ", ".join(f"({r}, {kl:.3f})" for r, kl in tools[name]["pareto"])
-        lines.append(f"| Pareto front, {name} (refusals, KL) | {front} |" + (" |" * (len(names))))
+        lines.append(f"| Pareto front, {title} (refusals, KL) | {front} |" + " |" * (len(names) - 1 + with_ratio))
     return "\n".join(lines)
 
 
@@ -348,6 +370,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
     figure, axes = plt.subplots(figsize=(7, 4.5))
     styles = {"reference": ("tab:gray", "s", "heretic-llm 1.4.0 (reference)"), "ours": ("tab:red", "o", "Heretic (ours)")}
     for name, data in results["tools"].items():
+        if name == "ours_same_trials":
+            front = data["pareto"]
+            if front:
+                axes.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:red", linestyle="--",
+                          label=f"Heretic (ours), first {data['n_trials']} trials")
+            continue
         color, marker, label = styles.get(name, ("tab:blue", "^", name))
         trials = [t for t in data["trials"] if not t["cut"]]
         axes.scatter([t["refusals"] for t in trials], [t["kl"] for t in trials], s=12, alpha=0.3, color=color, marker=marker)
@@ -359,7 +387,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     axes.set_ylabel("KL divergence from the original")
     axes.set_yscale("log")
     quick = " — QUICK CHECK, not the full benchmark" if results["settings"]["quick"] else ""
-    axes.set_title(f"Pareto fronts, {results['settings']['trials']} trials each{quick}", fontsize=10)
+    counts = ", ".join(f"{name.replace('_', ' ')} {data['n_trials']}" for name, data in results["tools"].items())
+    axes.set_title(f"Pareto fronts (trials: {counts}){quick}", fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
@@ -383,6 +412,10 @@ def write_markdown(results: dict[str, Any], command: str) -> str:
         f"{settings['max_batch_size']}), {settings['trials']} trials, {settings['startup_trials']} random start-up trials, "
         f"seed {settings['seed']}, the reference's default refusal markers ({settings['n_markers']}) for both",
     ]
+    if "ours_same_trials" in tools:
+        n = tools["ours_same_trials"]["n_trials"]
+        parts.append(f"- the reference completed only {n} of {settings['trials']} trials in the time available (its run was stopped); "
+                     f"\"ours, first {n} trials\" is our search at the same number of trials (trials are sampled in order, so it is the study an {n}-trial run gives)")
     if settings.get("reference_reused"):
         parts.append(f"- the reference's numbers come from an earlier run with identical settings ({settings['reference_reused']})")
     parts += ["", table(results), "", "![Pareto fronts](bench/results/fronts.png)", ""]
@@ -463,12 +496,16 @@ def main() -> None:
             reference_cache.write_text(json.dumps(tools["reference"], indent=2))
     if "ours" in wanted:
         tools[args.label] = run_ours(settings, model, markers, env, shlex.split(args.ours_args), args.label)
+        reference_trials = tools.get("reference", {}).get("n_trials")
+        if args.label == "ours" and reference_trials and reference_trials < tools["ours"]["n_trials"]:
+            log(f"the reference finished only {reference_trials} trials; comparing with our first {reference_trials} as well")
+            tools["ours_same_trials"] = first_trials(tools["ours"], reference_trials, args.eval_prompts)
 
     results = {"settings": {k: v for k, v in settings.items() if k != "timeout_s"}, "tools": tools}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     text = json.dumps(results, indent=2, default=str)
     (RESULTS / f"{stamp}.json").write_text(text)
-    if args.label == "ours" and set(tools) == {"reference", "ours"}:
+    if args.label == "ours" and {"reference", "ours"} <= set(tools):
         (RESULTS / "latest.json").write_text(text)
         plot(results, RESULTS / "fronts.png")
         command = "python bench/run_bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
