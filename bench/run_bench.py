@@ -377,6 +377,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
                           label=f"Heretic (ours), first {data['n_trials']} trials")
             continue
         color, marker, label = styles.get(name, ("tab:blue", "^", name))
+        label = f"{label}, {data['n_trials']} trials"
         trials = [t for t in data["trials"] if not t["cut"]]
         axes.scatter([t["refusals"] for t in trials], [t["kl"] for t in trials], s=12, alpha=0.3, color=color, marker=marker)
         front = data["pareto"]
@@ -386,9 +387,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     axes.set_xlabel(f"refusals (of {results['settings']['eval_prompts']} harmful prompts)")
     axes.set_ylabel("KL divergence from the original")
     axes.set_yscale("log")
-    quick = " — QUICK CHECK, not the full benchmark" if results["settings"]["quick"] else ""
-    counts = ", ".join(f"{name.replace('_', ' ')} {data['n_trials']}" for name, data in results["tools"].items())
-    axes.set_title(f"Pareto fronts (trials: {counts}){quick}", fontsize=10)
+    quick = " — reduced run, not the full benchmark" if results["settings"]["quick"] else ""
+    axes.set_title(f"Pareto fronts{quick}", fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
@@ -415,7 +415,7 @@ def write_markdown(results: dict[str, Any], command: str) -> str:
     if "ours_same_trials" in tools:
         n = tools["ours_same_trials"]["n_trials"]
         parts.append(f"- the reference completed only {n} of {settings['trials']} trials in the time available (its run was stopped); "
-                     f"\"ours, first {n} trials\" is our search at the same number of trials (trials are sampled in order, so it is the study an {n}-trial run gives)")
+                     f"\"ours, first {n} trials\" is our search at the same number of trials (trials are sampled in order, so it is the study a run of {n} trials gives)")
     if settings.get("reference_reused"):
         parts.append(f"- the reference's numbers come from an earlier run with identical settings ({settings['reference_reused']})")
     parts += ["", table(results), "", "![Pareto fronts](bench/results/fronts.png)", ""]
