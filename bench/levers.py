@@ -102,25 +102,29 @@ def main() -> None:
     timed_trial_work(engine, evaluator())  # warm-up
     rows: list[dict[str, Any]] = []
 
-    def measure(name: str, what: str, make: Any, restore: Any, subset: int | None = None) -> None:
+    def measure(name: str, what: str, make: Any, restore: Any, subset: int | None = None, batch: int | None = None) -> None:
         prompts = harmful[:subset] if subset else None
+        engine.batch_size = batch or batch_size
         on_s, on_verdicts = timed_trial_work(engine, evaluator(prompts=prompts))
         make()
         try:
             off_s, off_verdicts = timed_trial_work(engine, evaluator(stop_on_verdict=name != "stop on verdict", prompts=prompts))
         finally:
             restore()
+            engine.batch_size = batch_size
         rows.append({"lever": name, "what": what, "prompts": subset or len(harmful), "on_s": round(on_s, 2), "off_s": round(off_s, 2),
-                     "gain": round(off_s / on_s, 2), "same_verdicts": on_verdicts == off_verdicts})
+                     "gain": round(off_s / on_s, 2),
+                     "refusals_on": sum(on_verdicts), "refusals_off": sum(off_verdicts),
+                     "differing_verdicts": sum(a != b for a, b in zip(on_verdicts, off_verdicts))})
         print(rows[-1])
 
     measure("stop on verdict", "a response stops once a refusal marker is seen (exact)", lambda: None, lambda: None)
     measure("shared prompt prefix", "the chat-template prefix is computed once per batch",
             lambda: setattr(engine, "share_prefix", False), lambda: setattr(engine, "share_prefix", True))
-    measure("length-ordered batches", "prompts batched by length, not in file order",
-            lambda: setattr(engine, "length_order", False), lambda: setattr(engine, "length_order", True))
+    measure("length-ordered batches", "prompts batched by length, not in file order (batch size 16, so there are several batches)",
+            lambda: setattr(engine, "length_order", False), lambda: setattr(engine, "length_order", True), batch=16)
     measure("batching", f"batch size {batch_size} (chosen) instead of 1",
-            lambda: setattr(engine, "batch_size", 1), lambda: setattr(engine, "batch_size", batch_size), subset=16)
+            lambda: setattr(engine, "batch_size", 1), lambda: None, subset=16)
     head = loaded.model.get_output_embeddings()
     hook = head._heretic_contiguous
 
@@ -132,7 +136,7 @@ def main() -> None:
         from heretic.model.generation import make_head_input_contiguous
         make_head_input_contiguous(loaded.model)
 
-    measure("contiguous output-head input", "avoids PyTorch's slow strided bf16 GEMM on CPU (the reference hits it)", unhook, rehook, subset=8)
+    measure("contiguous output-head input", "the output head gets a contiguous input (a guard against a slow strided bf16 GEMM path of some PyTorch CPU builds; no effect in this set-up)", unhook, rehook, subset=8)
 
     results = {"date": dt.date.today().isoformat(), "machine": machine(), "command": "python bench/levers.py " + shlex.join(sys.argv[1:]),
                "eval_prompts": len(harmful), "max_response_length": args.max_response_length,
@@ -152,18 +156,25 @@ def main() -> None:
         f"- automatic batch-size choice: batch size {batch_size} in {choice_s:.1f} s "
         f"({', '.join(f'{m.batch_size}: {m.tokens_per_second or 0:.0f}' for m in measurements)} tokens/s)",
         "",
-        "| lever | what it does | prompts | on (s) | off (s) | gain | verdicts identical |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| lever | what it does | prompts | on (s) | off (s) | gain | refusals on / off | verdicts that differ |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        lines.append(f"| {row['lever']} | {row['what']} | {row['prompts']} | {row['on_s']:.1f} | {row['off_s']:.1f} | {row['gain']:.2f}× | {'yes' if row['same_verdicts'] else 'NO'} |")
+        lines.append(f"| {row['lever']} | {row['what']} | {row['prompts']} | {row['on_s']:.1f} | {row['off_s']:.1f} | {row['gain']:.2f}× | "
+                     f"{row['refusals_on']} / {row['refusals_off']} | {row['differing_verdicts']} |")
     cut = results["cut_hopeless_trials"]
     if cut and "median_cut_s" in cut:
         lines.append(
             f"| cut hopeless trials | stop counting refusals once a trial is dominated (inexact: refusals recorded as a lower bound, marked cut) | "
             f"{cut['cut_trials']} of {cut['trials']} trials | {cut['total_s']:.0f} (search total) | {cut['total_if_uncut_s']:.0f} (estimate: cut trials at the median full trial) | "
-            f"{cut['total_if_uncut_s'] / cut['total_s']:.2f}× | n/a (front from exact trials only) |"
+            f"{cut['total_if_uncut_s'] / cut['total_s']:.2f}× | n/a | n/a (front from exact trials only) |"
         )
+    lines += [
+        "",
+        "The exact levers compute the same function in exact arithmetic (tests in float32 show identical responses). "
+        "In bf16 a different batch composition or a separately computed prefix changes rounding, which can flip a greedy "
+        "continuation at a near-tie; the last column counts such flips against the all-on run.",
+    ]
     update_benchmarks_md("\n".join(lines), "levers")
 
 

@@ -10,12 +10,15 @@ from heretic import demo
 from heretic.errors import HereticError
 
 
-def test_a_wrong_hash_stops_with_a_clear_error_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    chunks = []
-    for index in range(3):
-        chunk = tmp_path / f"part{index:02d}.bin"
+def write_chunks(folder: Path) -> list[Path]:
+    chunks = [folder / f"part{index:02d}.bin" for index in range(3)]
+    for index, chunk in enumerate(chunks):
         chunk.write_bytes(bytes([index]) * 1000)
-        chunks.append(chunk)
+    return chunks
+
+
+def test_a_wrong_hash_stops_with_a_clear_error_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    chunks = write_chunks(tmp_path)
     monkeypatch.setattr(demo, "chunk_files", lambda: chunks)
     with pytest.raises(HereticError, match="wrong SHA-256.*--force-reinstall"):
         demo.demo_model_file(str(tmp_path / "cache"))
@@ -25,11 +28,7 @@ def test_a_wrong_hash_stops_with_a_clear_error_and_leaves_nothing(tmp_path: Path
 def test_chunks_are_assembled_in_order_when_the_hash_matches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import hashlib
 
-    chunks = []
-    for index in range(3):
-        chunk = tmp_path / f"part{index:02d}.bin"
-        chunk.write_bytes(bytes([index]) * 1000)
-        chunks.append(chunk)
+    chunks = write_chunks(tmp_path)
     content = b"".join(chunk.read_bytes() for chunk in chunks)
     monkeypatch.setattr(demo, "chunk_files", lambda: chunks)
     monkeypatch.setattr(demo, "DEMO_SHA256", hashlib.sha256(content).hexdigest())

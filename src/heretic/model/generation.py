@@ -245,7 +245,8 @@ def make_head_input_contiguous(model: PreTrainedModel) -> None:
     """Give the output embedding a contiguous input.
 
     With `logits_to_keep=1` the head sees a strided slice of the last hidden state; for such inputs
-    some CPU builds of PyTorch fall back to a naive bf16 GEMM that is 500x slower than the packed one.
+    some CPU builds of PyTorch, for some shapes, fall back to a naive bf16 GEMM that is far slower than
+    the packed one; a contiguous copy of one position per row costs nothing.
     """
     head = model.get_output_embeddings()
     if head is None or getattr(head, "_heretic_contiguous", False):
