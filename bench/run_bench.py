@@ -171,57 +171,54 @@ def pareto(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
     return sorted(set(front))
 
 
+def trial_metrics(trials: list[dict[str, Any]], n_prompts: int) -> dict[str, Any]:
+    """Timing and front of a list of trial rows ({number, refusals, kl, seconds, cut}); cut trials,
+    whose refusals are only a lower bound, count for time but not for the front."""
+    exact = [(t["refusals"], t["kl"]) for t in trials if not t["cut"]]
+    durations = [t["seconds"] for t in trials]
+    best = {str(k): min((kl for r, kl in exact if r <= k), default=None) for k in REFUSAL_CAPS}
+    return {
+        "median_trial_s": round(statistics.median(durations), 2),
+        "total_trials_s": round(sum(durations), 1),
+        "n_trials": len(trials),
+        "trials_per_hour": round(3600 * len(trials) / sum(durations), 1),
+        "cut_trials": sum(t["cut"] for t in trials),
+        "pareto": [[r, round(kl, 6)] for r, kl in pareto(exact)],
+        "hypervolume": round(hypervolume(exact, (n_prompts, KL_CAP)), 4),
+        "best_kl_at_refusals": {k: (round(v, 6) if v is not None else None) for k, v in best.items()},
+        "trials": trials,
+    }
+
+
 def metrics(run: dict[str, Any], journal: dict[str, Any], n_prompts: int, kind: str) -> dict[str, Any]:
     complete = [t for t in journal["trials"] if t["state"] == "COMPLETE"]
     if not complete:
         raise RuntimeError(f"{kind}: no completed trial; see {run['log']}")
-    durations = [t["complete"] - t["start"] for t in complete]
+    kl_key = "kl_divergence" if kind == "reference" else "kl"
+    trials = [
+        {"number": t["number"], "refusals": int(t["user_attrs"]["refusals"]), "kl": float(t["user_attrs"][kl_key]),
+         "seconds": round(t["complete"] - t["start"], 2), "cut": bool(t["user_attrs"].get("cut", False))}
+        for t in complete
+    ]
     if kind == "reference":
-        points = [(int(t["user_attrs"]["refusals"]), float(t["user_attrs"]["kl_divergence"])) for t in complete]
-        exact = points
         baseline = int(complete[0]["user_attrs"]["base_refusals"])
-        cut = 0
     else:
-        points = [(int(t["user_attrs"]["refusals"]), float(t["user_attrs"]["kl"])) for t in complete]
-        exact = [p for p, t in zip(points, complete) if not t["user_attrs"].get("cut")]
         baseline = int(journal["study_attrs"]["baseline_refusals"])
-        cut = len(points) - len(exact)
-    front = pareto(exact)
     first_start = min(t["start"] for t in journal["trials"])
-    best = {str(k): min((kl for r, kl in exact if r <= k), default=None) for k in REFUSAL_CAPS}
     return {
         "time_to_first_trial_s": round(first_start - run["started"], 1),
-        "median_trial_s": round(statistics.median(durations), 2),
-        "total_trials_s": round(sum(durations), 1),
-        "n_trials": len(complete),
-        "trials_per_hour": round(3600 * len(complete) / sum(durations), 1),
-        "cut_trials": cut,
         "peak_rss_mb": round(run["peak_rss_mb"], 0) if run["peak_rss_mb"] else None,
         "baseline_refusals": baseline,
-        "pareto": [[r, round(kl, 6)] for r, kl in front],
-        "hypervolume": round(hypervolume(exact, (n_prompts, KL_CAP)), 4),
-        "best_kl_at_refusals": {k: (round(v, 6) if v is not None else None) for k, v in best.items()},
         "exit_code": run["exit_code"],
         "wall_s": round(run["elapsed_s"], 1),
-        "trials": [{"number": t["number"], "refusals": p[0], "kl": p[1], "seconds": round(d, 2), "cut": bool(t["user_attrs"].get("cut", False))}
-                   for t, p, d in zip(complete, points, durations)],
+        **trial_metrics(trials, n_prompts),
     }
 
 
 def first_trials(data: dict[str, Any], n: int, n_prompts: int) -> dict[str, Any]:
     """Our metrics over only the first n trials: the study an n-trial run gives (trials are sampled in
     order, each from the ones before it), for comparing fronts with a reference run that stopped early."""
-    trials = [t for t in data["trials"] if t["number"] < n]
-    exact = [(t["refusals"], t["kl"]) for t in trials if not t["cut"]]
-    durations = [t["seconds"] for t in trials]
-    best = {str(k): min((kl for r, kl in exact if r <= k), default=None) for k in REFUSAL_CAPS}
-    return dict(
-        data,
-        median_trial_s=round(statistics.median(durations), 2), total_trials_s=round(sum(durations), 1), n_trials=len(trials),
-        trials_per_hour=round(3600 * len(trials) / sum(durations), 1), cut_trials=sum(t["cut"] for t in trials),
-        pareto=[[r, kl] for r, kl in pareto(exact)], hypervolume=round(hypervolume(exact, (n_prompts, KL_CAP)), 4),
-        best_kl_at_refusals=best, trials=trials,
-    )
+    return dict(data, **trial_metrics([t for t in data["trials"] if t["number"] < n], n_prompts))
 
 
 # --- The two tools -------------------------------------------------------------------------------
