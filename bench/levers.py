@@ -7,7 +7,7 @@ the verdicts stay identical, and times the automatic batch-size choice. The one 
 cutting hopeless trials short, is measured from the search itself (bench/results/latest.json).
 
     python bench/levers.py                       # after run_bench.py has prepared the model
-    python bench/levers.py --eval-prompts 40     # quicker, labelled as such
+    python bench/levers.py --eval-prompts 40     # quicker
 
 Writes bench/results/levers.json and the "levers" section of BENCHMARKS.md.
 """
@@ -68,7 +68,7 @@ def cut_trials_gain(latest: Path) -> dict[str, Any] | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--eval-prompts", type=int, default=100)
-    parser.add_argument("--max-response-length", type=int, default=32)
+    parser.add_argument("--max-response-length", type=int, default=100)
     parser.add_argument("--max-batch-size", type=int, default=128)
     parser.add_argument("--datasets", type=Path, default=DEFAULT_DATASETS)
     args = parser.parse_args()
@@ -136,6 +136,9 @@ def main() -> None:
         from heretic.model.generation import make_head_input_contiguous
         make_head_input_contiguous(loaded.model)
 
+    # bf16 -> float32 -> bf16 is lossless, so the model is the same before and after this lever
+    measure("bf16", "weights and activations in bfloat16 instead of float32 (where the CPU has fast bf16 matrix units)",
+            lambda: loaded.model.to(torch.float32), lambda: loaded.model.to(torch.bfloat16), subset=32)
     measure("contiguous output-head input", "the output head gets a contiguous input (a guard against a slow strided bf16 GEMM path of some PyTorch CPU builds; no effect in this set-up)", unhook, rehook, subset=8)
 
     results = {"date": dt.date.today().isoformat(), "machine": machine(), "command": "python bench/levers.py " + shlex.join(sys.argv[1:]),
