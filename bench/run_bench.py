@@ -116,16 +116,36 @@ def reference_default_markers(python: Path) -> list[str]:
 # --- Running a tool ------------------------------------------------------------------------------
 
 
-def run_tool(name: str, command: list[str], cwd: Path, env: dict[str, str], timeout: float) -> dict[str, Any]:
-    """Run a command with stdin closed; returns wall-clock start, exit code, peak RSS and the log."""
+def peak_rss_mb(pid: int) -> float | None:
+    """The process's peak resident memory so far (VmHWM), in MiB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def run_tool(name: str, command: list[str], cwd: Path, env: dict[str, str], timeout: float, record: Path) -> dict[str, Any]:
+    """Run a command with stdin closed, logging its output with time stamps. Its record (start time,
+    peak RSS, exit code, log) is appended to `record` as soon as it starts and kept up to date while
+    it runs, so a run that is killed (or outlived by this script) still counts."""
     cwd.mkdir(parents=True, exist_ok=True)
-    log_path = cwd / "output.log"
+    runs = json.loads(record.read_text()) if record.exists() else []
+    log_path = cwd / ("output.log" if not runs else f"output-{len(runs) + 1}.log")
     log(f"{name}: {shlex.join(command)}  (in {cwd})")
     started = time.time()
     process = subprocess.Popen(
         command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         errors="replace",
     )
+    run: dict[str, Any] = {"started": started, "elapsed_s": 0.0, "exit_code": None, "peak_rss_mb": None, "log": log_path.name}
+    runs.append(run)
+
+    def save() -> None:
+        record.write_text(json.dumps(runs, indent=2))
+
     lines: list[str] = []
 
     def pump() -> None:
@@ -140,7 +160,7 @@ def run_tool(name: str, command: list[str], cwd: Path, env: dict[str, str], time
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     deadline = started + timeout
-    status, usage = 0, None
+    status, usage, saved = 0, None, 0.0
     while True:
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)
         if pid:
@@ -150,13 +170,19 @@ def run_tool(name: str, command: list[str], cwd: Path, env: dict[str, str], time
             _, status, usage = os.wait4(process.pid, 0)
             log(f"{name}: killed after {timeout:.0f} s")
             break
+        if time.time() - saved > 10:
+            run.update(elapsed_s=round(time.time() - started, 1), peak_rss_mb=peak_rss_mb(process.pid) or run["peak_rss_mb"])
+            save()
+            saved = time.time()
         time.sleep(0.5)
     process.returncode = os.waitstatus_to_exitcode(status)
     reader.join(timeout=10)
     elapsed = time.time() - started
     log(f"{name}: exit {process.returncode} after {elapsed / 60:.1f} min; log in {log_path}")
-    return {"started": started, "elapsed_s": elapsed, "exit_code": process.returncode,
-            "peak_rss_mb": usage.ru_maxrss / 1024 if usage else None, "log": log_path}
+    run.update(elapsed_s=round(elapsed, 1), exit_code=process.returncode,
+               peak_rss_mb=max(filter(None, [usage.ru_maxrss / 1024 if usage else None, run["peak_rss_mb"]]), default=None))
+    save()
+    return run
 
 
 def read_journal(python: Path, journal: Path) -> dict[str, Any]:
@@ -193,10 +219,12 @@ def trial_metrics(trials: list[dict[str, Any]], n_prompts: int) -> dict[str, Any
     }
 
 
-def metrics(run: dict[str, Any], journal: dict[str, Any], n_prompts: int, kind: str) -> dict[str, Any]:
+def metrics(runs: list[dict[str, Any]], journal: dict[str, Any], n_prompts: int, kind: str) -> dict[str, Any]:
+    """Metrics of one study, run in one or more invocations (a resumed run continues the journal; its
+    time to first trial is the first invocation's, its peak RSS the largest)."""
     complete = [t for t in journal["trials"] if t["state"] == "COMPLETE"]
     if not complete:
-        raise RuntimeError(f"{kind}: no completed trial; see {run['log']}")
+        raise RuntimeError(f"{kind}: no completed trial; see {runs[-1]['log']}")
     kl_key = "kl_divergence" if kind == "reference" else "kl"
     trials = [
         {"number": t["number"], "refusals": int(t["user_attrs"]["refusals"]), "kl": float(t["user_attrs"][kl_key]),
@@ -208,12 +236,14 @@ def metrics(run: dict[str, Any], journal: dict[str, Any], n_prompts: int, kind: 
     else:
         baseline = int(journal["study_attrs"]["baseline_refusals"])
     first_start = min(t["start"] for t in journal["trials"])
+    peaks = [run["peak_rss_mb"] for run in runs if run["peak_rss_mb"]]
     return {
-        "time_to_first_trial_s": round(first_start - run["started"], 1),
-        "peak_rss_mb": round(run["peak_rss_mb"], 0) if run["peak_rss_mb"] else None,
+        "time_to_first_trial_s": round(first_start - runs[0]["started"], 1),
+        "peak_rss_mb": round(max(peaks), 0) if peaks else None,
         "baseline_refusals": baseline,
-        "exit_code": run["exit_code"],
-        "wall_s": round(run["elapsed_s"], 1),
+        "exit_code": runs[-1]["exit_code"],
+        "wall_s": round(sum(run["elapsed_s"] or 0 for run in runs), 1),
+        "invocations": len(runs),
         **trial_metrics(trials, n_prompts),
     }
 
@@ -278,15 +308,56 @@ def our_command(settings: dict[str, Any], model: Path, markers: list[str], extra
     ]
 
 
-def run_reference(settings: dict[str, Any], model: Path, python: Path, markers: list[str], env: dict[str, str]) -> dict[str, Any]:
+# The reference asks on start-up whether to continue an interrupted study; this answers "continue"
+# (its own resume: it reloads the model, recomputes directions and baseline, and runs the remaining
+# trials with the batch size and response prefix stored in the study) and leaves every other question
+# to it. It counts every trial in the journal as done, including the one the interruption cut off,
+# so that one is added back to n_trials: the study still ends with n_trials completed trials.
+CONTINUE_REFERENCE = r"""
+import glob, sys
+import optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+import heretic.main as main
+(journal,) = glob.glob("checkpoints/*.jsonl")
+study = optuna.load_study(study_name="heretic", storage=JournalStorage(JournalFileBackend(journal)))
+unfinished = sum(t.state != TrialState.COMPLETE for t in study.trials)
+settings_from_json = main.Settings.model_validate_json
+def stored_settings(data, *args, **kwargs):
+    settings = settings_from_json(data, *args, **kwargs)
+    settings.n_trials += unfinished
+    return settings
+main.Settings.model_validate_json = stored_settings
+ask = main.prompt_select
+main.prompt_select = lambda message, choices: "continue" if message.startswith("How would you like to proceed") else ask(message, choices)
+sys.argv = ["heretic"]
+sys.exit(main.main())
+"""
+
+
+def run_reference(settings: dict[str, Any], model: Path, python: Path, markers: list[str], env: dict[str, str],
+                  resume: bool = False) -> dict[str, Any]:
+    """Run the reference in bench/work/reference; with `resume`, continue the study an earlier invocation
+    left unfinished (for runs longer than one sitting)."""
     folder = WORK / "reference"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    (folder / "config.toml").write_text(reference_config(settings, model, markers))
-    run = run_tool("reference", [str(REFERENCE_VENV / "bin" / "heretic")], folder, env, settings["timeout_s"])
+    config = reference_config(settings, model, markers)
+    if resume:
+        if not list((folder / "checkpoints").glob("*.jsonl")) or not (folder / "runs.json").exists():
+            sys.exit(f"Nothing to resume in {folder}: run without --resume-reference first.")
+        if (folder / "config.toml").read_text() != config:
+            sys.exit(f"The reference run in {folder} used other settings; resume it with the same options.")
+        command = [str(python), "-c", CONTINUE_REFERENCE]
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        (folder / "config.toml").write_text(config)
+        command = [str(REFERENCE_VENV / "bin" / "heretic")]
+    run_tool("reference", command, folder, env, settings["timeout_s"], folder / "runs.json")
+    runs = json.loads((folder / "runs.json").read_text())
     (journal,) = (folder / "checkpoints").glob("*.jsonl")
-    data = metrics(run, read_journal(python, journal), settings["eval_prompts"], "reference")
-    data["config"] = (folder / "config.toml").read_text()
+    data = metrics(runs, read_journal(python, journal), settings["eval_prompts"], "reference")
+    data["config"] = config
     return data
 
 
@@ -294,9 +365,9 @@ def run_ours(settings: dict[str, Any], model: Path, markers: list[str], env: dic
     folder = WORK / label
     shutil.rmtree(folder, ignore_errors=True)
     command = our_command(settings, model, markers, extra)
-    run = run_tool(label, command, folder, env, settings["timeout_s"])
+    run = run_tool(label, command, folder, env, settings["timeout_s"], folder / "runs.json")
     (journal,) = (folder / "checkpoints").glob("*.jsonl")
-    data = metrics(run, read_journal(Path(sys.executable), journal), settings["eval_prompts"], "ours")
+    data = metrics([run], read_journal(Path(sys.executable), journal), settings["eval_prompts"], "ours")
     data["command"] = shlex.join(command)
     return data
 
@@ -530,6 +601,8 @@ def main() -> None:
     parser.add_argument("--datasets", type=Path, default=DEFAULT_DATASETS)
     parser.add_argument("--tools", default="reference,ours", help="comma-separated: reference, ours")
     parser.add_argument("--reuse-reference", action="store_true", help="reuse the reference's results of an earlier run with identical settings")
+    parser.add_argument("--resume-reference", action="store_true", help="continue the reference's unfinished study in bench/work/reference "
+                        "(a run that did not fit in one sitting) instead of starting it anew")
     parser.add_argument("--ours-args", default="", help="extra flags for our tool (e.g. to switch a speed-up off)")
     parser.add_argument("--label", default="ours", help="name of our run in the results (for lever measurements)")
     parser.add_argument("--timeout-hours", type=float, default=12.0)
@@ -571,7 +644,7 @@ def main() -> None:
             settings["reference_reused"] = reference_cache.name
             log(f"reusing the reference's results from {reference_cache}")
         else:
-            tools["reference"] = run_reference(settings, model, python, markers, env)
+            tools["reference"] = run_reference(settings, model, python, markers, env, resume=args.resume_reference)
             reference_cache.write_text(json.dumps(tools["reference"], indent=2))
     if "ours" in wanted:
         tools[args.label] = run_ours(settings, model, markers, env, shlex.split(args.ours_args), args.label)
