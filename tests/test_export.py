@@ -123,6 +123,28 @@ def test_reproduce_gives_identical_weights(saved: dict[str, Path], tmp_path: Pat
     assert sha256_of(target) == sha256_of(saved["model"])
 
 
+def test_multimodal_model_is_saved_with_a_working_processor(tmp_path: Path) -> None:
+    """The merged multimodal model keeps its processor: plain transformers answers an image prompt with it."""
+    from PIL import Image
+    from tiny import save_tiny_with_processor
+    from transformers import AutoProcessor, Gemma3ForConditionalGeneration
+
+    original = save_tiny_with_processor(tmp_path / "gemma3-mm")
+    run(settings(original, tmp_path, action=["save"], n_trials=1))
+    folder = tmp_path / "out" / "model"
+    assert {"processor_config.json", "preprocessor_config.json"} & {file.name for file in folder.iterdir()}
+    processor = AutoProcessor.from_pretrained(folder)
+    assert type(processor).__name__ == "Gemma3Processor"
+    image = Image.new("RGB", (40, 30), (200, 40, 90))
+    inputs = processor(text=["Describe <start_of_image> briefly."], images=[[image]], return_tensors="pt")
+    assert inputs["pixel_values"].shape[-2:] == (28, 28)
+    assert (inputs["input_ids"] == 3).sum() == 4  # the image's four placeholder tokens
+    model = Gemma3ForConditionalGeneration.from_pretrained(folder).eval()
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.shape[:2] == inputs["input_ids"].shape and torch.isfinite(logits).all()
+
+
 def test_existing_output_is_never_overwritten_without_consent(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     target = tmp_path / "out" / "model"
     target.mkdir(parents=True)

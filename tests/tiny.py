@@ -45,12 +45,16 @@ def _trained_tokenizer_json() -> str:
     return tokenizer.to_str()
 
 
-def make_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFast:
+# Gemma 3's named image tokens (ids 3-5, as in the gemma3_mm config below).
+IMAGE_TOKENS = {"image_token": "<image>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
+
+
+def make_tokenizer(chat_template: str | None = CHATML, image_tokens: bool = False) -> PreTrainedTokenizerFast:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_trained_tokenizer_json()),
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>"],
+        extra_special_tokens=IMAGE_TOKENS if image_tokens else ["<|im_start|>"],
     )
     if chat_template is not None:
         tokenizer.chat_template = chat_template
@@ -104,4 +108,18 @@ def save_tiny(kind: str, folder: Path, chat_template: str | None = CHATML, seed:
     folder.mkdir(parents=True, exist_ok=True)
     make_model(kind, seed).save_pretrained(folder)
     make_tokenizer(chat_template).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_with_processor(folder: Path) -> Path:
+    """The tiny multimodal model with a Gemma 3 processor (PIL image backend, 28x28 images, 4 image tokens)."""
+    from transformers import Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    make_model("gemma3_mm").save_pretrained(folder)
+    tokenizer = make_tokenizer(image_tokens=True)
+    tokenizer.save_pretrained(folder)
+    image_processor = Gemma3ImageProcessorPil(size={"height": 28, "width": 28})
+    Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=4, chat_template=CHATML).save_pretrained(folder)
     return folder
