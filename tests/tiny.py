@@ -50,11 +50,9 @@ IMAGE_TOKENS = {"image_token": "<image>", "boi_token": "<start_of_image>", "eoi_
 
 
 def make_tokenizer(chat_template: str | None = CHATML, image_tokens: bool = False) -> PreTrainedTokenizerFast:
+    named = {"extra_special_tokens": IMAGE_TOKENS} if image_tokens else {"additional_special_tokens": ["<|im_start|>"]}
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_trained_tokenizer_json()),
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        extra_special_tokens=IMAGE_TOKENS if image_tokens else ["<|im_start|>"],
+        tokenizer_object=Tokenizer.from_str(_trained_tokenizer_json()), eos_token="<|im_end|>", pad_token="<|endoftext|>", **named
     )
     if chat_template is not None:
         tokenizer.chat_template = chat_template
