@@ -146,8 +146,6 @@ def run_tool(name: str, command: list[str], cwd: Path, env: dict[str, str], time
     def save() -> None:
         record.write_text(json.dumps(runs, indent=2))
 
-    lines: list[str] = []
-
     def pump() -> None:
         assert process.stdout is not None
         with log_path.open("w") as handle:
@@ -155,7 +153,6 @@ def run_tool(name: str, command: list[str], cwd: Path, env: dict[str, str], time
                 stamped = f"{time.time() - started:9.1f}s  {line}"
                 handle.write(stamped)
                 handle.flush()
-                lines.append(line)
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
