@@ -10,7 +10,8 @@ import torch
 
 from heretic.errors import HereticError
 from heretic.model.architecture import build_architecture_map, find_layers, text_config
-from heretic.model.batching import choose_batch_size
+from heretic.model import batching
+from heretic.model.batching import choose_batch_size, is_out_of_memory
 from heretic.model.chat import format_chat
 from heretic.model.generation import Engine, common_prefix_length
 from heretic.model.loading import eos_token_ids, load_model, resolve_source
@@ -218,3 +219,25 @@ def test_batch_size_choice(tiny_models: dict[str, Path]) -> None:
     size, measurements = choose_batch_size(engine, 8, steps=2)
     assert size in {1, 2, 4, 8}
     assert measurements and all(m.tokens_per_second and m.tokens_per_second > 0 for m in measurements)
+
+
+def test_batch_size_choice_undoes_pytorchs_onednn_switch_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch whose oneDNN matmul could not allocate counts as too big, and oneDNN is switched back on
+    (PyTorch turns it off for the whole process after such a failure, and every later matmul slows down)."""
+    def fake_measure(engine: object, batch_size: int, steps: int) -> float:
+        if batch_size >= 4:
+            torch.backends.mkldnn.enabled = False  # what PyTorch's matmul does when its oneDNN call fails
+        return 10.0 * batch_size
+
+    monkeypatch.setattr(batching, "measure", fake_measure)
+    assert torch.backends.mkldnn.enabled
+    size, measurements = choose_batch_size(None, 16)  # type: ignore[arg-type]
+    assert torch.backends.mkldnn.enabled
+    assert size == 2
+    assert [(m.batch_size, m.tokens_per_second) for m in measurements] == [(1, 10.0), (2, 20.0), (4, None)]
+
+
+def test_cpu_allocation_failures_count_as_out_of_memory() -> None:
+    message = "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate 34850471936 bytes."
+    assert is_out_of_memory(RuntimeError(message))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))

@@ -32,7 +32,10 @@ def candidate_sizes(limit: int) -> list[int]:
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+    text = str(error).lower()
+    return isinstance(error, torch.OutOfMemoryError) or any(
+        words in text for words in ("out of memory", "can't allocate memory", "cannot allocate memory")
+    )
 
 
 def measure(engine: Engine, batch_size: int, steps: int) -> float:
@@ -55,11 +58,8 @@ def choose_batch_size(engine: Engine, limit: int, steps: int = 6) -> tuple[int, 
     measure(engine, 1, 2)  # warm-up: first calls pay one-time kernel selection costs
     best_size, best_rate, falls = 1, 0.0, 0
     for size in candidate_sizes(max(1, limit)):
-        try:
-            rate = measure(engine, size, steps)
-        except Exception as error:  # noqa: BLE001 - out-of-memory comes in several types
-            if not is_out_of_memory(error):
-                raise
+        rate = measure_if_it_fits(engine, size, steps)
+        if rate is None:
             measurements.append(BatchMeasurement(size, None))
             _free_memory()
             break
@@ -72,6 +72,27 @@ def choose_batch_size(engine: Engine, limit: int, steps: int = 6) -> tuple[int, 
             if falls >= 2:
                 break
     return best_size, measurements
+
+
+def measure_if_it_fits(engine: Engine, batch_size: int, steps: int) -> float | None:
+    """`measure`, or None when the batch does not fit in memory.
+
+    On CPU, when oneDNN cannot allocate the buffer of a batched matmul, PyTorch finishes that product
+    on a fallback path and turns oneDNN off for the rest of the process, so every later matmul runs
+    about 2x slower and no error reaches us. That batch size counts as too big, and oneDNN goes back on.
+    """
+    onednn = torch.backends.mkldnn.enabled
+    try:
+        rate: float | None = measure(engine, batch_size, steps)
+    except Exception as error:  # noqa: BLE001 - out-of-memory comes in several types
+        if not is_out_of_memory(error):
+            raise
+        rate = None
+    if onednn and not torch.backends.mkldnn.enabled:
+        log.warning("batch size %d: oneDNN ran out of memory; switching it back on and using a smaller batch", batch_size)
+        torch.backends.mkldnn.enabled = True
+        rate = None
+    return rate
 
 
 def _free_memory() -> None:
