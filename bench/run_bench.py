@@ -555,7 +555,25 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             rows.append((label, f"{base:.4f}", "–", "NOT met (no trial of ours there)"))
         else:
             rows.append((label, f"{base:.4f}", f"{value:.4f}", verdict(value - base, spread.get(str(cap)))))
+    # Between the listed caps too: every k at which the reference's front is lower than ours.
+    n_prompts = results["settings"]["eval_prompts"]
+    best = lambda front, k: min((kl for r, kl in front if r <= k), default=None)  # noqa: E731
+    worse = [k for k in range(n_prompts + 1) if best(reference["pareto"], k) is not None
+             and (best(ours["pareto"], k) is None or best(ours["pareto"], k) > best(reference["pareto"], k))]
+    rows.append(("best KL ≤ reference at every cap k = 0…" + str(n_prompts), "", "",
+                 "met" if not worse else f"NOT met at k = {compact_ranges(worse)}"))
     return rows
+
+
+def compact_ranges(numbers: list[int]) -> str:
+    """[24, 25, 26, 33] -> "24–26, 33"."""
+    groups: list[list[int]] = []
+    for n in numbers:
+        if groups and n == groups[-1][-1] + 1:
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+    return ", ".join(f"{g[0]}–{g[-1]}" if len(g) > 1 else str(g[0]) for g in groups)
 
 
 def noise_table(results: dict[str, Any]) -> str:
