@@ -557,7 +557,10 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             rows.append((label, f"{base:.4f}", f"{value:.4f}", verdict(value - base, spread.get(str(cap)))))
     # Between the listed caps too: every k at which the reference's front is lower than ours.
     n_prompts = results["settings"]["eval_prompts"]
-    best = lambda front, k: min((kl for r, kl in front if r <= k), default=None)  # noqa: E731
+
+    def best(front: list[list[float]], k: int) -> float | None:
+        return min((kl for r, kl in front if r <= k), default=None)
+
     worse = [k for k in range(n_prompts + 1) if best(reference["pareto"], k) is not None
              and (best(ours["pareto"], k) is None or best(ours["pareto"], k) > best(reference["pareto"], k))]
     rows.append(("best KL ≤ reference at every cap k = 0…" + str(n_prompts), "", "",
