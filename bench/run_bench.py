@@ -197,12 +197,17 @@ def pareto(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
     return sorted(set(front))
 
 
+def best_kl_at(points: list[Any], cap: int) -> float | None:
+    """The lowest KL among (refusals, KL) points with at most `cap` refusals."""
+    return min((kl for r, kl in points if r <= cap), default=None)
+
+
 def trial_metrics(trials: list[dict[str, Any]], n_prompts: int) -> dict[str, Any]:
     """Timing and front of a list of trial rows ({number, refusals, kl, seconds, cut}); cut trials,
     whose refusals are only a lower bound, count for time but not for the front."""
     exact = [(t["refusals"], t["kl"]) for t in trials if not t["cut"]]
     durations = [t["seconds"] for t in trials]
-    best = {str(k): min((kl for r, kl in exact if r <= k), default=None) for k in REFUSAL_CAPS}
+    best = {str(k): best_kl_at(exact, k) for k in REFUSAL_CAPS}
     return {
         "median_trial_s": round(statistics.median(durations), 2),
         "total_trials_s": round(sum(durations), 1),
@@ -557,12 +562,8 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             rows.append((label, f"{base:.4f}", f"{value:.4f}", verdict(value - base, spread.get(str(cap)))))
     # Between the listed caps too: every k at which the reference's front is lower than ours.
     n_prompts = results["settings"]["eval_prompts"]
-
-    def best(front: list[list[float]], k: int) -> float | None:
-        return min((kl for r, kl in front if r <= k), default=None)
-
-    worse = [k for k in range(n_prompts + 1) if best(reference["pareto"], k) is not None
-             and (best(ours["pareto"], k) is None or best(ours["pareto"], k) > best(reference["pareto"], k))]
+    pairs = [(k, best_kl_at(reference["pareto"], k), best_kl_at(ours["pareto"], k)) for k in range(n_prompts + 1)]
+    worse = [k for k, base, value in pairs if base is not None and (value is None or value > base)]
     rows.append(("best KL ≤ reference at every cap k = 0…" + str(n_prompts), "", "",
                  "met" if not worse else f"NOT met at k = {compact_ranges(worse)}"))
     return rows

@@ -52,23 +52,14 @@ def study_trials(checkpoints: Path) -> list[tuple]:
     ]
 
 
-def completed(checkpoints: Path) -> int:
-    journals = list(checkpoints.glob("*.jsonl"))
-    if not journals:
-        return 0
-    try:
-        return sum(1 for t in study_trials(checkpoints) if t[1] == "COMPLETE")
-    except Exception:  # noqa: BLE001 - the file may be mid-write
-        return 0
-
-
 SET_TRIAL_STATE = 6  # the op code of "set trial state and values" in Optuna's journal file format
 
 
-def journal_completed(checkpoints: Path) -> int:
-    """Completed trials counted straight from the journal's lines: fast enough to poll between trials."""
+def completed(checkpoints: Path) -> int:
+    """Completed trials of the current journal, counted straight from its lines: fast enough to poll
+    between trials."""
     count = 0
-    for journal in checkpoints.glob("*.jsonl"):
+    for journal in (path for path in checkpoints.glob("*.jsonl") if ".old." not in path.name):
         for line in journal.read_text().splitlines():
             try:
                 op = json.loads(line)
@@ -100,7 +91,7 @@ def test_killed_search_resumes_to_the_same_study(kind: str, tiny_models: dict[st
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     process = subprocess.Popen(heretic_command(model, killed_dir), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
-    while journal_completed(killed_dir) < 3 and process.poll() is None and time.monotonic() < deadline:
+    while completed(killed_dir) < 3 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert process.poll() is None, "the run ended before it could be killed: " + process.stderr.read().decode()
     process.send_signal(signal.SIGKILL)
