@@ -1,0 +1,133 @@
+"""Score the reference's own trials with our engine: same parameters in, same scores out?
+
+The two tools implement the same ablation and the same scoring, so a trial's parameters should give
+the same refusal count and KL divergence in both; what differs between their Pareto fronts is then
+only which parameters each search happened to try. This script reads the reference's study from the
+side-by-side benchmark (bench/work/reference), applies chosen trials' parameters with our tool on
+the same model, prompts and markers, and prints both tools' scores next to each other.
+
+    python bench/replay_reference.py                 # the reference's Pareto-front trials
+    python bench/replay_reference.py --trials 9,20   # chosen trials
+
+Writes bench/results/replay-reference.json and the "replay" section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+from heretic.ablation.parameters import AblationParameters, ComponentKernel
+from heretic.cli import settings_from_argv
+from heretic.main import prepare
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_bench import REFERENCE_VENV, RESULTS, WORK, our_command, reference_default_markers, update_benchmarks_md  # noqa: E402
+
+# The reference names components by module; ours by role.
+COMPONENTS = {"attn.o_proj": "attn", "mlp.down_proj": "mlp"}
+
+
+def reference_trials() -> list[optuna.trial.FrozenTrial]:
+    journals = glob.glob(str(WORK / "reference" / "checkpoints" / "*.jsonl"))
+    if not journals:
+        raise SystemExit("No reference study in bench/work/reference; run `python bench/run_bench.py --tools reference` first.")
+    study = optuna.load_study(study_name="heretic", storage=JournalStorage(JournalFileBackend(journals[0])))
+    return [t for t in study.trials if t.state == TrialState.COMPLETE]
+
+
+def our_parameters(params: dict[str, Any]) -> AblationParameters:
+    """The reference's sampled values as our AblationParameters (its min_weight is sampled as a fraction of W)."""
+    kernels = {}
+    for module, component in COMPONENTS.items():
+        weight = params[f"{module}.max_weight"]
+        kernels[component] = ComponentKernel(
+            max_weight=weight,
+            max_weight_position=params[f"{module}.max_weight_position"],
+            min_weight=params[f"{module}.min_weight"] * weight,
+            min_weight_distance=params[f"{module}.min_weight_distance"],
+        )
+    scope = "per-layer" if params["direction_scope"] == "per layer" else "global"
+    return AblationParameters(scope, params["direction_index"], kernels)
+
+
+def front_numbers(trials: list[optuna.trial.FrozenTrial]) -> list[int]:
+    points = [(t.user_attrs["refusals"], t.user_attrs["kl_divergence"], t.number) for t in trials]
+    front = [p for p in points if not any(o[0] <= p[0] and o[1] <= p[1] and o[:2] != p[:2] for o in points)]
+    return [number for _, _, number in sorted(front)]
+
+
+def markdown(rows: list[dict[str, Any]], command: str, n_prompts: int) -> str:
+    refusal_gap = max(abs(row["our_refusals"] - row["reference_refusals"]) for row in rows)
+    kl_gap = max(abs(row["our_kl"] / row["reference_kl"] - 1) for row in rows)
+    lines = [
+        "## Same parameters, same scores: the reference's trials scored by our tool",
+        "",
+        f"The reference's Pareto-front trials of the run above, their parameters applied by our tool to the same "
+        f"model, prompts and markers. Refusals differ by at most {refusal_gap} of {n_prompts} and KL by at most "
+        f"{kl_gap:.1%}: bf16 rounding, which also flips the odd near-tie greedy continuation (see the lever table). The two tools "
+        "score a given ablation alike, so the difference between their fronts comes from which parameters each "
+        "search tried.",
+        "",
+        "| reference trial | parameters | reference: refusals / KL | ours: refusals / KL |",
+        "|---:|---|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['trial']} | {row['parameters']} | {row['reference_refusals']} / {row['reference_kl']:.4f} "
+            f"| {row['our_refusals']} / {row['our_kl']:.4f} |"
+        )
+    lines += ["", f"Reproduce: `{command}`"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", default="", help="comma-separated reference trial numbers (default: its Pareto front)")
+    args = parser.parse_args()
+
+    latest = json.loads((RESULTS / "latest.json").read_text())
+    settings_used = latest["settings"]
+    trials = {t.number: t for t in reference_trials()}
+    numbers = [int(n) for n in args.trials.split(",") if n.strip()] or front_numbers(list(trials.values()))
+    markers = reference_default_markers(REFERENCE_VENV / "bin" / "python")
+    argv = our_command(settings_used, WORK / "Qwen2.5-Coder-0.5B-Instruct", markers, ["--checkpoint-dir", str(WORK / "replay")])[1:]
+    settings = settings_from_argv(argv)
+    session = prepare(settings, interactive=False)
+
+    from heretic.search.space import describe
+
+    rows = []
+    for number in numbers:
+        trial = trials[number]
+        parameters = our_parameters(trial.params)
+        started = time.perf_counter()
+        session.ablator.apply(parameters, session.directions)
+        kl = session.evaluator.kl()
+        refusals = session.evaluator.count_refusals().refusals
+        rows.append({
+            "trial": number, "parameters": describe(parameters),
+            "reference_refusals": trial.user_attrs["refusals"], "reference_kl": trial.user_attrs["kl_divergence"],
+            "our_refusals": refusals, "our_kl": kl, "seconds": round(time.perf_counter() - started, 1),
+        })
+        print(f"trial {number}: reference {rows[-1]['reference_refusals']} / {rows[-1]['reference_kl']:.4f}, "
+              f"ours {refusals} / {kl:.4f} ({rows[-1]['seconds']} s)", flush=True)
+    session.ablator.reset()
+
+    command = "python bench/replay_reference.py" + (f" --trials {args.trials}" if args.trials else "")
+    (RESULTS / "replay-reference.json").write_text(json.dumps({"rows": rows, "command": command}, indent=2) + "\n")
+    update_benchmarks_md(markdown(rows, command, settings_used["eval_prompts"]), "replay")
+
+
+if __name__ == "__main__":
+    main()
