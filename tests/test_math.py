@@ -12,6 +12,7 @@ from heretic.ablation.parameters import AblationParameters, ComponentKernel
 from heretic.directions import refusal_directions, winsorize
 from heretic.scoring.kl import kl_divergence
 from heretic.search.pareto import TrialResult, dominates, hypervolume, is_dominated, pareto_front, select
+from heretic.search.runner import sampler_values
 
 
 def unit(vector: torch.Tensor) -> torch.Tensor:
@@ -167,6 +168,16 @@ def test_pareto_front_and_dominance() -> None:
     assert is_dominated(10, 0.4, results)  # trial 1 has fewer refusals and lower KL
     assert not is_dominated(4, 0.4, results)
     assert not is_dominated(6, 0.009, results)  # cut trials never dominate: their refusals are lower bounds
+
+
+def test_sampler_values_rank_near_identity_trials_by_refusals() -> None:
+    assert sampler_values(30, 0.2, 100, 0.04) == [30.0, 0.2]  # above the floor: the scores themselves
+    assert sampler_values(30, 0.2, 100, 0.0) == [30.0, 0.2]
+    low_kl_many_refusals = sampler_values(52, 0.001, 100, 0.04)
+    low_kl_fewer_refusals = sampler_values(45, 0.03, 100, 0.04)
+    assert dominates(tuple(low_kl_fewer_refusals), tuple(low_kl_many_refusals))  # KL under the floor no longer counts
+    assert low_kl_many_refusals[1] <= 0.04 and low_kl_fewer_refusals[1] <= 0.04
+    assert not dominates(tuple(sampler_values(20, 0.05, 100, 0.04)), tuple(low_kl_fewer_refusals))  # above the floor KL still counts
 
 
 def test_headless_selection_rules() -> None:

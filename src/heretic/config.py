@@ -288,6 +288,13 @@ class Settings(BaseSettings):
     )
     n_startup_trials: int = Field(default=60, ge=0, description="Random trials before TPE takes over.")
     seed: int = Field(default=42, description="Seed of the search (and of the randomized SVD of full normalization).")
+    sampler_kl_floor: float = Field(
+        default=0.04,
+        ge=0.0,
+        description="The sampler counts trials with a KL divergence below this as equally close to the original and "
+        "ranks them by refusals alone, so the search does not dwell on ablations that change almost nothing "
+        "(recorded scores are unchanged; 0 = off).",
+    )
     cut_hopeless_trials: bool = Field(
         default=True,
         description="Stop counting refusals once a trial is certain to be dominated (another trial has lower KL and "

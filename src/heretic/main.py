@@ -219,6 +219,7 @@ def study_fingerprint(session: Session) -> dict[str, object]:
         "seed": settings.seed,
         "n_startup_trials": settings.n_startup_trials,
         "cut_hopeless_trials": settings.cut_hopeless_trials,
+        "sampler_kl_floor": settings.sampler_kl_floor,
     }
 
 
@@ -277,6 +278,7 @@ def search(session: Session, study) -> None:
         seed=settings.seed,
         n_startup_trials=settings.n_startup_trials,
         cut_hopeless_trials=settings.cut_hopeless_trials,
+        sampler_kl_floor=settings.sampler_kl_floor,
     )
     target = int(study.user_attrs.get("target_trials", settings.n_trials))
     done = completed_trials(study)

@@ -31,6 +31,7 @@ class SearchSetup:
     seed: int
     n_startup_trials: int
     cut_hopeless_trials: bool
+    sampler_kl_floor: float
 
 
 def make_sampler(seed: int, completed: int, n_startup_trials: int) -> TPESampler:
@@ -38,6 +39,15 @@ def make_sampler(seed: int, completed: int, n_startup_trials: int) -> TPESampler
     uninterrupted one would have."""
     trial_seed = zlib.crc32(f"{seed}:{completed}".encode())
     return TPESampler(n_startup_trials=n_startup_trials, multivariate=True, seed=trial_seed)
+
+
+def sampler_values(refusals: int, kl: float, n_prompts: int, kl_floor: float) -> list[float]:
+    """The objectives the sampler sees: (refusals, KL), except that a KL below the floor becomes
+    floor * (refusals + 1) / (n_prompts + 1) <= floor, so that among such near-identity trials the
+    one with fewer refusals dominates and the sampler is not drawn towards ablations that do nothing."""
+    if kl < kl_floor:
+        kl = kl_floor * (refusals + 1) / (n_prompts + 1)
+    return [float(refusals), kl]
 
 
 def completed_trials(study: optuna.Study) -> int:
@@ -64,7 +74,8 @@ def run_trial(setup: SearchSetup, study: optuna.Study, progress: ProgressFactory
         trial.set_user_attr("refusals", count.refusals)
         trial.set_user_attr("cut", not count.complete)
         trial.set_user_attr("seconds", seconds)
-        study.tell(trial, [float(count.refusals), kl])
+        n_prompts = len(setup.evaluator.harmful)
+        study.tell(trial, sampler_values(count.refusals, kl, n_prompts, setup.sampler_kl_floor))
     except BaseException:
         study.tell(trial, state=TrialState.FAIL)
         raise
