@@ -61,17 +61,13 @@ def choose_batch_size(engine: Engine, limit: int, steps: int = 6) -> tuple[int, 
     best_size, best_rate, falls = 1, 0.0, 0
     for size in candidate_sizes(max(1, limit)):
         rate = measure_if_it_fits(engine, size, steps)
+        if rate is not None and rate <= best_rate:
+            again = measure_if_it_fits(engine, size, steps)  # a fall counts only if measured twice
+            rate = None if again is None else max(rate, again)
         if rate is None:
             measurements.append(BatchMeasurement(size, None))
             _free_memory()
             break
-        if rate <= best_rate:
-            again = measure_if_it_fits(engine, size, steps)
-            if again is None:
-                measurements.append(BatchMeasurement(size, None))
-                _free_memory()
-                break
-            rate = max(rate, again)
         measurements.append(BatchMeasurement(size, rate))
         log.info("batch size %d: %.1f tokens/s", size, rate)
         if rate > best_rate:
