@@ -499,7 +499,9 @@ def write_markdown(results: dict[str, Any], command: str) -> str:
     if "noise" in results:
         parts += ["### Run-to-run noise of our search", "",
                   f"Our search run again with other seeds (everything else identical); the spread is the tolerance the "
-                  f"targets above allow.", "", noise_table(results), ""]
+                  f"targets above allow.", "", noise_table(results), "",
+                  "<details><summary>best KL at every refusal cap, with each seed's and the seeds' spread</summary>", "",
+                  every_cap_table(results), "", "</details>", ""]
     if "reference" in tools:
         parts += ["<details><summary>reference configuration (config.toml)</summary>", "", "```toml", tools["reference"]["config"].rstrip(), "```", "</details>", ""]
     if "ours" in tools:
@@ -560,13 +562,55 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             rows.append((label, f"{base:.4f}", "–", "NOT met (no trial of ours there)"))
         else:
             rows.append((label, f"{base:.4f}", f"{value:.4f}", verdict(value - base, spread.get(str(cap)))))
-    # Between the listed caps too: every k at which the reference's front is lower than ours.
+    # Between the listed caps too: every k at which the reference's front is lower than ours, with the
+    # spread of our seeds at that k as the tolerance.
     n_prompts = results["settings"]["eval_prompts"]
-    pairs = [(k, best_kl_at(reference["pareto"], k), best_kl_at(ours["pareto"], k)) for k in range(n_prompts + 1)]
-    worse = [k for k, base, value in pairs if base is not None and (value is None or value > base)]
-    rows.append(("best KL ≤ reference at every cap k = 0…" + str(n_prompts), "", "",
-                 "met" if not worse else f"NOT met at k = {compact_ranges(worse)}"))
+    beyond, within = [], []
+    for row in every_cap(results):
+        k, base, value, tolerance = row["k"], row["reference"], row["ours"], row["seed_spread"]
+        if base is None or (value is not None and value <= base):
+            continue
+        (within if value is not None and tolerance is not None and value - base <= tolerance else beyond).append(k)
+    label = "best KL ≤ reference at every cap k = 0…" + str(n_prompts)
+    if not beyond:
+        rows.append((label, "", "", "met" + (f" (within noise at k = {compact_ranges(within)})" if within else "")))
+    else:
+        rows.append((label, "", "", f"NOT met at k = {compact_ranges(beyond)}"
+                     + (f" (within noise at k = {compact_ranges(within)})" if within else "")))
     return rows
+
+
+def every_cap(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per refusal cap k: the reference's and our best KL, each seed's, and the seeds' spread (max - min;
+    None unless every seed has a trial there)."""
+    tools = results["tools"]
+    reference, ours = tools["reference"], tools.get("ours_same_trials", tools["ours"])
+    seeds = results.get("noise", {}).get("seeds", {})
+    rows = []
+    for k in range(results["settings"]["eval_prompts"] + 1):
+        per_seed = {seed: best_kl_at(data["pareto"], k) for seed, data in seeds.items()}
+        known = [v for v in per_seed.values() if v is not None]
+        spread = max(known) - min(known) if known and len(known) == len(per_seed) else None
+        rows.append({"k": k, "reference": best_kl_at(reference["pareto"], k), "ours": best_kl_at(ours["pareto"], k),
+                     "seeds": per_seed, "seed_spread": spread})
+    return rows
+
+
+def every_cap_table(results: dict[str, Any]) -> str:
+    """Markdown rows for the caps at which either tool has a trial, up to the last cap where the fronts differ."""
+    rows = [r for r in every_cap(results) if r["reference"] is not None or r["ours"] is not None]
+    while len(rows) > 1 and rows[-1]["reference"] == rows[-2]["reference"] and rows[-1]["ours"] == rows[-2]["ours"]:
+        rows.pop()
+    seeds = list(rows[0]["seeds"]) if rows else []
+    cell = lambda v: f"{v:.4f}" if v is not None else "–"  # noqa: E731
+    lines = ["| k | reference | ours | " + " | ".join(f"seed {s}" for s in seeds) + " | seed spread | ours − reference |",
+             "|---:|---:|---:|" + "---:|" * len(seeds) + "---:|---:|"]
+    for r in rows:
+        gap = r["ours"] - r["reference"] if r["ours"] is not None and r["reference"] is not None else None
+        lines.append(f"| {r['k']} | {cell(r['reference'])} | {cell(r['ours'])} | "
+                     + " | ".join(cell(r["seeds"][s]) for s in seeds)
+                     + f" | {cell(r['seed_spread'])} | {'–' if gap is None else f'{gap:+.4f}'} |")
+    return "\n".join(lines)
 
 
 def compact_ranges(numbers: list[int]) -> str:
@@ -627,7 +671,16 @@ def main() -> None:
     parser.add_argument("--timeout-hours", type=float, default=12.0)
     parser.add_argument("--noise-seeds", default="", help="comma-separated extra seeds: our search runs again with each, "
                         "and the spread of the results is the run-to-run noise the comparison allows")
+    parser.add_argument("--report-only", action="store_true", help="run nothing: rewrite BENCHMARKS.md and the plot from bench/results/latest.json")
     args = parser.parse_args()
+
+    if args.report_only:
+        results = json.loads((RESULTS / "latest.json").read_text())
+        plot(results, RESULTS / "fronts.png")
+        command = results["settings"].get("command", "python bench/run_bench.py")
+        update_benchmarks_md(write_markdown(results, command), "quick" if results["settings"]["quick"] else "full")
+        print(table(results))
+        return
 
     deviations = [
         f"{name} {value} instead of {full}"
@@ -642,6 +695,7 @@ def main() -> None:
         "max_batch_size": args.max_batch_size, "seed": args.seed, "datasets": str(args.datasets.resolve()),
         "quick": quick, "deviations": ", ".join(deviations), "machine": machine(), "date": dt.date.today().isoformat(), "timeout_s": args.timeout_hours * 3600,
     }
+    settings["command"] = ("python bench/run_bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])).strip()
     if quick:
         log(f"REDUCED RUN ({settings['deviations']}): results are labelled as such")
     WORK.mkdir(parents=True, exist_ok=True)
@@ -653,7 +707,7 @@ def main() -> None:
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", COLUMNS="160")
     env.pop("HERETIC_CONFIG", None)
 
-    key_settings = {k: v for k, v in settings.items() if k not in {"machine", "date", "timeout_s", "quick", "deviations"}}
+    key_settings = {k: v for k, v in settings.items() if k not in {"machine", "date", "timeout_s", "quick", "deviations", "command"}}
     reference_cache = RESULTS / f"reference-{hashlib.sha256(json.dumps(key_settings, sort_keys=True).encode()).hexdigest()[:12]}.json"
     tools: dict[str, Any] = {}
     wanted = [name.strip() for name in args.tools.split(",") if name.strip()]
@@ -688,8 +742,7 @@ def main() -> None:
     if args.label == "ours" and {"reference", "ours"} <= set(tools):
         (RESULTS / "latest.json").write_text(text)
         plot(results, RESULTS / "fronts.png")
-        command = "python bench/run_bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        update_benchmarks_md(write_markdown(results, command.strip()), "quick" if quick else "full")
+        update_benchmarks_md(write_markdown(results, settings["command"]), "quick" if quick else "full")
     print(table(results))
 
 
