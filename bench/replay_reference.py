@@ -30,6 +30,7 @@ from optuna.trial import TrialState
 from heretic.ablation.parameters import AblationParameters, ComponentKernel
 from heretic.cli import settings_from_argv
 from heretic.main import prepare
+from heretic.search.space import describe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_bench import REFERENCE_VENV, RESULTS, WORK, our_command, reference_default_markers, update_benchmarks_md  # noqa: E402
@@ -104,8 +105,6 @@ def main() -> None:
     argv = our_command(settings_used, WORK / "Qwen2.5-Coder-0.5B-Instruct", markers, ["--checkpoint-dir", str(WORK / "replay")])[1:]
     settings = settings_from_argv(argv)
     session = prepare(settings, interactive=False)
-
-    from heretic.search.space import describe
 
     rows = []
     for number in numbers:
