@@ -78,8 +78,7 @@ def main() -> None:
     if args.report_only:
         results = json.loads((RESULTS / "levers.json").read_text())
         results["cut_hopeless_trials"] = cut_trials_gain(RESULTS / "latest.json")
-        (RESULTS / "levers.json").write_text(json.dumps(results, indent=2))
-        update_benchmarks_md(report(results), "levers")
+        publish(results)
         return
 
     torch.manual_seed(0)
@@ -155,6 +154,11 @@ def main() -> None:
                "batch_choice": {"batch_size": batch_size, "seconds": round(choice_s, 1),
                                 "tokens_per_second": {m.batch_size: m.tokens_per_second for m in measurements}},
                "levers": rows, "cut_hopeless_trials": cut_trials_gain(RESULTS / "latest.json")}
+    publish(results)
+
+
+def publish(results: dict[str, Any]) -> None:
+    """bench/results/levers.json and the "levers" section of BENCHMARKS.md."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "levers.json").write_text(json.dumps(results, indent=2))
     update_benchmarks_md(report(results), "levers")

@@ -33,7 +33,7 @@ from heretic.main import prepare
 from heretic.search.space import describe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_bench import REFERENCE_VENV, RESULTS, WORK, our_command, reference_default_markers, update_benchmarks_md  # noqa: E402
+from run_bench import REFERENCE_VENV, RESULTS, WORK, our_command, pareto, reference_default_markers, update_benchmarks_md  # noqa: E402
 
 # The reference names components by module; ours by role.
 COMPONENTS = {"attn.o_proj": "attn", "mlp.down_proj": "mlp"}
@@ -63,9 +63,10 @@ def our_parameters(params: dict[str, Any]) -> AblationParameters:
 
 
 def front_numbers(trials: list[optuna.trial.FrozenTrial]) -> list[int]:
-    points = [(t.user_attrs["refusals"], t.user_attrs["kl_divergence"], t.number) for t in trials]
-    front = [p for p in points if not any(o[0] <= p[0] and o[1] <= p[1] and o[:2] != p[:2] for o in points)]
-    return [number for _, _, number in sorted(front)]
+    """Numbers of the trials on the reference's Pareto front, by refusals."""
+    score = {t.number: (t.user_attrs["refusals"], t.user_attrs["kl_divergence"]) for t in trials}
+    front = set(pareto(list(score.values())))
+    return sorted((n for n in score if score[n] in front), key=lambda n: (score[n], n))
 
 
 def markdown(rows: list[dict[str, Any]], command: str, n_prompts: int) -> str:

@@ -637,6 +637,14 @@ def noise_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def publish(results: dict[str, Any]) -> None:
+    """The plot and the run's section of BENCHMARKS.md ("quick" for a reduced run, else "full")."""
+    plot(results, RESULTS / "fronts.png")
+    settings = results["settings"]
+    command = settings.get("command", "python bench/run_bench.py")
+    update_benchmarks_md(write_markdown(results, command), "quick" if settings["quick"] else "full")
+
+
 def update_benchmarks_md(section: str, marker: str) -> None:
     path = ROOT / "BENCHMARKS.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
@@ -676,9 +684,7 @@ def main() -> None:
 
     if args.report_only:
         results = json.loads((RESULTS / "latest.json").read_text())
-        plot(results, RESULTS / "fronts.png")
-        command = results["settings"].get("command", "python bench/run_bench.py")
-        update_benchmarks_md(write_markdown(results, command), "quick" if results["settings"]["quick"] else "full")
+        publish(results)
         print(table(results))
         return
 
@@ -741,8 +747,7 @@ def main() -> None:
     (RESULTS / f"{stamp}.json").write_text(text)
     if args.label == "ours" and {"reference", "ours"} <= set(tools):
         (RESULTS / "latest.json").write_text(text)
-        plot(results, RESULTS / "fronts.png")
-        update_benchmarks_md(write_markdown(results, settings["command"]), "quick" if quick else "full")
+        publish(results)
     print(table(results))
 
 
