@@ -9,12 +9,14 @@ from its Optuna checkpoint journal; ours are read from ours.
 
     python bench/run_bench.py                    # the full benchmark (hours: the reference is slow)
     python bench/run_bench.py --reuse-reference --noise-seeds 43,44   # ours again, plus two more seeds
+    python bench/run_bench.py --add-noise-seeds 45   # one more seed of ours in the latest run's noise table
     python bench/run_bench.py --trials 4 --eval-prompts 20 --train-prompts 64   # a quick check
 
 Writes bench/results/latest.json, bench/results/<stamp>.json, bench/results/fronts.png and the
 table in BENCHMARKS.md, with each performance target checked (a front metric that falls short by
-less than the spread between our seeds counts as within run-to-run noise). Quick runs are labelled
-as such everywhere.
+less than the run-to-run noise counts as within noise: our seeds' spread combined with the
+reference's where bench/reference_search.py has measured it). Quick runs are labelled as such
+everywhere.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import platform
 import shlex
@@ -498,9 +501,25 @@ def write_markdown(results: dict[str, Any], command: str) -> str:
         parts.append("")
     if "noise" in results:
         parts += ["### Run-to-run noise of our search", "",
-                  f"Our search run again with other seeds (everything else identical); the spread is the tolerance the "
-                  f"targets above allow.", "", noise_table(results), "",
-                  "<details><summary>best KL at every refusal cap, with each seed's and the seeds' spread</summary>", "",
+                  "Our search run again with other seeds (everything else identical).", "",
+                  noise_table(results["noise"]), ""]
+    if "reference_noise" in results:
+        parts += ["### Run-to-run noise of the reference's search", "",
+                  "The reference's run above, and its search run again with other seeds by `bench/reference_search.py`: "
+                  "the reference's own sampler (its Optuna version, multivariate TPE with 128 EI candidates seeded once, "
+                  "10 start-up trials), its parameter space and names, its objectives (KL, or refusals / base refusals × "
+                  "0.01 below KL 0.01; refusals / base refusals), every trial scored in full, with our engine doing the "
+                  "ablation and scoring (which gives the reference's scores for the same parameters; see the replay below). "
+                  "Seed 42's ten start-up trials are the reference run's own; its later trials differ because scores differ "
+                  "by bf16 rounding.", "",
+                  noise_table(results["reference_noise"], "reference", with_time=False), "",
+                  f"Reproduce: `{results['reference_noise']['command']}`", ""]
+    if "noise" in results:
+        parts += ["The targets above allow, at each cap and for the hypervolume, a shortfall up to the run-to-run noise "
+                  "of a difference between one run of each tool: the spread (max − min) between our seeds and, where "
+                  "measured, the spread between the reference's runs, added as independent errors (√(a² + b²)). The last "
+                  "target row compares typical runs instead: the median over each tool's runs at every cap.", "",
+                  "<details><summary>best KL at every refusal cap, for each run of both tools</summary>", "",
                   every_cap_table(results), "", "</details>", ""]
     if "reference" in tools:
         parts += ["<details><summary>reference configuration (config.toml)</summary>", "", "```toml", tools["reference"]["config"].rstrip(), "```", "</details>", ""]
@@ -529,7 +548,7 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     tools = results["tools"]
     reference = tools["reference"]
     ours = tools.get("ours_same_trials", tools["ours"])
-    spread = results.get("noise", {}).get("spread", {})
+    spread = tolerances(results)
     rows: list[tuple[str, str, str, str]] = []
 
     def ratio_row(label: str, key: str, limit: float, fmt: str) -> None:
@@ -548,8 +567,8 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         if shortfall <= 0:
             return "met"
         if tolerance is not None and shortfall <= tolerance:
-            return f"met within noise (short by {shortfall:.4f}, seed spread {tolerance:.4f})"
-        return f"NOT met (short by {shortfall:.4f}" + (f", seed spread {tolerance:.4f})" if tolerance is not None else ", noise not measured)")
+            return f"met within noise (short by {shortfall:.4f}, run-to-run noise {tolerance:.4f})"
+        return f"NOT met (short by {shortfall:.4f}" + (f", run-to-run noise {tolerance:.4f})" if tolerance is not None else ", noise not measured)")
 
     base, value = reference["hypervolume"], ours["hypervolume"]
     rows.append(("hypervolume ≥ reference", f"{base:.3f}", f"{value:.3f}", verdict(base - value, spread.get("hypervolume"))))
@@ -563,11 +582,13 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         else:
             rows.append((label, f"{base:.4f}", f"{value:.4f}", verdict(value - base, spread.get(str(cap)))))
     # Between the listed caps too: every k at which the reference's front is lower than ours, with the
-    # spread of our seeds at that k as the tolerance.
+    # run-to-run noise at that k (both tools' spreads combined) as the tolerance.
     n_prompts = results["settings"]["eval_prompts"]
-    beyond, within = [], []
+    beyond, within, typical = [], [], []
     for row in every_cap(results):
-        k, base, value, tolerance = row["k"], row["reference"], row["ours"], row["seed_spread"]
+        k, base, value, tolerance = row["k"], row["reference"], row["ours"], row["tolerance"]
+        if row["reference_median"] is not None and (row["ours_median"] is None or row["ours_median"] > row["reference_median"]):
+            typical.append(k)
         if base is None or (value is not None and value <= base):
             continue
         (within if value is not None and tolerance is not None and value - base <= tolerance else beyond).append(k)
@@ -577,22 +598,57 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     else:
         rows.append((label, "", "", f"NOT met at k = {compact_ranges(beyond)}"
                      + (f" (within noise at k = {compact_ranges(within)})" if within else "")))
+    if "reference_noise" in results and "noise" in results:
+        rows.append(("median of runs: best KL ≤ reference's median at every cap", "", "",
+                     f"NOT met at k = {compact_ranges(typical)}" if typical else "met"))
     return rows
 
 
+def combined_noise(spreads: list[float | None]) -> float | None:
+    """The run-to-run noise of a difference between one run of each tool: the measured spreads
+    (max - min over each tool's runs) added as independent errors, sqrt(a^2 + b^2)."""
+    known = [spread for spread in spreads if spread is not None]
+    return math.sqrt(sum(spread**2 for spread in known)) if known else None
+
+
+def tolerances(results: dict[str, Any]) -> dict[str, float | None]:
+    """Run-to-run noise per measure, from our seeds' spread and, where measured, the reference's (its run
+    and its search re-run with other seeds)."""
+    spreads = [results[key]["spread"] for key in ("noise", "reference_noise") if key in results]
+    return {key: combined_noise([spread.get(key) for spread in spreads]) for key in {key for spread in spreads for key in spread}}
+
+
+def spread_at(values: list[float | None]) -> float | None:
+    """max - min, or None unless every run has a trial there."""
+    known = [v for v in values if v is not None]
+    return max(known) - min(known) if known and len(known) == len(values) else None
+
+
+def median_at(values: list[float | None]) -> float | None:
+    """The median of the runs' best KL (a run with no trial at that cap counts as worst); None when that
+    median involves such a run."""
+    if not values:
+        return None
+    median = statistics.median(float("inf") if v is None else v for v in values)
+    return None if median == float("inf") else median
+
+
 def every_cap(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per refusal cap k: the reference's and our best KL, each seed's, and the seeds' spread (max - min;
-    None unless every seed has a trial there)."""
+    """Per refusal cap k: the reference's and our best KL; each of our seeds' and each reference run's, with
+    each tool's spread (max - min) and median over its runs; the tolerance is the two spreads combined."""
     tools = results["tools"]
     reference, ours = tools["reference"], tools.get("ours_same_trials", tools["ours"])
     seeds = results.get("noise", {}).get("seeds", {})
+    reference_runs = results.get("reference_noise", {}).get("seeds", {})
     rows = []
     for k in range(results["settings"]["eval_prompts"] + 1):
         per_seed = {seed: best_kl_at(data["pareto"], k) for seed, data in seeds.items()}
-        known = [v for v in per_seed.values() if v is not None]
-        spread = max(known) - min(known) if known and len(known) == len(per_seed) else None
+        per_run = {run: best_kl_at(data["pareto"], k) for run, data in reference_runs.items()}
         rows.append({"k": k, "reference": best_kl_at(reference["pareto"], k), "ours": best_kl_at(ours["pareto"], k),
-                     "seeds": per_seed, "seed_spread": spread})
+                     "seeds": per_seed, "seed_spread": spread_at(list(per_seed.values())),
+                     "reference_runs": per_run, "reference_spread": spread_at(list(per_run.values())),
+                     "ours_median": median_at(list(per_seed.values())), "reference_median": median_at(list(per_run.values())),
+                     "tolerance": combined_noise([spread_at(list(per_seed.values())), spread_at(list(per_run.values()))])})
     return rows
 
 
@@ -602,14 +658,21 @@ def every_cap_table(results: dict[str, Any]) -> str:
     while len(rows) > 1 and rows[-1]["reference"] == rows[-2]["reference"] and rows[-1]["ours"] == rows[-2]["ours"]:
         rows.pop()
     seeds = list(rows[0]["seeds"]) if rows else []
+    runs = list(rows[0]["reference_runs"]) if rows else []
     cell = lambda v: f"{v:.4f}" if v is not None else "–"  # noqa: E731
-    lines = ["| k | reference | ours | " + " | ".join(f"seed {s}" for s in seeds) + " | seed spread | ours − reference |",
-             "|---:|---:|---:|" + "---:|" * len(seeds) + "---:|---:|"]
+    columns = ["k", "reference", "ours", *(f"ours, seed {s}" for s in seeds), "our spread"]
+    if runs:
+        columns += [f"reference, {run}" for run in runs] + ["reference spread", "our median", "reference median"]
+    columns.append("ours − reference")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---:|" * len(columns)]
     for r in rows:
         gap = r["ours"] - r["reference"] if r["ours"] is not None and r["reference"] is not None else None
-        lines.append(f"| {r['k']} | {cell(r['reference'])} | {cell(r['ours'])} | "
-                     + " | ".join(cell(r["seeds"][s]) for s in seeds)
-                     + f" | {cell(r['seed_spread'])} | {'–' if gap is None else f'{gap:+.4f}'} |")
+        cells = [str(r["k"]), cell(r["reference"]), cell(r["ours"]), *(cell(r["seeds"][s]) for s in seeds), cell(r["seed_spread"])]
+        if runs:
+            cells += [cell(r["reference_runs"][run]) for run in runs]
+            cells += [cell(r["reference_spread"]), cell(r["ours_median"]), cell(r["reference_median"])]
+        cells.append("–" if gap is None else f"{gap:+.4f}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -624,21 +687,47 @@ def compact_ranges(numbers: list[int]) -> str:
     return ", ".join(f"{g[0]}–{g[-1]}" if len(g) > 1 else str(g[0]) for g in groups)
 
 
-def noise_table(results: dict[str, Any]) -> str:
-    seeds = results["noise"]["seeds"]
-    lines = ["| seed | median trial (s) | hypervolume | " + " | ".join(f"best KL, ≤ {cap}" for cap in REFUSAL_CAPS) + " |",
-             "|---|" + "---:|" * (2 + len(REFUSAL_CAPS))]
-    for seed, data in seeds.items():
+def noise_table(noise_data: dict[str, Any], first_column: str = "seed", with_time: bool = True) -> str:
+    """Each run's front metrics and their spread; with_time adds the median trial time."""
+    runs = noise_data["seeds"]
+    time_title = " median trial (s) |" if with_time else ""
+    lines = [f"| {first_column} |{time_title} hypervolume | " + " | ".join(f"best KL, ≤ {cap}" for cap in REFUSAL_CAPS)
+             + " | Pareto front (refusals, KL) |", "|---|" + "---:|" * (1 + with_time + len(REFUSAL_CAPS)) + "---|"]
+    for run, data in runs.items():
         cells = [f"{v:.4f}" if v is not None else "–" for v in (data["best_kl_at_refusals"][str(c)] for c in REFUSAL_CAPS)]
-        lines.append(f"| {seed} | {data['median_trial_s']:.1f} | {data['hypervolume']:.3f} | " + " | ".join(cells) + " |")
-    spread = results["noise"]["spread"]
+        timing = f" {data['median_trial_s']:.1f} |" if with_time else ""
+        front = ", ".join(f"({r}, {kl:.3f})" for r, kl in data["pareto"])
+        lines.append(f"| {run} |{timing} {data['hypervolume']:.3f} | " + " | ".join(cells) + f" | {front} |")
+    spread = noise_data["spread"]
     cells = [f"{spread[str(c)]:.4f}" if spread.get(str(c)) is not None else "–" for c in REFUSAL_CAPS]
-    lines.append(f"| spread (max − min) | | {spread['hypervolume']:.3f} | " + " | ".join(cells) + " |")
+    lines.append(f"| spread (max − min) |{' |' if with_time else ''} {spread['hypervolume']:.3f} | " + " | ".join(cells) + " | |")
     return "\n".join(lines)
+
+
+def search_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings two searches must share to be compared (everything but the seed and the machine)."""
+    keys = ("trials", "startup_trials", "train_prompts", "eval_prompts", "max_response_length", "max_batch_size", "datasets", "n_markers")
+    return {key: settings.get(key) for key in keys}
+
+
+def attach_reference_noise(results: dict[str, Any]) -> None:
+    """The reference's run-to-run noise, where bench/reference_search.py has measured it with the same
+    settings: its real run and its search re-run by our engine with each seed."""
+    path = RESULTS / "reference-search.json"
+    if "reference" not in results["tools"] or not path.exists():
+        return
+    searched = json.loads(path.read_text())
+    if searched.get("settings") != search_settings(results["settings"]) or not searched["seeds"]:
+        log(f"{path.name} was measured with other settings than the latest run; run bench/reference_search.py again")
+        return
+    runs = {f"run, seed {results['settings']['seed']}": results["tools"]["reference"]}
+    runs.update({f"search, seed {seed}": data for seed, data in searched["seeds"].items()})
+    results["reference_noise"] = dict(noise(runs), command=searched["command"])
 
 
 def publish(results: dict[str, Any]) -> None:
     """The plot and the run's section of BENCHMARKS.md ("quick" for a reduced run, else "full")."""
+    attach_reference_noise(results)
     plot(results, RESULTS / "fronts.png")
     settings = results["settings"]
     command = settings.get("command", "python bench/run_bench.py")
@@ -660,6 +749,32 @@ def update_benchmarks_md(section: str, marker: str) -> None:
 # --- Main ----------------------------------------------------------------------------------------
 
 
+def add_noise_seeds(seeds: list[int]) -> None:
+    """Our search with more seeds, added to the noise of the latest full run (same settings, same model)."""
+    results = json.loads((RESULTS / "latest.json").read_text())
+    settings = dict(results["settings"], timeout_s=12 * 3600)
+    if "noise" not in results:
+        raise SystemExit("bench/results/latest.json has no noise table; run with --noise-seeds first.")
+    if "--ours-args" in results["settings"].get("command", ""):
+        raise SystemExit("The latest run passed --ours-args; run it again with --noise-seeds instead.")
+    runs = dict(results["noise"]["seeds"])
+    model = prepare_model()
+    markers = reference_default_markers(ensure_reference_venv())
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", COLUMNS="160")
+    env.pop("HERETIC_CONFIG", None)
+    n_trials = results["tools"].get("ours_same_trials", results["tools"]["ours"])["n_trials"]
+    for seed in seeds:
+        data = run_ours(dict(settings, seed=seed), model, markers, env, [], f"ours-seed{seed}")
+        runs[str(seed)] = first_trials(data, n_trials, settings["eval_prompts"])
+    results["noise"] = noise(runs)
+    added = ",".join(str(seed) for seed in seeds)
+    results["settings"]["command"] += f"; python bench/run_bench.py --add-noise-seeds {added}"
+    text = json.dumps(results, indent=2, default=str)
+    (RESULTS / f"{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(text)
+    (RESULTS / "latest.json").write_text(text)
+    publish(results)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=30)
@@ -679,6 +794,8 @@ def main() -> None:
     parser.add_argument("--timeout-hours", type=float, default=12.0)
     parser.add_argument("--noise-seeds", default="", help="comma-separated extra seeds: our search runs again with each, "
                         "and the spread of the results is the run-to-run noise the comparison allows")
+    parser.add_argument("--add-noise-seeds", default="", help="comma-separated seeds: run only our search with each and add them "
+                        "to the noise table of bench/results/latest.json (nothing else is rerun)")
     parser.add_argument("--report-only", action="store_true", help="run nothing: rewrite BENCHMARKS.md and the plot from bench/results/latest.json")
     args = parser.parse_args()
 
@@ -686,6 +803,9 @@ def main() -> None:
         results = json.loads((RESULTS / "latest.json").read_text())
         publish(results)
         print(table(results))
+        return
+    if args.add_noise_seeds:
+        add_noise_seeds([int(seed) for seed in args.add_noise_seeds.split(",") if seed.strip()])
         return
 
     deviations = [
