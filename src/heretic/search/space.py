@@ -6,9 +6,8 @@ import optuna
 
 from ..ablation.parameters import AblationParameters, ComponentKernel
 
-# Lowest sampled max_weight per component. MLP weights below 0 are clamped to 0, which lets the
-# search switch MLP ablation off altogether.
-MIN_MAX_WEIGHT = {"attn": 0.8, "mlp": -0.25}
+# Range of the sampled max_weight, for every component.
+MIN_MAX_WEIGHT = 0.8
 MAX_MAX_WEIGHT = 1.5
 
 
@@ -20,11 +19,10 @@ def suggest_parameters(trial: optuna.Trial, num_layers: int, components: list[st
     index = trial.suggest_float("direction_index", 0.4 * last, 0.9 * last)
     kernels: dict[str, ComponentKernel] = {}
     for component in components:
-        max_weight = trial.suggest_float(f"{component}.max_weight", MIN_MAX_WEIGHT.get(component, 0.8), MAX_MAX_WEIGHT)
+        weight = trial.suggest_float(f"{component}.max_weight", MIN_MAX_WEIGHT, MAX_MAX_WEIGHT)
         position = trial.suggest_float(f"{component}.max_weight_position", 0.6 * last, float(last))
         fraction = trial.suggest_float(f"{component}.min_weight_fraction", 0.0, 1.0)
         distance = trial.suggest_float(f"{component}.min_weight_distance", 1.0, max(1.0, 0.6 * last))
-        weight = max(0.0, max_weight)
         kernels[component] = ComponentKernel(weight, position, fraction * weight, distance)
     return AblationParameters(scope, index, kernels)
 
