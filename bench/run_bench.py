@@ -8,7 +8,7 @@ It has no headless trial choice, so it runs with standard input closed and its t
 from its Optuna checkpoint journal; ours are read from ours.
 
     python bench/run_bench.py                    # the full benchmark (hours: the reference is slow)
-    python bench/run_bench.py --reuse-reference --noise-seeds 43,44   # ours again, plus two more seeds
+    python bench/run_bench.py --reuse-reference --noise-seeds 43,44,45   # ours again, plus three more seeds
     python bench/run_bench.py --add-noise-seeds 45   # one more seed of ours in the latest run's noise table
     python bench/run_bench.py --trials 4 --eval-prompts 20 --train-prompts 64   # a quick check
 
