@@ -172,3 +172,22 @@ def test_checkpoint_journal_is_readable_json(tiny_models: dict[str, Path], tmp_p
     (journal,) = checkpoints.glob("*.jsonl")
     lines = [json.loads(line) for line in journal.read_text().splitlines()]
     assert lines and all(isinstance(line, dict) for line in lines)
+
+
+def test_sampled_kernels_stay_in_the_search_space() -> None:
+    """Every component's peak weight lies in [0.8, 1.5], its floor in [0, peak], its peak position in
+    the last 40% of the stack and its reach in [1, 0.6 (L-1)] layers."""
+    from heretic.search.space import suggest_parameters
+
+    num_layers, last = 24, 23
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), directions=["minimize", "minimize"])
+    for _ in range(200):
+        trial = study.ask()
+        parameters = suggest_parameters(trial, num_layers, ["attn", "mlp"])
+        assert 0.4 * last <= parameters.direction_index <= 0.9 * last
+        for kernel in parameters.kernels.values():
+            assert 0.8 <= kernel.max_weight <= 1.5
+            assert 0.0 <= kernel.min_weight <= kernel.max_weight
+            assert 0.6 * last <= kernel.max_weight_position <= last
+            assert 1.0 <= kernel.min_weight_distance <= 0.6 * last
+        study.tell(trial, [0.0, 0.0])
