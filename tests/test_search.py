@@ -20,6 +20,7 @@ from heretic.ablation.kernels import ablated_matrices
 from heretic.ablation.parameters import AblationParameters, ComponentKernel
 from heretic.model.architecture import as_matrices, build_architecture_map
 from heretic.search.checkpoint import open_storage
+from heretic.search.space import suggest_parameters
 from tiny import make_model
 
 pytestmark = pytest.mark.slow
@@ -177,8 +178,6 @@ def test_checkpoint_journal_is_readable_json(tiny_models: dict[str, Path], tmp_p
 def test_sampled_kernels_stay_in_the_search_space() -> None:
     """Every component's peak weight lies in [0.8, 1.5], its floor in [0, peak], its peak position in
     the last 40% of the stack and its reach in [1, 0.6 (L-1)] layers."""
-    from heretic.search.space import suggest_parameters
-
     num_layers, last = 24, 23
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), directions=["minimize", "minimize"])
     for _ in range(200):

@@ -6,7 +6,8 @@ import optuna
 
 from ..ablation.parameters import AblationParameters, ComponentKernel
 
-# Range of the sampled max_weight, for every component.
+# Range of the sampled max_weight, for every component. A lower MLP bound that lets the search switch
+# MLP ablation off (-0.25, clamped at 0) gave a lower mean hypervolume on the benchmark (BENCHMARKS.md).
 MIN_MAX_WEIGHT = 0.8
 MAX_MAX_WEIGHT = 1.5
 
