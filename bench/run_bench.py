@@ -644,11 +644,11 @@ def every_cap(results: dict[str, Any]) -> list[dict[str, Any]]:
     for k in range(results["settings"]["eval_prompts"] + 1):
         per_seed = {seed: best_kl_at(data["pareto"], k) for seed, data in seeds.items()}
         per_run = {run: best_kl_at(data["pareto"], k) for run, data in reference_runs.items()}
+        seed_spread, reference_spread = spread_at(list(per_seed.values())), spread_at(list(per_run.values()))
         rows.append({"k": k, "reference": best_kl_at(reference["pareto"], k), "ours": best_kl_at(ours["pareto"], k),
-                     "seeds": per_seed, "seed_spread": spread_at(list(per_seed.values())),
-                     "reference_runs": per_run, "reference_spread": spread_at(list(per_run.values())),
+                     "seeds": per_seed, "seed_spread": seed_spread, "reference_runs": per_run, "reference_spread": reference_spread,
                      "ours_median": median_at(list(per_seed.values())), "reference_median": median_at(list(per_run.values())),
-                     "tolerance": combined_noise([spread_at(list(per_seed.values())), spread_at(list(per_run.values()))])})
+                     "tolerance": combined_noise([seed_spread, reference_spread])})
     return rows
 
 
@@ -749,6 +749,31 @@ def update_benchmarks_md(section: str, marker: str) -> None:
 # --- Main ----------------------------------------------------------------------------------------
 
 
+def tool_env() -> dict[str, str]:
+    """The environment both tools run in: offline, unbuffered, wide logs, no user config file."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", COLUMNS="160")
+    env.pop("HERETIC_CONFIG", None)
+    return env
+
+
+def seed_runs(settings: dict[str, Any], model: Path, markers: list[str], env: dict[str, str], extra: list[str],
+              seeds: list[int], n_trials: int) -> dict[str, dict[str, Any]]:
+    """Our search again with each seed, compared at its first n_trials trials."""
+    runs = {}
+    for seed in seeds:
+        data = run_ours(dict(settings, seed=seed), model, markers, env, extra, f"ours-seed{seed}")
+        runs[str(seed)] = first_trials(data, n_trials, settings["eval_prompts"])
+    return runs
+
+
+def write_results(results: dict[str, Any], latest: bool) -> None:
+    """bench/results/<stamp>.json and, for a complete side-by-side run, latest.json."""
+    text = json.dumps(results, indent=2, default=str)
+    (RESULTS / f"{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(text)
+    if latest:
+        (RESULTS / "latest.json").write_text(text)
+
+
 def add_noise_seeds(seeds: list[int]) -> None:
     """Our search with more seeds, added to the noise of the latest full run (same settings, same model)."""
     results = json.loads((RESULTS / "latest.json").read_text())
@@ -760,18 +785,13 @@ def add_noise_seeds(seeds: list[int]) -> None:
     runs = dict(results["noise"]["seeds"])
     model = prepare_model()
     markers = reference_default_markers(ensure_reference_venv())
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", COLUMNS="160")
-    env.pop("HERETIC_CONFIG", None)
+    env = tool_env()
     n_trials = results["tools"].get("ours_same_trials", results["tools"]["ours"])["n_trials"]
-    for seed in seeds:
-        data = run_ours(dict(settings, seed=seed), model, markers, env, [], f"ours-seed{seed}")
-        runs[str(seed)] = first_trials(data, n_trials, settings["eval_prompts"])
+    runs.update(seed_runs(settings, model, markers, env, [], seeds, n_trials))
     results["noise"] = noise(runs)
     added = ",".join(str(seed) for seed in seeds)
     results["settings"]["command"] += f"; python bench/run_bench.py --add-noise-seeds {added}"
-    text = json.dumps(results, indent=2, default=str)
-    (RESULTS / f"{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(text)
-    (RESULTS / "latest.json").write_text(text)
+    write_results(results, latest=True)
     publish(results)
 
 
@@ -830,8 +850,7 @@ def main() -> None:
     python = ensure_reference_venv()
     markers = reference_default_markers(python)
     settings["n_markers"] = len(markers)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", COLUMNS="160")
-    env.pop("HERETIC_CONFIG", None)
+    env = tool_env()
 
     key_settings = {k: v for k, v in settings.items() if k not in {"machine", "date", "timeout_s", "quick", "deviations", "command"}}
     reference_cache = RESULTS / f"reference-{hashlib.sha256(json.dumps(key_settings, sort_keys=True).encode()).hexdigest()[:12]}.json"
@@ -858,15 +877,11 @@ def main() -> None:
         # compared at the number of trials the targets use: the reference's, where it stopped early
         compared = tools.get("ours_same_trials", tools["ours"])
         runs = {str(settings["seed"]): compared}
-        for seed in seeds:
-            data = run_ours(dict(settings, seed=seed), model, markers, env, shlex.split(args.ours_args), f"ours-seed{seed}")
-            runs[str(seed)] = first_trials(data, compared["n_trials"], args.eval_prompts)
+        runs.update(seed_runs(settings, model, markers, env, shlex.split(args.ours_args), seeds, compared["n_trials"]))
         results["noise"] = noise(runs)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    text = json.dumps(results, indent=2, default=str)
-    (RESULTS / f"{stamp}.json").write_text(text)
-    if args.label == "ours" and {"reference", "ours"} <= set(tools):
-        (RESULTS / "latest.json").write_text(text)
+    complete = args.label == "ours" and {"reference", "ours"} <= set(tools)
+    write_results(results, latest=complete)
+    if complete:
         publish(results)
     print(table(results))
 
