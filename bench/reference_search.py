@@ -33,7 +33,9 @@ from heretic.main import prepare
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from replay_reference import our_parameters  # noqa: E402
-from run_bench import REFERENCE_VENV, RESULTS, WORK, our_command, reference_default_markers, search_settings, trial_metrics  # noqa: E402
+from run_bench import (  # noqa: E402
+    REFERENCE_VENV, RESULTS, WORK, ensure_reference_venv, our_command, reference_default_markers, search_settings, trial_metrics,
+)
 
 OUTPUT = RESULTS / "reference-search.json"
 KL_TARGET = 0.01  # the reference's kl_divergence_target (its default)
@@ -87,7 +89,7 @@ def run_seed(session: Any, seed: int, n_trials: int, n_startup: int) -> list[dic
         for number in range(n_trials):
             line = server.stdout.readline()
             if not line:
-                raise SystemExit(f"The reference's sampler (in {REFERENCE_VENV}) stopped; run bench/run_bench.py once to install it.")
+                raise SystemExit(f"The reference's sampler (in {REFERENCE_VENV}) stopped; its error is printed above.")
             params = json.loads(line)
             parameters: AblationParameters = our_parameters(params)
             started = time.perf_counter()
@@ -122,7 +124,7 @@ def main() -> None:
     if not seeds:
         print(f"Every seed asked for is already in {OUTPUT}.")
         return
-    markers = reference_default_markers(REFERENCE_VENV / "bin" / "python")
+    markers = reference_default_markers(ensure_reference_venv())  # the venv also runs the sampler
     argv = our_command(settings_used, WORK / "Qwen2.5-Coder-0.5B-Instruct", markers,
                        ["--checkpoint-dir", str(WORK / "reference-search")])[1:]
     session = prepare(settings_from_argv(argv), interactive=False)
