@@ -287,6 +287,12 @@ class Settings(BaseSettings):
         default=200, ge=1, description="Trials of the search.", json_schema_extra={"section": "Search"}
     )
     n_startup_trials: int = Field(default=60, ge=0, description="Random trials before TPE takes over.")
+    n_ei_candidates: int = Field(
+        default=24,
+        ge=1,
+        description="Candidate parameter sets TPE draws for each trial, keeping the most promising one (more: the "
+        "search concentrates on the best region found so far and explores less; BENCHMARKS.md compares 24 and 128).",
+    )
     seed: int = Field(default=42, description="Seed of the search (and of the randomized SVD of full normalization).")
     sampler_kl_floor: float = Field(
         default=0.04,

@@ -218,6 +218,7 @@ def study_fingerprint(session: Session) -> dict[str, object]:
         "judge": settings.refusal_scorer or sorted(settings.refusal_markers),
         "seed": settings.seed,
         "n_startup_trials": settings.n_startup_trials,
+        "n_ei_candidates": settings.n_ei_candidates,
         "cut_hopeless_trials": settings.cut_hopeless_trials,
         "sampler_kl_floor": settings.sampler_kl_floor,
     }
@@ -277,6 +278,7 @@ def search(session: Session, study) -> None:
         components=session.arch.components,
         seed=settings.seed,
         n_startup_trials=settings.n_startup_trials,
+        n_ei_candidates=settings.n_ei_candidates,
         cut_hopeless_trials=settings.cut_hopeless_trials,
         sampler_kl_floor=settings.sampler_kl_floor,
     )

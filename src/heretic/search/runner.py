@@ -30,15 +30,18 @@ class SearchSetup:
     components: list[str]
     seed: int
     n_startup_trials: int
+    n_ei_candidates: int
     cut_hopeless_trials: bool
     sampler_kl_floor: float
 
 
-def make_sampler(seed: int, completed: int, n_startup_trials: int) -> TPESampler:
+def make_sampler(seed: int, completed: int, n_startup_trials: int, n_ei_candidates: int) -> TPESampler:
     """A sampler seeded by the number of finished trials: a resumed search samples exactly what an
     uninterrupted one would have."""
     trial_seed = zlib.crc32(f"{seed}:{completed}".encode())
-    return TPESampler(n_startup_trials=n_startup_trials, multivariate=True, seed=trial_seed)
+    return TPESampler(
+        n_startup_trials=n_startup_trials, n_ei_candidates=n_ei_candidates, multivariate=True, seed=trial_seed
+    )
 
 
 def sampler_values(refusals: int, kl: float, n_prompts: int, kl_floor: float) -> list[float]:
@@ -57,7 +60,7 @@ def completed_trials(study: optuna.Study) -> int:
 def run_trial(setup: SearchSetup, study: optuna.Study, progress: ProgressFactory | None = None) -> TrialResult:
     """Run one trial to completion and record it in the study."""
     done = completed_trials(study)
-    study.sampler = make_sampler(setup.seed, done, setup.n_startup_trials)
+    study.sampler = make_sampler(setup.seed, done, setup.n_startup_trials, setup.n_ei_candidates)
     trial = study.ask()
     try:
         started = time.perf_counter()
