@@ -43,17 +43,6 @@ from run_bench import DEFAULT_DATASETS, REFERENCE_VENV, RESULTS, WORK, machine, 
 OUTPUT = RESULTS / "compile-lever.json"
 
 
-def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), both (rows, longest), padding on the left."""
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row)
-        mask[i, width - len(row):] = 1
-    return ids, mask
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-response-length", type=int, default=100)
@@ -74,7 +63,8 @@ def main() -> None:
     model, tokenizer = loaded.model, loaded.tokenizer
     prompts = load_prompts(settings.harmful_eval_prompts, settings.system_prompt)
     engine = Engine(model, tokenizer, eos_token_ids(loaded), batch_size=batch_size)
-    ids, mask = left_padded(engine.encode(prompts), engine.pad_id)
+    padded = tokenizer.pad({"input_ids": engine.encode(prompts)}, padding_side="left", return_tensors="pt")
+    ids, mask = padded["input_ids"], padded["attention_mask"]  # (rows, longest prompt)
     tokens = args.max_response_length
     print(f"{len(prompts)} prompts in one batch, {tokens} tokens each, longest prompt {ids.shape[1]} tokens", flush=True)
 
