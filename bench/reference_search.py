@@ -34,7 +34,7 @@ from heretic.main import prepare
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from replay_reference import our_parameters  # noqa: E402
 from run_bench import (  # noqa: E402
-    REFERENCE_VENV, RESULTS, WORK, ensure_reference_venv, our_command, reference_default_markers, search_settings, trial_metrics,
+    RESULTS, WORK, ensure_reference_venv, our_command, reference_default_markers, search_settings, trial_metrics,
 )
 
 OUTPUT = RESULTS / "reference-search.json"
@@ -78,9 +78,9 @@ def reference_objectives(refusals: int, kl: float, base_refusals: int) -> list[f
     return [kl_score, refusal_score]
 
 
-def run_seed(session: Any, seed: int, n_trials: int, n_startup: int) -> list[dict[str, Any]]:
+def run_seed(session: Any, python: Path, seed: int, n_trials: int, n_startup: int) -> list[dict[str, Any]]:
     server = subprocess.Popen(
-        [str(REFERENCE_VENV / "bin" / "python"), "-c", SAMPLER_SERVER, str(seed), str(n_startup), str(session.arch.num_layers)],
+        [str(python), "-c", SAMPLER_SERVER, str(seed), str(n_startup), str(session.arch.num_layers)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
     assert server.stdin is not None and server.stdout is not None
@@ -89,7 +89,7 @@ def run_seed(session: Any, seed: int, n_trials: int, n_startup: int) -> list[dic
         for number in range(n_trials):
             line = server.stdout.readline()
             if not line:
-                raise SystemExit(f"The reference's sampler (in {REFERENCE_VENV}) stopped; its error is printed above.")
+                raise SystemExit(f"The reference's sampler ({python}) stopped; its error is printed above.")
             params = json.loads(line)
             parameters: AblationParameters = our_parameters(params)
             started = time.perf_counter()
@@ -124,13 +124,14 @@ def main() -> None:
     if not seeds:
         print(f"Every seed asked for is already in {OUTPUT}.")
         return
-    markers = reference_default_markers(ensure_reference_venv())  # the venv also runs the sampler
+    python = ensure_reference_venv()  # the reference's environment gives its markers and runs its sampler
+    markers = reference_default_markers(python)
     argv = our_command(settings_used, WORK / "Qwen2.5-Coder-0.5B-Instruct", markers,
                        ["--checkpoint-dir", str(WORK / "reference-search")])[1:]
     session = prepare(settings_from_argv(argv), interactive=False)
     n_prompts = settings_used["eval_prompts"]
     for seed in seeds:
-        trials = run_seed(session, seed, settings_used["trials"], settings_used["startup_trials"])
+        trials = run_seed(session, python, seed, settings_used["trials"], settings_used["startup_trials"])
         done["seeds"][str(seed)] = dict(trial_metrics(trials, n_prompts), base_refusals=session.base_refusals)
         done["command"] = "python bench/reference_search.py --seeds " + ",".join(sorted(done["seeds"], key=int))
         OUTPUT.write_text(json.dumps(done, indent=2) + "\n")  # after each seed: an interruption loses one seed at most
