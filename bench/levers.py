@@ -184,8 +184,9 @@ def report(results: dict[str, Any]) -> str:
         "fewer prompts where the slow variant would take too long",
         f"- automatic batch-size choice: batch size {choice['batch_size']} in {choice['seconds']:.1f} s "
         f"({', '.join(f'{size}: {rate or 0:.0f}' for size, rate in choice['tokens_per_second'].items())} tokens/s)",
-        "- the two search levers, the sampler's KL floor and the MLP weight range, change which trials are run rather than "
-        "their cost; their effect on the fronts of the same seeds is in \"About the run above\"",
+        "- the search levers (the sampler's KL floor, the MLP weight range, univariate TPE, TPE's candidates per trial) "
+        "change which trials are run rather than their cost; their effect on the fronts of the same seeds is in "
+        "\"About the run above\"",
         "",
         "| lever | what it does | prompts | on (s) | off (s) | gain | refusals on / off | verdicts that differ |",
         "|---|---|---:|---:|---:|---:|---:|---:|",

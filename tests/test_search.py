@@ -20,6 +20,7 @@ from heretic.ablation.kernels import ablated_matrices
 from heretic.ablation.parameters import AblationParameters, ComponentKernel
 from heretic.model.architecture import as_matrices, build_architecture_map
 from heretic.search.checkpoint import open_storage
+from heretic.search.runner import make_sampler
 from heretic.search.space import suggest_parameters
 from tiny import make_model
 
@@ -190,3 +191,26 @@ def test_sampled_kernels_stay_in_the_search_space() -> None:
             assert 0.6 * last <= kernel.max_weight_position <= last
             assert 1.0 <= kernel.min_weight_distance <= 0.6 * last
         study.tell(trial, [0.0, 0.0])
+
+
+def _proposals(multivariate: bool) -> list[dict[str, object]]:
+    """Twelve trials of the real search space on a toy two-objective problem, sampled as the search does."""
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    proposals = []
+    for done in range(12):
+        study.sampler = make_sampler(7, done, n_startup_trials=6, n_ei_candidates=24, multivariate=multivariate)
+        trial = study.ask()
+        parameters = suggest_parameters(trial, 24, ["attn", "mlp"])
+        proposals.append(trial.params)
+        refusals = 40 * (1.5 - parameters.kernels["attn"].max_weight) + 10 * (parameters.direction_scope == "global")
+        study.tell(trial, [refusals, parameters.kernels["mlp"].max_weight * parameters.kernels["attn"].max_weight])
+    return proposals
+
+
+def test_tpe_mode_is_deterministic_and_reaches_the_sampler() -> None:
+    """Each mode samples the same trials for the same seed; both share the random start-up trials and then
+    propose differently (the univariate/multivariate setting is the one TPE uses)."""
+    joint, joint_again, separate = _proposals(True), _proposals(True), _proposals(False)
+    assert joint == joint_again and separate == _proposals(False)
+    assert joint[:6] == separate[:6]
+    assert joint[6:] != separate[6:]

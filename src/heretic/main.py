@@ -219,6 +219,7 @@ def study_fingerprint(session: Session) -> dict[str, object]:
         "seed": settings.seed,
         "n_startup_trials": settings.n_startup_trials,
         "n_ei_candidates": settings.n_ei_candidates,
+        "multivariate_tpe": settings.multivariate_tpe,
         "cut_hopeless_trials": settings.cut_hopeless_trials,
         "sampler_kl_floor": settings.sampler_kl_floor,
     }
@@ -279,6 +280,7 @@ def search(session: Session, study) -> None:
         seed=settings.seed,
         n_startup_trials=settings.n_startup_trials,
         n_ei_candidates=settings.n_ei_candidates,
+        multivariate_tpe=settings.multivariate_tpe,
         cut_hopeless_trials=settings.cut_hopeless_trials,
         sampler_kl_floor=settings.sampler_kl_floor,
     )

@@ -31,16 +31,19 @@ class SearchSetup:
     seed: int
     n_startup_trials: int
     n_ei_candidates: int
+    multivariate_tpe: bool
     cut_hopeless_trials: bool
     sampler_kl_floor: float
 
 
-def make_sampler(seed: int, completed: int, n_startup_trials: int, n_ei_candidates: int) -> TPESampler:
+def make_sampler(
+    seed: int, completed: int, n_startup_trials: int, n_ei_candidates: int, multivariate: bool
+) -> TPESampler:
     """A sampler seeded by the number of finished trials: a resumed search samples exactly what an
     uninterrupted one would have."""
     trial_seed = zlib.crc32(f"{seed}:{completed}".encode())
     return TPESampler(
-        n_startup_trials=n_startup_trials, n_ei_candidates=n_ei_candidates, multivariate=True, seed=trial_seed
+        n_startup_trials=n_startup_trials, n_ei_candidates=n_ei_candidates, multivariate=multivariate, seed=trial_seed
     )
 
 
@@ -60,7 +63,9 @@ def completed_trials(study: optuna.Study) -> int:
 def run_trial(setup: SearchSetup, study: optuna.Study, progress: ProgressFactory | None = None) -> TrialResult:
     """Run one trial to completion and record it in the study."""
     done = completed_trials(study)
-    study.sampler = make_sampler(setup.seed, done, setup.n_startup_trials, setup.n_ei_candidates)
+    study.sampler = make_sampler(
+        setup.seed, done, setup.n_startup_trials, setup.n_ei_candidates, setup.multivariate_tpe
+    )
     trial = study.ask()
     try:
         started = time.perf_counter()
