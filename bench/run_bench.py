@@ -795,6 +795,17 @@ def add_noise_seeds(seeds: list[int]) -> None:
     publish(results)
 
 
+def attach_flag_values(argv: list[str], options: tuple[str, ...] = ("--ours-args",)) -> list[str]:
+    """`--ours-args --flag` as `--ours-args=--flag`: argparse takes a lone value that starts with a dash
+    for an option of its own."""
+    joined: list[str] = []
+    values = iter(argv)
+    for arg in values:
+        value = next(values, None) if arg in options else None
+        joined.append(arg if value is None else f"{arg}={value}")
+    return joined
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=30)
@@ -817,7 +828,7 @@ def main() -> None:
     parser.add_argument("--add-noise-seeds", default="", help="comma-separated seeds: run only our search with each and add them "
                         "to the noise table of bench/results/latest.json (nothing else is rerun)")
     parser.add_argument("--report-only", action="store_true", help="run nothing: rewrite BENCHMARKS.md and the plot from bench/results/latest.json")
-    args = parser.parse_args()
+    args = parser.parse_args(attach_flag_values(sys.argv[1:]))
 
     if args.report_only:
         results = json.loads((RESULTS / "latest.json").read_text())

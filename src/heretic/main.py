@@ -138,24 +138,13 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
     prompt_sets = load_prompt_sets(settings)
     engine = Engine(loaded.model, loaded.tokenizer, eos_token_ids(loaded), share_prefix=settings.share_prompt_prefix)
 
-    mark = time.perf_counter()
-    if settings.batch_size:
-        engine.batch_size = settings.batch_size
-        measurements = []
-    else:
-        useful = max(len(prompt_sets["harmful_eval"]), len(prompt_sets["harmless_eval"]))
-        with console.status("Choosing the batch size..."):
-            engine.batch_size, measurements = choose_batch_size(engine, min(settings.max_batch_size, useful))
-        rates = ", ".join(
-            f"{m.batch_size}: {m.tokens_per_second:.0f}" if m.tokens_per_second else f"{m.batch_size}: out of memory"
-            for m in measurements
-        )
-        console.print(f"Batch size [bold]{engine.batch_size}[/] (tokens/s by batch size: {rates})")
-    timings["batch_size"] = time.perf_counter() - mark
-
     engine.response_prefix = detect_response_prefix(engine, prompt_sets["harmful_eval"][:4] + prompt_sets["harmless_eval"][:4], settings.thinking_tags)
     if engine.response_prefix:
         console.print(f"Responses open a thinking block; prefilling {engine.response_prefix!r}")
+
+    mark = time.perf_counter()
+    engine.batch_size, measurements = pick_batch_size(settings, engine, loaded, prompt_sets)
+    timings["batch_size"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
     directions = compute_directions(settings, engine, loaded, prompt_sets)
@@ -180,6 +169,29 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
     )
 
 
+def pick_batch_size(
+    settings: Settings, engine: Engine, loaded: LoadedModel, prompt_sets: dict[str, list[Prompt]]
+) -> tuple[int, list]:
+    """--batch-size if given; else the batch size of the search this run resumes; else the fastest, measured."""
+    if settings.batch_size:
+        return settings.batch_size, []
+    if settings.resume != ResumePolicy.restart:
+        _, digest, path = checkpoint_location(settings, loaded, prompt_sets, engine.response_prefix)
+        resumed = checkpoint.stored_batch_size(path, digest)
+        if resumed is not None:
+            console.print(f"Batch size [bold]{resumed}[/] (the one the checkpoint's trials ran with; --batch-size overrides it)")
+            return resumed, []
+    useful = max(len(prompt_sets["harmful_eval"]), len(prompt_sets["harmless_eval"]))
+    with console.status("Choosing the batch size..."):
+        batch_size, measurements = choose_batch_size(engine, min(settings.max_batch_size, useful))
+    rates = ", ".join(
+        f"{m.batch_size}: {m.tokens_per_second:.0f}" if m.tokens_per_second else f"{m.batch_size}: out of memory"
+        for m in measurements
+    )
+    console.print(f"Batch size [bold]{batch_size}[/] (tokens/s by batch size: {rates})")
+    return batch_size, measurements
+
+
 def compute_directions(settings: Settings, engine: Engine, loaded: LoadedModel, prompt_sets: dict[str, list[Prompt]]) -> torch.Tensor:
     config = text_config(loaded.model.config)
     _, layers = find_layers(loaded.model, int(getattr(config, "num_hidden_layers")))
@@ -198,18 +210,20 @@ def compute_directions(settings: Settings, engine: Engine, loaded: LoadedModel, 
 # --- Search ----------------------------------------------------------------------------------
 
 
-def study_fingerprint(session: Session) -> dict[str, object]:
-    settings = session.settings
-    source = session.loaded.source
+def study_fingerprint(
+    settings: Settings, loaded: LoadedModel, prompt_sets: dict[str, list[Prompt]], response_prefix: str
+) -> dict[str, object]:
+    """Everything that changes what a trial measures: a search resumes only under identical values."""
+    source = loaded.source
     model_identity: dict[str, object] = {"name": source.name, "revision": settings.model_revision}
     if source.gguf_file is not None:
         stat = source.gguf_file.stat()
         model_identity.update(size=stat.st_size)
     return {
         "model": model_identity,
-        "dtype": str(session.loaded.dtype),
-        "prompts": {name: prompts_digest(prompts) for name, prompts in session.prompt_sets.items()},
-        "response_prefix": session.engine.response_prefix,
+        "dtype": str(loaded.dtype),
+        "prompts": {name: prompts_digest(prompts) for name, prompts in prompt_sets.items()},
+        "response_prefix": response_prefix,
         "max_response_length": settings.max_response_length,
         "orthogonalize_direction": settings.orthogonalize_direction,
         "winsorization_quantile": settings.winsorization_quantile,
@@ -225,11 +239,18 @@ def study_fingerprint(session: Session) -> dict[str, object]:
     }
 
 
+def checkpoint_location(
+    settings: Settings, loaded: LoadedModel, prompt_sets: dict[str, list[Prompt]], response_prefix: str
+) -> tuple[dict[str, object], str, Path]:
+    """(fingerprinted values, fingerprint, journal path) of the search these settings run."""
+    values = study_fingerprint(settings, loaded, prompt_sets, response_prefix)
+    digest = checkpoint.fingerprint(values)
+    return values, digest, checkpoint.checkpoint_path(settings.checkpoint_dir, loaded.source.display_name, digest)
+
+
 def open_study(session: Session):
     settings = session.settings
-    values = study_fingerprint(session)
-    digest = checkpoint.fingerprint(values)
-    path = checkpoint.checkpoint_path(settings.checkpoint_dir, session.loaded.source.display_name, digest)
+    values, digest, path = checkpoint_location(settings, session.loaded, session.prompt_sets, session.engine.response_prefix)
     study, existed = checkpoint.load_or_create(path, digest, values)
     stale = checkpoint.fail_stale_trials(study)
     if stale:
@@ -252,6 +273,7 @@ def open_study(session: Session):
         console.print(f"Checkpoint: {path}")
     study.set_user_attr("target_trials", max(target, done))
     study.set_user_attr("baseline_refusals", session.base_refusals)
+    study.set_user_attr("batch_size", session.engine.batch_size)  # reused when the search is resumed
     return study, path
 
 

@@ -65,6 +65,23 @@ def load_or_create(path: Path, study_fingerprint: str, settings_summary: dict[st
     return study, existed
 
 
+def stored_batch_size(path: Path, study_fingerprint: str) -> int | None:
+    """The batch size the trials of an existing search ran with, if there is such a search.
+
+    In bf16 the batch composition changes rounding (and the odd greedy verdict), so a resumed search
+    reuses it to score its remaining trials exactly as an uninterrupted run would have."""
+    if not (path.exists() and path.stat().st_size > 0):
+        return None
+    try:
+        study = optuna.load_study(study_name=STUDY_NAME, storage=open_storage(path))
+    except Exception:  # noqa: BLE001 - a damaged journal is reported when the search opens it
+        return None
+    if study.user_attrs.get("fingerprint") != study_fingerprint:
+        return None
+    value = study.user_attrs.get("batch_size")
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def fail_stale_trials(study: optuna.Study) -> int:
     """Trials left RUNNING by a killed process are marked FAIL (they are re-sampled identically)."""
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
