@@ -45,9 +45,14 @@ def heretic_command(model: Path, checkpoints: Path, *extra: str) -> list[str]:
     ]
 
 
-def study_trials(checkpoints: Path) -> list[tuple]:
+def current_study(checkpoints: Path) -> optuna.Study:
+    """The search in the folder's current journal (archived ones, *.old.jsonl, left out)."""
     (journal,) = [path for path in checkpoints.glob("*.jsonl") if ".old." not in path.name]
-    study = optuna.load_study(study_name="heretic", storage=open_storage(journal))
+    return optuna.load_study(study_name="heretic", storage=open_storage(journal))
+
+
+def study_trials(checkpoints: Path) -> list[tuple]:
+    study = current_study(checkpoints)
     return [
         (t.number, t.state.name, t.params, t.values, t.user_attrs.get("cut"))
         for t in study.get_trials(deepcopy=False)
@@ -135,8 +140,7 @@ def test_add_and_restart(tiny_models: dict[str, Path], tmp_path: Path) -> None:
 
 def study_batch_size(checkpoints: Path, value: int | None = None) -> int:
     """The batch size stored with the search (first replaced by value, if given)."""
-    (journal,) = [path for path in checkpoints.glob("*.jsonl") if ".old." not in path.name]
-    study = optuna.load_study(study_name="heretic", storage=open_storage(journal))
+    study = current_study(checkpoints)
     if value is not None:
         study.set_user_attr("batch_size", value)
     return study.user_attrs["batch_size"]
