@@ -175,9 +175,13 @@ class Settings(BaseSettings):
         description="Allow models whose code lives in their repository to run that code. Only for models you trust.",
     )
     dtypes: list[str] = Field(
-        default=["auto", "float16", "bfloat16", "float32"],
+        default=["fastest"],
         min_length=1,
-        description="Dtypes to try in order; the first that loads and passes a one-token test generation is used.",
+        description=(
+            'Compute dtypes to try in order (auto, float16, bfloat16, float32; "auto" is the model\'s own); the first '
+            'that loads and passes a one-token test generation is used. "fastest" (alone) measures the model\'s own '
+            "dtype, bfloat16 and float32 on the device and tries the fastest first."
+        ),
     )
     device_map: str = Field(
         default="auto",
@@ -353,6 +357,10 @@ class Settings(BaseSettings):
     )
     overwrite: bool = Field(default=False, description="Replace an existing non-empty output folder or file.")
     max_shard_size: str = Field(default="5GB", description="Largest safetensors shard of a saved model.")
+    save_dtype: Literal["original", "float16", "bfloat16", "float32"] = Field(
+        default="original",
+        description="Dtype of a saved merged model: original (the model's own, whatever dtype it was computed in) or a dtype.",
+    )
     gguf_type: Literal["f16", "bf16", "q8_0"] = Field(default="q8_0", description="Tensor type of a GGUF export.")
     upload_repo: str | None = Field(default=None, description="Hugging Face repository id to upload to (user/name).")
     upload_private: bool = Field(default=True, description="Create the uploaded repository as private.")
@@ -378,9 +386,11 @@ class Settings(BaseSettings):
     @classmethod
     def _known_dtypes(cls, value: list[str]) -> list[str]:
         known = {"auto", "float16", "bfloat16", "float32"}
+        if "fastest" in value and len(value) > 1:
+            raise ValueError('"fastest" measures the dtypes itself; give it alone, or list the dtypes to try in order')
         for dtype in value:
-            if dtype not in known:
-                raise ValueError(f"unknown dtype {dtype!r}; use any of {sorted(known)}")
+            if dtype not in known | {"fastest"}:
+                raise ValueError(f"unknown dtype {dtype!r}; use fastest, or any of {sorted(known)}")
         return value
 
     @field_validator("device_map")

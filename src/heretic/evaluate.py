@@ -25,6 +25,8 @@ def evaluate_model(settings: Settings) -> list[tuple[str, str, int, float]]:
     reference_logprobs = None
     for role, name in (("original", settings.model), ("evaluated", settings.evaluate_model)):
         loaded = load(settings, name)
+        # Both models compute in the same dtype: a KL between dtypes would measure rounding too.
+        settings = settings.model_copy(update={"dtypes": [str(loaded.dtype).removeprefix("torch.")]})
         engine = Engine(loaded.model, loaded.tokenizer, eos_token_ids(loaded), settings.batch_size or 16, settings.share_prompt_prefix)
         engine.response_prefix = detect_response_prefix(engine, harmful[:4] + harmless[:4], settings.thinking_tags)
         with ProgressBars() as bars:

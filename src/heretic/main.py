@@ -17,6 +17,7 @@ from .errors import HereticError
 from .model.architecture import ArchitectureMap, build_architecture_map, find_layers, text_config
 from .model.batching import choose_batch_size
 from .model.generation import Engine
+from .model.hardware import busy_warning, configure_threads, describe_choice
 from .model.loading import LoadedModel, eos_token_ids, load_model
 from .prompts import Prompt, load_prompts, prompts_digest
 from .scoring.evaluator import Evaluator, detect_response_prefix
@@ -84,6 +85,7 @@ def run(settings: Settings) -> None:
 def load(settings: Settings, name: str | None = None) -> LoadedModel:
     model_name = name or settings.model
     assert model_name is not None
+    threads, why = configure_threads()  # before the dtype probe, which measures with these threads
     with console.status(f"Loading {model_name}..."):
         loaded = load_model(
             model_name,
@@ -100,6 +102,10 @@ def load(settings: Settings, name: str | None = None) -> LoadedModel:
         f"Loaded [bold]{model_name}[/] in {loaded.load_seconds:.1f} s{origin}: {type(loaded.model).__name__}, "
         f"{str(loaded.dtype).removeprefix('torch.')}, on {loaded.input_device}"
     )
+    console.print(describe_choice(loaded.dtype, loaded.native_dtype, loaded.dtype_measurements, str(loaded.input_device), f"{threads} threads ({why})"))
+    warning = busy_warning(loaded.dtype_measurements, threads)
+    if warning:
+        console.print(f"[yellow]{warning}[/]")
     return loaded
 
 

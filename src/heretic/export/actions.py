@@ -42,7 +42,7 @@ def save_model(session: Any, result: TrialResult, parameters: AblationParameters
     with console.status(f"Saving the merged model to {output_dir}..."):
         path = save_merged(
             session.loaded, session.ablator, parameters, session.directions, output_dir,
-            max_shard_size=session.settings.max_shard_size, overwrite=session.settings.overwrite, confirm=confirm,
+            max_shard_size=session.settings.max_shard_size, dtype=session.settings.save_dtype, overwrite=session.settings.overwrite, confirm=confirm,
             extra_files=result_files(session, result, parameters),
         )
     console.print(f"Merged model saved to [bold]{path.resolve()}[/] ({_size(path)}, {time.perf_counter() - started:.1f} s)")

@@ -72,6 +72,8 @@ def reproduce(settings: Settings) -> Path:
         if key in explicit:
             recorded[key] = getattr(settings, key)
     recorded.update(reproduce=None, evaluate_model=None, demo=False, action=[])
+    if "dtypes" not in explicit and data["model"].get("dtype"):
+        recorded["dtypes"] = [data["model"]["dtype"]]  # the dtype the trial was computed in, not a new measurement
     if data["model"].get("gguf_file") and "model" not in explicit:
         recorded["model"] = data["model"]["gguf_file"]
     rebuilt = Settings.model_validate(recorded)
@@ -93,7 +95,7 @@ def reproduce(settings: Settings) -> Path:
     new_record = dict(data, environment=record.environment(), directions_sha256=record.tensor_digest(directions))
     started = time.perf_counter()
     path = save_merged(
-        loaded, ablator, parameters, directions, output, max_shard_size=rebuilt.max_shard_size, overwrite=rebuilt.overwrite,
+        loaded, ablator, parameters, directions, output, max_shard_size=rebuilt.max_shard_size, dtype=rebuilt.save_dtype, overwrite=rebuilt.overwrite,
         extra_files={"README.md": card.render_card(new_record, card.original_license(loaded.source)), record.RECORD_FILE: record.dumps(new_record)},
     )
     console.print(f"Rebuilt trial {data['trial']['number']} into [bold]{path.resolve()}[/] ({time.perf_counter() - started:.1f} s)")

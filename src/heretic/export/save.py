@@ -65,19 +65,26 @@ def save_merged(
     target: Path,
     *,
     max_shard_size: str = "5GB",
+    dtype: str = "original",
     overwrite: bool = False,
     confirm: ConfirmFn | None = None,
     extra_files: dict[str, str] | None = None,
 ) -> Path:
     """The ablation merged into the weights: a plain transformers model folder (config, generation
-    config, tokenizer, chat template, processor) with no trace of Heretic in its code."""
+    config, tokenizer, chat template, processor) with no trace of Heretic in its code.
+
+    Written in `dtype`: "original" is the model's own dtype, whatever dtype it was computed in."""
     if loaded.model.config.to_dict().get("quantization_config") and not loaded.source.kind == "gguf":
         raise HereticError("A quantized model cannot be merged and saved; load it without --quantization to save it.")
-    state = ablator.merged_state_dict(parameters, directions)
+    storage = storage_dtype(loaded, dtype)
+    state = {
+        name: tensor.to(storage) if tensor.is_floating_point() else tensor
+        for name, tensor in ablator.merged_state_dict(parameters, directions).items()
+    }
     with atomic_folder(target, overwrite, confirm) as staging:
         model = ablator.base_model
         model.save_pretrained(staging, state_dict=state, max_shard_size=max_shard_size)
-        _strip_adapter_traces(staging)
+        _strip_adapter_traces(staging, storage)
         loaded.tokenizer.save_pretrained(staging)
         if loaded.processor is not None:
             loaded.processor.save_pretrained(staging)
@@ -86,13 +93,26 @@ def save_merged(
     return target
 
 
-def _strip_adapter_traces(folder: Path) -> None:
-    """save_pretrained of a model holding LoRA layers may note the adapter in its config; remove it."""
+def storage_dtype(loaded: LoadedModel, dtype: str) -> torch.dtype:
+    """The dtype a merged model is written in: `dtype`, or for "original" the model's own."""
+    if dtype == "original":
+        return loaded.native_dtype or loaded.dtype
+    return getattr(torch, dtype)
+
+
+def _strip_adapter_traces(folder: Path, storage: torch.dtype) -> None:
+    """save_pretrained of a model holding LoRA layers may note the adapter in its config; remove it.
+
+    The config also names the compute dtype; it gets the dtype the weights were written in."""
     config_file = folder / "config.json"
     if config_file.is_file():
         config = json.loads(config_file.read_text())
         for key in ("adapter_config", "peft_config"):
             config.pop(key, None)
+        for owner in (config, config.get("text_config")):
+            if isinstance(owner, dict) and ("dtype" in owner or "torch_dtype" in owner or owner is config):
+                owner["dtype"] = str(storage).removeprefix("torch.")
+                owner.pop("torch_dtype", None)
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for leftover in ("adapter_config.json", "adapter_model.safetensors"):
         (folder / leftover).unlink(missing_ok=True)

