@@ -295,7 +295,6 @@ def our_command(settings: dict[str, Any], model: Path, markers: list[str], extra
     datasets = Path(settings["datasets"])
     return [
         str(Path(sys.executable).parent / "heretic"), str(model),
-        "--dtypes", "bfloat16",
         "--batch-size", "0",
         "--max-batch-size", str(settings["max_batch_size"]),
         "--max-response-length", str(settings["max_response_length"]),
@@ -374,7 +373,16 @@ def run_ours(settings: dict[str, Any], model: Path, markers: list[str], env: dic
     (journal,) = (folder / "checkpoints").glob("*.jsonl")
     data = metrics([run], read_journal(Path(sys.executable), journal), settings["eval_prompts"], "ours")
     data["command"] = shlex.join(command)
+    data["dtype"] = chosen_dtype(folder / run["log"])
     return data
+
+
+def chosen_dtype(log_path: Path) -> str | None:
+    """The compute dtype our tool chose, from its start-up line ("Compute dtype bfloat16 (...")."""
+    for line in log_path.read_text(errors="replace").splitlines():
+        if "Compute dtype " in line:
+            return line.split("Compute dtype ", 1)[1].split()[0]
+    return None
 
 
 # --- Reporting -----------------------------------------------------------------------------------
@@ -396,6 +404,27 @@ def machine() -> str:
     except (OSError, ValueError, IndexError):
         pass
     return f"{cpu}, {os.cpu_count()} cores{memory}, {platform.system()} {platform.release()}"
+
+
+# Instruction-set flags that decide which dtype is fast on a CPU.
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16", "amx_int8")
+# A CPU without bf16 instructions, emulated on one that has them: oneDNN, MKL and PyTorch's own
+# kernels are each limited to AVX2 (bf16 then runs on conversion paths, as on such a CPU).
+CPU_PROFILES: dict[str, dict[str, str]] = {
+    "native": {},
+    "no-bf16": {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+}
+
+
+def cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                present = set(line.split(":", 1)[1].split())
+                return [flag for flag in SPEED_FLAGS if flag in present]
+    except OSError:
+        pass
+    return []
 
 
 COLUMN_TITLES = {"reference": "reference", "ours": "ours", "ours_same_trials": "ours, first {n} trials"}
@@ -480,8 +509,14 @@ def write_markdown(results: dict[str, Any], command: str) -> str:
         f"## {title}: {settings['date']}",
         "",
         f"- machine: {settings['machine']}",
+        f"- CPU flags: {' '.join(settings.get('cpu_flags', [])) or 'not recorded'}; profile "
+        f"{settings.get('cpu_profile', 'native')}"
+        + (f" ({' '.join(f'{k}={v}' for k, v in CPU_PROFILES[settings['cpu_profile']].items())} for both tools)"
+           if settings.get("cpu_profile", "native") != "native" else ""),
+        f"- compute dtype: reference bfloat16 (its default for this model); ours "
+        f"{tools.get('ours', {}).get('dtype') or 'bfloat16 (--dtypes bfloat16)'}",
         f"- command: `{command}`",
-        f"- model: Qwen2.5-Coder-0.5B-Instruct (demo model, Q4_K_M GGUF dequantized to bf16 safetensors), dtype bf16",
+        f"- model: Qwen2.5-Coder-0.5B-Instruct (demo model, Q4_K_M GGUF dequantized to bf16 safetensors)",
         f"- prompts: directions from harmful_train[:{settings['train_prompts']}] and harmless_train[:{settings['train_prompts']}]; "
         f"refusals on harmful_test[:{settings['eval_prompts']}]; KL on harmless_test[:{settings['eval_prompts']}] (`../shared/datasets/`)",
         f"- shared settings: max_response_length {settings['max_response_length']}, automatic batch size (max "
@@ -785,7 +820,7 @@ def add_noise_seeds(seeds: list[int]) -> None:
     runs = dict(results["noise"]["seeds"])
     model = prepare_model()
     markers = reference_default_markers(ensure_reference_venv())
-    env = tool_env()
+    env = dict(tool_env(), **CPU_PROFILES[settings.get("cpu_profile", "native")])
     n_trials = results["tools"].get("ours_same_trials", results["tools"]["ours"])["n_trials"]
     runs.update(seed_runs(settings, model, markers, env, [], seeds, n_trials))
     results["noise"] = noise(runs)
@@ -823,6 +858,8 @@ def main() -> None:
     parser.add_argument("--ours-args", default="", help="extra flags for our tool (e.g. to switch a speed-up off)")
     parser.add_argument("--label", default="ours", help="name of our run in the results (for lever measurements)")
     parser.add_argument("--timeout-hours", type=float, default=12.0)
+    parser.add_argument("--cpu-profile", choices=sorted(CPU_PROFILES), default="native",
+                        help="no-bf16: both tools run with bf16 kernels taken away (a CPU without bf16 instructions)")
     parser.add_argument("--noise-seeds", default="", help="comma-separated extra seeds: our search runs again with each, "
                         "and the spread of the results is the run-to-run noise the comparison allows")
     parser.add_argument("--add-noise-seeds", default="", help="comma-separated seeds: run only our search with each and add them "
@@ -851,7 +888,10 @@ def main() -> None:
         "eval_prompts": args.eval_prompts, "max_response_length": args.max_response_length,
         "max_batch_size": args.max_batch_size, "seed": args.seed, "datasets": str(args.datasets.resolve()),
         "quick": quick, "deviations": ", ".join(deviations), "machine": machine(), "date": dt.date.today().isoformat(), "timeout_s": args.timeout_hours * 3600,
+        "cpu_flags": cpu_flags(),
     }
+    if args.cpu_profile != "native":  # the reference's cached results are keyed by it; native runs keep their old key
+        settings["cpu_profile"] = args.cpu_profile
     settings["command"] = ("python bench/run_bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])).strip()
     if quick:
         log(f"REDUCED RUN ({settings['deviations']}): results are labelled as such")
@@ -861,9 +901,9 @@ def main() -> None:
     python = ensure_reference_venv()
     markers = reference_default_markers(python)
     settings["n_markers"] = len(markers)
-    env = tool_env()
+    env = dict(tool_env(), **CPU_PROFILES[args.cpu_profile])
 
-    key_settings = {k: v for k, v in settings.items() if k not in {"machine", "date", "timeout_s", "quick", "deviations", "command"}}
+    key_settings = {k: v for k, v in settings.items() if k not in {"machine", "date", "timeout_s", "quick", "deviations", "command", "cpu_flags"}}
     reference_cache = RESULTS / f"reference-{hashlib.sha256(json.dumps(key_settings, sort_keys=True).encode()).hexdigest()[:12]}.json"
     tools: dict[str, Any] = {}
     wanted = [name.strip() for name in args.tools.split(",") if name.strip()]

@@ -133,6 +133,7 @@ def test_measure_dtype_on_this_cpu() -> None:
     result = measure_dtype(F32, torch.device("cpu"), 64, 256, seconds=0.05)
     assert result.dtype == F32 and result.gflops is not None and result.gflops > 0
     assert result.utilization is not None and 0 < result.utilization < 4
+    assert result.seconds >= 0.05
 
 
 def test_busy_warning_only_when_the_probe_got_little_cpu() -> None:
@@ -144,7 +145,7 @@ def test_busy_warning_only_when_the_probe_got_little_cpu() -> None:
 
 def test_the_start_up_line_says_what_was_chosen_and_why() -> None:
     line = describe_choice(F32, BF16, [m(BF16, 1.0), m(F32, 38.0)], "cpu", "2 threads")
-    assert "float32" in line and "the fastest measured on cpu" in line and "bfloat16 1, float32 38" in line
+    assert "float32" in line and "the fastest measured on cpu in 0.0 s" in line and "bfloat16 1, float32 38" in line
     assert "saved models are written in bfloat16" in line
     fell_back = describe_choice(F32, F32, [m(BF16, 90.0), m(F32, 38.0)], "cpu", "2 threads")
     assert "the fastest that passed the test generation" in fell_back and "saved models" not in fell_back

@@ -86,6 +86,7 @@ class DtypeMeasurement:
     dtype: torch.dtype
     gflops: float | None  # None: the dtype does not run on this device
     utilization: float | None = None  # CPU: share of the threads' time the probe really got
+    seconds: float = 0.0  # what measuring it took, warm-up included
 
 
 def probe_device(device_map: str) -> torch.device:
@@ -140,6 +141,7 @@ def measure_dtype(
     Runs for about `seconds` after one warm-up product; on the CPU it also records which share of the
     threads' time the process got: CPU time / (wall time x threads)."""
     inner, outer = probe_shape(hidden, intermediate)
+    begun = time.perf_counter()
     try:
         x = torch.randn(PROBE_ROWS, inner, device=device).to(dtype)
         weight = (torch.randn(outer, inner, device=device) / math.sqrt(inner)).to(dtype)
@@ -147,7 +149,7 @@ def measure_dtype(
         _sync(device)
     except (RuntimeError, TypeError) as error:  # the dtype has no kernel on this device
         log.info("%s does not run on %s: %s", dtype, device, error)
-        return DtypeMeasurement(dtype, None)
+        return DtypeMeasurement(dtype, None, seconds=time.perf_counter() - begun)
     products, elapsed = 0, 0.0
     started, cpu_started = time.perf_counter(), time.process_time()
     while elapsed < seconds:
@@ -159,7 +161,7 @@ def measure_dtype(
     if device.type == "cpu":
         utilization = (time.process_time() - cpu_started) / (elapsed * torch.get_num_threads())
     flops = 2.0 * PROBE_ROWS * inner * outer * products
-    return DtypeMeasurement(dtype, flops / elapsed / 1e9, utilization)
+    return DtypeMeasurement(dtype, flops / elapsed / 1e9, utilization, time.perf_counter() - begun)
 
 
 def rank_dtypes(measurements: list[DtypeMeasurement]) -> list[torch.dtype]:
@@ -204,7 +206,8 @@ def describe_choice(
         )
         ranked = rank_dtypes(measurements)
         verdict = "the fastest" if ranked and ranked[0] == chosen else "the fastest that passed the test generation"
-        reason = f"{verdict} measured on {device}; GFLOP/s at this model's sizes: {rates}"
+        took = sum(m.seconds for m in measurements)
+        reason = f"{verdict} measured on {device} in {took:.1f} s; GFLOP/s at this model's sizes: {rates}"
     line = f"Compute dtype [bold]{dtype_name(chosen)}[/] ({reason}); {threads}"
     if native is not None and native != chosen:
         line += f"; saved models are written in {dtype_name(native)}, the model's own dtype (--save-dtype)"
