@@ -32,12 +32,14 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Each test runs in its own working directory with no HERETIC_* environment and its own cache."""
+    """Each test runs in its own working directory with no HERETIC_* environment (but float32) and its own cache."""
     for key in list(os.environ):
         if key.startswith("HERETIC_"):
             monkeypatch.delenv(key)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HERETIC_CACHE_DIR", str(tmp_path / "cache"))
+    # Deterministic scores: the measured dtype ("fastest") could differ between two test processes.
+    monkeypatch.setenv("HERETIC_DTYPES", '["float32"]')
 
 
 def pytest_report_header() -> list[str]:

@@ -17,7 +17,7 @@ from heretic.ablation.parameters import AblationParameters, ComponentKernel
 from heretic.config import Settings
 from heretic.errors import HereticError
 from heretic.export.save import save_merged
-from heretic.model import hardware, loading
+from heretic.model import hardware
 from heretic.model.architecture import build_architecture_map
 from heretic.model.hardware import (
     DtypeMeasurement,
@@ -166,32 +166,64 @@ def save_model(folder: Path, dtype: torch.dtype, nan: bool = False) -> Path:
 
 
 def fake_speeds(monkeypatch: pytest.MonkeyPatch, speeds: dict[torch.dtype, float]) -> None:
-    monkeypatch.setattr(
-        loading, "measure_dtype", lambda dtype, device, hidden, intermediate: m(dtype, speeds.get(dtype))
-    )
+    monkeypatch.setattr(hardware, "measure_dtype", lambda dtype, device, hidden, intermediate: m(dtype, speeds.get(dtype)))
+
+
+def never_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hardware, "measure_dtype", lambda *args: pytest.fail("measured again"))
 
 
 def test_fastest_loads_the_fastest_dtype_and_remembers_the_models_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = save_model(tmp_path / "bf16", BF16)
     fake_speeds(monkeypatch, {BF16: 1.0, F32: 38.0})
-    loaded = load_model(str(folder), dtypes=["fastest"])
+    loaded = load_model(str(folder), dtypes=["fastest"], cache_dir=str(tmp_path / "a"))
     assert loaded.dtype == F32 and loaded.model.dtype == F32 and loaded.native_dtype == BF16
     assert [x.dtype for x in loaded.dtype_measurements] == [BF16, F32]
     fake_speeds(monkeypatch, {BF16: 38.0, F32: 1.0})
-    assert load_model(str(folder), dtypes=["fastest"]).dtype == BF16
+    assert load_model(str(folder), dtypes=["fastest"], cache_dir=str(tmp_path / "b")).dtype == BF16
+
+
+def test_the_measurement_is_remembered_so_every_run_computes_alike(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = save_model(tmp_path / "bf16", BF16)
+    fake_speeds(monkeypatch, {BF16: 1.0, F32: 38.0})
+    first = load_model(str(folder), dtypes=["fastest"], cache_dir=str(tmp_path / "cache"))
+    never_measured(monkeypatch)
+    again = load_model(str(folder), dtypes=["fastest"], cache_dir=str(tmp_path / "cache"))
+    assert again.dtype == first.dtype == F32
+    assert all(x.remembered for x in again.dtype_measurements) and not any(x.remembered for x in first.dtype_measurements)
+    assert "measured on cpu by an earlier run" in describe_choice(again.dtype, BF16, again.dtype_measurements, "cpu", "")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # other kernels: a new measurement
+    fake_speeds(monkeypatch, {BF16: 38.0, F32: 1.0})
+    assert load_model(str(folder), dtypes=["fastest"], cache_dir=str(tmp_path / "cache")).dtype == BF16
+
+
+def test_remembered_measurements_survive_damage(tmp_path: Path) -> None:
+    path = tmp_path / "measurements.json"
+    assert hardware.remembered(path, "k") is None
+    hardware.remember(path, "k", [m(BF16, 2.0), m(F32, None)])
+    hardware.remember(path, "other", [m(F32, 1.0)])
+    assert [(x.dtype, x.gflops, x.remembered) for x in hardware.remembered(path, "k") or []] == [(BF16, 2.0, True), (F32, None, True)]
+    for damage in ("{not json", "[]", '{"k": [{"dtype": "no_such_dtype"}]}'):
+        path.write_text(damage)
+        assert hardware.remembered(path, "k") is None
+        hardware.remember(path, "k", [m(F32, 1.0)])  # rewritten whole, no exception
+        assert hardware.remembered(path, "k") is not None
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    hardware.remember(blocked / "measurements.json", "k", [m(F32, 1.0)])  # an unwritable cache is not an error
 
 
 def test_fastest_falls_back_to_the_next_dtype_that_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = save_model(tmp_path / "nan", F32, nan=True)
     fake_speeds(monkeypatch, {BF16: 38.0, F32: 1.0})
     with pytest.raises(HereticError, match=r"dtypes bfloat16, float32 \(bfloat16: the test generation produced NaN"):
-        load_model(str(folder), dtypes=["fastest"])
+        load_model(str(folder), dtypes=["fastest"], cache_dir=str(tmp_path / "cache"))
 
 
 def test_explicit_dtypes_are_not_measured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = save_model(tmp_path / "bf16", BF16)
-    monkeypatch.setattr(loading, "measure_dtype", lambda *args: pytest.fail("an explicit --dtypes was measured"))
-    loaded = load_model(str(folder), dtypes=["auto", "float32"])
+    never_measured(monkeypatch)
+    loaded = load_model(str(folder), dtypes=["auto", "float32"], cache_dir=str(tmp_path / "cache"))
     assert loaded.dtype == BF16 and loaded.dtype_measurements == []
 
 
@@ -201,8 +233,22 @@ def test_fastest_stands_alone(value: list[str]) -> None:
         Settings(dtypes=value)
 
 
-def test_default_is_fastest() -> None:
+def test_default_is_fastest(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HERETIC_DTYPES")  # the test suite pins float32 (see conftest.py)
     assert Settings().dtypes == ["fastest"] and Settings().save_dtype == "original"
+
+
+@pytest.mark.slow
+def test_a_resumed_search_computes_in_the_dtype_of_its_first_run(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    from test_search import completed, heretic_command, run
+
+    checkpoints = tmp_path / "checkpoints"
+    command = heretic_command(tiny_models["llama"], checkpoints, "--dtypes", "fastest", "--n-trials", "1")
+    first = run(command, tmp_path)
+    assert "Compute dtype " in first.stdout and "measured on cpu in" in first.stdout
+    resumed = run([*command, "--resume", "add"], tmp_path)
+    assert "measured on cpu by an earlier run" in resumed.stdout
+    assert "1 finished trials" in resumed.stdout and completed(checkpoints) == 2
 
 
 # --- Saving in the model's own dtype -------------------------------------------------------------

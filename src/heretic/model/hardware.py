@@ -8,11 +8,13 @@ like the batch size, instead of assumed.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -87,14 +89,13 @@ class DtypeMeasurement:
     gflops: float | None  # None: the dtype does not run on this device
     utilization: float | None = None  # CPU: share of the threads' time the probe really got
     seconds: float = 0.0  # what measuring it took, warm-up included
+    remembered: bool = False  # taken from an earlier run's measurement on this machine
 
 
 def probe_device(device_map: str) -> torch.device:
     """The device that does the model's matrix products under this --device-map."""
     text = device_map.strip()
     if text.startswith("{"):
-        import json
-
         values = [str(value) for value in json.loads(text).values()]
         first = next((value for value in values if value not in ("cpu", "disk")), "cpu")
         return torch.device(f"cuda:{first}" if first.isdigit() else first)
@@ -164,6 +165,83 @@ def measure_dtype(
     return DtypeMeasurement(dtype, flops / elapsed / 1e9, utilization, time.perf_counter() - begun)
 
 
+# Environment variables that limit the kernels a library may use, and so the speed of a dtype.
+KERNEL_LIMITS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS")
+
+
+def device_signature(device: torch.device) -> dict[str, object]:
+    """What a dtype's speed depends on: the processor (model and instruction-set flags) or GPU, the
+    threads, PyTorch's version and the environment variables that limit its kernels."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    elif device.type == "cpu":
+        name = _cpuinfo_digest()
+    else:
+        name = device.type
+    return {
+        "device": name,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "torch": torch.__version__,
+        "limits": {key: os.environ.get(key) for key in KERNEL_LIMITS if os.environ.get(key)},
+    }
+
+
+def _cpuinfo_digest() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        import platform
+
+        return platform.processor() or platform.machine()
+    wanted = [line for line in lines if line.startswith(("model name", "flags"))][:2]
+    return hashlib.sha256("\n".join(wanted).encode()).hexdigest()[:16]
+
+
+def remembered(path: Path, key: str) -> list[DtypeMeasurement] | None:
+    """The measurements an earlier run stored under `key`, if any (a damaged file counts as none)."""
+    try:
+        rows = json.loads(path.read_text())[key]
+        return [
+            DtypeMeasurement(getattr(torch, row["dtype"]), row["gflops"], row["utilization"], row["seconds"], True)
+            for row in rows
+        ]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def remember(path: Path, key: str, measurements: list[DtypeMeasurement]) -> None:
+    """Store the measurements under `key` (atomically; other keys are kept)."""
+    try:
+        stored = json.loads(path.read_text()) if path.is_file() else {}
+        if not isinstance(stored, dict):
+            stored = {}
+    except (OSError, ValueError):
+        stored = {}
+    stored[key] = [dict(asdict(m), dtype=dtype_name(m.dtype), remembered=False) for m in measurements]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.{os.getpid()}")
+        staging.write_text(json.dumps(stored, indent=1, sort_keys=True))
+        os.replace(staging, path)
+    except OSError as error:  # a read-only cache only costs a new measurement next time
+        log.info("Could not store the dtype measurements in %s: %s", path, error)
+
+
+def measure_or_remember(
+    path: Path, native: torch.dtype, device: torch.device, hidden: int, intermediate: int
+) -> list[DtypeMeasurement]:
+    """The candidate dtypes' speeds at these sizes on this device: measured once per machine, then
+    remembered, so that every run (a resumed search too) computes in the same dtype."""
+    identity = {"sizes": [hidden, intermediate], "native": dtype_name(native), **device_signature(device)}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+    earlier = remembered(path, key)
+    if earlier is not None:
+        return earlier
+    measurements = [measure_dtype(dtype, device, hidden, intermediate) for dtype in candidate_dtypes(native, device)]
+    remember(path, key, measurements)
+    return measurements
+
+
 def rank_dtypes(measurements: list[DtypeMeasurement]) -> list[torch.dtype]:
     """The measured dtypes, best first: the fastest, unless an earlier (preferred) one is within
     SPEED_MARGIN of it. Dtypes that did not run are dropped."""
@@ -179,7 +257,7 @@ def rank_dtypes(measurements: list[DtypeMeasurement]) -> list[torch.dtype]:
 
 def busy_warning(measurements: list[DtypeMeasurement], threads: int) -> str | None:
     """A warning when the probe got much less CPU than its threads could use (another busy process)."""
-    shares = [m.utilization for m in measurements if m.utilization is not None]
+    shares = [m.utilization for m in measurements if m.utilization is not None and not m.remembered]
     if not shares or max(shares) >= BUSY_UTILIZATION:
         return None
     got = max(shares) * threads
@@ -207,7 +285,8 @@ def describe_choice(
         ranked = rank_dtypes(measurements)
         verdict = "the fastest" if ranked and ranked[0] == chosen else "the fastest that passed the test generation"
         took = sum(m.seconds for m in measurements)
-        reason = f"{verdict} measured on {device} in {took:.1f} s; GFLOP/s at this model's sizes: {rates}"
+        when = "by an earlier run" if measurements[0].remembered else f"in {took:.1f} s"
+        reason = f"{verdict} measured on {device} {when}; GFLOP/s at this model's sizes: {rates}"
     line = f"Compute dtype [bold]{dtype_name(chosen)}[/] ({reason}); {threads}"
     if native is not None and native != chosen:
         line += f"; saved models are written in {dtype_name(native)}, the model's own dtype (--save-dtype)"

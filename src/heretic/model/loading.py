@@ -21,7 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import HereticError
-from .hardware import DtypeMeasurement, candidate_dtypes, dtype_name, measure_dtype, probe_device, rank_dtypes
+from .hardware import DtypeMeasurement, dtype_name, measure_or_remember, probe_device, rank_dtypes
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,8 @@ GGUF_CACHE_VERSION = 2
 # GGUF files say how they were quantized, not in which dtype the model was trained; bfloat16 is
 # what today's models are released in.
 GGUF_NATIVE_DTYPE = torch.bfloat16
+# Where the dtype measurements are remembered, in the cache folder.
+DTYPE_MEASUREMENTS = "dtype-measurements.json"
 
 
 @dataclass(frozen=True)
@@ -186,7 +188,7 @@ def load_model(
     native = native_dtype(source, config)
     measurements: list[DtypeMeasurement] = []
     if dtypes == [FASTEST]:
-        measurements = measure_dtypes(config, native, probe_device(device_map))
+        measurements = measure_dtypes(config, native, probe_device(device_map), Path(cache_dir))
         candidates = rank_dtypes(measurements) or [native]
     else:
         candidates = list(dict.fromkeys(native if name == "auto" else DTYPES[name] for name in dtypes))
@@ -232,12 +234,13 @@ def native_dtype(source: ModelSource, config: Any) -> torch.dtype:
     return torch.float32
 
 
-def measure_dtypes(config: Any, native: torch.dtype, device: torch.device) -> list[DtypeMeasurement]:
-    """Speed of each candidate dtype on `device`, at this model's hidden and MLP sizes."""
+def measure_dtypes(config: Any, native: torch.dtype, device: torch.device, cache_dir: Path) -> list[DtypeMeasurement]:
+    """Speed of each candidate dtype on `device`, at this model's hidden and MLP sizes (remembered
+    per machine in the cache folder)."""
     text = getattr(config, "text_config", None) or config
     hidden = int(getattr(text, "hidden_size", 0) or getattr(text, "n_embd", 0) or getattr(text, "d_model", 0) or 2048)
     intermediate = int(getattr(text, "intermediate_size", 0) or getattr(text, "moe_intermediate_size", 0) or 4 * hidden)
-    return [measure_dtype(dtype, device, hidden, intermediate) for dtype in candidate_dtypes(native, device)]
+    return measure_or_remember(cache_dir.expanduser() / DTYPE_MEASUREMENTS, native, device, hidden, intermediate)
 
 
 def _read_config(source: ModelSource, load_path: str, common: dict[str, Any]) -> Any:
