@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import PromptSet
-from .errors import HereticError
+from .errors import HereticError, first_line
 
 BUNDLED_SETS = ("harmful_train", "harmful_test", "harmless_train", "harmless_test")
 TABLE_SUFFIXES = {".csv", ".json", ".jsonl", ".parquet"}
@@ -183,7 +183,7 @@ def _load_folder(path: Path, split: str | None, column: str | None, label: str) 
         else:
             loaded = datasets.load_dataset(str(path), split=split or "train")
     except (FileNotFoundError, ValueError) as error:
-        raise HereticError(f"Cannot read the dataset folder {path} ({_first_line(error)}).") from None
+        raise HereticError(f"Cannot read the dataset folder {path} ({first_line(error, 200)}).") from None
     if isinstance(loaded, datasets.DatasetDict):
         names = list(loaded.keys())
         if split is None:
@@ -203,12 +203,7 @@ def _load_hub(dataset_id: str, split: str | None, column: str | None, revision: 
         loaded = datasets.load_dataset(dataset_id, split=split or "train", revision=revision)
     except Exception as error:  # noqa: BLE001 - datasets raises many types; all mean "cannot get it"
         raise HereticError(
-            f"Cannot load the dataset {dataset_id!r} from the Hugging Face Hub ({_first_line(error)}); "
+            f"Cannot load the dataset {dataset_id!r} from the Hugging Face Hub ({first_line(error, 200)}); "
             "check the id and your connection, or use a local file."
         ) from None
     return _column_of_mapping({name: loaded[name] for name in loaded.column_names}, column, f"Dataset {label}")
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:200]

@@ -9,7 +9,7 @@ from typing import Any
 from rich.table import Table
 
 from ..ablation.parameters import AblationParameters
-from ..errors import HereticError
+from ..errors import HereticError, first_line
 from ..ui import console
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def evaluate(model: Any, tokenizer: Any, tasks: list[str], limit: int | None, ba
         output = lm_eval.simple_evaluate(model=language_model, tasks=names, task_manager=manager, limit=limit, log_samples=False)
     except (ConnectionError, OSError) as error:
         raise HereticError(
-            f"A benchmark dataset could not be loaded ({str(error).splitlines()[0][:160]}); offline, use tasks with local data files."
+            f"A benchmark dataset could not be loaded ({first_line(error, 160)}); offline, use tasks with local data files."
         ) from None
     results: dict[str, dict[str, float]] = {}
     for task, metrics in (output or {}).get("results", {}).items():
