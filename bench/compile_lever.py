@@ -30,7 +30,7 @@ import torch
 from transformers import CompileConfig
 
 from heretic.config import Settings
-from heretic.main import load
+from heretic.session import load
 from heretic.model.generation import Engine
 from heretic.model.loading import eos_token_ids
 from heretic.prompts import load_prompts

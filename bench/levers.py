@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from heretic.config import Settings
-from heretic.main import load
+from heretic.session import load
 from heretic.model.batching import choose_batch_size
 from heretic.model.generation import Engine
 from heretic.model.loading import eos_token_ids

@@ -29,7 +29,7 @@ from typing import Any
 
 from heretic.ablation.parameters import AblationParameters
 from heretic.cli import settings_from_argv
-from heretic.main import prepare
+from heretic.session import prepare
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from replay_reference import our_parameters  # noqa: E402

@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 
 from heretic.ablation.parameters import AblationParameters, ComponentKernel
 from heretic.cli import settings_from_argv
-from heretic.main import prepare
+from heretic.session import prepare
 from heretic.search.space import describe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

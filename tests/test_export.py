@@ -18,7 +18,7 @@ import torch
 from heretic.config import Settings
 from heretic.errors import HereticError
 from heretic.export.save import atomic_folder
-from heretic.main import run
+from heretic.cli import run
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import torch
 
 from heretic.config import Settings
-from heretic.main import study_fingerprint
+from heretic.search.study import study_fingerprint
 from heretic.prompts import Prompt
 from heretic.search import checkpoint
 

@@ -198,11 +198,44 @@ def settings_from_argv(argv: Sequence[str] | None = None) -> Settings:
         fail(f"The config file {error} does not exist; check the path given to --config or HERETIC_CONFIG.")
 
 
+def run(settings: Settings) -> None:
+    """The pipeline: load -> prompts -> directions -> search -> choose -> act (or --demo, --reproduce, --evaluate-model).
+
+    Its modules are imported here, not at the top, so that `heretic --help` stays fast."""
+    from .ui import is_interactive, setup_logging
+
+    setup_logging(settings.log_level)
+    if settings.demo:
+        from .demo import apply_demo_preset
+
+        settings = apply_demo_preset(settings)
+    if settings.reproduce:
+        from .export.reproduce import reproduce
+
+        reproduce(settings)
+        return
+    if not settings.model:
+        raise HereticError(
+            "No model given; pass a Hugging Face id, a local folder or a .gguf file (heretic MODEL), or try heretic --demo."
+        )
+    if settings.evaluate_model:
+        from .evaluate import evaluate_model
+
+        evaluate_model(settings)
+        return
+    from .actions import choose_and_act
+    from .search.study import run_search
+    from .session import open_session_study, prepare, search_setup
+
+    session = prepare(settings, is_interactive() and not settings.headless)
+    study, _ = open_session_study(session)
+    run_search(search_setup(session), study, settings.n_trials)
+    choose_and_act(session, study)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     settings = settings_from_argv(argv)
     try:
-        from .main import run
-
         run(settings)
     except HereticError as error:
         fail(str(error))

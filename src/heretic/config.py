@@ -45,6 +45,8 @@ class SelectRule(str, Enum):
 
 
 Action = Literal["save", "save-adapter", "gguf", "upload", "chat", "benchmark", "report"]
+# The prompt sets by name; the setting of each is `<name>_prompts`.
+PROMPT_SETS = ("harmful", "harmless", "harmful_eval", "harmless_eval")
 
 # A prompt-set shorthand: SOURCE[:SPLIT][SLICE], e.g. "bundled:harmful_train[:400]",
 # "mlabonne/harmful_behaviors:train[:400]", "prompts.txt[100:200]".
@@ -373,6 +375,10 @@ class Settings(BaseSettings):
         description="Logging level of Heretic and the libraries it uses.",
         json_schema_extra={"section": "Diagnostics"},
     )
+
+    def prompt_sets(self) -> dict[str, PromptSet]:
+        """The prompt-set settings by name: harmful, harmless (directions), harmful_eval, harmless_eval (scoring)."""
+        return {name: getattr(self, f"{name}_prompts") for name in PROMPT_SETS}
 
     @field_validator("dtypes")
     @classmethod

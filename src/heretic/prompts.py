@@ -23,6 +23,11 @@ _SLICE = re.compile(r"^\[\s*(?P<start>-?\d+%?)?\s*:\s*(?P<stop>-?\d+%?)?\s*\]$")
 _SPLIT = re.compile(r"^(?P<name>[A-Za-z_][\w.-]*)?(?P<slice>\[.*\])?$")
 
 
+def prompt_set_title(name: str) -> str:
+    """How a prompt set's name ("harmful_eval") is written for people ("harmful eval")."""
+    return name.replace("_", " ")
+
+
 @dataclass(frozen=True)
 class Prompt:
     system: str

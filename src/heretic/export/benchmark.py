@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..ablation.parameters import AblationParameters
 from ..errors import HereticError, first_line
+from ..session import Session
 from ..ui import console
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def evaluate(model: Any, tokenizer: Any, tasks: list[str], limit: int | None, ba
     return results
 
 
-def run_benchmarks(session: Any, parameters: AblationParameters) -> dict[str, dict[str, dict[str, float]]]:
+def run_benchmarks(session: Session, parameters: AblationParameters) -> dict[str, dict[str, dict[str, float]]]:
     settings = session.settings
     model, tokenizer = session.ablator.base_model, session.loaded.tokenizer
     batch = max(1, session.engine.batch_size)

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..config import PromptSet
+from ..prompts import prompt_set_title
 
 log = logging.getLogger(__name__)
 TAGS = ["heretic", "abliterated", "uncensored", "decensored"]
@@ -84,9 +86,8 @@ def render_card(record: dict[str, Any], license_name: str | None) -> str:
         )
     lines += ["", "## Prompt sets", "", "| role | source | prompts | sha256 |", "|---|---|---:|---|"]
     for name, info in record["prompt_sets"].items():
-        spec = info["spec"]
-        label = spec["source"] + (f":{spec['split']}" if spec.get("split") else "")
-        lines.append(f"| {name.replace('_', ' ')} | `{label}` | {info['count']} | `{info['sha256'][:16]}` |")
+        label = PromptSet.model_validate(info["spec"]).label()
+        lines.append(f"| {prompt_set_title(name)} | `{label}` | {info['count']} | `{info['sha256'][:16]}` |")
     lines += [
         "",
         "## Reproduce",

@@ -14,9 +14,8 @@ from ..ablation.parameters import AblationParameters
 from ..config import Settings
 from ..errors import HereticError
 from ..model.architecture import build_architecture_map
-from ..model.generation import Engine
-from ..model.loading import eos_token_ids
-from ..prompts import prompts_digest
+from ..prompts import prompt_set_title, prompts_digest
+from ..session import FALLBACK_BATCH_SIZE, compute_directions, load, load_prompt_sets, make_engine
 from ..ui import console
 from . import card, record
 from .save import save_merged
@@ -53,8 +52,6 @@ def environment_mismatches(recorded: dict[str, Any], current: dict[str, Any], to
 
 
 def reproduce(settings: Settings) -> Path:
-    from ..main import compute_directions, load, load_prompt_sets
-
     data = read_record(str(settings.reproduce))
     mismatches = environment_mismatches(data["environment"], record.environment(), data["tool"])
     if mismatches:
@@ -81,8 +78,8 @@ def reproduce(settings: Settings) -> Path:
     prompt_sets = load_prompt_sets(rebuilt)
     for name, prompts in prompt_sets.items():
         if prompts_digest(prompts) != data["prompt_sets"][name]["sha256"]:
-            console.print(f"[yellow]The {name.replace('_', ' ')} prompts differ from the recorded ones (content hash).[/]")
-    engine = Engine(loaded.model, loaded.tokenizer, eos_token_ids(loaded), batch_size=int(data.get("batch_size") or 8), share_prefix=rebuilt.share_prompt_prefix)
+            console.print(f"[yellow]The {prompt_set_title(name)} prompts differ from the recorded ones (content hash).[/]")
+    engine = make_engine(rebuilt, loaded, int(data.get("batch_size") or FALLBACK_BATCH_SIZE))
     engine.response_prefix = data.get("response_prefix", "")
     directions = compute_directions(rebuilt, engine, loaded, prompt_sets)
     same = record.tensor_digest(directions) == data["directions_sha256"]
