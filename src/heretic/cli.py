@@ -13,7 +13,7 @@ from typing import Any, NoReturn, Sequence
 from pydantic import ValidationError
 
 from . import __version__
-from .config import Settings, SettingValueError, field_kind, load_settings, parse_text_value
+from .config import Settings, SettingValueError, field_extra, field_kind, load_settings, parse_text_value
 from .errors import HereticError
 
 EXIT_USAGE = 2
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group = parser
     for name, info in Settings.model_fields.items():
-        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        extra = field_extra(name)
         if extra.get("section"):
             group = parser.add_argument_group(str(extra["section"]).lower())  # type: ignore[assignment]
         kind = field_kind(info)

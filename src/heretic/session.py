@@ -10,7 +10,7 @@ import optuna
 import torch
 
 from .ablation.adapters import Ablator
-from .config import ResumePolicy, Settings
+from .config import ResumePolicy, Role, Settings, fields_with
 from .directions import refusal_directions, winsorize
 from .model.architecture import ArchitectureMap, build_architecture_map, find_layers, text_config
 from .model.batching import BatchMeasurement, choose_batch_size
@@ -197,7 +197,7 @@ def open_session_study(session: Session) -> tuple[optuna.Study, Path]:
 
 
 def search_setup(session: Session) -> SearchSetup:
-    """What one trial needs: the session's ablator, evaluator and directions, and the search settings."""
+    """What one trial needs: the session's ablator, evaluator and directions, and the settings tagged `search`."""
     settings = session.settings
     return SearchSetup(
         ablator=session.ablator,
@@ -205,10 +205,5 @@ def search_setup(session: Session) -> SearchSetup:
         directions=session.directions,
         num_layers=session.arch.num_layers,
         components=session.arch.components,
-        seed=settings.seed,
-        n_startup_trials=settings.n_startup_trials,
-        n_ei_candidates=settings.n_ei_candidates,
-        multivariate_tpe=settings.multivariate_tpe,
-        cut_hopeless_trials=settings.cut_hopeless_trials,
-        sampler_kl_floor=settings.sampler_kl_floor,
+        **{name: getattr(settings, name) for name in fields_with(Role.search)},
     )

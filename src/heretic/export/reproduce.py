@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ..ablation.adapters import Ablator
 from ..ablation.parameters import AblationParameters
-from ..config import Settings
+from ..config import Role, Settings, fields_with
 from ..errors import HereticError
 from ..model.architecture import build_architecture_map
 from ..prompts import prompt_set_title, prompts_digest
@@ -65,7 +65,7 @@ def reproduce(settings: Settings) -> Path:
         console.print("Environment matches the record.")
     explicit = settings.model_fields_set
     recorded = dict(data["settings"])
-    for key in ("model", "output_dir", "overwrite", "cache_dir", "device_map", "max_memory", "log_level"):
+    for key in fields_with(Role.override):
         if key in explicit:
             recorded[key] = getattr(settings, key)
     recorded.update(reproduce=None, evaluate_model=None, demo=False, action=[])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import optuna
 
-from ..config import ResumePolicy, Settings
+from ..config import ResumePolicy, Role, Settings, fields_with, fingerprint_entry, plain
 from ..model.loading import LoadedModel
 from ..prompts import Prompt, prompts_digest
 from ..ui import ProgressBars, console, format_duration
@@ -24,29 +24,36 @@ Location = tuple[dict[str, object], str, Path]
 def study_fingerprint(
     settings: Settings, loaded: LoadedModel, prompt_sets: dict[str, list[Prompt]], response_prefix: str
 ) -> dict[str, object]:
-    """Everything that changes what a trial measures: a search resumes only under identical values."""
+    """Everything that changes what a trial measures: a search resumes only under identical values.
+
+    One entry per setting tagged `score`: its value, or, for settings tagged with a `fingerprint` entry,
+    what they produce (the model's identity, the loaded dtype, the prompts' digests, the prefilled
+    response prefix, the judge)."""
+    derived = derived_entries(settings, loaded, prompt_sets, response_prefix)
+    values: dict[str, object] = {}
+    for name in fields_with(Role.score):
+        entry = fingerprint_entry(name)
+        if entry is None:
+            values[name] = plain(getattr(settings, name))
+        else:
+            values[entry] = derived[entry]
+    return values
+
+
+def derived_entries(
+    settings: Settings, loaded: LoadedModel, prompt_sets: dict[str, list[Prompt]], response_prefix: str
+) -> dict[str, object]:
+    """The fingerprint entries of score settings that count through what they produce, not their value."""
     source = loaded.source
     model_identity: dict[str, object] = {"name": source.name, "revision": settings.model_revision}
     if source.gguf_file is not None:
-        stat = source.gguf_file.stat()
-        model_identity.update(size=stat.st_size)
+        model_identity.update(size=source.gguf_file.stat().st_size)
     return {
         "model": model_identity,
         "dtype": str(loaded.dtype),
         "prompts": {name: prompts_digest(prompts) for name, prompts in prompt_sets.items()},
         "response_prefix": response_prefix,
-        "max_response_length": settings.max_response_length,
-        "orthogonalize_direction": settings.orthogonalize_direction,
-        "winsorization_quantile": settings.winsorization_quantile,
-        "row_normalization": settings.row_normalization.value,
-        "full_normalization_rank": settings.full_normalization_rank,
         "judge": settings.refusal_scorer or sorted(settings.refusal_markers),
-        "seed": settings.seed,
-        "n_startup_trials": settings.n_startup_trials,
-        "n_ei_candidates": settings.n_ei_candidates,
-        "multivariate_tpe": settings.multivariate_tpe,
-        "cut_hopeless_trials": settings.cut_hopeless_trials,
-        "sampler_kl_floor": settings.sampler_kl_floor,
     }
 
 
