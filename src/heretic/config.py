@@ -337,14 +337,12 @@ class Settings(BaseSettings):
         default=24,
         ge=1,
         description="Candidate parameter sets TPE draws for each trial, keeping the most promising one (more: the "
-        "search concentrates on the best region found so far and explores less; BENCHMARKS.md compares 24 and 128).",
+        "search concentrates on the best region found so far and explores less).",
         json_schema_extra=tags(Role.score, Role.search),
     )
     multivariate_tpe: bool = Field(
         default=False,
-        description="TPE models the parameters jointly (multivariate) instead of each on its own (univariate, the "
-        "default: on the benchmark it gave the same mean hypervolume with less spread between seeds and fuller "
-        "fronts between 23 and 31 refusals; BENCHMARKS.md).",
+        description="TPE models the parameters jointly (multivariate) instead of each on its own (univariate).",
         json_schema_extra=tags(Role.score, Role.search),
     )
     seed: int = Field(default=42, description="Seed of the search (and of the randomized SVD of full normalization).", json_schema_extra=tags(Role.score, Role.search))
@@ -353,7 +351,7 @@ class Settings(BaseSettings):
         ge=0.0,
         description="The sampler counts trials with a KL divergence below this as equally close to the original and "
         "ranks them by refusals alone, so the search does not dwell on ablations that change almost nothing "
-        "(recorded scores are unchanged; 0 = off; BENCHMARKS.md compares 0.01 and 0.04).",
+        "(recorded scores are unchanged; 0 = off).",
         json_schema_extra=tags(Role.score, Role.search),
     )
     cut_hopeless_trials: bool = Field(
