@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,8 +14,6 @@ from .search.pareto import TrialResult, pareto_front, select, trial_results
 from .search.space import describe
 from .session import Session
 from .ui import console, front_table
-
-log = logging.getLogger(__name__)
 
 
 def front_of(study: optuna.Study) -> list[TrialResult]:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -13,7 +12,7 @@ from .ablation.adapters import Ablator
 from .config import ResumePolicy, Role, Settings, fields_with
 from .directions import refusal_directions, winsorize
 from .model.architecture import ArchitectureMap, build_architecture_map, find_layers, text_config
-from .model.batching import BatchMeasurement, choose_batch_size
+from .model.batching import choose_batch_size
 from .model.generation import Engine
 from .model.loading import LoadedModel, eos_token_ids, load_model
 from .prompts import Prompt, load_prompts, prompt_set_title
@@ -44,8 +43,6 @@ class Session:
     base_refusals: int
     base_responses: list[str]
     interactive: bool
-    timings: dict[str, float] = field(default_factory=dict)
-    batch_measurements: list[BatchMeasurement] = field(default_factory=list)
     last_saved: Path | None = None  # the folder the last save action wrote (the upload action reuses it)
 
 
@@ -102,11 +99,7 @@ def detect_thinking_prefix(settings: Settings, engine: Engine, prompt_sets: dict
 
 def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = None) -> Session:
     """Load, read the prompts, choose the batch size, compute the directions and score the original model."""
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
     loaded = loaded or load(settings)
-    timings["load"] = time.perf_counter() - started
-
     arch = build_architecture_map(loaded.model)
     console.print(f"Architecture: {arch.num_layers} layers; {arch.summary()}")
     prompt_sets = load_prompt_sets(settings)
@@ -115,25 +108,17 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
     if engine.response_prefix:
         console.print(f"Responses open a thinking block; prefilling {engine.response_prefix!r}")
 
-    mark = time.perf_counter()
-    engine.batch_size, measurements = pick_batch_size(settings, engine, loaded, prompt_sets)
-    timings["batch_size"] = time.perf_counter() - mark
-    mark = time.perf_counter()
+    engine.batch_size = pick_batch_size(settings, engine, loaded, prompt_sets)
     directions = compute_directions(settings, engine, loaded, prompt_sets)
-    timings["directions"] = time.perf_counter() - mark
 
     judge = make_judge(settings)
     evaluator = Evaluator(
         engine, judge, prompt_sets["harmful_eval"], prompt_sets["harmless_eval"], settings.max_response_length, settings.stop_on_verdict
     )
     ablator = Ablator(loaded.model, arch, settings.row_normalization.value, settings.full_normalization_rank, settings.seed)
-    mark = time.perf_counter()
     base_refusals, base_responses = score_original(evaluator)
-    timings["baseline"] = time.perf_counter() - mark
-    timings["total"] = time.perf_counter() - started
     return Session(
-        settings, loaded, arch, engine, judge, evaluator, ablator, directions, prompt_sets,
-        base_refusals, base_responses, interactive, timings, measurements,
+        settings, loaded, arch, engine, judge, evaluator, ablator, directions, prompt_sets, base_refusals, base_responses, interactive
     )
 
 
@@ -149,16 +134,16 @@ def score_original(evaluator: Evaluator) -> tuple[int, list[str]]:
 
 def pick_batch_size(
     settings: Settings, engine: Engine, loaded: LoadedModel, prompt_sets: dict[str, list[Prompt]]
-) -> tuple[int, list[BatchMeasurement]]:
+) -> int:
     """--batch-size if given; else the batch size of the search this run resumes; else the fastest, measured."""
     if settings.batch_size:
-        return settings.batch_size, []
+        return settings.batch_size
     if settings.resume != ResumePolicy.restart:
         _, digest, path = checkpoint_location(settings, loaded, prompt_sets, engine.response_prefix)
         resumed = checkpoint.stored_batch_size(path, digest)
         if resumed is not None:
             console.print(f"Batch size [bold]{resumed}[/] (the one the checkpoint's trials ran with; --batch-size overrides it)")
-            return resumed, []
+            return resumed
     useful = max(len(prompt_sets["harmful_eval"]), len(prompt_sets["harmless_eval"]))
     with console.status("Choosing the batch size..."):
         batch_size, measurements = choose_batch_size(engine, min(settings.max_batch_size, useful))
@@ -167,7 +152,7 @@ def pick_batch_size(
         for m in measurements
     )
     console.print(f"Batch size [bold]{batch_size}[/] (tokens/s by batch size: {rates})")
-    return batch_size, measurements
+    return batch_size
 
 
 def compute_directions(settings: Settings, engine: Engine, loaded: LoadedModel, prompt_sets: dict[str, list[Prompt]]) -> torch.Tensor:

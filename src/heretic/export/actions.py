@@ -4,7 +4,6 @@ Each handler takes (session, result, parameters, *, confirm, output_dir)."""
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,8 +19,6 @@ from ..session import Session
 from ..ui import console
 from . import card, record
 from .save import ConfirmFn, save_adapter, save_merged
-
-log = logging.getLogger(__name__)
 
 
 class Handler(Protocol):

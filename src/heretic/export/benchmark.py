@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +11,6 @@ from ..ablation.parameters import AblationParameters
 from ..errors import HereticError, first_line
 from ..session import Session
 from ..ui import console
-
-log = logging.getLogger(__name__)
 
 
 def _task_names(tasks: list[str]) -> tuple[list[str], list[str]]:

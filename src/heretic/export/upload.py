@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
 from ..errors import HereticError, first_line
 from ..ui import console
-
-log = logging.getLogger(__name__)
 
 
 def resolve_token(interactive: bool) -> str:

@@ -168,11 +168,6 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
     return model.get_submodule(path)
 
 
-def dense_matrices(model: nn.Module, target: Target) -> torch.Tensor:
-    """The target's weight as float32 matrices M (hidden x in): shape (experts, hidden, in), experts=1 if unfused."""
-    return as_matrices(getattr(get_module(model, target.module), target.parameter), target)
-
-
 def as_matrices(weight: torch.Tensor, target: Target) -> torch.Tensor:
     """A target's stored weight as float32 matrices (experts, hidden, in)."""
     if not target.fused:

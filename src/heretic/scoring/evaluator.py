@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -12,8 +11,6 @@ from ..model.generation import Engine, common_prefix_length
 from ..prompts import Prompt
 from .kl import kl_divergence
 from .refusals import RefusalJudge
-
-log = logging.getLogger(__name__)
 
 # Called with the refusals found so far (a lower bound of the final count): True stops counting.
 Cutoff = Callable[[int], bool]

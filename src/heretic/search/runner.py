@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import statistics
 import time
 import zlib
@@ -17,8 +16,6 @@ from ..ablation.adapters import Ablator
 from ..scoring.evaluator import Evaluator, ProgressFactory
 from .pareto import TrialResult, is_dominated, trial_results
 from .space import describe, suggest_parameters
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
