@@ -34,7 +34,13 @@ from heretic.session import prepare
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from replay_reference import our_parameters  # noqa: E402
 from run_bench import (  # noqa: E402
-    RESULTS, WORK, ensure_reference_venv, our_command, reference_default_markers, search_settings, trial_metrics,
+    RESULTS,
+    WORK,
+    ensure_reference_venv,
+    our_command,
+    reference_default_markers,
+    search_settings,
+    trial_metrics,
 )
 
 OUTPUT = RESULTS / "reference-search.json"

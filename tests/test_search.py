@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 import optuna
-from optuna.trial import TrialState
 import pytest
 import torch
+from optuna.trial import TrialState
+from tiny import make_model
 
 from heretic.ablation.adapters import Ablator
 from heretic.ablation.kernels import ablated_matrices
@@ -22,7 +23,6 @@ from heretic.model.architecture import as_matrices, build_architecture_map
 from heretic.search.checkpoint import open_storage
 from heretic.search.runner import make_sampler
 from heretic.search.space import suggest_parameters
-from tiny import make_model
 
 pytestmark = pytest.mark.slow
 

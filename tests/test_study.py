@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import torch
 
 from heretic.config import Role, Settings, field_extra, field_roles, fields_with, fingerprint_entry
-from heretic.search.runner import SearchSetup
-from heretic.search.study import derived_entries, study_fingerprint
 from heretic.prompts import Prompt
 from heretic.search import checkpoint
+from heretic.search.runner import SearchSetup
+from heretic.search.study import derived_entries, study_fingerprint
 
 PROMPT_SETS = {
     name: [Prompt("You are a helpful assistant.", f"{name} {index}") for index in range(3)]

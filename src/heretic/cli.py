@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 import tomllib
-from typing import Any, NoReturn, Sequence
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
@@ -96,7 +97,7 @@ def _metavar(name: str, info: Any) -> str:
     annotation = str(info.annotation)
     if "PromptSet" in annotation:
         return "SOURCE[:SPLIT][SLICE]"
-    if annotation in {"int", "<class 'int'>"} or "int" == getattr(info.annotation, "__name__", ""):
+    if annotation in {"int", "<class 'int'>"} or getattr(info.annotation, "__name__", "") == "int":
         return "N"
     if "float" in annotation:
         return "X"

@@ -49,7 +49,7 @@ def parse_split(split: str | None) -> tuple[str | None, slice]:
         raise HereticError(
             f"Cannot read the slice {slice_text!r} of split {split!r}; use [start:stop] with whole numbers or percentages."
         )
-    return name, slice(bounds.group("start"), bounds.group("stop"))  # type: ignore[arg-type]
+    return name, slice(bounds.group("start"), bounds.group("stop"))
 
 
 def apply_slice(items: list[str], bounds: slice, label: str) -> list[str]:
@@ -60,7 +60,7 @@ def apply_slice(items: list[str], bounds: slice, label: str) -> list[str]:
             return round(len(items) * int(value[:-1]) / 100)
         return int(value)
 
-    return items[resolve(bounds.start) : resolve(bounds.stop)]  # type: ignore[arg-type]
+    return items[resolve(bounds.start) : resolve(bounds.stop)]
 
 
 def load_prompt_texts(spec: PromptSet) -> list[str]:

@@ -17,6 +17,7 @@ from torch import nn
 from ..model.architecture import ArchitectureMap, Target, as_matrices
 from .kernels import ablation_factors
 from .parameters import AblationParameters
+
 ADAPTER = "default"
 
 

@@ -108,9 +108,9 @@ def find_layers(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
             return path, candidate
     # Otherwise: the longest ModuleList of the configured length outside vision/audio towers.
     for path, module in modules.items():
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
-            if not any(part in path for part in ("vision", "visual", "audio", "image", "encoder")):
-                return path, module
+        towers = ("vision", "visual", "audio", "image", "encoder")
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers and not any(part in path for part in towers):
+            return path, module
     raise HereticError(
         f"Could not find the {num_layers} transformer layers of {type(model).__name__}: no module list of that "
         "length; this architecture is not supported yet."
@@ -119,8 +119,8 @@ def find_layers(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
 
 def build_architecture_map(model: nn.Module) -> ArchitectureMap:
     config = text_config(model.config)
-    hidden_size = int(getattr(config, "hidden_size"))
-    num_layers = int(getattr(config, "num_hidden_layers"))
+    hidden_size = int(config.hidden_size)
+    num_layers = int(config.num_hidden_layers)
     layers_path, layers = find_layers(model, num_layers)
     mapping = ArchitectureMap(layers_path=layers_path, hidden_size=hidden_size)
     for index, layer in enumerate(layers):
