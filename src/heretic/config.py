@@ -17,7 +17,7 @@ import re
 from contextvars import ContextVar
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -45,6 +45,7 @@ class SelectRule(str, Enum):
     lowest_kl = "lowest-kl"
 
 
+# The names of the actions (export/actions.py registers what each does, in this order).
 Action = Literal["save", "save-adapter", "gguf", "upload", "chat", "benchmark", "report"]
 # The prompt sets by name; the setting of each is `<name>_prompts`.
 PROMPT_SETS = ("harmful", "harmless", "harmful_eval", "harmless_eval")
@@ -395,8 +396,8 @@ class Settings(BaseSettings):
     # --- Output ---------------------------------------------------------------------------
     action: list[Action] = Field(
         default=[],
-        description="What to do with the chosen trial, in order, without asking: save, save-adapter, gguf, upload, "
-        "chat, benchmark, report (repeat the flag for several).",
+        description=f"What to do with the chosen trial, in order, without asking: {', '.join(get_args(Action))} "
+        "(repeat the flag for several).",
         json_schema_extra=tags(Role.run, section="Output"),
     )
     output_dir: str | None = Field(
