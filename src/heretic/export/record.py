@@ -23,7 +23,7 @@ LIBRARIES = ("torch", "transformers", "peft", "optuna", "accelerate", "safetenso
 
 
 def environment() -> dict[str, Any]:
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in LIBRARIES:
         try:
             versions[name] = metadata.version(name)

@@ -28,7 +28,7 @@ def read_record(path: str) -> dict[str, Any]:
     if not file.is_file():
         raise HereticError(f"The reproduction record {file} does not exist; it is the heretic.json saved beside a model.")
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        data: dict[str, Any] = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise HereticError(f"{file} is not valid JSON (line {error.lineno}: {error.msg}).") from None
     if data.get("record_version") != record.RECORD_VERSION or "trial" not in data:

@@ -12,6 +12,7 @@ needs no knowledge of the storage layout.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -95,7 +96,8 @@ class ArchitectureMap:
         return "; ".join(parts)
 
 
-def text_config(config: object) -> object:
+def text_config(config: Any) -> Any:
+    """The text model's part of a (possibly multimodal) transformers config."""
     getter = getattr(config, "get_text_config", None)
     return getter() if callable(getter) else config
 
@@ -181,5 +183,6 @@ def _dequantized(weight: torch.Tensor) -> torch.Tensor:
     if quant_state is not None:  # bitsandbytes 4-bit
         import bitsandbytes.functional as bnb_functional
 
-        return bnb_functional.dequantize_4bit(weight.data, quant_state)
+        dense: torch.Tensor = bnb_functional.dequantize_4bit(weight.data, quant_state)
+        return dense
     return weight.detach()

@@ -266,7 +266,8 @@ def sliding_window(model: PreTrainedModel) -> int | None:
     return int(window)
 
 
-def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+def common_prefix_length(rows: Sequence[Sequence[object]]) -> int:
+    """The length of the longest prefix that all rows (token ids, or strings) share."""
     first = rows[0]
     length = min(len(row) for row in rows)
     for position in range(length):

@@ -133,7 +133,7 @@ def detect_response_prefix(engine: Engine, prompts: list[Prompt], tags: list[tup
     finally:
         engine.response_prefix = saved
     assert token_ids is not None
-    texts = [engine.tokenizer.decode(tokens, skip_special_tokens=False) for tokens in token_ids]
+    texts = [str(engine.tokenizer.decode(tokens, skip_special_tokens=False)) for tokens in token_ids]
     stripped = texts[0][: common_prefix_length(texts)].lstrip()
     for opening, closing in tags:
         if stripped.startswith(opening):

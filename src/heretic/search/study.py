@@ -107,7 +107,7 @@ def ask_resume(done: int, n_trials: int) -> ResumePolicy:
     answer = questionary.select(f"A checkpoint with {done} finished trials exists.", choices=choices).ask()
     if answer is None:
         raise KeyboardInterrupt
-    return answer
+    return ResumePolicy(answer)
 
 
 def run_search(setup: SearchSetup, study: optuna.Study, n_trials: int) -> None:
