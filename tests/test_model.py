@@ -157,7 +157,7 @@ def test_residuals_equal_a_manual_forward_pass(kind: str, tiny_models: dict[str,
     assert residuals.shape == (len(PROMPTS), len(layers) + 1, 64) and residuals.dtype == torch.float32
     for index, row in enumerate(ids):  # one prompt at a time, no padding, no prefix sharing
         captured = []
-        hooks = [layer.register_forward_hook(lambda _m, _a, out: captured.append(out[0] if isinstance(out, tuple) else out)) for layer in layers]  # noqa: B023 - hooks removed within the iteration
+        hooks = [layer.register_forward_hook(lambda _m, _a, out, store=captured: store.append(out[0] if isinstance(out, tuple) else out)) for layer in layers]
         with torch.no_grad():
             output = engine.model(torch.tensor([row]), output_hidden_states=True)
         for hook in hooks:

@@ -51,18 +51,22 @@ def environment_mismatches(recorded: dict[str, Any], current: dict[str, Any], to
     return rows
 
 
-def reproduce(settings: Settings) -> Path:
-    data = read_record(str(settings.reproduce))
+def print_environment(data: dict[str, Any]) -> None:
+    """Whether this environment is the recorded one, with a table of the differences."""
     mismatches = environment_mismatches(data["environment"], record.environment(), data["tool"])
-    if mismatches:
-        table = Table(title="Environment differs from the record (weights may differ slightly)", title_justify="left")
-        for column in ("what", "recorded", "now"):
-            table.add_column(column)
-        for row in mismatches:
-            table.add_row(*row)
-        console.print(table)
-    else:
+    if not mismatches:
         console.print("Environment matches the record.")
+        return
+    table = Table(title="Environment differs from the record (weights may differ slightly)", title_justify="left")
+    for column in ("what", "recorded", "now"):
+        table.add_column(column)
+    for row in mismatches:
+        table.add_row(*row)
+    console.print(table)
+
+
+def rebuilt_settings(settings: Settings, data: dict[str, Any]) -> Settings:
+    """The recorded settings, with the `override` settings given on this command line, and no action."""
     explicit = settings.model_fields_set
     recorded = dict(data["settings"])
     for key in fields_with(Role.override):
@@ -71,7 +75,14 @@ def reproduce(settings: Settings) -> Path:
     recorded.update(reproduce=None, evaluate_model=None, demo=False, action=[])
     if data["model"].get("gguf_file") and "model" not in explicit:
         recorded["model"] = data["model"]["gguf_file"]
-    rebuilt = Settings.model_validate(recorded)
+    return Settings.model_validate(recorded)
+
+
+def reproduce(settings: Settings) -> Path:
+    """Rebuild the recorded trial's merged model: same settings, prompts and directions (each checked), no search."""
+    data = read_record(str(settings.reproduce))
+    print_environment(data)
+    rebuilt = rebuilt_settings(settings, data)
 
     loaded = load(rebuilt)
     arch = build_architecture_map(loaded.model)
