@@ -9,12 +9,13 @@ import argparse
 import sys
 import tomllib
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from enum import Enum
+from typing import Any, NoReturn, get_args
 
 from pydantic import ValidationError
 
 from . import __version__
-from .config import Settings, SettingValueError, field_extra, field_kind, load_settings, parse_text_value
+from .config import PromptSet, Settings, SettingValueError, field_extra, field_kind, load_settings, parse_text_value
 from .errors import HereticError
 
 EXIT_USAGE = 2
@@ -109,9 +110,6 @@ def _metavar(name: str, info: Any) -> str:
 
 
 def _choices(annotation: Any) -> list[str]:
-    from enum import Enum
-    from typing import get_args
-
     if isinstance(annotation, type) and issubclass(annotation, Enum):
         return [member.value for member in annotation]
     args = [arg for arg in get_args(annotation) if arg is not type(None)]
@@ -121,10 +119,6 @@ def _choices(annotation: Any) -> list[str]:
 
 
 def _show_default(value: Any) -> str:
-    from enum import Enum
-
-    from .config import PromptSet
-
     if isinstance(value, Enum):
         return str(value.value)
     if isinstance(value, PromptSet):

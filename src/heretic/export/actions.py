@@ -13,12 +13,16 @@ from typing import Any, Protocol
 from rich.table import Table
 
 from ..ablation.parameters import AblationParameters
+from ..chat import chat_loop
 from ..errors import HereticError
 from ..search.pareto import TrialResult
 from ..session import Session
 from ..ui import console
 from . import card, record
+from .benchmark import run_benchmarks
+from .merged import merged_model
 from .save import ConfirmFn, save_adapter, save_merged
+from .upload import upload_folder
 
 
 class Handler(Protocol):
@@ -104,7 +108,6 @@ def gguf_path(output_dir: Path, gguf_type: str) -> Path:
 @action("gguf", "Export GGUF (llama.cpp / Ollama)")
 def export_gguf_file(session: Session, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path) -> Path:
     from .gguf import export_gguf
-    from .merged import merged_model
 
     settings = session.settings
     target = gguf_path(output_dir, settings.gguf_type).expanduser().resolve()
@@ -122,8 +125,6 @@ def export_gguf_file(session: Session, result: TrialResult, parameters: Ablation
 
 @action("upload", "Upload to the Hugging Face Hub")
 def upload(session: Session, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path) -> None:
-    from .upload import upload_folder
-
     folder = session.last_saved
     if folder is None or not folder.is_dir():
         folder = save_model(session, result, parameters, confirm=confirm, output_dir=output_dir)
@@ -132,15 +133,11 @@ def upload(session: Session, result: TrialResult, parameters: AblationParameters
 
 @action("chat", "Chat with the model")
 def chat(session: Session, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path) -> None:
-    from ..chat import chat_loop
-
     chat_loop(session.loaded, session.settings.system_prompt, session.engine.response_prefix)
 
 
 @action("benchmark", "Run benchmarks (lm-evaluation-harness)")
 def benchmark(session: Session, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path) -> None:
-    from .benchmark import run_benchmarks
-
     run_benchmarks(session, parameters)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from rich.table import Table
 
+from .. import __version__
 from ..ablation.adapters import Ablator
 from ..ablation.parameters import AblationParameters
 from ..config import Role, Settings, fields_with
@@ -37,8 +38,6 @@ def read_record(path: str) -> dict[str, Any]:
 
 
 def environment_mismatches(recorded: dict[str, Any], current: dict[str, Any], tool: dict[str, Any]) -> list[tuple[str, str, str]]:
-    from .. import __version__
-
     rows = []
     if tool.get("version") != __version__:
         rows.append(("heretic", str(tool.get("version")), __version__))

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from pathlib import Path
 
 import optuna
 
+from ..ablation.parameters import AblationParameters
 from ..config import ResumePolicy, Role, Settings, fields_with, fingerprint_entry, plain
 from ..model.loading import LoadedModel
 from ..prompts import Prompt, prompts_digest
 from ..ui import ProgressBars, console, format_duration
 from . import checkpoint
-from .runner import SearchSetup, completed_trials, eta_seconds, run_trial, trial_line
+from .pareto import TrialResult, trial_results
+from .runner import SearchSetup, completed_trials, run_trial
+from .space import describe
 
 log = logging.getLogger(__name__)
 
@@ -131,3 +135,20 @@ def run_search(setup: SearchSetup, study: optuna.Study, n_trials: int) -> None:
     finally:
         setup.ablator.reset()
     console.print(f"Search time: {format_duration(time.perf_counter() - started)}")
+
+
+def eta_seconds(study: optuna.Study, remaining: int) -> float:
+    """The median time of the last 20 finished trials, times the trials remaining."""
+    times = [r.seconds for r in trial_results(study)[-20:]]
+    return statistics.median(times) * remaining if times else 0.0
+
+
+def trial_line(result: TrialResult, n_prompts: int, index: int, total: int, eta: float) -> str:
+    """The console line of a finished trial: refusals, KL, time, eta and parameters."""
+    parameters = describe(AblationParameters.from_dict(result.parameters))
+    cut = " [dim](cut: dominated)[/]" if result.cut else ""
+    return (
+        f"Trial {result.number:>3} ({index}/{total})  refusals [bold]{result.refusals_text:>3}[/]/{n_prompts}{cut}  "
+        f"KL [bold]{result.kl:.4f}[/]  {format_duration(result.seconds)}  eta {format_duration(eta)}  "
+        f"[dim]{parameters}[/]"
+    )
