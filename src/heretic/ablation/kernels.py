@@ -12,8 +12,6 @@ import math
 import torch
 from torch import Tensor
 
-MODES = ("none", "pre", "full")
-
 
 def kernel_weight(
     layer: float, max_weight: float, max_weight_position: float, min_weight: float, min_weight_distance: float

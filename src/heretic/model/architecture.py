@@ -166,10 +166,6 @@ def _role(relative_path: str) -> str | None:
     return None
 
 
-def get_module(model: nn.Module, path: str) -> nn.Module:
-    return model.get_submodule(path)
-
-
 def as_matrices(weight: torch.Tensor, target: Target) -> torch.Tensor:
     """A target's stored weight as float32 matrices (experts, hidden, in)."""
     if not target.fused:
