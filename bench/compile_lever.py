@@ -30,12 +30,12 @@ import torch
 from transformers import CompileConfig
 
 from heretic.config import Settings
-from heretic.main import load
 from heretic.model.generation import Engine
 from heretic.model.loading import eos_token_ids
 from heretic.prompts import load_prompts
 from heretic.scoring.evaluator import Evaluator
 from heretic.scoring.refusals import MarkerJudge
+from heretic.session import load
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_bench import DEFAULT_DATASETS, REFERENCE_VENV, RESULTS, WORK, machine, reference_default_markers  # noqa: E402

@@ -29,16 +29,16 @@ from typing import Any
 import torch
 
 from heretic.config import Settings
-from heretic.main import load
 from heretic.model.batching import choose_batch_size
 from heretic.model.generation import Engine
 from heretic.model.loading import eos_token_ids
 from heretic.prompts import load_prompts
 from heretic.scoring.evaluator import Evaluator
 from heretic.scoring.refusals import MarkerJudge
+from heretic.session import load
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_bench import DEFAULT_DATASETS, RESULTS, WORK, machine, reference_default_markers, REFERENCE_VENV, update_benchmarks_md  # noqa: E402
+from run_bench import DEFAULT_DATASETS, REFERENCE_VENV, RESULTS, WORK, machine, reference_default_markers, update_benchmarks_md  # noqa: E402
 
 
 def timed_trial_work(engine: Engine, evaluator: Evaluator) -> tuple[float, list[bool]]:

@@ -29,12 +29,18 @@ from typing import Any
 
 from heretic.ablation.parameters import AblationParameters
 from heretic.cli import settings_from_argv
-from heretic.main import prepare
+from heretic.session import prepare
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from replay_reference import our_parameters  # noqa: E402
 from run_bench import (  # noqa: E402
-    RESULTS, WORK, ensure_reference_venv, our_command, reference_default_markers, search_settings, trial_metrics,
+    RESULTS,
+    WORK,
+    ensure_reference_venv,
+    our_command,
+    reference_default_markers,
+    search_settings,
+    trial_metrics,
 )
 
 OUTPUT = RESULTS / "reference-search.json"

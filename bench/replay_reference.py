@@ -29,8 +29,8 @@ from optuna.trial import TrialState
 
 from heretic.ablation.parameters import AblationParameters, ComponentKernel
 from heretic.cli import settings_from_argv
-from heretic.main import prepare
 from heretic.search.space import describe
+from heretic.session import prepare
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_bench import REFERENCE_VENV, RESULTS, WORK, our_command, pareto, reference_default_markers, update_benchmarks_md  # noqa: E402

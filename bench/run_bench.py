@@ -516,7 +516,7 @@ def write_markdown(results: dict[str, Any], command: str) -> str:
         f"- compute dtype: reference bfloat16 (its default for this model); ours "
         f"{tools.get('ours', {}).get('dtype') or 'bfloat16 (--dtypes bfloat16)'}",
         f"- command: `{command}`",
-        f"- model: Qwen2.5-Coder-0.5B-Instruct (demo model, Q4_K_M GGUF dequantized to bf16 safetensors)",
+        "- model: Qwen2.5-Coder-0.5B-Instruct (demo model, Q4_K_M GGUF dequantized to bf16 safetensors)",
         f"- prompts: directions from harmful_train[:{settings['train_prompts']}] and harmless_train[:{settings['train_prompts']}]; "
         f"refusals on harmful_test[:{settings['eval_prompts']}]; KL on harmless_test[:{settings['eval_prompts']}] (`../shared/datasets/`)",
         f"- shared settings: max_response_length {settings['max_response_length']}, automatic batch size (max "

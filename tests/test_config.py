@@ -144,3 +144,13 @@ def test_help_and_version_do_not_import_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "--max-response-length" in result.stdout and "heretic 0.1.0" in result.stdout
+
+
+def test_every_action_name_has_one_registered_handler() -> None:
+    from typing import get_args
+
+    from heretic.config import Action
+    from heretic.export.actions import ACTIONS
+
+    assert tuple(ACTIONS) == get_args(Action)  # the same names, in the same (menu) order
+    assert all(action.label and callable(action.handler) for action in ACTIONS.values())

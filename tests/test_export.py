@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from heretic.cli import run
 from heretic.config import Settings
 from heretic.errors import HereticError
 from heretic.export.save import atomic_folder
-from heretic.main import run
 
 pytestmark = pytest.mark.slow
 
@@ -160,10 +158,9 @@ def test_interrupted_write_leaves_the_target_untouched(tmp_path: Path) -> None:
     target = tmp_path / "model"
     target.mkdir()
     (target / "old.txt").write_text("old")
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_folder(target, overwrite=True) as staging:
-            (staging / "half.safetensors").write_bytes(b"\0" * 100)
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), atomic_folder(target, overwrite=True) as staging:
+        (staging / "half.safetensors").write_bytes(b"\0" * 100)
+        raise KeyboardInterrupt
     assert [p.name for p in target.iterdir()] == ["old.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # the staging folder is gone
 

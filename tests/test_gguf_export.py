@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
+from tiny import CHATML, make_tokenizer
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 import heretic.export.gguf as gguf_export
 from heretic.errors import HereticError
 from heretic.export.gguf import GGUF_TYPES, export_gguf
-from tiny import CHATML, make_tokenizer
 
 # Largest |logit difference| over the largest |logit|, after a round trip, per tensor type. Measured on
 # these models (f16 ~0.1%, bf16 ~1%, q8_0 ~3.5% at worst); a missing Q/K interleave or norm offset

@@ -264,7 +264,8 @@ def test_merged_model_is_saved_in_its_own_dtype(tmp_path: Path, save_dtype: str,
     parameters = AblationParameters("per-layer", 0.0, {"attn": ComponentKernel(1.0, 2.0, 0.5, 2.0)})
     target = save_merged(loaded, ablator, parameters, directions, tmp_path / "out", dtype=save_dtype)
     with safe_open(str(target / "model.safetensors"), "pt") as weights:
-        dtypes = {weights.get_tensor(name).dtype for name in weights.keys()}
+        names = weights.keys()  # a safetensors file handle is not iterable
+        dtypes = {weights.get_tensor(name).dtype for name in names}
     assert dtypes == {stored}
     config = json.loads((target / "config.json").read_text())
     assert config["dtype"] == str(stored).removeprefix("torch.") and "torch_dtype" not in config

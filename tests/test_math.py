@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from heretic.ablation.kernels import ablated_matrices, ablation_factors, interpolate_direction, kernel_weight, low_rank_approximation
+from heretic.ablation.kernels import (
+    ablated_matrices,
+    ablation_factors,
+    interpolate_direction,
+    kernel_weight,
+    low_rank_approximation,
+)
 from heretic.ablation.parameters import AblationParameters, ComponentKernel
 from heretic.directions import refusal_directions, winsorize
 from heretic.scoring.kl import kl_divergence

@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import KINDS, NO_SYSTEM, make_model, make_tokenizer, save_tiny
 
 from heretic.errors import HereticError
-from heretic.model.architecture import build_architecture_map, find_layers, text_config
 from heretic.model import batching
+from heretic.model.architecture import build_architecture_map, find_layers, text_config
 from heretic.model.batching import choose_batch_size, is_out_of_memory
 from heretic.model.chat import format_chat
 from heretic.model.generation import Engine, common_prefix_length
 from heretic.model.loading import eos_token_ids, load_model, resolve_source
 from heretic.prompts import Prompt
-from tiny import KINDS, NO_SYSTEM, make_model, make_tokenizer, save_tiny
 
 PROMPTS = [
     Prompt("You are a helpful assistant.", text)
@@ -122,7 +122,7 @@ def test_architecture_map(kind: str) -> None:
     if kind in ("qwen3_moe", "qwen2_moe"):
         fused = [t for t in mlp if t.fused]
         assert len(fused) == 1 and fused[0].parameter == "down_proj" and fused[0].out_axis == 1
-        weight = getattr(model.get_submodule(fused[0].module), "down_proj")
+        weight = model.get_submodule(fused[0].module).down_proj
         assert weight.dim() == 3 and weight.shape[1] == 64
         if kind == "qwen2_moe":  # the shared expert is part of the MLP component
             assert any("shared_expert" in t.module for t in mlp)
@@ -157,7 +157,7 @@ def test_residuals_equal_a_manual_forward_pass(kind: str, tiny_models: dict[str,
     assert residuals.shape == (len(PROMPTS), len(layers) + 1, 64) and residuals.dtype == torch.float32
     for index, row in enumerate(ids):  # one prompt at a time, no padding, no prefix sharing
         captured = []
-        hooks = [layer.register_forward_hook(lambda _m, _a, out: captured.append(out[0] if isinstance(out, tuple) else out)) for layer in layers]
+        hooks = [layer.register_forward_hook(lambda _m, _a, out, store=captured: store.append(out[0] if isinstance(out, tuple) else out)) for layer in layers]
         with torch.no_grad():
             output = engine.model(torch.tensor([row]), output_hidden_states=True)
         for hook in hooks:

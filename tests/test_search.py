@@ -7,13 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
-from optuna.trial import TrialState
 import pytest
 import torch
+from optuna.trial import TrialState
+from tiny import make_model
 
 from heretic.ablation.adapters import Ablator
 from heretic.ablation.kernels import ablated_matrices
@@ -22,7 +22,6 @@ from heretic.model.architecture import as_matrices, build_architecture_map
 from heretic.search.checkpoint import open_storage
 from heretic.search.runner import make_sampler
 from heretic.search.space import suggest_parameters
-from tiny import make_model
 
 pytestmark = pytest.mark.slow
 
@@ -77,6 +76,26 @@ def completed(checkpoints: Path) -> int:
     return count
 
 
+# `python -c PAUSED_HERETIC N ARGS...` runs `heretic ARGS...` and stops itself (SIGSTOP) when trial N
+# (counted from 0) starts scoring: trials 0..N-1 are finished and trial N is running in the journal.
+PAUSED_HERETIC = """
+import os, signal, sys
+from heretic.cli import main
+from heretic.scoring.evaluator import Evaluator
+
+pause_at, kl, calls = int(sys.argv[1]), Evaluator.kl, []
+
+def paused_kl(self):
+    if len(calls) == pause_at:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    calls.append(1)
+    return kl(self)
+
+Evaluator.kl = paused_kl
+main(sys.argv[2:])
+"""
+
+
 def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
@@ -93,18 +112,19 @@ def test_killed_search_resumes_to_the_same_study(kind: str, tiny_models: dict[st
     expected = [t for t in study_trials(tmp_path / "uninterrupted") if t[1] == "COMPLETE"]
     assert len(expected) == 6
 
-    # Same command, killed with SIGKILL after three finished trials, then run again.
+    # Same command, killed with SIGKILL while its fourth trial runs (it stops itself there, so the kill
+    # never races the end of the search), then run again.
     killed_dir = tmp_path / "killed"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    process = subprocess.Popen(heretic_command(model, killed_dir), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while completed(killed_dir) < 3 and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert process.poll() is None, "the run ended before it could be killed: " + process.stderr.read().decode()
+    command = [sys.executable, "-c", PAUSED_HERETIC, "3", *heretic_command(model, killed_dir)[3:]]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status = os.waitpid(process.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), "the run ended before it could be killed: " + process.stderr.read().decode()
     process.send_signal(signal.SIGKILL)
     process.wait()
     finished_before = completed(killed_dir)
-    assert 3 <= finished_before < 6
+    assert 3 <= finished_before < 6 and finished_before == 3
+    assert [t[1] for t in study_trials(killed_dir)][3] == "RUNNING"  # killed mid-trial
 
     resumed = run(heretic_command(model, killed_dir), tmp_path)
     assert f"{finished_before} finished trials" in resumed.stdout

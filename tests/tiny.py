@@ -29,7 +29,7 @@ VOCAB_SIZE = 512
 KINDS = ("llama", "qwen2", "gemma3", "qwen3_moe", "qwen2_moe", "gemma3_mm")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _trained_tokenizer_json() -> str:
     corpus = []
     for name in ("harmful_train", "harmless_train"):

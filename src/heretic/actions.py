@@ -2,30 +2,53 @@
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Callable
 from pathlib import Path
+
+import optuna
 
 from .ablation.parameters import AblationParameters
 from .errors import HereticError
-from .main import Session, choose_headless, default_output_dir, front_of, restore
-from .search.pareto import TrialResult
+from .export.actions import ACTIONS
+from .search.pareto import TrialResult, pareto_front, select, trial_results
 from .search.space import describe
+from .session import Session
 from .ui import console, front_table
 
-log = logging.getLogger(__name__)
 
-ACTION_LABELS = {
-    "save": "Save the merged model",
-    "save-adapter": "Save the adapter only (PEFT LoRA)",
-    "gguf": "Export GGUF (llama.cpp / Ollama)",
-    "upload": "Upload to the Hugging Face Hub",
-    "chat": "Chat with the model",
-    "benchmark": "Run benchmarks (lm-evaluation-harness)",
-    "report": "Show example responses, original vs ablated",
-}
+def front_of(study: optuna.Study) -> list[TrialResult]:
+    """The Pareto front (refusals, KL) of the study's finished trials."""
+    return pareto_front(trial_results(study))
 
 
-def choose_and_act(session: Session, study, study_path: Path) -> None:
+def restore(session: Session, result: TrialResult) -> AblationParameters:
+    """Apply a trial's ablation to the session's model; return its parameters."""
+    parameters = AblationParameters.from_dict(result.parameters)
+    session.ablator.apply(parameters, session.directions)
+    return parameters
+
+
+def choose_headless(session: Session, study: optuna.Study) -> TrialResult:
+    """--trial if given, else the --select rule applied to the front."""
+    settings = session.settings
+    results = trial_results(study)
+    if settings.trial is not None:
+        for result in results:
+            if result.number == settings.trial:
+                return result
+        raise HereticError(f"There is no finished trial {settings.trial}; choose one from the table above.")
+    return select(front_of(study), settings.select.value, settings.max_kl, settings.max_refusals)
+
+
+def default_output_dir(session: Session) -> Path:
+    """--output-dir, else "<model name>-heretic" in the working directory."""
+    if session.settings.output_dir:
+        return Path(session.settings.output_dir)
+    return Path(f"{session.loaded.source.display_name}-heretic")
+
+
+def choose_and_act(session: Session, study: optuna.Study) -> None:
+    """Print the front; then act on the headless choice, or let the user choose and act."""
     front = front_of(study)
     n_prompts = len(session.evaluator.harmful)
     if not front:
@@ -39,10 +62,11 @@ def choose_and_act(session: Session, study, study_path: Path) -> None:
         for action in session.settings.action:
             perform(session, action, result, parameters)
         return
-    interactive_loop(session, study, front)
+    interactive_loop(session, front)
 
 
-def interactive_loop(session: Session, study, front: list[TrialResult]) -> None:
+def interactive_loop(session: Session, front: list[TrialResult]) -> None:
+    """Ask for a trial of the front, then for actions on it, until the user quits."""
     import questionary
 
     n_prompts = len(session.evaluator.harmful)
@@ -55,25 +79,31 @@ def interactive_loop(session: Session, study, front: list[TrialResult]) -> None:
             return
         parameters = restore(session, result)
         console.print(f"Trial {result.number} restored ({describe(parameters)})")
-        while True:
-            action = questionary.select(
-                "What now?",
-                choices=[questionary.Choice(label, key) for key, label in ACTION_LABELS.items()]
-                + [questionary.Choice("Choose another trial", "back"), questionary.Choice("Quit", "quit")],
-            ).ask()
-            if action in (None, "quit"):
-                return
-            if action == "back":
-                break
-            try:
-                perform(session, action, result, parameters)
-            except HereticError as error:
-                console.print(f"[bold red]Error:[/] {error}")
-            except KeyboardInterrupt:
-                console.print("[yellow]Interrupted[/]")
+        if not act_interactively(session, result, parameters):
+            return
 
 
-def _confirm_overwrite(session: Session):
+def act_interactively(session: Session, result: TrialResult, parameters: AblationParameters) -> bool:
+    """Ask for actions on the restored trial; False when the user quits, True to choose another trial."""
+    import questionary
+
+    choices = [questionary.Choice(action.label, name) for name, action in ACTIONS.items()]
+    choices += [questionary.Choice("Choose another trial", "back"), questionary.Choice("Quit", "quit")]
+    while True:
+        answer = questionary.select("What now?", choices=choices).ask()
+        if answer in (None, "quit"):
+            return False
+        if answer == "back":
+            return True
+        try:
+            perform(session, answer, result, parameters)
+        except HereticError as error:
+            console.print(f"[bold red]Error:[/] {error}")
+        except KeyboardInterrupt:
+            console.print("[yellow]Interrupted[/]")
+
+
+def _confirm_overwrite(session: Session) -> Callable[[Path], bool] | None:
     if not session.interactive:
         return None
     import questionary
@@ -84,19 +114,9 @@ def _confirm_overwrite(session: Session):
     return confirm
 
 
-def perform(session: Session, action: str, result: TrialResult, parameters: AblationParameters) -> None:
-    from .export import actions as export_actions
-
-    handlers = {
-        "save": export_actions.save_model,
-        "save-adapter": export_actions.save_adapter_only,
-        "gguf": export_actions.export_gguf_file,
-        "upload": export_actions.upload,
-        "chat": export_actions.chat,
-        "benchmark": export_actions.benchmark,
-        "report": export_actions.report,
-    }
-    handler = handlers.get(action)
-    if handler is None:
-        raise HereticError(f"Unknown action {action!r}; use one of {', '.join(handlers)}.")
-    handler(session, result, parameters, confirm=_confirm_overwrite(session), output_dir=default_output_dir(session))
+def perform(session: Session, name: str, result: TrialResult, parameters: AblationParameters) -> None:
+    """Run the action called `name` on the restored trial."""
+    action = ACTIONS.get(name)
+    if action is None:
+        raise HereticError(f"Unknown action {name!r}; use one of {', '.join(ACTIONS)}.")
+    action.handler(session, result, parameters, confirm=_confirm_overwrite(session), output_dir=default_output_dir(session))

@@ -8,12 +8,14 @@ from __future__ import annotations
 import argparse
 import sys
 import tomllib
-from typing import Any, NoReturn, Sequence
+from collections.abc import Sequence
+from enum import Enum
+from typing import Any, NoReturn, get_args
 
 from pydantic import ValidationError
 
 from . import __version__
-from .config import Settings, SettingValueError, field_kind, load_settings, parse_text_value
+from .config import PromptSet, Settings, SettingValueError, field_extra, field_kind, load_settings, parse_text_value
 from .errors import HereticError
 
 EXIT_USAGE = 2
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group = parser
     for name, info in Settings.model_fields.items():
-        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        extra = field_extra(name)
         if extra.get("section"):
             group = parser.add_argument_group(str(extra["section"]).lower())  # type: ignore[assignment]
         kind = field_kind(info)
@@ -96,7 +98,7 @@ def _metavar(name: str, info: Any) -> str:
     annotation = str(info.annotation)
     if "PromptSet" in annotation:
         return "SOURCE[:SPLIT][SLICE]"
-    if annotation in {"int", "<class 'int'>"} or "int" == getattr(info.annotation, "__name__", ""):
+    if annotation in {"int", "<class 'int'>"} or getattr(info.annotation, "__name__", "") == "int":
         return "N"
     if "float" in annotation:
         return "X"
@@ -108,9 +110,6 @@ def _metavar(name: str, info: Any) -> str:
 
 
 def _choices(annotation: Any) -> list[str]:
-    from enum import Enum
-    from typing import get_args
-
     if isinstance(annotation, type) and issubclass(annotation, Enum):
         return [member.value for member in annotation]
     args = [arg for arg in get_args(annotation) if arg is not type(None)]
@@ -120,10 +119,6 @@ def _choices(annotation: Any) -> list[str]:
 
 
 def _show_default(value: Any) -> str:
-    from enum import Enum
-
-    from .config import PromptSet
-
     if isinstance(value, Enum):
         return str(value.value)
     if isinstance(value, PromptSet):
@@ -198,11 +193,44 @@ def settings_from_argv(argv: Sequence[str] | None = None) -> Settings:
         fail(f"The config file {error} does not exist; check the path given to --config or HERETIC_CONFIG.")
 
 
+def run(settings: Settings) -> None:
+    """The pipeline: load -> prompts -> directions -> search -> choose -> act (or --demo, --reproduce, --evaluate-model).
+
+    Its modules are imported here, not at the top, so that `heretic --help` stays fast."""
+    from .ui import is_interactive, setup_logging
+
+    setup_logging(settings.log_level)
+    if settings.demo:
+        from .demo import apply_demo_preset
+
+        settings = apply_demo_preset(settings)
+    if settings.reproduce:
+        from .export.reproduce import reproduce
+
+        reproduce(settings)
+        return
+    if not settings.model:
+        raise HereticError(
+            "No model given; pass a Hugging Face id, a local folder or a .gguf file (heretic MODEL), or try heretic --demo."
+        )
+    if settings.evaluate_model:
+        from .evaluate import evaluate_model
+
+        evaluate_model(settings)
+        return
+    from .actions import choose_and_act
+    from .search.study import run_search
+    from .session import open_session_study, prepare, search_setup
+
+    session = prepare(settings, is_interactive() and not settings.headless)
+    study, _ = open_session_study(session)
+    run_search(search_setup(session), study, settings.n_trials)
+    choose_and_act(session, study)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     settings = settings_from_argv(argv)
     try:
-        from .main import run
-
         run(settings)
     except HereticError as error:
         fail(str(error))

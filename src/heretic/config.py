@@ -4,8 +4,9 @@ Precedence, lowest to highest: field defaults < `config.toml` in the working dir
 (or the file named by `--config`) < `HERETIC_*` environment variables < command-line flags.
 
 Each field's description is its `--help` text and its comment in `config.default.toml`
-(`tests/test_config.py` keeps the two in sync). This module must stay cheap to import:
-no torch, no transformers.
+(`tests/test_config.py` keeps the two in sync). Each field is tagged with its roles (`Role`):
+the checkpoint fingerprint, the search setup and the reproduction overrides are derived from them.
+This module must stay cheap to import: no torch, no transformers.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import re
 from contextvars import ContextVar
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -44,7 +45,10 @@ class SelectRule(str, Enum):
     lowest_kl = "lowest-kl"
 
 
+# The names of the actions (export/actions.py registers what each does, in this order).
 Action = Literal["save", "save-adapter", "gguf", "upload", "chat", "benchmark", "report"]
+# The prompt sets by name; the setting of each is `<name>_prompts`.
+PROMPT_SETS = ("harmful", "harmless", "harmful_eval", "harmless_eval")
 
 # A prompt-set shorthand: SOURCE[:SPLIT][SLICE], e.g. "bundled:harmful_train[:400]",
 # "mlabonne/harmful_behaviors:train[:400]", "prompts.txt[100:200]".
@@ -150,6 +154,28 @@ DEFAULT_THINKING_TAGS: list[tuple[str, str]] = [
 ]
 
 
+class Role(str, Enum):
+    """What a setting does; every field is tagged with its roles (`tags`), and these decide where it is used.
+
+    Each field is either `score` or `run`; `search` and `override` are added where they apply."""
+
+    score = "score"  # changes a trial's scores: part of the checkpoint fingerprint (a search resumes only under equal values)
+    run = "run"  # local to a run (what is done with the result, speed, caches, output): never changes a score
+    search = "search"  # a score setting the search loop reads: a field of SearchSetup
+    override = "override"  # a reproduction (--reproduce) takes it from the command line instead of the record
+
+
+def tags(*roles: Role, section: str | None = None, fingerprint: str | None = None) -> dict[str, Any]:
+    """A field's json_schema_extra: its roles; `section` starts a --help group and a config.default.toml section;
+    `fingerprint` names the fingerprint entry a score setting enters through (default: its own name, by value)."""
+    extra: dict[str, Any] = {"roles": [role.value for role in roles]}
+    if section:
+        extra["section"] = section
+    if fingerprint:
+        extra["fingerprint"] = fingerprint
+    return extra
+
+
 class Settings(BaseSettings):
     """All options. Field order is the order of `--help` and of `config.default.toml`."""
 
@@ -159,20 +185,23 @@ class Settings(BaseSettings):
     model: str | None = Field(
         default=None,
         description="Model to process: a Hugging Face id, a local folder, or a .gguf file (also the positional argument).",
-        json_schema_extra={"section": "Model"},
+        json_schema_extra=tags(Role.score, Role.override, section="Model", fingerprint="model"),
     )
     demo: bool = Field(
         default=False,
         description="Use the embedded demo model (Qwen2.5-Coder-0.5B-Instruct from PyPI) and the quick demo preset.",
+        json_schema_extra=tags(Role.run),
     )
-    model_revision: str | None = Field(default=None, description="Revision (commit, tag or branch) of a Hub model.")
+    model_revision: str | None = Field(default=None, description="Revision (commit, tag or branch) of a Hub model.", json_schema_extra=tags(Role.score, fingerprint="model"))
     evaluate_model: str | None = Field(
         default=None,
         description="Measure refusals and KL divergence of this model against --model, print the table and exit.",
+        json_schema_extra=tags(Role.run),
     )
     trust_remote_code: bool = Field(
         default=False,
         description="Allow models whose code lives in their repository to run that code. Only for models you trust.",
+        json_schema_extra=tags(Role.run),
     )
     dtypes: list[str] = Field(
         default=["fastest"],
@@ -182,45 +211,54 @@ class Settings(BaseSettings):
             'that loads and passes a one-token test generation is used. "fastest" (alone) measures the model\'s own '
             "dtype, bfloat16 and float32 on the device and tries the fastest first."
         ),
+        json_schema_extra=tags(Role.score, fingerprint="dtype"),
     )
     device_map: str = Field(
         default="auto",
         description='Device placement passed to accelerate: "auto", "cpu", "cuda", or a JSON object {"module": device}.',
+        json_schema_extra=tags(Role.run, Role.override),
     )
     max_memory: dict[str, str] | None = Field(
         default=None,
         description='Memory limit per device for device_map="auto", e.g. {"0": "20GiB", "cpu": "64GiB"}.',
+        json_schema_extra=tags(Role.run, Role.override),
     )
     quantization: Literal["none", "bnb-4bit"] = Field(
         default="none",
         description="Load the model quantized to save memory: none or bnb-4bit (bitsandbytes, CUDA only).",
+        json_schema_extra=tags(Role.run),
     )
     cache_dir: str = Field(
         default="~/.cache/heretic",
         description="Folder for Heretic's caches (GGUF models dequantized to safetensors, the demo model).",
+        json_schema_extra=tags(Role.run, Role.override),
     )
 
     # --- Prompts --------------------------------------------------------------------------
     system_prompt: str = Field(
         default="You are a helpful assistant.",
         description="System prompt used with every prompt (a prompt set can override it).",
-        json_schema_extra={"section": "Prompts"},
+        json_schema_extra=tags(Role.score, section="Prompts", fingerprint="prompts"),
     )
     harmful_prompts: PromptSet = Field(
         default=PromptSet(source="bundled", split="harmful_train"),
         description="Harmful prompts from which refusal directions are computed.",
+        json_schema_extra=tags(Role.score, fingerprint="prompts"),
     )
     harmless_prompts: PromptSet = Field(
         default=PromptSet(source="bundled", split="harmless_train"),
         description="Harmless prompts from which refusal directions are computed.",
+        json_schema_extra=tags(Role.score, fingerprint="prompts"),
     )
     harmful_eval_prompts: PromptSet = Field(
         default=PromptSet(source="bundled", split="harmful_test[:100]"),
         description="Harmful prompts on which refusals are counted.",
+        json_schema_extra=tags(Role.score, fingerprint="prompts"),
     )
     harmless_eval_prompts: PromptSet = Field(
         default=PromptSet(source="bundled", split="harmless_test[:100]"),
         description="Harmless prompts on which the KL divergence from the original model is measured.",
+        json_schema_extra=tags(Role.score, fingerprint="prompts"),
     )
 
     # --- Generation -----------------------------------------------------------------------
@@ -229,33 +267,37 @@ class Settings(BaseSettings):
         ge=0,
         description="Prompts per batch; 0 chooses the fastest automatically (measured, backing off on out-of-memory; "
         "a resumed search reuses the batch size its trials ran with, so that it scores them alike).",
-        json_schema_extra={"section": "Generation"},
+        json_schema_extra=tags(Role.run, section="Generation"),
     )
-    max_batch_size: int = Field(default=128, ge=1, description="Largest batch size the automatic choice tries.")
+    max_batch_size: int = Field(default=128, ge=1, description="Largest batch size the automatic choice tries.", json_schema_extra=tags(Role.run))
     max_response_length: int = Field(
-        default=100, ge=1, description="Tokens generated per response when counting refusals."
+        default=100, ge=1, description="Tokens generated per response when counting refusals.",
+        json_schema_extra=tags(Role.score),
     )
     stop_on_verdict: bool = Field(
         default=True,
         description="Stop generating a response once its verdict is fixed (a refusal marker seen, or end of text). "
         "Exact: verdicts equal those of full-length responses.",
+        json_schema_extra=tags(Role.run),
     )
     share_prompt_prefix: bool = Field(
         default=True,
         description="Compute the chat-template prefix that all prompts share once per batch instead of once per prompt.",
+        json_schema_extra=tags(Role.run),
     )
 
     # --- Directions -----------------------------------------------------------------------
     orthogonalize_direction: bool = Field(
         default=True,
         description="Remove from each refusal direction its component along the harmless mean.",
-        json_schema_extra={"section": "Directions"},
+        json_schema_extra=tags(Role.score, section="Directions"),
     )
     winsorization_quantile: float = Field(
         default=1.0,
         gt=0.0,
         le=1.0,
         description="Clamp each residual component to this quantile of its absolute values before averaging (1.0 = off).",
+        json_schema_extra=tags(Role.score),
     )
 
     # --- Ablation -------------------------------------------------------------------------
@@ -263,10 +305,11 @@ class Settings(BaseSettings):
         default=RowNormalization.full,
         description="none: plain rank-1 ablation; pre: ablation of the row-normalized matrix; "
         "full: norm-preserving ablation (row norms kept), stored as a rank-r approximation.",
-        json_schema_extra={"section": "Ablation"},
+        json_schema_extra=tags(Role.score, section="Ablation"),
     )
     full_normalization_rank: int = Field(
-        default=3, ge=1, le=64, description="Rank r of the adapter that stores a norm-preserving (full) ablation."
+        default=3, ge=1, le=64, description="Rank r of the adapter that stores a norm-preserving (full) ablation.",
+        json_schema_extra=tags(Role.score),
     )
 
     # --- Scoring --------------------------------------------------------------------------
@@ -274,56 +317,63 @@ class Settings(BaseSettings):
         default=DEFAULT_REFUSAL_MARKERS,
         min_length=1,
         description="A response is a refusal if it is empty or its normalized text contains one of these.",
-        json_schema_extra={"section": "Scoring"},
+        json_schema_extra=tags(Role.score, section="Scoring", fingerprint="judge"),
     )
     thinking_tags: list[tuple[str, str]] = Field(
         default=DEFAULT_THINKING_TAGS,
         description="(opening, closing) chain-of-thought tags; when responses open such a block, "
         "an empty closed block is prefilled so the answer itself is judged.",
+        json_schema_extra=tags(Role.score, fingerprint="response_prefix"),
     )
     refusal_scorer: str | None = Field(
         default=None,
         description='Custom refusal judge: "path/to/file.py:Name" or "package.module:Name" (see README, Scorers).',
+        json_schema_extra=tags(Role.score, fingerprint="judge"),
     )
-    print_responses: bool = Field(default=False, description="Print every harmful prompt's response while scoring.")
+    print_responses: bool = Field(default=False, description="Print every harmful prompt's response while scoring.", json_schema_extra=tags(Role.run))
 
     # --- Search ---------------------------------------------------------------------------
     n_trials: int = Field(
-        default=200, ge=1, description="Trials of the search.", json_schema_extra={"section": "Search"}
+        default=200, ge=1, description="Trials of the search.",
+        json_schema_extra=tags(Role.run, section="Search"),
     )
-    n_startup_trials: int = Field(default=60, ge=0, description="Random trials before TPE takes over.")
+    n_startup_trials: int = Field(default=60, ge=0, description="Random trials before TPE takes over.", json_schema_extra=tags(Role.score, Role.search))
     n_ei_candidates: int = Field(
         default=24,
         ge=1,
         description="Candidate parameter sets TPE draws for each trial, keeping the most promising one (more: the "
-        "search concentrates on the best region found so far and explores less; BENCHMARKS.md compares 24 and 128).",
+        "search concentrates on the best region found so far and explores less).",
+        json_schema_extra=tags(Role.score, Role.search),
     )
     multivariate_tpe: bool = Field(
         default=False,
-        description="TPE models the parameters jointly (multivariate) instead of each on its own (univariate, the "
-        "default: on the benchmark it gave the same mean hypervolume with less spread between seeds and fuller "
-        "fronts between 23 and 31 refusals; BENCHMARKS.md).",
+        description="TPE models the parameters jointly (multivariate) instead of each on its own (univariate).",
+        json_schema_extra=tags(Role.score, Role.search),
     )
-    seed: int = Field(default=42, description="Seed of the search (and of the randomized SVD of full normalization).")
+    seed: int = Field(default=42, description="Seed of the search (and of the randomized SVD of full normalization).", json_schema_extra=tags(Role.score, Role.search))
     sampler_kl_floor: float = Field(
         default=0.01,
         ge=0.0,
         description="The sampler counts trials with a KL divergence below this as equally close to the original and "
         "ranks them by refusals alone, so the search does not dwell on ablations that change almost nothing "
-        "(recorded scores are unchanged; 0 = off; BENCHMARKS.md compares 0.01 and 0.04).",
+        "(recorded scores are unchanged; 0 = off).",
+        json_schema_extra=tags(Role.score, Role.search),
     )
     cut_hopeless_trials: bool = Field(
         default=True,
         description="Stop counting refusals once a trial is certain to be dominated (another trial has lower KL and "
         "fewer refusals); its refusals are then recorded as a lower bound and marked as cut.",
+        json_schema_extra=tags(Role.score, Role.search),
     )
     checkpoint_dir: str = Field(
-        default="checkpoints", description="Folder of the search checkpoints (one journal file per model and settings)."
+        default="checkpoints", description="Folder of the search checkpoints (one journal file per model and settings).",
+        json_schema_extra=tags(Role.run),
     )
     resume: ResumePolicy = Field(
         default=ResumePolicy.ask,
         description="When a checkpoint exists: ask, continue (up to n_trials), restart (discard it) or add "
         "(n_trials more). Headless runs treat ask as continue.",
+        json_schema_extra=tags(Role.run),
     )
 
     # --- Choosing -------------------------------------------------------------------------
@@ -331,56 +381,66 @@ class Settings(BaseSettings):
         default=None,
         ge=0,
         description="Choose this trial number without asking.",
-        json_schema_extra={"section": "Choosing"},
+        json_schema_extra=tags(Role.run, section="Choosing"),
     )
     select: SelectRule = Field(
         default=SelectRule.fewest_refusals,
         description="Headless choice: fewest-refusals (among trials with KL <= max_kl) or lowest-kl "
         "(among trials with refusals <= max_refusals).",
+        json_schema_extra=tags(Role.run),
     )
-    max_kl: float = Field(default=0.5, gt=0.0, description="KL divergence cap of the fewest-refusals rule.")
-    max_refusals: int = Field(default=5, ge=0, description="Refusal cap of the lowest-kl rule.")
+    max_kl: float = Field(default=0.5, gt=0.0, description="KL divergence cap of the fewest-refusals rule.", json_schema_extra=tags(Role.run))
+    max_refusals: int = Field(default=5, ge=0, description="Refusal cap of the lowest-kl rule.", json_schema_extra=tags(Role.run))
     headless: bool = Field(
         default=False,
         description="Never ask: use the settings for every choice (also on when standard input is not a terminal).",
+        json_schema_extra=tags(Role.run),
     )
 
     # --- Output ---------------------------------------------------------------------------
     action: list[Action] = Field(
         default=[],
-        description="What to do with the chosen trial, in order, without asking: save, save-adapter, gguf, upload, "
-        "chat, benchmark, report (repeat the flag for several).",
-        json_schema_extra={"section": "Output"},
+        description=f"What to do with the chosen trial, in order, without asking: {', '.join(get_args(Action))} "
+        "(repeat the flag for several).",
+        json_schema_extra=tags(Role.run, section="Output"),
     )
     output_dir: str | None = Field(
-        default=None, description='Folder for the saved model (default: "<model name>-heretic" in the working directory).'
+        default=None, description='Folder for the saved model (default: "<model name>-heretic" in the working directory).',
+        json_schema_extra=tags(Role.run, Role.override),
     )
-    overwrite: bool = Field(default=False, description="Replace an existing non-empty output folder or file.")
-    max_shard_size: str = Field(default="5GB", description="Largest safetensors shard of a saved model.")
+    overwrite: bool = Field(default=False, description="Replace an existing non-empty output folder or file.", json_schema_extra=tags(Role.run, Role.override))
+    max_shard_size: str = Field(default="5GB", description="Largest safetensors shard of a saved model.", json_schema_extra=tags(Role.run))
     save_dtype: Literal["original", "float16", "bfloat16", "float32"] = Field(
         default="original",
         description="Dtype of a saved merged model: original (the model's own, whatever dtype it was computed in) or a dtype.",
+        json_schema_extra=tags(Role.run),
     )
-    gguf_type: Literal["f16", "bf16", "q8_0"] = Field(default="q8_0", description="Tensor type of a GGUF export.")
-    upload_repo: str | None = Field(default=None, description="Hugging Face repository id to upload to (user/name).")
-    upload_private: bool = Field(default=True, description="Create the uploaded repository as private.")
+    gguf_type: Literal["f16", "bf16", "q8_0"] = Field(default="q8_0", description="Tensor type of a GGUF export.", json_schema_extra=tags(Role.run))
+    upload_repo: str | None = Field(default=None, description="Hugging Face repository id to upload to (user/name).", json_schema_extra=tags(Role.run))
+    upload_private: bool = Field(default=True, description="Create the uploaded repository as private.", json_schema_extra=tags(Role.run))
     benchmark_tasks: list[str] = Field(
         default=["mmlu_high_school_computer_science"],
         description="lm-evaluation-harness tasks (names, or paths of task YAML files) for the benchmark action.",
+        json_schema_extra=tags(Role.run),
     )
-    benchmark_limit: int | None = Field(default=None, ge=1, description="Examples per benchmark task (None: all).")
-    benchmark_original: bool = Field(default=True, description="Also benchmark the original model, side by side.")
+    benchmark_limit: int | None = Field(default=None, ge=1, description="Examples per benchmark task (None: all).", json_schema_extra=tags(Role.run))
+    benchmark_original: bool = Field(default=True, description="Also benchmark the original model, side by side.", json_schema_extra=tags(Role.run))
     reproduce: str | None = Field(
         default=None,
         description="Rebuild a saved model from its reproduction record (heretic.json) without a search.",
+        json_schema_extra=tags(Role.run),
     )
 
     # --- Diagnostics ----------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="WARNING",
         description="Logging level of Heretic and the libraries it uses.",
-        json_schema_extra={"section": "Diagnostics"},
+        json_schema_extra=tags(Role.run, Role.override, section="Diagnostics"),
     )
+
+    def prompt_sets(self) -> dict[str, PromptSet]:
+        """The prompt-set settings by name: harmful, harmless (directions), harmful_eval, harmless_eval (scoring)."""
+        return {name: getattr(self, f"{name}_prompts") for name in PROMPT_SETS}
 
     @field_validator("dtypes")
     @classmethod
@@ -422,6 +482,33 @@ class Settings(BaseSettings):
 
 
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("heretic_config_file", default=None)
+
+
+def field_extra(name: str) -> dict[str, Any]:
+    """The json_schema_extra of a Settings field (section, roles, fingerprint entry)."""
+    extra = Settings.model_fields[name].json_schema_extra
+    return extra if isinstance(extra, dict) else {}
+
+
+def field_roles(name: str) -> set[Role]:
+    """The roles a Settings field is tagged with (empty when it has none, which a test forbids)."""
+    return {Role(role) for role in field_extra(name).get("roles", [])}
+
+
+def fields_with(role: Role) -> list[str]:
+    """The names of the Settings fields tagged with `role`, in declaration order."""
+    return [name for name in Settings.model_fields if role in field_roles(name)]
+
+
+def fingerprint_entry(name: str) -> str | None:
+    """The derived fingerprint entry a score setting enters through; None when it is recorded by value, under its name."""
+    entry = field_extra(name).get("fingerprint")
+    return None if entry is None else str(entry)
+
+
+def plain(value: Any) -> Any:
+    """A setting's value as JSON records it (enums by value)."""
+    return value.value if isinstance(value, Enum) else value
 
 
 def field_kind(info: FieldInfo) -> str:
@@ -529,7 +616,7 @@ def render_default_toml() -> str:
     ]
     tables: list[str] = []
     for name, info in Settings.model_fields.items():
-        section = (info.json_schema_extra or {}).get("section") if isinstance(info.json_schema_extra, dict) else None
+        section = field_extra(name).get("section")
         default = info.default
         if isinstance(default, PromptSet):
             tables.append("")

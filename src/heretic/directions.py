@@ -36,4 +36,5 @@ def refusal_directions(harmful: Tensor, harmless: Tensor, orthogonalize: bool = 
 
 
 def _normalize(vectors: Tensor) -> Tensor:
-    return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    unit: Tensor = vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return unit

@@ -7,17 +7,17 @@ import gc
 from rich.table import Table
 
 from .config import Settings
-from .model.generation import Engine
-from .model.loading import eos_token_ids
-from .scoring.evaluator import Evaluator, detect_response_prefix
+from .scoring.evaluator import Evaluator
 from .scoring.kl import kl_divergence
+from .session import detect_thinking_prefix, load, load_prompt_sets, make_engine, make_judge
 from .ui import ProgressBars, console
+
+# The batch size of both models when --batch-size is 0 (no measurement here).
+EVALUATION_BATCH_SIZE = 16
 
 
 def evaluate_model(settings: Settings) -> list[tuple[str, str, int, float]]:
     """Print and return (role, model, refusals, KL) for the original and the evaluated model."""
-    from .main import load, load_prompt_sets, make_judge
-
     prompt_sets = load_prompt_sets(settings)
     harmful, harmless = prompt_sets["harmful_eval"], prompt_sets["harmless_eval"]
     judge = make_judge(settings)
@@ -27,8 +27,8 @@ def evaluate_model(settings: Settings) -> list[tuple[str, str, int, float]]:
         loaded = load(settings, name)
         # Both models compute in the same dtype: a KL between dtypes would measure rounding too.
         settings = settings.model_copy(update={"dtypes": [str(loaded.dtype).removeprefix("torch.")]})
-        engine = Engine(loaded.model, loaded.tokenizer, eos_token_ids(loaded), settings.batch_size or 16, settings.share_prompt_prefix)
-        engine.response_prefix = detect_response_prefix(engine, harmful[:4] + harmless[:4], settings.thinking_tags)
+        engine = make_engine(settings, loaded, settings.batch_size or EVALUATION_BATCH_SIZE)
+        engine.response_prefix = detect_thinking_prefix(settings, engine, prompt_sets)
         with ProgressBars() as bars:
             evaluator = Evaluator(engine, judge, harmful, harmless, settings.max_response_length, settings.stop_on_verdict, bars)
             logprobs = evaluator.logprobs()

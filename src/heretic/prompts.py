@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import PromptSet
-from .errors import HereticError
+from .errors import HereticError, first_line
 
 BUNDLED_SETS = ("harmful_train", "harmful_test", "harmless_train", "harmless_test")
 TABLE_SUFFIXES = {".csv", ".json", ".jsonl", ".parquet"}
@@ -21,6 +21,11 @@ LIKELY_COLUMNS = ("prompt", "text", "instruction", "goal", "question", "query", 
 
 _SLICE = re.compile(r"^\[\s*(?P<start>-?\d+%?)?\s*:\s*(?P<stop>-?\d+%?)?\s*\]$")
 _SPLIT = re.compile(r"^(?P<name>[A-Za-z_][\w.-]*)?(?P<slice>\[.*\])?$")
+
+
+def prompt_set_title(name: str) -> str:
+    """How a prompt set's name ("harmful_eval") is written for people ("harmful eval")."""
+    return name.replace("_", " ")
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,7 @@ def parse_split(split: str | None) -> tuple[str | None, slice]:
         raise HereticError(
             f"Cannot read the slice {slice_text!r} of split {split!r}; use [start:stop] with whole numbers or percentages."
         )
-    return name, slice(bounds.group("start"), bounds.group("stop"))  # type: ignore[arg-type]
+    return name, slice(bounds.group("start"), bounds.group("stop"))
 
 
 def apply_slice(items: list[str], bounds: slice, label: str) -> list[str]:
@@ -55,7 +60,7 @@ def apply_slice(items: list[str], bounds: slice, label: str) -> list[str]:
             return round(len(items) * int(value[:-1]) / 100)
         return int(value)
 
-    return items[resolve(bounds.start) : resolve(bounds.stop)]  # type: ignore[arg-type]
+    return items[resolve(bounds.start) : resolve(bounds.stop)]
 
 
 def load_prompt_texts(spec: PromptSet) -> list[str]:
@@ -183,7 +188,7 @@ def _load_folder(path: Path, split: str | None, column: str | None, label: str) 
         else:
             loaded = datasets.load_dataset(str(path), split=split or "train")
     except (FileNotFoundError, ValueError) as error:
-        raise HereticError(f"Cannot read the dataset folder {path} ({_first_line(error)}).") from None
+        raise HereticError(f"Cannot read the dataset folder {path} ({first_line(error, 200)}).") from None
     if isinstance(loaded, datasets.DatasetDict):
         names = list(loaded.keys())
         if split is None:
@@ -203,12 +208,7 @@ def _load_hub(dataset_id: str, split: str | None, column: str | None, revision: 
         loaded = datasets.load_dataset(dataset_id, split=split or "train", revision=revision)
     except Exception as error:  # noqa: BLE001 - datasets raises many types; all mean "cannot get it"
         raise HereticError(
-            f"Cannot load the dataset {dataset_id!r} from the Hugging Face Hub ({_first_line(error)}); "
+            f"Cannot load the dataset {dataset_id!r} from the Hugging Face Hub ({first_line(error, 200)}); "
             "check the id and your connection, or use a local file."
         ) from None
     return _column_of_mapping({name: loaded[name] for name in loaded.column_names}, column, f"Dataset {label}")
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:200]

@@ -19,8 +19,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from .ablation.parameters import AblationParameters
 from .scoring.evaluator import ProgressHandle
 from .search.pareto import TrialResult
+from .search.space import describe
 
 console = Console(highlight=False)
 
@@ -94,9 +96,6 @@ class ProgressBars:
 
 
 def front_table(front: list[TrialResult], n_prompts: int, title: str = "Pareto front") -> Table:
-    from .ablation.parameters import AblationParameters
-    from .search.space import describe
-
     table = Table(title=title, title_justify="left")
     table.add_column("trial", justify="right")
     table.add_column("refusals", justify="right")

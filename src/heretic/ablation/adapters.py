@@ -7,7 +7,6 @@ so the model is never reloaded between trials.
 
 from __future__ import annotations
 
-import logging
 import zlib
 from collections.abc import Iterator
 
@@ -19,7 +18,6 @@ from ..model.architecture import ArchitectureMap, Target, as_matrices
 from .kernels import ablation_factors
 from .parameters import AblationParameters
 
-log = logging.getLogger(__name__)
 ADAPTER = "default"
 
 

@@ -12,8 +12,6 @@ import math
 import torch
 from torch import Tensor
 
-MODES = ("none", "pre", "full")
-
 
 def kernel_weight(
     layer: float, max_weight: float, max_weight_position: float, min_weight: float, min_weight_distance: float
@@ -34,12 +32,14 @@ def interpolate_direction(directions: Tensor, index: float) -> Tensor:
     k = min(int(math.floor(index)), last - 1) if last > 0 else 0
     f = index - k
     mixed = (1.0 - f) * directions[k] + (f * directions[k + 1] if last > 0 else 0.0)
-    return mixed / mixed.norm().clamp_min(1e-12)
+    unit: Tensor = mixed / mixed.norm().clamp_min(1e-12)
+    return unit
 
 
 def row_norms(matrices: Tensor) -> Tensor:
     """Norms of the rows (one per output dimension): (experts, out)."""
-    return matrices.norm(dim=-1)
+    norms: Tensor = matrices.norm(dim=-1)
+    return norms
 
 
 def ablated_matrices(matrices: Tensor, direction: Tensor, weight: float, mode: str) -> Tensor:
@@ -58,7 +58,8 @@ def ablated_matrices(matrices: Tensor, direction: Tensor, weight: float, mode: s
     if mode == "pre":
         return ablated * norms
     if mode == "full":
-        return ablated * (norms / ablated.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        kept: Tensor = ablated * (norms / ablated.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        return kept
     raise ValueError(f"unknown row normalization {mode!r}")
 
 

@@ -1,21 +1,54 @@
-"""The actions offered for a chosen trial. Each takes (session, result, parameters, confirm, output_dir)."""
+"""The actions offered for a chosen trial, in one registry: name (as --action takes it), menu label, handler.
+
+Each handler takes (session, result, parameters, *, confirm, output_dir)."""
 
 from __future__ import annotations
 
-import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from rich.table import Table
 
 from ..ablation.parameters import AblationParameters
+from ..chat import chat_loop
+from ..errors import HereticError
 from ..search.pareto import TrialResult
+from ..session import Session
 from ..ui import console
 from . import card, record
+from .benchmark import run_benchmarks
+from .merged import merged_model
 from .save import ConfirmFn, save_adapter, save_merged
+from .upload import upload_folder
 
-log = logging.getLogger(__name__)
+
+class Handler(Protocol):
+    def __call__(
+        self, session: Session, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path
+    ) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Action:
+    name: str  # as --action takes it
+    label: str  # in the interactive menu
+    handler: Handler
+
+
+ACTIONS: dict[str, Action] = {}
+
+
+def action(name: str, label: str) -> Callable[[Handler], Handler]:
+    """Register the decorated function as the handler of the action `name` (menu order: registration order)."""
+
+    def register(handler: Handler) -> Handler:
+        ACTIONS[name] = Action(name, label, handler)
+        return handler
+
+    return register
 
 
 def folder_size(path: Path) -> int:
@@ -28,7 +61,7 @@ def _size(path: Path) -> str:
     return f"{folder_size(path) / 2**20:,.0f} MiB"
 
 
-def result_files(session: Any, result: TrialResult, parameters: AblationParameters) -> dict[str, str]:
+def result_files(session: Session, result: TrialResult, parameters: AblationParameters) -> dict[str, str]:
     """README.md (model card) and heretic.json (reproduction record) written with every saved result."""
     data = record.build_record(session, result, parameters)
     return {
@@ -37,7 +70,8 @@ def result_files(session: Any, result: TrialResult, parameters: AblationParamete
     }
 
 
-def save_model(session: Any, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path) -> Path:
+@action("save", "Save the merged model")
+def save_model(session: Session, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path) -> Path:
     started = time.perf_counter()
     with console.status(f"Saving the merged model to {output_dir}..."):
         path = save_merged(
@@ -54,7 +88,8 @@ def adapter_dir(output_dir: Path) -> Path:
     return output_dir.with_name(output_dir.name + "-adapter")
 
 
-def save_adapter_only(session: Any, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path) -> Path:
+@action("save-adapter", "Save the adapter only (PEFT LoRA)")
+def save_adapter_only(session: Session, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path) -> Path:
     started = time.perf_counter()
     target = adapter_dir(output_dir)
     path = save_adapter(
@@ -70,10 +105,9 @@ def gguf_path(output_dir: Path, gguf_type: str) -> Path:
     return output_dir.with_name(f"{output_dir.name}.{gguf_type}.gguf")
 
 
-def export_gguf_file(session: Any, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path) -> Path:
-    from ..errors import HereticError
+@action("gguf", "Export GGUF (llama.cpp / Ollama)")
+def export_gguf_file(session: Session, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path) -> Path:
     from .gguf import export_gguf
-    from .merged import merged_model
 
     settings = session.settings
     target = gguf_path(output_dir, settings.gguf_type).expanduser().resolve()
@@ -89,28 +123,26 @@ def export_gguf_file(session: Any, result: TrialResult, parameters: AblationPara
     return target
 
 
-def upload(session: Any, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path) -> None:
-    from .upload import upload_folder
-
-    folder = getattr(session, "last_saved", None)
-    if folder is None or not Path(folder).is_dir():
+@action("upload", "Upload to the Hugging Face Hub")
+def upload(session: Session, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path) -> None:
+    folder = session.last_saved
+    if folder is None or not folder.is_dir():
         folder = save_model(session, result, parameters, confirm=confirm, output_dir=output_dir)
-    upload_folder(Path(folder), session.settings.upload_repo, session.settings.upload_private, interactive=session.interactive)
+    upload_folder(folder, session.settings.upload_repo, session.settings.upload_private, interactive=session.interactive)
 
 
-def chat(session: Any, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path) -> None:
-    from ..chat import chat_loop
-
+@action("chat", "Chat with the model")
+def chat(session: Session, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path) -> None:
     chat_loop(session.loaded, session.settings.system_prompt, session.engine.response_prefix)
 
 
-def benchmark(session: Any, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path) -> None:
-    from .benchmark import run_benchmarks
-
+@action("benchmark", "Run benchmarks (lm-evaluation-harness)")
+def benchmark(session: Session, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path) -> None:
     run_benchmarks(session, parameters)
 
 
-def report(session: Any, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path, count: int = 3) -> None:
+@action("report", "Show example responses, original vs ablated")
+def report(session: Session, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path, count: int = 3) -> None:
     """Harmful prompts answered before and after: the first ones the original refused."""
     evaluator = session.evaluator
     refused = [i for i, response in enumerate(session.base_responses) if session.judge.judge([evaluator.harmful[i]], [response])[0]]

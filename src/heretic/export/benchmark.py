@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
 from ..ablation.parameters import AblationParameters
-from ..errors import HereticError
+from ..errors import HereticError, first_line
+from ..session import Session
 from ..ui import console
-
-log = logging.getLogger(__name__)
 
 
 def _task_names(tasks: list[str]) -> tuple[list[str], list[str]]:
@@ -55,7 +53,7 @@ def evaluate(model: Any, tokenizer: Any, tasks: list[str], limit: int | None, ba
         output = lm_eval.simple_evaluate(model=language_model, tasks=names, task_manager=manager, limit=limit, log_samples=False)
     except (ConnectionError, OSError) as error:
         raise HereticError(
-            f"A benchmark dataset could not be loaded ({str(error).splitlines()[0][:160]}); offline, use tasks with local data files."
+            f"A benchmark dataset could not be loaded ({first_line(error, 160)}); offline, use tasks with local data files."
         ) from None
     results: dict[str, dict[str, float]] = {}
     for task, metrics in (output or {}).get("results", {}).items():
@@ -67,7 +65,7 @@ def evaluate(model: Any, tokenizer: Any, tasks: list[str], limit: int | None, ba
     return results
 
 
-def run_benchmarks(session: Any, parameters: AblationParameters) -> dict[str, dict[str, dict[str, float]]]:
+def run_benchmarks(session: Session, parameters: AblationParameters) -> dict[str, dict[str, dict[str, float]]]:
     settings = session.settings
     model, tokenizer = session.ablator.base_model, session.loaded.tokenizer
     batch = max(1, session.engine.batch_size)

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..config import PromptSet
+from ..prompts import prompt_set_title
 
 log = logging.getLogger(__name__)
 TAGS = ["heretic", "abliterated", "uncensored", "decensored"]
@@ -43,19 +45,30 @@ def _license_from_card(text: str) -> str | None:
 
 
 def render_card(record: dict[str, Any], license_name: str | None) -> str:
+    """The model card (README.md) of a saved result, from its reproduction record."""
+    sections = [
+        _front_matter(record, license_name),
+        _introduction(record),
+        _results(record),
+        _parameters(record),
+        _prompt_sets(record),
+        CLOSING,
+    ]
+    return "\n".join(line for section in sections for line in section)
+
+
+def _front_matter(record: dict[str, Any], license_name: str | None) -> list[str]:
     model = record["model"]
     base = model["name"]
-    trial = record["trial"]
-    baseline = record["baseline"]
-    n = baseline["n_prompts"]
-    settings = record["settings"]
-    kernels = trial["parameters"]["kernels"]
     front = ["---", f"base_model: {base}" if model["kind"] == "hub" else f"# base model: {base}"]
     if license_name:
         front.append(f"license: {license_name}")
-    front += ["library_name: transformers", "tags:"] + [f"- {tag}" for tag in TAGS] + ["---", ""]
-    refusals = f"≥{trial['refusals']}" if trial["refusals_is_lower_bound"] else str(trial["refusals"])
-    lines = front + [
+    return front + ["library_name: transformers", "tags:"] + [f"- {tag}" for tag in TAGS] + ["---", ""]
+
+
+def _introduction(record: dict[str, Any]) -> list[str]:
+    base = record["model"]["name"]
+    return [
         f"# {Path(base).name} (abliterated with Heretic)",
         "",
         f"This is **{base}** with its refusal behaviour removed by directional ablation (\"abliteration\"), "
@@ -64,44 +77,62 @@ def render_card(record: dict[str, Any], license_name: str | None) -> str:
         "the ablation's parameters chosen by an Optuna search that co-minimizes refusals on harmful prompts "
         "and the KL divergence from the original model on harmless prompts.",
         "",
+    ]
+
+
+def _results(record: dict[str, Any]) -> list[str]:
+    trial, baseline = record["trial"], record["baseline"]
+    refusals = f"≥{trial['refusals']}" if trial["refusals_is_lower_bound"] else str(trial["refusals"])
+    return [
         "## Results",
         "",
-        f"| model | refusals (harmful, /{n}) | KL divergence from the original (harmless) |",
+        f"| model | refusals (harmful, /{baseline['n_prompts']}) | KL divergence from the original (harmless) |",
         "|---|---:|---:|",
         f"| original | {baseline['refusals']} | 0 |",
         f"| this model (trial {trial['number']}) | {refusals} | {trial['kl']:.4f} |",
         "",
+    ]
+
+
+def _parameters(record: dict[str, Any]) -> list[str]:
+    parameters, settings = record["trial"]["parameters"], record["settings"]
+    index = f", index {parameters['direction_index']:.3f}" if parameters["direction_scope"] == "global" else ""
+    lines = [
         "## Parameters",
         "",
-        f"- direction: {trial['parameters']['direction_scope']}"
-        + (f", index {trial['parameters']['direction_index']:.3f}" if trial["parameters"]["direction_scope"] == "global" else ""),
+        f"- direction: {parameters['direction_scope']}{index}",
         f"- row normalization: {settings['row_normalization']} (rank {settings['full_normalization_rank']})",
     ]
-    for name, kernel in kernels.items():
+    for name, kernel in parameters["kernels"].items():
         lines.append(
             f"- {name}: max weight {kernel['max_weight']:.3f} at layer {kernel['max_weight_position']:.2f}, "
             f"min weight {kernel['min_weight']:.3f} at distance {kernel['min_weight_distance']:.2f}"
         )
-    lines += ["", "## Prompt sets", "", "| role | source | prompts | sha256 |", "|---|---|---:|---|"]
+    return lines
+
+
+def _prompt_sets(record: dict[str, Any]) -> list[str]:
+    lines = ["", "## Prompt sets", "", "| role | source | prompts | sha256 |", "|---|---|---:|---|"]
     for name, info in record["prompt_sets"].items():
-        spec = info["spec"]
-        label = spec["source"] + (f":{spec['split']}" if spec.get("split") else "")
-        lines.append(f"| {name.replace('_', ' ')} | `{label}` | {info['count']} | `{info['sha256'][:16]}` |")
-    lines += [
-        "",
-        "## Reproduce",
-        "",
-        "The file `heretic.json` beside this card records the tool and library versions, every setting, the "
-        "prompt sets' content hashes and the chosen parameters. To rebuild these weights without a search:",
-        "",
-        "```",
-        "pip install heretic",
-        "heretic --reproduce heretic.json --output-dir rebuilt/",
-        "```",
-        "",
-        "## Caution",
-        "",
-        "This model answers requests that its original refused. You are responsible for how you use it.",
-        "",
-    ]
-    return "\n".join(lines)
+        label = PromptSet.model_validate(info["spec"]).label()
+        lines.append(f"| {prompt_set_title(name)} | `{label}` | {info['count']} | `{info['sha256'][:16]}` |")
+    return lines
+
+
+CLOSING = [
+    "",
+    "## Reproduce",
+    "",
+    "The file `heretic.json` beside this card records the tool and library versions, every setting, the "
+    "prompt sets' content hashes and the chosen parameters. To rebuild these weights without a search:",
+    "",
+    "```",
+    "pip install heretic",
+    "heretic --reproduce heretic.json --output-dir rebuilt/",
+    "```",
+    "",
+    "## Caution",
+    "",
+    "This model answers requests that its original refused. You are responsible for how you use it.",
+    "",
+]

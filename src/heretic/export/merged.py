@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 
 from ..ablation.parameters import AblationParameters
+from ..session import Session
 
 
 @contextmanager
-def merged_model(session: Any, parameters: AblationParameters) -> Iterator[tuple[torch.nn.Module, set[str]]]:
+def merged_model(session: Session, parameters: AblationParameters) -> Iterator[tuple[torch.nn.Module, set[str]]]:
     """(model, names of the changed parameters): a clean copy of the architecture, without adapters.
 
     The copy is built on the meta device and then takes the original tensors by reference (no copy)

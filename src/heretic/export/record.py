@@ -12,6 +12,10 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..ablation.parameters import AblationParameters
+from ..prompts import prompts_digest
+from ..search.pareto import TrialResult
+from ..session import Session
 
 RECORD_FILE = "heretic.json"
 RECORD_VERSION = 1
@@ -19,7 +23,7 @@ LIBRARIES = ("torch", "transformers", "peft", "optuna", "accelerate", "safetenso
 
 
 def environment() -> dict[str, Any]:
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in LIBRARIES:
         try:
             versions[name] = metadata.version(name)
@@ -39,17 +43,11 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.detach().contiguous().cpu().float().numpy().tobytes()).hexdigest()
 
 
-def build_record(session: Any, result: Any, parameters: Any) -> dict[str, Any]:
-    from ..prompts import prompts_digest
-
+def build_record(session: Session, result: TrialResult, parameters: AblationParameters) -> dict[str, Any]:
+    """Everything needed to rebuild the chosen trial's weights and to check that they came out the same."""
     settings = session.settings
     source = session.loaded.source
-    specs = {
-        "harmful": settings.harmful_prompts,
-        "harmless": settings.harmless_prompts,
-        "harmful_eval": settings.harmful_eval_prompts,
-        "harmless_eval": settings.harmless_eval_prompts,
-    }
+    specs = settings.prompt_sets()
     return {
         "record_version": RECORD_VERSION,
         "tool": {"name": "heretic", "version": __version__},

@@ -9,14 +9,14 @@ from typing import Any
 
 from rich.table import Table
 
+from .. import __version__
 from ..ablation.adapters import Ablator
 from ..ablation.parameters import AblationParameters
-from ..config import Settings
+from ..config import Role, Settings, fields_with
 from ..errors import HereticError
 from ..model.architecture import build_architecture_map
-from ..model.generation import Engine
-from ..model.loading import eos_token_ids
-from ..prompts import prompts_digest
+from ..prompts import prompt_set_title, prompts_digest
+from ..session import FALLBACK_BATCH_SIZE, compute_directions, load, load_prompt_sets, make_engine
 from ..ui import console
 from . import card, record
 from .save import save_merged
@@ -29,7 +29,7 @@ def read_record(path: str) -> dict[str, Any]:
     if not file.is_file():
         raise HereticError(f"The reproduction record {file} does not exist; it is the heretic.json saved beside a model.")
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        data: dict[str, Any] = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise HereticError(f"{file} is not valid JSON (line {error.lineno}: {error.msg}).") from None
     if data.get("record_version") != record.RECORD_VERSION or "trial" not in data:
@@ -38,8 +38,6 @@ def read_record(path: str) -> dict[str, Any]:
 
 
 def environment_mismatches(recorded: dict[str, Any], current: dict[str, Any], tool: dict[str, Any]) -> list[tuple[str, str, str]]:
-    from .. import __version__
-
     rows = []
     if tool.get("version") != __version__:
         rows.append(("heretic", str(tool.get("version")), __version__))
@@ -52,23 +50,25 @@ def environment_mismatches(recorded: dict[str, Any], current: dict[str, Any], to
     return rows
 
 
-def reproduce(settings: Settings) -> Path:
-    from ..main import compute_directions, load, load_prompt_sets
-
-    data = read_record(str(settings.reproduce))
+def print_environment(data: dict[str, Any]) -> None:
+    """Whether this environment is the recorded one, with a table of the differences."""
     mismatches = environment_mismatches(data["environment"], record.environment(), data["tool"])
-    if mismatches:
-        table = Table(title="Environment differs from the record (weights may differ slightly)", title_justify="left")
-        for column in ("what", "recorded", "now"):
-            table.add_column(column)
-        for row in mismatches:
-            table.add_row(*row)
-        console.print(table)
-    else:
+    if not mismatches:
         console.print("Environment matches the record.")
+        return
+    table = Table(title="Environment differs from the record (weights may differ slightly)", title_justify="left")
+    for column in ("what", "recorded", "now"):
+        table.add_column(column)
+    for row in mismatches:
+        table.add_row(*row)
+    console.print(table)
+
+
+def rebuilt_settings(settings: Settings, data: dict[str, Any]) -> Settings:
+    """The recorded settings, with the `override` settings given on this command line, and no action."""
     explicit = settings.model_fields_set
     recorded = dict(data["settings"])
-    for key in ("model", "output_dir", "overwrite", "cache_dir", "device_map", "max_memory", "log_level"):
+    for key in fields_with(Role.override):
         if key in explicit:
             recorded[key] = getattr(settings, key)
     recorded.update(reproduce=None, evaluate_model=None, demo=False, action=[])
@@ -76,15 +76,22 @@ def reproduce(settings: Settings) -> Path:
         recorded["dtypes"] = [data["model"]["dtype"]]  # the dtype the trial was computed in, not a new measurement
     if data["model"].get("gguf_file") and "model" not in explicit:
         recorded["model"] = data["model"]["gguf_file"]
-    rebuilt = Settings.model_validate(recorded)
+    return Settings.model_validate(recorded)
+
+
+def reproduce(settings: Settings) -> Path:
+    """Rebuild the recorded trial's merged model: same settings, prompts and directions (each checked), no search."""
+    data = read_record(str(settings.reproduce))
+    print_environment(data)
+    rebuilt = rebuilt_settings(settings, data)
 
     loaded = load(rebuilt)
     arch = build_architecture_map(loaded.model)
     prompt_sets = load_prompt_sets(rebuilt)
     for name, prompts in prompt_sets.items():
         if prompts_digest(prompts) != data["prompt_sets"][name]["sha256"]:
-            console.print(f"[yellow]The {name.replace('_', ' ')} prompts differ from the recorded ones (content hash).[/]")
-    engine = Engine(loaded.model, loaded.tokenizer, eos_token_ids(loaded), batch_size=int(data.get("batch_size") or 8), share_prefix=rebuilt.share_prompt_prefix)
+            console.print(f"[yellow]The {prompt_set_title(name)} prompts differ from the recorded ones (content hash).[/]")
+    engine = make_engine(rebuilt, loaded, int(data.get("batch_size") or FALLBACK_BATCH_SIZE))
     engine.response_prefix = data.get("response_prefix", "")
     directions = compute_directions(rebuilt, engine, loaded, prompt_sets)
     same = record.tensor_digest(directions) == data["directions_sha256"]

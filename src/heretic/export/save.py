@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import time
@@ -17,8 +16,6 @@ from ..ablation.adapters import Ablator
 from ..ablation.parameters import AblationParameters
 from ..errors import HereticError
 from ..model.loading import LoadedModel
-
-log = logging.getLogger(__name__)
 
 # Asked when the target exists and is not empty: returns True to replace it.
 ConfirmFn = Callable[[Path], bool]

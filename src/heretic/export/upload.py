@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
-from ..errors import HereticError
+from ..errors import HereticError, first_line
 from ..ui import console
-
-log = logging.getLogger(__name__)
 
 
 def resolve_token(interactive: bool) -> str:
@@ -44,8 +41,7 @@ def upload_folder(folder: Path, repo_id: str | None, private: bool, interactive:
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
             api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message="Upload model abliterated with Heretic")
     except Exception as error:  # noqa: BLE001 - offline, auth, HTTP errors: all end the same way
-        message = str(error).replace(token, "***").splitlines()[0][:200] if str(error) else type(error).__name__
-        raise HereticError(f"Uploading to the Hugging Face Hub failed ({message}); the model stays saved in {folder}.") from None
+        raise HereticError(f"Uploading to the Hugging Face Hub failed ({first_line(error, 200, secret=token)}); the model stays saved in {folder}.") from None
     url = f"https://huggingface.co/{repo_id}"
     console.print(f"Uploaded to [bold]{url}[/] ({'private' if private else 'public'})")
     return url

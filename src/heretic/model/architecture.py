@@ -12,6 +12,7 @@ needs no knowledge of the storage layout.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -95,7 +96,8 @@ class ArchitectureMap:
         return "; ".join(parts)
 
 
-def text_config(config: object) -> object:
+def text_config(config: Any) -> Any:
+    """The text model's part of a (possibly multimodal) transformers config."""
     getter = getattr(config, "get_text_config", None)
     return getter() if callable(getter) else config
 
@@ -108,9 +110,9 @@ def find_layers(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
             return path, candidate
     # Otherwise: the longest ModuleList of the configured length outside vision/audio towers.
     for path, module in modules.items():
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
-            if not any(part in path for part in ("vision", "visual", "audio", "image", "encoder")):
-                return path, module
+        towers = ("vision", "visual", "audio", "image", "encoder")
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers and not any(part in path for part in towers):
+            return path, module
     raise HereticError(
         f"Could not find the {num_layers} transformer layers of {type(model).__name__}: no module list of that "
         "length; this architecture is not supported yet."
@@ -119,8 +121,8 @@ def find_layers(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
 
 def build_architecture_map(model: nn.Module) -> ArchitectureMap:
     config = text_config(model.config)
-    hidden_size = int(getattr(config, "hidden_size"))
-    num_layers = int(getattr(config, "num_hidden_layers"))
+    hidden_size = int(config.hidden_size)
+    num_layers = int(config.num_hidden_layers)
     layers_path, layers = find_layers(model, num_layers)
     mapping = ArchitectureMap(layers_path=layers_path, hidden_size=hidden_size)
     for index, layer in enumerate(layers):
@@ -164,15 +166,6 @@ def _role(relative_path: str) -> str | None:
     return None
 
 
-def get_module(model: nn.Module, path: str) -> nn.Module:
-    return model.get_submodule(path)
-
-
-def dense_matrices(model: nn.Module, target: Target) -> torch.Tensor:
-    """The target's weight as float32 matrices M (hidden x in): shape (experts, hidden, in), experts=1 if unfused."""
-    return as_matrices(getattr(get_module(model, target.module), target.parameter), target)
-
-
 def as_matrices(weight: torch.Tensor, target: Target) -> torch.Tensor:
     """A target's stored weight as float32 matrices (experts, hidden, in)."""
     if not target.fused:
@@ -186,5 +179,6 @@ def _dequantized(weight: torch.Tensor) -> torch.Tensor:
     if quant_state is not None:  # bitsandbytes 4-bit
         import bitsandbytes.functional as bnb_functional
 
-        return bnb_functional.dequantize_4bit(weight.data, quant_state)
+        dense: torch.Tensor = bnb_functional.dequantize_4bit(weight.data, quant_state)
+        return dense
     return weight.detach()

@@ -13,7 +13,6 @@ floating-point reassociation, which the tests bound).
 from __future__ import annotations
 
 import inspect
-import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -22,8 +21,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..prompts import Prompt
 from .chat import format_chat
-
-log = logging.getLogger(__name__)
 
 # (index of the prompt, generated token ids so far) -> True once the response needs no more tokens.
 DecidedFn = Callable[[int, list[int]], bool]
@@ -269,7 +266,8 @@ def sliding_window(model: PreTrainedModel) -> int | None:
     return int(window)
 
 
-def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+def common_prefix_length(rows: Sequence[Sequence[object]]) -> int:
+    """The length of the longest prefix that all rows (token ids, or strings) share."""
     first = rows[0]
     length = min(len(row) for row in rows)
     for position in range(length):

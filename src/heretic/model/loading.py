@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..errors import HereticError
+from ..errors import HereticError, first_line
 from .hardware import DtypeMeasurement, dtype_name, measure_or_remember, probe_device, rank_dtypes
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def dequantize_gguf_to_cache(source: ModelSource, cache_dir: Path) -> tuple[Path
         model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file.name, dtype=torch.float32)
     except Exception as error:  # noqa: BLE001 - transformers raises many types for unsupported GGUFs
         raise HereticError(
-            f"transformers cannot load the GGUF file {source.gguf_file.name} ({_first_line(error)}); "
+            f"transformers cannot load the GGUF file {source.gguf_file.name} ({first_line(error)}); "
             "its architecture or quantization type may be unsupported."
         ) from None
     # The model is dequantized now: drop the GGUF quantizer so that it saves as plain safetensors.
@@ -204,7 +204,7 @@ def load_model(
                 "bnb-4bit, or a machine with more memory."
             ) from None
         except Exception as error:  # noqa: BLE001 - try the next dtype, report all at the end
-            failures.append(f"{dtype_name(dtype)}: {_first_line(error)}")
+            failures.append(f"{dtype_name(dtype)}: {first_line(error)}")
             log.info("Loading in %s failed: %s", dtype, error)
             continue
         problem = first_token_check(loaded)
@@ -326,7 +326,7 @@ def _bnb_config(dtype: torch.dtype) -> Any:
 
 
 def _explain_load_error(source: ModelSource, error: BaseException) -> HereticError:
-    text = _first_line(error)
+    text = first_line(error)
     if source.kind == "hub":
         return HereticError(
             f"Cannot load {source.name} from the Hugging Face Hub ({text}); check the id, your connection, "
@@ -371,8 +371,3 @@ def first_token_check(loaded: LoadedModel) -> str | None:
     if not torch.isfinite(logits).all():
         return "the test generation produced NaN or infinite logits"
     return None
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return (lines[0] if lines else type(error).__name__)[:240]

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from ..model.generation import Engine
+from ..model.generation import Engine, common_prefix_length
 from ..prompts import Prompt
 from .kl import kl_divergence
 from .refusals import RefusalJudge
-
-log = logging.getLogger(__name__)
 
 # Called with the refusals found so far (a lower bound of the final count): True stops counting.
 Cutoff = Callable[[int], bool]
@@ -136,14 +133,8 @@ def detect_response_prefix(engine: Engine, prompts: list[Prompt], tags: list[tup
     finally:
         engine.response_prefix = saved
     assert token_ids is not None
-    texts = [engine.tokenizer.decode(tokens, skip_special_tokens=False) for tokens in token_ids]
-    common = texts[0]
-    for text in texts[1:]:
-        length = 0
-        while length < min(len(common), len(text)) and common[length] == text[length]:
-            length += 1
-        common = common[:length]
-    stripped = common.lstrip()
+    texts = [str(engine.tokenizer.decode(tokens, skip_special_tokens=False)) for tokens in token_ids]
+    stripped = texts[0][: common_prefix_length(texts)].lstrip()
     for opening, closing in tags:
         if stripped.startswith(opening):
             if opening.endswith("|>"):

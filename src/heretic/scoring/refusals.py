@@ -100,8 +100,9 @@ def load_judge(spec: str, settings: Any) -> RefusalJudge:
     if not callable(getattr(judge, "judge", None)):
         raise HereticError(f"The refusal scorer {spec} has no method judge(prompts, responses) -> list[bool].")
     if not hasattr(judge, "name"):
-        judge.name = attribute  # type: ignore[attr-defined]
-    return judge
+        judge.name = attribute
+    checked: RefusalJudge = judge
+    return checked
 
 
 def _takes_argument(factory: Any) -> bool:

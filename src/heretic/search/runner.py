@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import statistics
 import time
 import zlib
 from dataclasses import dataclass
@@ -16,9 +14,7 @@ from optuna.trial import TrialState
 from ..ablation.adapters import Ablator
 from ..scoring.evaluator import Evaluator, ProgressFactory
 from .pareto import TrialResult, is_dominated, trial_results
-from .space import describe, suggest_parameters
-
-log = logging.getLogger(__name__)
+from .space import suggest_parameters
 
 
 @dataclass
@@ -88,21 +84,3 @@ def run_trial(setup: SearchSetup, study: optuna.Study, progress: ProgressFactory
         study.tell(trial, state=TrialState.FAIL)
         raise
     return TrialResult(trial.number, count.refusals, kl, not count.complete, seconds, parameters.to_dict())
-
-
-def eta_seconds(study: optuna.Study, remaining: int) -> float:
-    times = [r.seconds for r in trial_results(study)[-20:]]
-    return statistics.median(times) * remaining if times else 0.0
-
-
-def trial_line(result: TrialResult, n_prompts: int, index: int, total: int, eta: float) -> str:
-    from ..ablation.parameters import AblationParameters
-    from ..ui import format_duration
-
-    parameters = describe(AblationParameters.from_dict(result.parameters))
-    cut = " [dim](cut: dominated)[/]" if result.cut else ""
-    return (
-        f"Trial {result.number:>3} ({index}/{total})  refusals [bold]{result.refusals_text:>3}[/]/{n_prompts}{cut}  "
-        f"KL [bold]{result.kl:.4f}[/]  {format_duration(result.seconds)}  eta {format_duration(eta)}  "
-        f"[dim]{parameters}[/]"
-    )

@@ -30,10 +30,7 @@ def suggest_parameters(trial: optuna.Trial, num_layers: int, components: list[st
 
 def describe(parameters: AblationParameters) -> str:
     """One line: direction and each component's kernel."""
-    if parameters.direction_scope == "global":
-        direction = f"dir {parameters.direction_index:.1f}"
-    else:
-        direction = "dir per-layer"
+    direction = f"dir {parameters.direction_index:.1f}" if parameters.direction_scope == "global" else "dir per-layer"
     parts = [direction]
     for name, kernel in parameters.kernels.items():
         if kernel.max_weight == 0:

@@ -1,0 +1,69 @@
+"""The study fingerprint: identical settings give the identical fingerprint across versions, so
+existing checkpoints keep resuming."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from heretic.config import Role, Settings, field_extra, field_roles, fields_with, fingerprint_entry
+from heretic.prompts import Prompt
+from heretic.search import checkpoint
+from heretic.search.runner import SearchSetup
+from heretic.search.study import derived_entries, study_fingerprint
+
+PROMPT_SETS = {
+    name: [Prompt("You are a helpful assistant.", f"{name} {index}") for index in range(3)]
+    for name in ("harmful", "harmless", "harmful_eval", "harmless_eval")
+}
+
+
+def fake_loaded(gguf_file: Path | None = None) -> SimpleNamespace:
+    source = SimpleNamespace(name="org/model", gguf_file=gguf_file, display_name="model")
+    return SimpleNamespace(source=source, dtype=torch.bfloat16)
+
+
+def test_fingerprint_of_default_settings_is_pinned() -> None:
+    values = study_fingerprint(Settings(), fake_loaded(), PROMPT_SETS, "")
+    assert checkpoint.fingerprint(values) == "4cb24c8a0a307b05d9736f0d34c671f709357e5ee983c28d943174e5c74bf65b"
+
+
+def test_fingerprint_of_changed_settings_is_pinned(tmp_path: Path) -> None:
+    settings = Settings(model_revision="abc", refusal_scorer="x.py:J", seed=7, row_normalization="pre", multivariate_tpe=True)
+    values = study_fingerprint(settings, fake_loaded(), PROMPT_SETS, "<think>\n\n</think>\n\n")
+    assert checkpoint.fingerprint(values) == "5667b23aca2b3e2c67d2c6189f7a114c78a0cbbf0e3fee774d4d0764f7836b60"
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"0123456789")
+    values = study_fingerprint(Settings(), fake_loaded(gguf), PROMPT_SETS, "")
+    assert checkpoint.fingerprint(values) == "1df94ad75ee2b9bba68bb66462575f267d9d9d73c4555c1b582be35581bd16cb"
+
+
+def test_every_setting_has_a_role() -> None:
+    """Each field is either score (fingerprinted) or run (local to a run); search and override only refine them."""
+    for name in Settings.model_fields:
+        roles = field_roles(name)
+        assert len(roles & {Role.score, Role.run}) == 1, f"{name} needs exactly one of the roles score or run (config.tags)"
+        assert Role.search not in roles or Role.score in roles, f"{name}: a search setting changes scores"
+        assert "fingerprint" not in field_extra(name) or Role.score in roles, f"{name}: only score settings are fingerprinted"
+
+
+def test_fingerprint_has_one_entry_per_score_setting() -> None:
+    values = study_fingerprint(Settings(), fake_loaded(), PROMPT_SETS, "")
+    derived = derived_entries(Settings(), fake_loaded(), PROMPT_SETS, "")
+    by_value = {name for name in fields_with(Role.score) if fingerprint_entry(name) is None}
+    assert set(values) == by_value | {fingerprint_entry(name) for name in fields_with(Role.score)} - {None}
+    assert set(derived) == set(values) - by_value  # every derived entry comes from some score setting
+    assert not set(derived) & by_value  # ... and never takes the place of a value
+    assert values["seed"] == 42 and values["row_normalization"] == "full"
+
+
+def test_search_setup_takes_the_search_settings() -> None:
+    session_parts = {"ablator", "evaluator", "directions", "num_layers", "components"}
+    assert {f.name for f in dataclasses.fields(SearchSetup)} == session_parts | set(fields_with(Role.search))
+
+
+def test_reproduction_overrides_are_the_override_settings() -> None:
+    assert fields_with(Role.override) == ["model", "device_map", "max_memory", "cache_dir", "output_dir", "overwrite", "log_level"]
