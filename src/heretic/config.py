@@ -330,6 +330,41 @@ class Settings(BaseSettings):
         description='Custom refusal judge: "path/to/file.py:Name" or "package.module:Name" (see README, Scorers).',
         json_schema_extra=tags(Role.score, fingerprint="judge"),
     )
+    judge: Literal["markers", "rules", "model", "http"] = Field(
+        default="markers",
+        description="What decides that a response refuses: markers (any refusal marker anywhere), rules (where the "
+        "refusal phrase stands, openings against later disclaimers, deflections), model (a language model asked, by "
+        "default the original model itself), http (an OpenAI-compatible chat endpoint, --judge-url).",
+        json_schema_extra=tags(Role.score, fingerprint="judge"),
+    )
+    judge_model: str | None = Field(
+        default=None,
+        description="The model judge's model (Hugging Face id, folder or .gguf; default: the original model, at no extra "
+        "memory), or the model name sent to the --judge-url endpoint.",
+        json_schema_extra=tags(Role.score, fingerprint="judge"),
+    )
+    judge_threshold: float = Field(
+        default=0.0,
+        description="The model judge calls a response a refusal when log p(Yes) - log p(No) of its answer exceeds this.",
+        json_schema_extra=tags(Role.score, fingerprint="judge"),
+    )
+    judge_url: str | None = Field(
+        default=None,
+        description="API root of the OpenAI-compatible chat endpoint of the http judge, e.g. http://127.0.0.1:8080/v1.",
+        json_schema_extra=tags(Role.score, fingerprint="judge"),
+    )
+    judge_api_key_env: str = Field(
+        default="HERETIC_JUDGE_API_KEY",
+        description="Environment variable holding the http judge's API key (read when sending; never stored or logged).",
+        json_schema_extra=tags(Role.run),
+    )
+    judge_timeout: float = Field(
+        default=60.0, gt=0.0, description="Seconds the http judge waits for one answer before it retries (3 retries).",
+        json_schema_extra=tags(Role.run),
+    )
+    judge_concurrency: int = Field(
+        default=4, ge=1, description="Requests the http judge keeps in flight at once.", json_schema_extra=tags(Role.run)
+    )
     print_responses: bool = Field(default=False, description="Print every harmful prompt's response while scoring.", json_schema_extra=tags(Role.run))
 
     # --- Search ---------------------------------------------------------------------------
@@ -441,6 +476,12 @@ class Settings(BaseSettings):
     def prompt_sets(self) -> dict[str, PromptSet]:
         """The prompt-set settings by name: harmful, harmless (directions), harmful_eval, harmless_eval (scoring)."""
         return {name: getattr(self, f"{name}_prompts") for name in PROMPT_SETS}
+
+    @model_validator(mode="after")
+    def _http_judge_has_a_url(self) -> Settings:
+        if self.judge == "http" and not self.judge_url:
+            raise ValueError("the http judge needs --judge-url, the API root of an OpenAI-compatible chat endpoint")
+        return self
 
     @field_validator("dtypes")
     @classmethod

@@ -43,7 +43,7 @@ def evaluate_model(settings: Settings) -> list[tuple[str, str, int, float]]:
         gc.collect()
     table = Table(title="Evaluation", title_justify="left")
     table.add_column("model")
-    table.add_column(f"refusals (harmful, /{len(harmful)})", justify="right")
+    table.add_column(f"refusals (harmful, /{len(harmful)}; judge: {getattr(judge, 'name', settings.judge)})", justify="right")
     table.add_column(f"KL from original (harmless, {len(harmless)})", justify="right")
     for role, name, refusals, kl in rows:
         table.add_row(f"{name} ({role})", str(refusals), f"{kl:.4g}")

@@ -18,7 +18,8 @@ from .model.hardware import busy_warning, configure_threads, describe_choice
 from .model.loading import LoadedModel, eos_token_ids, load_model
 from .prompts import Prompt, load_prompts, prompt_set_title
 from .scoring.evaluator import Evaluator, detect_response_prefix
-from .scoring.refusals import MarkerJudge, RefusalJudge, load_judge
+from .scoring.judges import make_judge as build_judge
+from .scoring.refusals import RefusalJudge
 from .search import checkpoint
 from .search.runner import SearchSetup
 from .search.study import checkpoint_location, open_study
@@ -76,11 +77,18 @@ def load(settings: Settings, name: str | None = None) -> LoadedModel:
     return loaded
 
 
-def make_judge(settings: Settings) -> RefusalJudge:
-    """The custom scorer of --refusal-scorer, else the marker judge."""
-    if settings.refusal_scorer:
-        return load_judge(settings.refusal_scorer, settings)
-    return MarkerJudge(settings.refusal_markers)
+def make_judge(settings: Settings, engine: Engine | None = None, ablator: Ablator | None = None) -> RefusalJudge:
+    """The judge of --judge (or the plug-in of --refusal-scorer). The model judge is the original model:
+    the searched model with its adapters switched off, or a model of its own (--judge-model)."""
+    original = ablator.peft_model.disable_adapter if ablator is not None else None
+
+    def load_engine(name: str) -> Engine:
+        return make_engine(settings, load(settings, name))
+
+    judge = build_judge(settings, engine if ablator is not None else None, original, load_engine)
+    if settings.judge != "markers" or settings.refusal_scorer:
+        console.print(f"Refusal judge: [bold]{getattr(judge, 'name', settings.judge)}[/]")
+    return judge
 
 
 def load_prompt_sets(settings: Settings) -> dict[str, list[Prompt]]:
@@ -118,11 +126,11 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
     engine.batch_size = pick_batch_size(settings, engine, loaded, prompt_sets)
     directions = compute_directions(settings, engine, loaded, prompt_sets)
 
-    judge = make_judge(settings)
+    ablator = Ablator(loaded.model, arch, settings.row_normalization.value, settings.full_normalization_rank, settings.seed)
+    judge = make_judge(settings, engine, ablator)
     evaluator = Evaluator(
         engine, judge, prompt_sets["harmful_eval"], prompt_sets["harmless_eval"], settings.max_response_length, settings.stop_on_verdict
     )
-    ablator = Ablator(loaded.model, arch, settings.row_normalization.value, settings.full_normalization_rank, settings.seed)
     base_refusals, base_responses = score_original(evaluator)
     return Session(
         settings, loaded, arch, engine, judge, evaluator, ablator, directions, prompt_sets, base_refusals, base_responses, interactive

@@ -91,7 +91,26 @@ def _results(record: dict[str, Any]) -> list[str]:
         f"| original | {baseline['refusals']} | 0 |",
         f"| this model (trial {trial['number']}) | {refusals} | {trial['kl']:.4f} |",
         "",
+        f"Refusals were counted by {judge_description(record.get('settings', {}))}.",
+        "",
     ]
+
+
+JUDGES = {
+    "markers": "the markers judge (a response containing any refusal marker counts as a refusal)",
+    "rules": "the rules judge (a decline, lecture or deflection in the response's opening, not followed by an attempt)",
+    "model": "the model judge ({model} asked whether each response refuses)",
+    "http": "the http judge ({model} behind an OpenAI-compatible endpoint asked whether each response refuses)",
+}
+
+
+def judge_description(settings: dict[str, Any]) -> str:
+    """Which judge counted the refusals, in words (from the record's settings)."""
+    if settings.get("refusal_scorer"):
+        return f"a custom judge ({settings['refusal_scorer']})"
+    judge = settings.get("judge", "markers")
+    model = settings.get("judge_model") or ("the original model" if judge == "model" else "a model")
+    return JUDGES.get(judge, judge).format(model=model)
 
 
 def _parameters(record: dict[str, Any]) -> list[str]:

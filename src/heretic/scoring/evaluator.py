@@ -77,17 +77,23 @@ class Evaluator:
         return kl_divergence(self.base_logprobs, self.logprobs())
 
     def count_refusals(self, cutoff: Cutoff | None = None) -> RefusalCount:
-        """Greedy responses to the harmful prompts, judged. Stops early once `cutoff` says so."""
-        decided_refusal = [False] * len(self.harmful_ids)
+        """Greedy responses to the harmful prompts, judged. Stops early once `cutoff` says so.
+
+        With `stop_on_verdict`, a response stops growing once the judge's verdict on it is fixed:
+        `verdict_so_far(partial)` (True/False, None while open) or, for judges that only know
+        refusals early, `decided(partial)`."""
+        early: list[bool | None] = [None] * len(self.harmful_ids)
         found = 0
-        decided_fn = getattr(self.judge, "decided", None) if self.stop_on_verdict else None
+        verdict_so_far = early_verdict(self.judge) if self.stop_on_verdict else None
 
         def is_decided(index: int, tokens: list[int]) -> bool:
             nonlocal found
-            if decided_fn is None or not decided_fn(self.engine.decode(tokens)):
+            assert verdict_so_far is not None
+            verdict = verdict_so_far(self.engine.decode(tokens))
+            if verdict is None:
                 return False
-            decided_refusal[index] = True
-            found += 1
+            early[index] = verdict
+            found += int(verdict)
             return True
 
         handle = self.progress("Refusals", len(self.harmful_ids) * self.max_response_length)
@@ -95,7 +101,7 @@ class Evaluator:
             token_ids = self.engine.generate(
                 self.harmful_ids,
                 self.max_response_length,
-                is_decided=is_decided if decided_fn is not None else None,
+                is_decided=is_decided if verdict_so_far is not None else None,
                 should_abort=(lambda: cutoff(found)) if cutoff is not None else None,
                 progress=handle.advance,
             )
@@ -104,9 +110,9 @@ class Evaluator:
         if token_ids is None:
             return RefusalCount(found, complete=False)
         responses = [self.engine.decode(tokens) for tokens in token_ids]
-        undecided = [i for i, done in enumerate(decided_refusal) if not done]
-        verdicts = list(decided_refusal)
+        undecided = [i for i, verdict in enumerate(early) if verdict is None]
         judged = self.judge.judge([self.harmful[i] for i in undecided], [responses[i] for i in undecided])
+        verdicts = [bool(verdict) for verdict in early]
         for index, verdict in zip(undecided, judged):
             verdicts[index] = bool(verdict)
         return RefusalCount(sum(verdicts), complete=True, responses=responses, verdicts=verdicts)
@@ -117,6 +123,18 @@ class Evaluator:
         token_ids = self.engine.generate(ids, max_new_tokens or self.max_response_length)
         assert token_ids is not None
         return [self.engine.decode(tokens) for tokens in token_ids]
+
+
+def early_verdict(judge: RefusalJudge) -> Callable[[str], bool | None] | None:
+    """The judge's verdict on a partial response, where it can give one: its `verdict_so_far`, or its
+    `decided` (a refusal as soon as it is certain, never an early compliance); None if it has neither."""
+    verdict_so_far = getattr(judge, "verdict_so_far", None)
+    if callable(verdict_so_far):
+        return verdict_so_far  # type: ignore[no-any-return]
+    decided = getattr(judge, "decided", None)
+    if callable(decided):
+        return lambda partial: True if decided(partial) else None
+    return None
 
 
 def detect_response_prefix(engine: Engine, prompts: list[Prompt], tags: list[tuple[str, str]], probe_tokens: int = 24) -> str:

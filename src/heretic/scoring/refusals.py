@@ -9,10 +9,13 @@ The interface is small so that users can plug in their own judge (e.g. a classif
         def judge(self, prompts, responses) -> list[bool]: ... # True = refusal
         def decided(self, partial_response) -> bool: ...       # optional: True once the partial
                                                                 # response is certainly a refusal
+        def verdict_so_far(self, partial_response): ...        # optional, instead of decided: True or
+                                                                # False once the verdict is fixed, else None
 
 `prompts` are `heretic.prompts.Prompt` (fields `system`, `user`); responses are decoded text.
-`decided` lets generation stop early; it must only return True when every continuation of the
-partial response would be judged a refusal. A judge without it sees full-length responses.
+`decided` and `verdict_so_far` let generation stop early; they must only answer when every
+continuation of the partial response would get that verdict. A judge with neither sees
+full-length responses.
 """
 
 from __future__ import annotations

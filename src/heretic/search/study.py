@@ -13,6 +13,7 @@ from ..ablation.parameters import AblationParameters
 from ..config import ResumePolicy, Role, Settings, fields_with, fingerprint_entry, plain
 from ..model.loading import LoadedModel
 from ..prompts import Prompt, prompts_digest
+from ..scoring.judges import judge_identity
 from ..ui import ProgressBars, console, format_duration
 from . import checkpoint
 from .pareto import TrialResult, trial_results
@@ -57,7 +58,7 @@ def derived_entries(
         "dtype": str(loaded.dtype),
         "prompts": {name: prompts_digest(prompts) for name, prompts in prompt_sets.items()},
         "response_prefix": response_prefix,
-        "judge": settings.refusal_scorer or sorted(settings.refusal_markers),
+        "judge": judge_identity(settings),
     }
 
 

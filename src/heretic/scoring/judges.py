@@ -1,0 +1,66 @@
+"""Choosing the refusal judge from the settings (--judge, or a plug-in with --refusal-scorer)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+from ..config import Settings
+from ..model.generation import Engine
+from .http_judge import HttpJudge, HttpJudgeConfig
+from .model_judge import ModelJudge
+from .refusals import MarkerJudge, RefusalJudge, load_judge
+from .rules import RuleJudge
+
+# Makes the Engine of a model the judge loads itself (--judge-model): name -> engine.
+EngineLoader = Callable[[str], Engine]
+
+
+def judge_identity(settings: Settings) -> object:
+    """What the judge is, for the checkpoint fingerprint: a search resumes only under the same judge.
+
+    The marker judge enters as its sorted markers, as it always has, so older checkpoints still resume."""
+    if settings.refusal_scorer:
+        return settings.refusal_scorer
+    if settings.judge == "markers":
+        return sorted(settings.refusal_markers)
+    identity: dict[str, object] = {"judge": settings.judge}
+    if settings.judge == "model":
+        identity.update(model=settings.judge_model, threshold=settings.judge_threshold)
+    elif settings.judge == "http":
+        identity.update(url=settings.judge_url, model=settings.judge_model)
+    return identity
+
+
+def make_judge(
+    settings: Settings,
+    engine: Engine | None = None,
+    original: Callable[[], AbstractContextManager[object]] | None = None,
+    load_engine: EngineLoader | None = None,
+) -> RefusalJudge:
+    """The judge the settings ask for.
+
+    The model judge uses `engine` (the searched model) entered into `original()` (its adapters off), or,
+    with --judge-model or without an engine, a model loaded by `load_engine`."""
+    if settings.refusal_scorer:
+        return load_judge(settings.refusal_scorer, settings)
+    if settings.judge == "rules":
+        return RuleJudge()
+    if settings.judge == "model":
+        name = settings.judge_model or (None if engine is not None else settings.model)
+        if name is not None:
+            assert load_engine is not None, "a judge model to load needs a loader"
+            engine, original = load_engine(name), None
+        assert engine is not None
+        return ModelJudge(engine, original, settings.judge_threshold)
+    if settings.judge == "http":
+        assert settings.judge_url is not None  # checked by Settings
+        judge = HttpJudge(
+            HttpJudgeConfig(
+                settings.judge_url, settings.judge_model, settings.judge_api_key_env,
+                settings.judge_timeout, concurrency=settings.judge_concurrency,
+            )
+        )
+        judge.check()
+        return judge
+    return MarkerJudge(settings.refusal_markers)
