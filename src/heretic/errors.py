@@ -7,3 +7,38 @@ class HereticError(Exception):
     The command line prints its message as one line (no traceback) and exits with status 2.
     Messages are full sentences that name the offending thing and say how to fix it.
     """
+
+
+def os_errno(error: BaseException) -> int | None:
+    """The operating-system error number behind `error`: an OSError's, or the one that libraries
+    written in Rust or C++ (safetensors, tokenizers) put in their message as "os error N"."""
+    import re
+
+    if isinstance(error, OSError) and error.errno:
+        return error.errno
+    match = re.search(r"os error (\d+)", str(error))
+    return int(match.group(1)) if match else None
+
+
+def write_failure(error: BaseException, target: object, what: str, option: str) -> HereticError | None:
+    """One sentence for a write of `what` to `target` that failed for an operating-system reason
+    (full disk, read-only place, no permission), or None when `error` is not such a failure.
+
+    Callers write atomically, so the sentence can say that nothing was written."""
+    import errno
+    import os
+
+    code = os_errno(error)
+    if code is None:
+        return None
+    reason = os.strerror(code)
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return HereticError(
+            f"There is not enough disk space to write {what} {target} ({reason}); nothing was written: free some "
+            f"space, or choose a folder on another disk with {option}."
+        )
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return HereticError(
+            f"Cannot write {what} {target} ({reason}); nothing was written: choose a folder you can write to with {option}."
+        )
+    return HereticError(f"Writing {what} {target} failed ({reason}); nothing was written: check the folder, or choose another with {option}.")

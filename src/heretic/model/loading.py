@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..errors import HereticError
+from ..errors import HereticError, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +124,19 @@ def dequantize_gguf_to_cache(source: ModelSource, cache_dir: Path, dtype: torch.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    folder.parent.mkdir(parents=True, exist_ok=True)
     staging = folder.parent / f".{folder.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / "heretic-source.json").write_text(json.dumps({"gguf_file": str(source.gguf_file)}, indent=2))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "heretic-source.json").write_text(json.dumps({"gguf_file": str(source.gguf_file)}, indent=2))
+    except Exception as error:  # noqa: BLE001 - OSError, or safetensors' own error for a full disk
+        shutil.rmtree(staging, ignore_errors=True)
+        failure = write_failure(error, cache_dir, "the dequantized GGUF cache in", "--cache-dir")
+        if failure is None:
+            raise
+        raise failure from None
     try:
         os.replace(staging, folder)
     except OSError:  # another process won the race; use its copy
