@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tomllib
+from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 from pydantic import ValidationError
@@ -196,7 +197,11 @@ def settings_from_argv(argv: Sequence[str] | None = None) -> Settings:
     except tomllib.TOMLDecodeError as error:
         fail(f"The config file {config_file or 'config.toml'} is not valid TOML ({error}); fix it or pass another with --config.")
     except FileNotFoundError as error:
+        if Path(str(error)).is_dir():
+            fail(f"The config file {error} is a folder; give a TOML file to --config or HERETIC_CONFIG.")
         fail(f"The config file {error} does not exist; check the path given to --config or HERETIC_CONFIG.")
+    except UnicodeDecodeError:
+        fail(f"The config file {config_file or 'config.toml'} is not UTF-8 text; save it as UTF-8.")
 
 
 def _terminate(signum: int, frame: Any) -> None:

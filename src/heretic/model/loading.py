@@ -67,6 +67,9 @@ def resolve_source(name: str) -> ModelSource:
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise HereticError(f"The GGUF file {name} does not exist; check the path.")
+        with open(path, "rb") as handle:
+            if handle.read(4) != b"GGUF":
+                raise HereticError(f"{name} is not a GGUF file (it does not start with the GGUF signature); check the file.")
         return ModelSource("gguf", name, str(path.parent.resolve()), path.resolve())
     if path.is_dir():
         if (path / "config.json").is_file():
@@ -78,6 +81,8 @@ def resolve_source(name: str) -> ModelSource:
             listed = ", ".join(file.name for file in ggufs[:5])
             raise HereticError(f"The folder {name} holds several GGUF files ({listed}); name the one to use.")
         raise HereticError(f"The folder {name} holds no model (no config.json and no .gguf file).")
+    if path.is_file():
+        raise HereticError(f"{name} is a file but not a model; give a model folder, a .gguf file or a Hugging Face id (org/name).")
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name and not _hub_id_like(name):
         raise HereticError(f"The model path {name} does not exist; check the path, or give a Hugging Face id like org/name.")
     if not _hub_id_like(name):
