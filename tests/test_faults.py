@@ -1,0 +1,484 @@
+"""The fault catalogue: broken inputs and faults a new user meets, each ending in one sentence.
+
+Every case asserts its exit code, a sentence that says what is wrong and how to fix it, no
+traceback, and that nothing was lost: what existed before (an output folder, a checkpoint) is
+byte-identical afterwards and no partial file remains.
+
+Fast cases run in-process in the default suite. The slow ones (a search, a subprocess, a kill, a
+signal) are marked `faults_slow` and run with `make test-faults`.
+
+Simulated faults (as root, permission bits stop nothing):
+- a full disk: a small tmpfs mounted for the test, filled so that only a few KiB stay free; the
+  write then fails with ENOSPC exactly as on a full disk;
+- a read-only place: a tmpfs (or a bind mount of a test folder) remounted read-only: EROFS.
+Where mounting is not permitted the case is skipped, except under CI=true, where it fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from heretic.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "hf_FAKEfaultCatalogueToken0123456789"
+
+PROMPT_FLAGS = [
+    "--harmful-prompts", "bundled:harmful_train[:12]",
+    "--harmless-prompts", "bundled:harmless_train[:12]",
+    "--harmful-eval-prompts", "bundled:harmful_test[:8]",
+    "--harmless-eval-prompts", "bundled:harmless_test[:8]",
+]
+RUN_FLAGS = [
+    "--refusal-markers", '["ak", "ook", "ot"]',
+    "--max-response-length", "8",
+    "--batch-size", "8",
+    "--n-trials", "1",
+    "--n-startup-trials", "1",
+    "--dtypes", "float32",
+    "--headless",
+    "--checkpoint-dir", "checkpoints",
+    "--action", "report",
+]
+
+
+# --- Helpers -----------------------------------------------------------------------------------
+
+
+def snapshot(root: Path, skip: tuple[str, ...] = ("cache",)) -> dict[str, str]:
+    """Path -> sha256 of every file under root (folders as 'dir'), leaving out `skip` at the top."""
+    files: dict[str, str] = {}
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root)
+        if relative.parts[0] in skip:
+            continue
+        files[str(relative)] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return files
+
+
+def partial_files(root: Path) -> list[str]:
+    return [str(path) for path in root.rglob("*") if re.search(r"\.(partial|repair|previous)-", path.name)]
+
+
+def one_sentence(text: str) -> str:
+    return " ".join(text.split())
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """(exit code, everything printed) of `heretic ARGV` in this process. An exception other than
+    SystemExit escapes, and fails the test, as the traceback it would print."""
+    capsys.readouterr()
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as exit_info:
+        code = exit_info.code if isinstance(exit_info.code, int) else 1
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert "Traceback" not in text, text
+    return code, text
+
+
+def error_line(text: str) -> str:
+    """The one error sentence, joined from the lines it was wrapped over."""
+    flat = one_sentence(text)
+    assert "Error:" in flat, flat[-2000:]
+    return flat[flat.index("Error:") + len("Error:") :].strip()
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def missing_facility(what: str) -> None:
+    if in_ci():
+        pytest.fail(f"{what} is needed for this case and is not available on this machine")
+    pytest.skip(f"{what} is not available here")
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str = "4m") -> Iterator[Path]:
+    path.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)], capture_output=True)
+    if result.returncode != 0:
+        missing_facility("mounting a tmpfs (to simulate a full disk or a read-only place)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def make_read_only(path: Path) -> None:
+    """Remount a mount point read-only (writes fail with EROFS)."""
+    result = subprocess.run(["mount", "-o", "remount,ro", str(path)], capture_output=True)
+    if result.returncode != 0:
+        missing_facility("remounting a tmpfs read-only")
+
+
+@contextlib.contextmanager
+def read_only_bind(path: Path) -> Iterator[Path]:
+    """`path` (an existing folder) made read-only in place by a read-only bind mount of itself."""
+    result = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True)
+    if result.returncode != 0:
+        missing_facility("a bind mount (to make a folder read-only)")
+    try:
+        result = subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], capture_output=True)
+        if result.returncode != 0:
+            missing_facility("remounting a bind mount read-only")
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill(mount: Path, leave: int) -> None:
+    """Fill the tmpfs at `mount` until only about `leave` bytes stay free."""
+    stat = os.statvfs(mount)
+    free = stat.f_bavail * stat.f_frsize
+    size = max(0, free - leave)
+    with open(mount / ".filler", "wb") as handle:
+        chunk = b"\0" * (1 << 20)
+        while size > 0:
+            size -= handle.write(chunk[: min(len(chunk), size)])
+
+
+# --- Fixtures ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def model(tiny_models: dict[str, Path]) -> Path:
+    return tiny_models["llama"]
+
+
+@pytest.fixture
+def precious(tmp_path: Path) -> Path:
+    """Things a failed run must leave byte-identical: a checkpoint of another search and an output folder."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "other-search-0123456789ab.jsonl").write_text('{"op_code": 0, "study_name": "x"}\n')
+    (tmp_path / "earlier-output").mkdir()
+    (tmp_path / "earlier-output" / "model.safetensors").write_bytes(b"weights")
+    return tmp_path
+
+
+def write(path: Path, content: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    return path
+
+
+def tiny_gguf(path: Path) -> Path:
+    """A small valid GGUF file (one tensor) written with the gguf library."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+# --- Fast cases: settings ----------------------------------------------------------------------
+
+# (id, argv after the model, regex of the sentence). All exit 2 and fail before the model loads.
+SETTINGS_CASES = [
+    ("n_trials word", ["--n-trials", "many"], r"Invalid setting 'n_trials'.*--n-trials"),
+    ("n_trials zero", ["--n-trials", "0"], r"Invalid setting 'n_trials'.*greater than"),
+    ("n_trials fraction", ["--n-trials", "1.5"], r"Invalid setting 'n_trials'"),
+    ("n_startup_trials negative", ["--n-startup-trials", "-1"], r"Invalid setting 'n_startup_trials'.*greater than or equal"),
+    ("n_ei_candidates zero", ["--n-ei-candidates", "0"], r"Invalid setting 'n_ei_candidates'"),
+    ("max_response_length zero", ["--max-response-length", "0"], r"Invalid setting 'max_response_length'.*greater than"),
+    ("batch_size negative", ["--batch-size", "-1"], r"Invalid setting 'batch_size'"),
+    ("max_batch_size zero", ["--max-batch-size", "0"], r"Invalid setting 'max_batch_size'"),
+    ("winsorization_quantile above one", ["--winsorization-quantile", "2"], r"Invalid setting 'winsorization_quantile'"),
+    ("full_normalization_rank zero", ["--full-normalization-rank", "0"], r"Invalid setting 'full_normalization_rank'"),
+    ("max_kl zero", ["--max-kl", "0"], r"Invalid setting 'max_kl'.*greater than"),
+    ("max_refusals negative", ["--max-refusals", "-1"], r"Invalid setting 'max_refusals'"),
+    ("sampler_kl_floor word", ["--sampler-kl-floor", "low"], r"Invalid setting 'sampler_kl_floor'"),
+    ("seed word", ["--seed", "lucky"], r"Invalid setting 'seed'"),
+    ("benchmark_limit zero", ["--benchmark-limit", "0"], r"Invalid setting 'benchmark_limit'"),
+    ("row_normalization choice", ["--row-normalization", "sideways"], r"Invalid setting 'row_normalization'.*'none', 'pre' or 'full'"),
+    ("resume choice", ["--resume", "maybe"], r"Invalid setting 'resume'"),
+    ("select choice", ["--select", "best"], r"Invalid setting 'select'"),
+    ("gguf_type choice", ["--gguf-type", "q4_k"], r"Invalid setting 'gguf_type'.*'f16', 'bf16' or 'q8_0'"),
+    ("quantization choice", ["--quantization", "8bit"], r"Invalid setting 'quantization'"),
+    ("log_level choice", ["--log-level", "LOUD"], r"Invalid setting 'log_level'"),
+    ("action choice", ["--action", "fly"], r"Invalid setting 'action'"),
+    ("dtypes unknown", ["--dtypes", "float128"], r"Invalid setting 'dtypes'.*unknown dtype 'float128'"),
+    ("device_map bad json", ["--device-map", "{cuda"], r"Invalid setting 'device_map'.*is not valid JSON"),
+    ("max_memory not an object", ["--max-memory", "[1, 2]"], r"Invalid setting 'max_memory'"),
+    ("refusal_markers broken json", ["--refusal-markers", "[broken"], r"Invalid setting 'refusal_markers'.*JSON"),
+    ("thinking_tags wrong shape", ["--thinking-tags", '["<think>"]'], r"Invalid setting 'thinking_tags'"),
+    ("prompt set shorthand", ["--harmful-prompts", ""], r"Invalid setting 'harmful_prompts'.*SOURCE\[:SPLIT\]\[SLICE\]"),
+    ("trial word", ["--trial", "best"], r"Invalid setting 'trial'"),
+]
+
+
+@pytest.mark.parametrize(("argv", "pattern"), [case[1:] for case in SETTINGS_CASES], ids=[case[0] for case in SETTINGS_CASES])
+def test_settings(argv: list[str], pattern: str, precious: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = snapshot(precious)
+    code, text = run_cli(["./no-model-needed", *argv], capsys)
+    assert code == 2, text
+    assert re.search(pattern, error_line(text)), error_line(text)
+    assert snapshot(precious) == before and not partial_files(precious)
+
+
+# (id, setup(tmp_path) -> argv, regex). Config files and paths of the wrong kind; all exit 2.
+CONFIG_CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
+    ("config is a folder", lambda t: ["--config", str((t / "conf.d").mkdir() or t / "conf.d")], r"config file .*conf\.d is a folder"),
+    ("config missing", lambda t: ["--config", "nowhere.toml"], r"nowhere\.toml does not exist"),
+    ("config not toml", lambda t: ["--config", str(write(t / "c.toml", "n_trials = = 3\n"))], r"not valid TOML"),
+    ("config not utf8", lambda t: ["--config", str(write(t / "c.toml", "system_prompt = '\xe9'\n".encode("latin-1")))], r"c\.toml is not UTF-8 text"),
+    ("config unknown key", lambda t: ["--config", str(write(t / "c.toml", "n_trails = 3\n"))], r"Unknown setting 'n_trails'"),
+    ("config wrong type", lambda t: ["--config", str(write(t / "c.toml", "n_trials = 'ten'\n"))], r"Invalid setting 'n_trials'.*c\.toml"),
+    ("config list for a number", lambda t: ["--config", str(write(t / "c.toml", "batch_size = [1, 2]\n"))], r"Invalid setting 'batch_size'"),
+]
+
+
+@pytest.mark.parametrize(("setup", "pattern"), [case[1:] for case in CONFIG_CASES], ids=[case[0] for case in CONFIG_CASES])
+def test_config_files(setup: Callable[[Path], list[str]], pattern: str, precious: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = setup(precious)
+    before = snapshot(precious)
+    code, text = run_cli(["./no-model-needed", *argv], capsys)
+    assert code == 2, text
+    assert re.search(pattern, error_line(text)), error_line(text)
+    assert snapshot(precious) == before
+
+
+def test_unknown_environment_variable(precious: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HERETIC_N_TRAILS", "3")
+    code, text = run_cli(["./no-model-needed"], capsys)
+    assert code == 2 and re.search(r"n_trails.*HERETIC_N_TRAILS", error_line(text)), text
+
+
+# --- Fast cases: models ------------------------------------------------------------------------
+
+
+def _truncated_weights(t: Path, model: Path) -> str:
+    folder = t / "truncated"
+    shutil.copytree(model, folder)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return str(folder)
+
+
+def _no_weights(t: Path, model: Path) -> str:
+    folder = t / "no-weights"
+    shutil.copytree(model, folder)
+    (folder / "model.safetensors").unlink()
+    return str(folder)
+
+
+def _garbage_config(t: Path, model: Path) -> str:
+    folder = t / "bad-config"
+    shutil.copytree(model, folder)
+    (folder / "config.json").write_text("{ not json")
+    return str(folder)
+
+
+def _unknown_architecture(t: Path, model: Path) -> str:
+    folder = t / "unknown-arch"
+    shutil.copytree(model, folder)
+    (folder / "config.json").write_text(json.dumps({"model_type": "no_such_family", "architectures": ["NoSuchForCausalLM"]}))
+    return str(folder)
+
+
+def _remote_code(t: Path, model: Path) -> str:
+    folder = t / "remote-code"
+    shutil.copytree(model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="custom_family", auto_map={"AutoConfig": "configuration_custom.CustomConfig", "AutoModelForCausalLM": "modeling_custom.CustomModel"})
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def _truncated_gguf(t: Path, model: Path) -> str:
+    data = tiny_gguf(t / "whole.gguf").read_bytes()
+    return str(write(t / "models" / "cut.gguf", data[: len(data) // 2]))
+
+
+def _text_as_gguf(t: Path, model: Path) -> str:
+    return str(write(t / "notes.gguf", "This is a text file, not a model.\n"))
+
+
+def _text_as_model(t: Path, model: Path) -> str:
+    return str(write(t / "model.txt", "meta-llama/Llama-3.1-8B-Instruct\n"))
+
+
+def _several_ggufs(t: Path, model: Path) -> str:
+    tiny_gguf(write(t / "two" / "a.gguf", b"").parent / "a.gguf")
+    tiny_gguf(t / "two" / "b.gguf")
+    return str(t / "two")
+
+
+def _empty_folder(t: Path, model: Path) -> str:
+    (t / "empty").mkdir()
+    return str(t / "empty")
+
+
+# (id, setup(tmp_path, tiny model) -> model argument, regex); all exit 2.
+MODEL_CASES: list[tuple[str, Callable[[Path, Path], str], str]] = [
+    ("truncated safetensors", _truncated_weights, r"Could not load .*truncated in any of the dtypes float32 \(float32: Error while deserializing header"),
+    ("weights missing", _no_weights, r"Cannot load the model in .*no-weights"),
+    ("config not json", _garbage_config, r"Cannot load the model in .*bad-config"),
+    ("unknown architecture", _unknown_architecture, r"Cannot load the model in .*unknown-arch"),
+    ("remote code", _remote_code, r"needs code from its repository to run; if you trust it, pass --trust-remote-code"),
+    ("truncated gguf", _truncated_gguf, r"(transformers cannot load the GGUF file cut\.gguf|cut\.gguf is not a complete GGUF file)"),
+    ("text file named gguf", _text_as_gguf, r"notes\.gguf is not a GGUF file"),
+    ("text file as model", _text_as_model, r"model\.txt is a file but not a model"),
+    ("several gguf files", _several_ggufs, r"holds several GGUF files \(a\.gguf, b\.gguf\); name the one to use"),
+    ("empty folder", _empty_folder, r"holds no model \(no config\.json and no \.gguf file\)"),
+    ("missing path", lambda t, m: "./nowhere/model", r"The model path ./nowhere/model does not exist"),
+    ("missing gguf", lambda t, m: "nowhere.gguf", r"The GGUF file nowhere\.gguf does not exist"),
+    ("not an id", lambda t, m: "a b c", r"Cannot load a b c from the Hugging Face Hub \(Repo id must use alphanumeric chars"),
+    ("hub id offline", lambda t, m: "someone/not-cached-model", r"Cannot load someone/not-cached-model from the Hugging Face Hub"),
+]
+
+
+@pytest.mark.parametrize(("setup", "pattern"), [case[1:] for case in MODEL_CASES], ids=[case[0] for case in MODEL_CASES])
+def test_models(setup: Callable[[Path, Path], str], pattern: str, model: Path, precious: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argument = setup(precious, model)
+    before = snapshot(precious)
+    code, text = run_cli([argument, *PROMPT_FLAGS, *RUN_FLAGS], capsys)
+    assert code == 2, text
+    assert re.search(pattern, error_line(text)), error_line(text)
+    assert snapshot(precious) == before and not partial_files(precious)
+
+
+def test_gguf_cache_folder_is_a_file(model: Path, precious: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GGUF model is dequantized into the cache; a cache 'folder' that is a file ends in a sentence."""
+    from heretic.export.gguf import export_gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(model)
+    gguf_model = export_gguf(loaded, AutoTokenizer.from_pretrained(model), precious / "models" / "tiny.f16.gguf", "f16")
+    cache_file = write(precious / "cache-file", "not a folder")
+    monkeypatch.setenv("HERETIC_CACHE_DIR", str(cache_file))
+    before = snapshot(precious)
+    code, text = run_cli([str(gguf_model), *PROMPT_FLAGS, *RUN_FLAGS], capsys)
+    assert code == 2, text
+    assert re.search(r"the dequantized GGUF cache in .*cache-file .*(Not a directory|File exists).*--cache-dir", error_line(text)), error_line(text)
+    assert snapshot(precious) == before and not partial_files(precious)
+
+
+# --- Fast cases: prompt files ------------------------------------------------------------------
+
+HARMFUL = [line for line in (ROOT / "src" / "heretic" / "data" / "prompts" / "harmful_train.txt").read_text().splitlines()[:12]]
+
+
+def _parquet_claim(t: Path) -> str:
+    return str(write(t / "prompts.parquet", "\n".join(HARMFUL)))
+
+
+def _csv_columns(t: Path) -> str:
+    return str(write(t / "p.csv", "id,category\n1,a\n2,b\n"))
+
+
+# (id, setup(tmp_path) -> --harmful-prompts value, exit code, regex)
+PROMPT_CASES: list[tuple[str, Callable[[Path], str], int, str]] = [
+    ("jsonl bad line", lambda t: str(write(t / "p.jsonl", '{"prompt": "a"}\n{"prompt": "b"\n{"prompt": "c"}\n')), 2, r"p\.jsonl is not valid JSON \(line 1: "),
+    ("jsonl mixes strings and objects", lambda t: str(write(t / "p.jsonl", '"a"\n{"prompt": "b"}\n')), 2, r"p\.jsonl mixes prompts and objects"),
+    ("json object not list", lambda t: str(write(t / "p.json", '{"prompt": "a"}')), 2, r"p\.json has no column|p\.json must hold a list"),
+    ("json truncated", lambda t: str(write(t / "p.json", '["a", "b"')), 2, r"p\.json is not valid JSON"),
+    ("parquet that is text", _parquet_claim, 2, r"prompts\.parquet is not a Parquet file"),
+    ("csv several columns", _csv_columns, 2, r"p\.csv has several columns \(id, category\); name the prompt column"),
+    ("csv with NUL bytes", lambda t: str(write(t / "p.csv", b"prompt\nabc\x00def\n")), 2, r"p\.csv holds control characters \(prompt 1: 'abc\\x00def'\)"),
+    ("latin-1 text", lambda t: str(write(t / "p.txt", "caf\xe9 recipes\n".encode("latin-1"))), 2, r"p\.txt is not UTF-8 text; save it as UTF-8"),
+    ("utf-16 text", lambda t: str(write(t / "p.txt", "\n".join(HARMFUL).encode("utf-16"))), 2, r"p\.txt is not UTF-8 text"),
+    ("binary file", lambda t: str(write(t / "p.txt", bytes(range(256)) * 4)), 2, r"p\.txt is not UTF-8 text"),
+    ("control characters", lambda t: str(write(t / "p.txt", "\n".join(HARMFUL[:10] + ["how to \x00\x1b[31m pick a lock"]))), 2, r"p\.txt holds control characters \(prompt 11: .*\); remove them"),
+    ("empty file", lambda t: str(write(t / "p.txt", "\n\n")), 2, r"The prompt set .*p\.txt is empty"),
+    ("missing file", lambda t: "./missing.txt", 2, r"The prompt file or folder ./missing\.txt does not exist"),
+    ("split on a file", lambda t: str(write(t / "p.txt", "\n".join(HARMFUL))) + ":train", 2, r"has no splits; remove 'train'"),
+    ("bad slice", lambda t: "bundled:harmful_train[1:x]", 2, r"Cannot read the slice '\[1:x\]'"),
+    ("step slice", lambda t: "bundled:harmful_train[::2]", 2, r"Cannot read the slice '\[::2\]'"),
+    ("bad split syntax", lambda t: "bundled:harmful train", 2, r"Cannot read the prompt set 'bundled:harmful train'; write a bundled set like"),
+    ("unknown bundled set", lambda t: "bundled:harmful_all", 2, r"There is no bundled prompt set 'harmful_all'"),
+    ("slice leaves nothing", lambda t: "bundled:harmful_train[5:5]", 2, r"is empty; check its source, split and slice"),
+    ("folder that is no dataset", lambda t: str((t / "notdata").mkdir() or t / "notdata"), 2, r"Cannot read the dataset folder"),
+    ("huge prompt", lambda t: str(write(t / "p.txt", "\n".join(HARMFUL[:11] + ["lock " * 20_000]))), 2, r"is [\d,]+ tokens long, more than the 512 this model can read at once; shorten it"),
+]
+
+
+@pytest.mark.parametrize(("setup", "code", "pattern"), [case[1:] for case in PROMPT_CASES], ids=[case[0] for case in PROMPT_CASES])
+def test_prompt_files(setup: Callable[[Path], str], code: int, pattern: str, model: Path, precious: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = setup(precious)
+    before = snapshot(precious)
+    argv = [str(model), *PROMPT_FLAGS, *RUN_FLAGS]
+    argv[argv.index("--harmful-prompts") + 1] = source
+    returned, text = run_cli(argv, capsys)
+    assert returned == code, text
+    assert re.search(pattern, error_line(text)), error_line(text)
+    assert snapshot(precious) == before and not partial_files(precious)
+
+
+# --- Fast cases: reproduction records ----------------------------------------------------------
+
+
+def _record() -> dict:
+    return {
+        "record_version": 1,
+        "tool": {"name": "heretic", "version": "0.1.0"},
+        "environment": {"python": "3", "libraries": {}},
+        "model": {"name": "x", "kind": "local", "gguf_file": None},
+        "settings": {"model": "x", "n_trials": 3},
+        "prompt_sets": {name: {"sha256": "0" * 64} for name in ("harmful", "harmless", "harmful_eval", "harmless_eval")},
+        "directions_sha256": "0" * 64,
+        "trial": {"number": 3, "parameters": {"direction_scope": "global", "direction_index": 2.5, "kernels": {
+            "attn": {"max_weight": 1.0, "max_weight_position": 2.0, "min_weight": 0.5, "min_weight_distance": 1.0}}}},
+    }
+
+
+def _edited(edit: Callable[[dict], None]) -> Callable[[Path], str]:
+    def setup(t: Path) -> str:
+        data = _record()
+        edit(data)
+        return str(write(t / "saved" / "heretic.json", json.dumps(data)))
+
+    return setup
+
+
+# (id, setup(tmp_path) -> --reproduce value, regex); all exit 2.
+RECORD_CASES: list[tuple[str, Callable[[Path], str], str]] = [
+    ("record missing", lambda t: "./saved/heretic.json", r"The reproduction record saved/heretic\.json does not exist"),
+    ("folder without record", lambda t: str((t / "plain").mkdir() or t / "plain"), r"plain/heretic\.json does not exist"),
+    ("record not json", lambda t: str(write(t / "heretic.json", "{ oops")), r"heretic\.json is not valid JSON \(line 1"),
+    ("record is a list", lambda t: str(write(t / "heretic.json", "[1, 2]")), r"is not a Heretic reproduction record this version can read"),
+    ("record of another version", _edited(lambda d: d.update(record_version=99)), r"is not a Heretic reproduction record this version can read"),
+    ("missing trial parameters", _edited(lambda d: d["trial"].pop("parameters")), r"is damaged: the field 'trial\.parameters' is missing"),
+    ("missing directions digest", _edited(lambda d: d.pop("directions_sha256")), r"the field 'directions_sha256' is missing"),
+    ("missing prompt digest", _edited(lambda d: d["prompt_sets"].pop("harmless_eval")), r"the field 'prompt_sets\.harmless_eval\.sha256' is missing"),
+    ("trial number as text", _edited(lambda d: d["trial"].update(number="three")), r"the field 'trial\.number' should be int, not str"),
+    ("settings not an object", _edited(lambda d: d.update(settings=[1])), r"the field 'settings' should be object, not list"),
+    ("kernel weight as text", _edited(lambda d: d["trial"]["parameters"]["kernels"]["attn"].update(max_weight="high")), r"kernels\.attn\.max_weight' should be a number"),
+    ("invalid recorded setting", _edited(lambda d: d["settings"].update(n_trials=-3)), r"The reproduction record's setting 'n_trials' is invalid"),
+]
+
+
+@pytest.mark.parametrize(("setup", "pattern"), [case[1:] for case in RECORD_CASES], ids=[case[0] for case in RECORD_CASES])
+def test_reproduction_records(setup: Callable[[Path], str], pattern: str, precious: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argument = setup(precious)
+    before = snapshot(precious)
+    code, text = run_cli(["--reproduce", argument], capsys)
+    assert code == 2, text
+    assert re.search(pattern, error_line(text)), error_line(text)
+    assert snapshot(precious) == before and not partial_files(precious)
