@@ -482,3 +482,149 @@ def test_reproduction_records(setup: Callable[[Path], str], pattern: str, precio
     assert code == 2, text
     assert re.search(pattern, error_line(text)), error_line(text)
     assert snapshot(precious) == before and not partial_files(precious)
+
+
+def test_huge_prompt_is_refused_below_a_long_context(model: Path, precious: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A model whose context is far longer than a sane prompt still gets no more than 8192 tokens at once:
+    one 100,000-character prompt is refused with a sentence before it reaches the model."""
+    folder = precious / "long-context"
+    shutil.copytree(model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, max_position_embeddings=1_000_000)))
+    prompts = write(precious / "p.txt", "\n".join(HARMFUL[:11] + [("lock " * 20_000)[:100_000]]))
+    argv = [str(folder), *PROMPT_FLAGS, *RUN_FLAGS]
+    argv[argv.index("--harmful-prompts") + 1] = str(prompts)
+    before = snapshot(precious)
+    code, text = run_cli(argv, capsys)
+    assert code == 2, text
+    assert re.search(r"is [\d,]+ tokens long, more than the 8,192 this model can read at once", error_line(text)), error_line(text)
+    assert snapshot(precious) == before
+
+
+# --- Checkpoint journal: recovery, stale locks, one run per checkpoint (fast, no model) ---------
+
+OPTUNA_QUIET = "import optuna; optuna.logging.set_verbosity(optuna.logging.WARNING)\n"
+
+
+def _journal_with_trials(directory: Path, n: int) -> Path:
+    """A journal with `n` finished trials, written by a separate process (this one keeps no lock on it)."""
+    script = OPTUNA_QUIET + textwrap.dedent(
+        f"""
+        from pathlib import Path
+        from heretic.search import checkpoint
+        path = Path({str(directory / "m-0123456789ab.jsonl")!r})
+        study, _ = checkpoint.load_or_create(path, "fp", {{}})
+        for _ in range({n}):
+            trial = study.ask()
+            trial.suggest_float("x", 0, 1)
+            study.tell(trial, [1.0, 2.0])
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    return directory / "m-0123456789ab.jsonl"
+
+
+def _resume(directory: Path, relative: bool = False, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Open the journal again in a fresh process and add one trial; prints the number of finished trials."""
+    path = "checkpoints/m-0123456789ab.jsonl" if relative else str(directory / "m-0123456789ab.jsonl")
+    script = OPTUNA_QUIET + textwrap.dedent(
+        f"""
+        import time
+        from pathlib import Path
+        from optuna.trial import TrialState
+        from heretic.errors import HereticError
+        from heretic.search import checkpoint
+        started = time.monotonic()
+        try:
+            study, _ = checkpoint.load_or_create(Path({path!r}), "fp", {{}})
+        except HereticError as error:
+            raise SystemExit("Error: " + str(error))
+        trial = study.ask()
+        trial.suggest_float("x", 0, 1)
+        study.tell(trial, [1.0, 2.0])
+        print("finished", len(study.get_trials(states=(TrialState.COMPLETE,))), "in", round(time.monotonic() - started, 1))
+        """
+    )
+    return subprocess.run([sys.executable, "-c", script], cwd=directory.parent, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("damage", ["cut last line", "garbage last line", "newline missing"])
+def test_journal_cut_short_at_its_last_line_is_recovered(damage: str, tmp_path: Path) -> None:
+    """What a crash or a full disk leaves: every complete trial is recovered, the damaged file is kept
+    byte-identical beside it, the user is told how many records were dropped, and the search goes on."""
+    journal = _journal_with_trials(tmp_path / "checkpoints", 3)
+    data = journal.read_bytes()
+    damaged = {
+        "cut last line": data[:-25],
+        "garbage last line": data + b"\x00\x00garbage\n",
+        "newline missing": data[:-1],
+    }[damage]
+    journal.write_bytes(damaged)
+    result = _resume(tmp_path / "checkpoints")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    report = one_sentence(result.stdout)
+    dropped = 0 if damage == "newline missing" else 1
+    recovered = 2 if damage == "cut last line" else 3  # the cut line was the third trial's COMPLETE record
+    assert f"recovered {recovered} finished trial" in report and f"dropped {dropped} incomplete log record" in report, report
+    assert f"finished {recovered + 1} " in report
+    (aside,) = (tmp_path / "checkpoints").glob("*.damaged-*.jsonl")
+    assert aside.read_bytes() == damaged
+    assert journal.read_bytes().endswith(b"\n") and not partial_files(tmp_path)
+
+
+def test_journal_damaged_before_its_last_line_is_refused_untouched(tmp_path: Path) -> None:
+    journal = _journal_with_trials(tmp_path / "checkpoints", 2)
+    lines = journal.read_bytes().split(b"\n")
+    lines[2] = b"{not json"
+    journal.write_bytes(b"\n".join(lines))
+    before = snapshot(tmp_path)
+    result = _resume(tmp_path / "checkpoints")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert re.search(r"is damaged at line 3 \(not just its last line\); move it away", one_sentence(result.stderr))
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("relative", [True, False], ids=["relative dir", "absolute dir"])
+@pytest.mark.parametrize("lock", ["symlink", "file"])
+def test_stale_journal_lock_after_a_kill_is_released_at_once(relative: bool, lock: str, tmp_path: Path) -> None:
+    """kill -9 during a journal write leaves `<journal>.lock` behind (Optuna's symlink lock, or its
+    open-file lock). The resumed run holds the checkpoint's run lock, so the journal lock is stale:
+    it is removed at once instead of spinning (relative folder: forever; absolute: 30 s)."""
+    journal = _journal_with_trials(tmp_path / "checkpoints", 2)
+    stale = Path(str(journal) + ".lock")
+    if lock == "symlink":
+        stale.symlink_to("checkpoints/" + journal.name)  # what a relative --checkpoint-dir left: it never resolves
+    else:
+        stale.write_text("")
+    result = _resume(tmp_path / "checkpoints", relative=relative, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    seconds = float(result.stdout.split()[-1])
+    assert result.stdout.startswith("finished 3 ") and seconds < 10, result.stdout
+    assert not stale.exists() and not stale.is_symlink()
+
+
+def test_second_process_on_one_checkpoint_is_refused(tmp_path: Path) -> None:
+    journal = _journal_with_trials(tmp_path / "checkpoints", 1)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from pathlib import Path
+            from heretic.search import checkpoint
+            checkpoint.claim(Path({str(journal)!r}))
+            print("holding", flush=True)
+            time.sleep(120)
+            """)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        before = snapshot(tmp_path)
+        result = _resume(tmp_path / "checkpoints")
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert re.search(r"Another Heretic run is using the checkpoint .*m-0123456789ab\.jsonl; wait for it to finish, stop it, or choose another --checkpoint-dir", one_sentence(result.stderr))
+        assert snapshot(tmp_path) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    # kill -9 released it: the next run goes on.
+    assert _resume(tmp_path / "checkpoints").stdout.startswith("finished 2 ")
