@@ -628,3 +628,309 @@ def test_second_process_on_one_checkpoint_is_refused(tmp_path: Path) -> None:
         holder.wait()
     # kill -9 released it: the next run goes on.
     assert _resume(tmp_path / "checkpoints").stdout.startswith("finished 2 ")
+
+
+# --- Slow cases: a finished search, then outputs into broken places -----------------------------
+
+faults_slow = pytest.mark.faults_slow
+
+
+def cli_argv(model: Path, checkpoints: Path, *extra: str) -> list[str]:
+    argv = [str(model), *PROMPT_FLAGS, *RUN_FLAGS, *extra]
+    argv[argv.index("--checkpoint-dir") + 1] = str(checkpoints)
+    return argv
+
+
+@pytest.fixture(scope="module")
+def searched(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A finished two-trial search (its checkpoint folder) and a reference save of its chosen trial."""
+    root = tmp_path_factory.mktemp("searched")
+    script = [sys.executable, "-m", "heretic", *cli_argv(tiny_models["llama"], root / "checkpoints", "--n-trials", "2")]
+    script[script.index("--action") + 1] = "save"
+    subprocess.run([*script, "--output-dir", str(root / "reference")], check=True, capture_output=True, timeout=600, cwd=root)
+    return {"checkpoints": root / "checkpoints", "reference": root / "reference"}
+
+
+def copied_checkpoints(searched: dict[str, Path], tmp_path: Path) -> Path:
+    target = tmp_path / "checkpoints"
+    shutil.copytree(searched["checkpoints"], target, ignore=shutil.ignore_patterns("*.lock"))
+    return target
+
+
+def journal_of(checkpoints: Path) -> Path:
+    (journal,) = [path for path in checkpoints.glob("*.jsonl") if ".old." not in path.name and ".damaged-" not in path.name]
+    return journal
+
+
+def finished_trials(journal: Path) -> int:
+    count = 0
+    for line in journal.read_bytes().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        count += record.get("op_code") == 6 and record.get("state") == 1
+    return count
+
+
+def keeps_trials(journal: Path, before: bytes) -> None:
+    """The journal still holds every byte it held before (a resumed run only appends to it)."""
+    assert journal.read_bytes().startswith(before)
+
+
+def page_rounded(size: int) -> int:
+    return -(-size // 4096) * 4096
+
+
+# (id, action, place, regex); place: "ro" (read-only tmpfs), "full" (tmpfs with a few KiB left),
+# "card" (room for the weights and tokenizer, not for the card and record). All exit 2.
+OUTPUT_CASES = [
+    ("merged model, read-only", "save", "ro", r"Cannot write the merged model .*/out/model \(Read-only file system\); nothing was written: choose a folder you can write to with --output-dir"),
+    ("adapter, read-only", "save-adapter", "ro", r"Cannot write the adapter .*/out/model-adapter \(Read-only file system\)"),
+    ("gguf, read-only", "gguf", "ro", r"Cannot write the GGUF file .*/out/model\.q8_0\.gguf \(Read-only file system\)"),
+    ("merged model, full disk", "save", "full", r"There is not enough disk space to write the merged model .*/out/model \(No space left on device\); nothing was written: free some space, or choose a folder on another disk with --output-dir"),
+    ("adapter, full disk", "save-adapter", "full", r"not enough disk space to write the adapter .*/out/model-adapter"),
+    ("gguf, full disk", "gguf", "full", r"not enough disk space to write the GGUF file .*/out/model\.q8_0\.gguf"),
+    ("card and record, full disk", "save", "card", r"not enough disk space to write the merged model .*/out/model \(No space left on device\)"),
+]
+
+
+@faults_slow
+@pytest.mark.parametrize(("action", "place", "pattern"), [case[1:] for case in OUTPUT_CASES], ids=[case[0] for case in OUTPUT_CASES])
+def test_outputs(action: str, place: str, pattern: str, searched: dict[str, Path], model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    checkpoints = copied_checkpoints(searched, tmp_path)
+    journal = journal_of(checkpoints)
+    journal_before = journal.read_bytes()
+    with tmpfs(tmp_path / "out", "2m") as out:
+        write(out / "earlier" / "notes.txt", "keep me")
+        if place == "ro":
+            make_read_only(out)
+        elif place == "full":
+            fill(out, 8192)
+        else:
+            reference = searched["reference"]
+            needed = sum(page_rounded(f.stat().st_size) for f in reference.iterdir() if f.name not in {"README.md", "heretic.json"})
+            fill(out, needed + 1024)
+        before = snapshot(out)
+        argv = cli_argv(model, checkpoints, "--output-dir", str(out / "model"))
+        argv[argv.index("--action") + 1] = action
+        code, text = run_cli(argv, capsys)
+        assert code == 2, text
+        assert re.search(pattern, error_line(text)), error_line(text)
+        assert snapshot(out) == before and not partial_files(out)
+    keeps_trials(journal, journal_before)
+    assert finished_trials(journal) == 2
+
+
+# (id, setup(tmp_path) -> extra argv, regex). All exit 2, with nothing changed.
+PLACE_CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
+    ("output dir is a file", lambda t: ["--action", "save", "--output-dir", str(write(t / "out.txt", "a file"))], r"out\.txt is a file, not a folder; choose another folder with --output-dir"),
+    ("output dir not empty", lambda t: ["--action", "save", "--output-dir", str(write(t / "full" / "x", "x").parent)], r"full already exists and is not empty; choose another folder or pass --overwrite"),
+    ("gguf target is a folder", lambda t: ["--action", "gguf", "--gguf-type", "f16", "--output-dir", str((t / "m.f16.gguf").mkdir() or t / "m")], r"m\.f16\.gguf is a folder, not a file; choose another --output-dir"),
+    ("checkpoint dir is a file", lambda t: ["--checkpoint-dir", str(write(t / "ck-file", "x"))], r"(Cannot write the checkpoint|A file stands where a folder is needed).*ck-file"),
+    ("no such trial", lambda t: ["--trial", "99"], r"There is no finished trial 99; choose one from the table above"),
+]
+
+
+@faults_slow
+@pytest.mark.parametrize(("setup", "pattern"), [case[1:] for case in PLACE_CASES], ids=[case[0] for case in PLACE_CASES])
+def test_places(setup: Callable[[Path], list[str]], pattern: str, searched: dict[str, Path], model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    checkpoints = copied_checkpoints(searched, tmp_path)
+    extra = setup(tmp_path)
+    argv = cli_argv(model, checkpoints)
+    argv.remove("--action"), argv.remove("report")
+    before = snapshot(tmp_path)
+    code, text = run_cli([*argv, *extra], capsys)
+    assert code == 2, text
+    assert re.search(pattern, error_line(text)), error_line(text)
+    after = snapshot(tmp_path)
+    journal = str(journal_of(checkpoints).relative_to(tmp_path))
+    assert {k: v for k, v in after.items() if k != journal and ".run.lock" not in k} == {k: v for k, v in before.items() if k != journal}
+    assert not partial_files(tmp_path)
+
+
+@faults_slow
+def test_read_only_checkpoint(searched: dict[str, Path], model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    checkpoints = copied_checkpoints(searched, tmp_path)
+    before = snapshot(checkpoints)
+    with read_only_bind(checkpoints):
+        code, text = run_cli(cli_argv(model, checkpoints, "--resume", "add"), capsys)
+    assert code == 2, text
+    assert re.search(r"Cannot write the checkpoint .*\.jsonl \(Read-only file system\); make it writable or choose another --checkpoint-dir", error_line(text)), error_line(text)
+    assert snapshot(checkpoints) == before
+
+
+@faults_slow
+def test_full_disk_during_the_search_keeps_every_finished_trial(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The checkpoint's disk fills up in the middle of the search: one sentence, and after space is
+    freed the same command recovers every finished trial and goes on."""
+    with tmpfs(tmp_path / "checkpoints", "1m") as checkpoints:
+        fill(checkpoints, 12 * 1024)
+        code, text = run_cli(cli_argv(model, checkpoints, "--n-trials", "20"), capsys)
+        assert code == 2, text
+        assert re.search(r"The disk holding the checkpoint .*\.jsonl is full \(No space left on device\); every finished trial is kept: free some space and rerun the same command", error_line(text)), error_line(text)
+        journal = journal_of(checkpoints)
+        done = finished_trials(journal)
+        (checkpoints / ".filler").unlink()
+        code, text = run_cli(cli_argv(model, checkpoints, "--n-trials", str(done + 1)), capsys)
+        assert code == 0, text
+        assert finished_trials(journal_of(checkpoints)) >= done + 1
+        assert not partial_files(checkpoints)
+
+
+@faults_slow
+@pytest.mark.parametrize("damage", ["cut", "garbage"])
+def test_resume_add_after_a_cut_journal(damage: str, searched: dict[str, Path], model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The reported bug: `--resume add` on a journal cut at its last line appended onto the partial
+    line and every later run said the journal 'cannot be read'."""
+    checkpoints = copied_checkpoints(searched, tmp_path)
+    journal = journal_of(checkpoints)
+    data = journal.read_bytes()
+    damaged = data[:-30] if damage == "cut" else data + b'{"op_code": 6, "trial_id"'
+    journal.write_bytes(damaged)
+    code, text = run_cli(cli_argv(model, checkpoints, "--resume", "add"), capsys)
+    assert code == 0, text
+    assert re.search(r"recovered \d finished trials?, dropped 1 incomplete log record", one_sentence(text)), text
+    (aside,) = checkpoints.glob("*.damaged-*.jsonl")
+    assert aside.read_bytes() == damaged
+    total = finished_trials(journal)
+    code, text = run_cli(cli_argv(model, checkpoints, "--resume", "add"), capsys)
+    assert code == 0 and "cannot be read" not in text and finished_trials(journal) == total + 1
+
+
+@faults_slow
+def test_journal_damaged_in_the_middle_is_refused(searched: dict[str, Path], model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    checkpoints = copied_checkpoints(searched, tmp_path)
+    journal = journal_of(checkpoints)
+    lines = journal.read_bytes().split(b"\n")
+    lines[3] = b"garbage"
+    journal.write_bytes(b"\n".join(lines))
+    before = snapshot(checkpoints)
+    code, text = run_cli(cli_argv(model, checkpoints), capsys)
+    assert code == 2 and re.search(r"is damaged at line 4 \(not just its last line\)", error_line(text)), text
+    assert {k: v for k, v in snapshot(checkpoints).items() if ".run.lock" not in k} == before
+
+
+@faults_slow
+def test_token_is_never_written(searched: dict[str, Path], model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """HF_TOKEN set in the environment appears in no file written (output, checkpoint, cache) and in no output."""
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", TOKEN)
+    checkpoints = copied_checkpoints(searched, tmp_path)
+    argv = cli_argv(model, checkpoints, "--resume", "add", "--output-dir", str(tmp_path / "out" / "model"), "--action", "save", "--action", "save-adapter", "--action", "gguf", "--gguf-type", "f16", "--log-level", "DEBUG")
+    code, text = run_cli(argv, capsys)
+    assert code == 0, text
+    assert TOKEN not in text
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert any(path.suffix == ".gguf" for path in written) and any(path.name == "heretic.json" for path in written)
+    for path in written:
+        assert TOKEN.encode() not in path.read_bytes(), path
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            assert path.stat().st_mode & 0o044 == 0o044, f"{path} is not readable by others: {oct(path.stat().st_mode)}"
+
+
+# --- Slow cases: kills and signals at every stage ------------------------------------------------
+
+STAGES = {
+    "loading": "Architecture:",  # the model is loaded, prompts and directions are next
+    "directions": "Refusal directions computed",  # the baseline is measured next
+    "search": None,  # one trial finished, more running
+    "saving": "Chosen trial",  # the merged model is being written
+}
+
+
+def start(model: Path, tmp_path: Path, n_trials: int = 40) -> tuple[subprocess.Popen, Path, list[str]]:
+    command = [sys.executable, "-m", "heretic", *cli_argv(model, tmp_path / "checkpoints", "--n-trials", str(n_trials), "--output-dir", str(tmp_path / "out" / "model"))]
+    command[command.index("--action") + 1] = "save"
+    log = tmp_path / "run.log"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    return process, log, command
+
+
+def wait_for(stage: str, process: subprocess.Popen, log: Path, checkpoints: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        text = log.read_text()
+        marker = STAGES[stage]
+        if marker is None:
+            found = checkpoints.is_dir() and any(finished_trials(j) >= 1 for j in checkpoints.glob("*.jsonl"))
+        else:
+            found = marker in text
+        if found:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the run never reached {stage}: {log.read_text()[-3000:]}")
+
+
+def check_outputs(tmp_path: Path) -> None:
+    """No partial file anywhere; an output folder, if any, is complete."""
+    assert not partial_files(tmp_path)
+    folder = tmp_path / "out" / "model"
+    if folder.exists():
+        assert {"model.safetensors", "heretic.json", "README.md", "config.json"} <= {p.name for p in folder.iterdir()}
+
+
+@faults_slow
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_kill_at_every_stage(stage: str, model: Path, tmp_path: Path) -> None:
+    """kill -9 at each stage, then the same command: it recovers every finished trial and completes."""
+    process, log, command = start(model, tmp_path, n_trials=40 if stage == "search" else 2)
+    wait_for(stage, process, log, tmp_path / "checkpoints")
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    journals = list((tmp_path / "checkpoints").glob("*.jsonl"))
+    done = finished_trials(journals[0]) if journals else 0
+    check_outputs(tmp_path)
+    command[command.index("--n-trials") + 1] = str(max(done, 2))
+    command.append("--overwrite")
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    assert finished_trials(journal_of(tmp_path / "checkpoints")) >= max(done, 2)
+    check_outputs(tmp_path)
+    assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
+
+
+@faults_slow
+@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_signal_at_every_stage(signum: int, stage: str, model: Path, tmp_path: Path) -> None:
+    """Ctrl+C and SIGTERM behave alike: before the search, exit 130 with one sentence; during the search,
+    the finished trials are kept and the chosen one is saved; during the save, either the save completes
+    or nothing of it remains."""
+    process, log, _ = start(model, tmp_path, n_trials=40 if stage == "search" else 2)
+    wait_for(stage, process, log, tmp_path / "checkpoints")
+    process.send_signal(signum)
+    code = process.wait(timeout=300)
+    text = log.read_text()
+    assert "Traceback" not in text, text
+    if stage == "search":
+        assert code == 0 and "Search interrupted" in text, text
+        assert finished_trials(journal_of(tmp_path / "checkpoints")) >= 1
+        assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
+    elif stage == "saving":
+        assert code in (0, 130), text
+        if code == 130:
+            assert "Interrupted; the search checkpoint keeps every finished trial." in one_sentence(text)
+    else:
+        assert code == 130, text
+        assert "Error: Interrupted; the search checkpoint keeps every finished trial." in one_sentence(text)
+    check_outputs(tmp_path)
+
+
+@faults_slow
+def test_two_runs_started_on_one_checkpoint(model: Path, tmp_path: Path) -> None:
+    """The second of two runs on one checkpoint is refused with a sentence; the first completes and its
+    journal is intact."""
+    first, log, command = start(model, tmp_path, n_trials=4)
+    wait_for("directions", first, log, tmp_path / "checkpoints")
+    deadline = time.monotonic() + 300
+    while "Checkpoint" not in log.read_text() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stdout + second.stderr
+    assert re.search(r"Another Heretic run is using the checkpoint .*\.jsonl; wait for it to finish", one_sentence(second.stderr)), second.stderr
+    assert first.wait(timeout=600) == 0, log.read_text()
+    journal = journal_of(tmp_path / "checkpoints")
+    assert finished_trials(journal) == 4 and all(json.loads(line) for line in journal.read_text().splitlines())

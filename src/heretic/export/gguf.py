@@ -13,6 +13,7 @@ is complete (written beside it, then renamed).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -159,11 +160,10 @@ def _write_file(out_file: Path, writer: gguf.GGUFWriter, tensors: list[_Tensor])
         writer.close()
         os.replace(partial, out_file)
     except BaseException as error:
-        try:
+        with contextlib.suppress(OSError):  # the buffered rest cannot be written either
             writer.close()
-        except OSError:  # the buffered rest cannot be written either
-            pass
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # on a read-only disk even a missing file cannot be unlinked
+            partial.unlink(missing_ok=True)
         failure = write_failure(error, out_file, "the GGUF file", "--output-dir") if isinstance(error, Exception) else None
         if failure is not None:
             raise failure from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -171,7 +172,8 @@ def repair_journal(path: Path) -> str | None:
             shutil.copy2(path, aside)
         os.replace(staging, path)
     except OSError as error:
-        staging.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            staging.unlink(missing_ok=True)
         raise HereticError(
             f"The checkpoint {path} ends in a partial line, and it cannot be repaired ({error.strerror or error}); "
             "free some space or make its folder writable, then rerun."
