@@ -921,16 +921,15 @@ def test_signal_at_every_stage(signum: int, stage: str, model: Path, tmp_path: P
 
 @faults_slow
 def test_two_runs_started_on_one_checkpoint(model: Path, tmp_path: Path) -> None:
-    """The second of two runs on one checkpoint is refused with a sentence; the first completes and its
-    journal is intact."""
-    first, log, command = start(model, tmp_path, n_trials=4)
-    wait_for("directions", first, log, tmp_path / "checkpoints")
-    deadline = time.monotonic() + 300
-    while "Checkpoint" not in log.read_text() and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    """The second of two runs on one checkpoint is refused with a sentence while the first searches; the
+    first goes on (stopped here with SIGTERM: it keeps its trials and saves) and its journal is intact."""
+    first, log, command = start(model, tmp_path, n_trials=200)
+    wait_for("search", first, log, tmp_path / "checkpoints")
     second = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert first.poll() is None, "the first run ended before the second one started"
     assert second.returncode == 2 and "Traceback" not in second.stderr, second.stdout + second.stderr
     assert re.search(r"Another Heretic run is using the checkpoint .*\.jsonl; wait for it to finish", one_sentence(second.stderr)), second.stderr
+    first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=600) == 0, log.read_text()
     journal = journal_of(tmp_path / "checkpoints")
-    assert finished_trials(journal) == 4 and all(json.loads(line) for line in journal.read_text().splitlines())
+    assert finished_trials(journal) >= 1 and all(json.loads(line) for line in journal.read_text().splitlines())
