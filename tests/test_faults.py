@@ -230,6 +230,7 @@ SETTINGS_CASES = [
     ("thinking_tags wrong shape", ["--thinking-tags", '["<think>"]'], r"Invalid setting 'thinking_tags'"),
     ("prompt set shorthand", ["--harmful-prompts", ""], r"Invalid setting 'harmful_prompts'.*SOURCE\[:SPLIT\]\[SLICE\]"),
     ("trial word", ["--trial", "best"], r"Invalid setting 'trial'"),
+    ("max_shard_size without unit", ["--max-shard-size", "huge"], r"Invalid setting 'max_shard_size'.*'huge' is not a size; write a number and one of the units TB, GB, MB, KB"),
 ]
 
 
@@ -359,6 +360,22 @@ def test_models(setup: Callable[[Path, Path], str], pattern: str, model: Path, p
     argument = setup(precious, model)
     before = snapshot(precious)
     code, text = run_cli([argument, *PROMPT_FLAGS, *RUN_FLAGS], capsys)
+    assert code == 2, text
+    assert re.search(pattern, error_line(text)), error_line(text)
+    assert snapshot(precious) == before and not partial_files(precious)
+
+
+# Settings that are only checked once the model is loaded: (id, argv, regex); all exit 2.
+LATE_SETTINGS_CASES = [
+    ("refusal scorer not a reference", ["--refusal-scorer", "./nowhere-judge"], r"The refusal scorer './nowhere-judge' must look like path/to/file\.py:Name"),
+    ("model to evaluate missing", ["--evaluate-model", "./nowhere"], r"The model path ./nowhere does not exist"),
+]
+
+
+@pytest.mark.parametrize(("extra", "pattern"), [case[1:] for case in LATE_SETTINGS_CASES], ids=[case[0] for case in LATE_SETTINGS_CASES])
+def test_late_settings(extra: list[str], pattern: str, model: Path, precious: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = snapshot(precious)
+    code, text = run_cli([str(model), *PROMPT_FLAGS, *RUN_FLAGS, *extra], capsys)
     assert code == 2, text
     assert re.search(pattern, error_line(text)), error_line(text)
     assert snapshot(precious) == before and not partial_files(precious)
