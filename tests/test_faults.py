@@ -950,3 +950,40 @@ def test_two_runs_started_on_one_checkpoint(model: Path, tmp_path: Path) -> None
     assert first.wait(timeout=600) == 0, log.read_text()
     journal = journal_of(tmp_path / "checkpoints")
     assert finished_trials(journal) >= 1 and all(json.loads(line) for line in journal.read_text().splitlines())
+
+
+def test_saved_files_get_ordinary_permissions(tmp_path: Path) -> None:
+    """A writer that creates its files 0600 (as safetensors does) still leaves a folder other users and
+    serving processes can read: files 0666 and folders 0777, less the umask."""
+    from heretic.export.save import atomic_folder
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_folder(tmp_path / "model", overwrite=False) as staging:
+            descriptor = os.open(staging / "model.safetensors", os.O_WRONLY | os.O_CREAT, 0o600)
+            os.close(descriptor)
+            (staging / "sub").mkdir(mode=0o700)
+            (staging / "sub" / "x.json").write_text("{}")
+    finally:
+        os.umask(mask)
+    assert oct((tmp_path / "model" / "model.safetensors").stat().st_mode & 0o777) == oct(0o644)
+    assert oct((tmp_path / "model" / "sub").stat().st_mode & 0o777) == oct(0o755)
+    assert oct((tmp_path / "model").stat().st_mode & 0o777) == oct(0o755)
+
+
+@faults_slow
+def test_huge_prompt_memory_stays_bounded(model: Path, tmp_path: Path) -> None:
+    """The reported case, in a process limited to 3 GiB of address space: one 100,000-character prompt
+    ends in a sentence, not in memory growing until the kernel kills the process."""
+    import resource
+
+    prompts = write(tmp_path / "p.txt", "\n".join(HARMFUL[:11] + [("pick a lock " * 10_000)[:100_000]]))
+    command = [sys.executable, "-m", "heretic", *cli_argv(model, tmp_path / "checkpoints")]
+    command[command.index("--harmful-prompts") + 1] = str(prompts)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    assert re.search(r"is [\d,]+ tokens long, more than the 512 this model can read at once", one_sentence(result.stderr))
