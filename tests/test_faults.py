@@ -565,6 +565,7 @@ def _resume(directory: Path, relative: bool = False, timeout: float = 60) -> sub
     return subprocess.run([sys.executable, "-c", script], cwd=directory.parent, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # a subprocess per case
 @pytest.mark.parametrize("damage", ["cut last line", "garbage last line", "newline missing"])
 def test_journal_cut_short_at_its_last_line_is_recovered(damage: str, tmp_path: Path) -> None:
     """What a crash or a full disk leaves: every complete trial is recovered, the damaged file is kept
@@ -589,6 +590,7 @@ def test_journal_cut_short_at_its_last_line_is_recovered(damage: str, tmp_path: 
     assert journal.read_bytes().endswith(b"\n") and not partial_files(tmp_path)
 
 
+@pytest.mark.slow  # a subprocess per case
 def test_journal_damaged_before_its_last_line_is_refused_untouched(tmp_path: Path) -> None:
     journal = _journal_with_trials(tmp_path / "checkpoints", 2)
     lines = journal.read_bytes().split(b"\n")
@@ -601,6 +603,7 @@ def test_journal_damaged_before_its_last_line_is_refused_untouched(tmp_path: Pat
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow  # a subprocess per case
 @pytest.mark.parametrize("relative", [True, False], ids=["relative dir", "absolute dir"])
 @pytest.mark.parametrize("lock", ["symlink", "file"])
 def test_stale_journal_lock_after_a_kill_is_released_at_once(relative: bool, lock: str, tmp_path: Path) -> None:
@@ -620,6 +623,7 @@ def test_stale_journal_lock_after_a_kill_is_released_at_once(relative: bool, loc
     assert not stale.exists() and not stale.is_symlink()
 
 
+@pytest.mark.slow  # a subprocess per case
 def test_second_process_on_one_checkpoint_is_refused(tmp_path: Path) -> None:
     journal = _journal_with_trials(tmp_path / "checkpoints", 1)
     holder = subprocess.Popen(
@@ -649,7 +653,9 @@ def test_second_process_on_one_checkpoint_is_refused(tmp_path: Path) -> None:
 
 # --- Slow cases: a finished search, then outputs into broken places -----------------------------
 
-faults_slow = pytest.mark.faults_slow
+def faults_slow(test: Callable) -> Callable:
+    """Left out of the default run (make test-faults runs it); also `slow`, so `-m "not slow"` leaves it out."""
+    return pytest.mark.slow(pytest.mark.faults_slow(test))
 
 
 def cli_argv(model: Path, checkpoints: Path, *extra: str) -> list[str]:
