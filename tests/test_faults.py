@@ -397,6 +397,25 @@ def test_gguf_cache_folder_is_a_file(model: Path, precious: Path, capsys: pytest
     assert snapshot(precious) == before and not partial_files(precious)
 
 
+def test_gguf_cache_on_a_full_disk(model: Path, precious: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first load of a GGUF model writes its dequantized copy to the cache; a full cache disk ends
+    in a sentence and leaves no partial copy behind."""
+    from heretic.export.gguf import export_gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(model)
+    gguf_model = export_gguf(loaded, AutoTokenizer.from_pretrained(model), precious / "models" / "tiny.f16.gguf", "f16")
+    with tmpfs(precious / "cache-disk", "1m") as cache:
+        fill(cache, 16 * 1024)
+        monkeypatch.setenv("HERETIC_CACHE_DIR", str(cache))
+        before = snapshot(precious, skip=())
+        code, text = run_cli([str(gguf_model), *PROMPT_FLAGS, *RUN_FLAGS], capsys)
+        assert code == 2, text
+        assert re.search(r"There is not enough disk space to write the dequantized GGUF cache in .*cache-disk \(No space left on device\); nothing was written.*--cache-dir", error_line(text)), error_line(text)
+        after = snapshot(precious, skip=())
+        assert {k: v for k, v in after.items() if k != "cache-disk/gguf"} == before and not partial_files(precious)
+
+
 # --- Fast cases: prompt files ------------------------------------------------------------------
 
 HARMFUL = [line for line in (ROOT / "src" / "heretic" / "data" / "prompts" / "harmful_train.txt").read_text().splitlines()[:12]]
