@@ -343,7 +343,7 @@ MODEL_CASES: list[tuple[str, Callable[[Path, Path], str], str]] = [
     ("config not json", _garbage_config, r"Cannot load the model in .*bad-config"),
     ("unknown architecture", _unknown_architecture, r"Cannot load the model in .*unknown-arch"),
     ("remote code", _remote_code, r"needs code from its repository to run; if you trust it, pass --trust-remote-code"),
-    ("truncated gguf", _truncated_gguf, r"(transformers cannot load the GGUF file cut\.gguf|cut\.gguf is not a complete GGUF file)"),
+    ("truncated gguf", _truncated_gguf, r"cut\.gguf is not a complete GGUF file \(.*\); it may be truncated: download or copy it again"),
     ("text file named gguf", _text_as_gguf, r"notes\.gguf is not a GGUF file"),
     ("text file as model", _text_as_model, r"model\.txt is a file but not a model"),
     ("several gguf files", _several_ggufs, r"holds several GGUF files \(a\.gguf, b\.gguf\); name the one to use"),

@@ -70,6 +70,7 @@ def resolve_source(name: str) -> ModelSource:
         with open(path, "rb") as handle:
             if handle.read(4) != b"GGUF":
                 raise HereticError(f"{name} is not a GGUF file (it does not start with the GGUF signature); check the file.")
+        _check_gguf_complete(path, name)
         return ModelSource("gguf", name, str(path.parent.resolve()), path.resolve())
     if path.is_dir():
         if (path / "config.json").is_file():
@@ -88,6 +89,18 @@ def resolve_source(name: str) -> ModelSource:
     if not _hub_id_like(name):
         raise HereticError(f"{name!r} is neither an existing path nor a Hugging Face model id (org/name).")
     return ModelSource("hub", name, name)
+
+
+def _check_gguf_complete(path: Path, name: str) -> None:
+    """A GGUF file cut short (an interrupted download or copy) is refused before transformers reads it."""
+    import gguf
+
+    try:
+        gguf.GGUFReader(path)
+    except Exception as error:  # noqa: BLE001 - the reader fails in many ways on a damaged file
+        raise HereticError(
+            f"{name} is not a complete GGUF file ({_first_line(error)}); it may be truncated: download or copy it again."
+        ) from None
 
 
 def _hub_id_like(name: str) -> bool:
