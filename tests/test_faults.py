@@ -282,6 +282,15 @@ def _truncated_weights(t: Path, model: Path) -> str:
     return str(folder)
 
 
+def _damaged_header(t: Path, model: Path) -> str:
+    folder = t / "damaged-header"
+    shutil.copytree(model, folder)
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[8:20] = b"#" * 12  # the JSON header no longer parses
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    return str(folder)
+
+
 def _no_weights(t: Path, model: Path) -> str:
     folder = t / "no-weights"
     shutil.copytree(model, folder)
@@ -338,7 +347,8 @@ def _empty_folder(t: Path, model: Path) -> str:
 
 # (id, setup(tmp_path, tiny model) -> model argument, regex); all exit 2.
 MODEL_CASES: list[tuple[str, Callable[[Path, Path], str], str]] = [
-    ("truncated safetensors", _truncated_weights, r"Could not load .*truncated in any of the dtypes float32 \(float32: Error while deserializing header"),
+    ("truncated safetensors", _truncated_weights, r"The weights file model\.safetensors in .*truncated is truncated \([\d,]+ of [\d,]+ bytes\); download or copy the model again"),
+    ("weights header damaged", _damaged_header, r"The weights file model\.safetensors in .*damaged-header is damaged \(.*\); download or copy the model again"),
     ("weights missing", _no_weights, r"Cannot load the model in .*no-weights"),
     ("config not json", _garbage_config, r"Cannot load the model in .*bad-config"),
     ("unknown architecture", _unknown_architecture, r"Cannot load the model in .*unknown-arch"),

@@ -74,6 +74,7 @@ def resolve_source(name: str) -> ModelSource:
         return ModelSource("gguf", name, str(path.parent.resolve()), path.resolve())
     if path.is_dir():
         if (path / "config.json").is_file():
+            _check_safetensors_complete(path, name)
             return ModelSource("local", name, str(path.resolve()))
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
@@ -101,6 +102,27 @@ def _check_gguf_complete(path: Path, name: str) -> None:
         raise HereticError(
             f"{name} is not a complete GGUF file ({_first_line(error)}); it may be truncated: download or copy it again."
         ) from None
+
+
+def _check_safetensors_complete(folder: Path, name: str) -> None:
+    """Weights cut short (an interrupted download or copy) are refused before transformers reads them:
+    each .safetensors file must hold its header and every byte its header promises."""
+    for file in sorted(folder.glob("*.safetensors")):
+        size = file.stat().st_size
+        try:
+            with open(file, "rb") as handle:
+                header_length = int.from_bytes(handle.read(8), "little")
+                if size < 8 or header_length > size - 8:
+                    raise ValueError("its header is cut short")
+                header = json.loads(handle.read(header_length))
+            end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError) as error:
+            raise HereticError(f"The weights file {file.name} in {name} is damaged ({error}); download or copy the model again.") from None
+        if 8 + header_length + end > size:
+            raise HereticError(
+                f"The weights file {file.name} in {name} is truncated ({size:,} of {8 + header_length + end:,} bytes); "
+                "download or copy the model again."
+            )
 
 
 def _hub_id_like(name: str) -> bool:
