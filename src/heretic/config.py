@@ -494,6 +494,13 @@ class Settings(BaseSettings):
                 raise ValueError(f"unknown dtype {dtype!r}; use fastest, or any of {sorted(known)}")
         return value
 
+    @field_validator("max_shard_size")
+    @classmethod
+    def _shard_size(cls, value: str) -> str:
+        if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[TGMK]B\s*", value, flags=re.IGNORECASE):
+            raise ValueError(f"{value!r} is not a size; write a number and one of the units TB, GB, MB, KB, like \"5GB\"")
+        return value
+
     @field_validator("device_map")
     @classmethod
     def _device_map(cls, value: str) -> str:

@@ -20,6 +20,8 @@ TABLE_SUFFIXES = {".csv", ".json", ".jsonl", ".parquet"}
 LIKELY_COLUMNS = ("prompt", "text", "instruction", "goal", "question", "query", "input")
 
 _SLICE = re.compile(r"^\[\s*(?P<start>-?\d+%?)?\s*:\s*(?P<stop>-?\d+%?)?\s*\]$")
+# Control characters other than tab and newline: a binary file, or a terminal escape pasted by mistake.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _SPLIT = re.compile(r"^(?P<name>[A-Za-z_][\w.-]*)?(?P<slice>\[.*\])?$")
 
 
@@ -70,6 +72,8 @@ def load_prompt_texts(spec: PromptSet) -> list[str]:
     source = spec.source
     if source == "bundled":
         texts = _load_bundled(split_name, label)
+    elif source.startswith("bundled:"):
+        raise HereticError(f"Cannot read the prompt set {source!r}; write a bundled set like bundled:harmful_train[:400].")
     else:
         path = Path(source).expanduser()
         if path.is_file():
@@ -88,6 +92,12 @@ def load_prompt_texts(spec: PromptSet) -> list[str]:
     texts = [text.strip() for text in texts if isinstance(text, str) and text.strip()]
     if not texts:
         raise HereticError(f"The prompt set {label} is empty; check its source, split and slice.")
+    for number, text in enumerate(texts, 1):
+        if _CONTROL.search(text):
+            raise HereticError(
+                f"The prompt set {label} holds control characters (prompt {number}: {text[:40]!r}); remove them, "
+                "or check that the file is text."
+            )
     return texts
 
 
@@ -136,9 +146,13 @@ def _load_file(path: Path, column: str | None) -> list[str]:
             if isinstance(data, list):
                 return _rows_or_strings(data, column, str(path))
             raise HereticError(f"{path} must hold a list of prompts, a list of objects, or an object of columns.")
+        import pyarrow
         import pyarrow.parquet as parquet
 
-        table = parquet.read_table(path)
+        try:
+            table = parquet.read_table(path)
+        except (pyarrow.ArrowException, OSError) as error:
+            raise HereticError(f"{path} is not a Parquet file this can read ({first_line(error)}); check the file or convert it to .jsonl.") from None
         return _column_of_mapping(table.to_pydict(), column, str(path))
     except UnicodeDecodeError:
         raise HereticError(f"{path} is not UTF-8 text; save it as UTF-8.") from None

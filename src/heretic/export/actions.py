@@ -111,6 +111,8 @@ def export_gguf_file(session: Session, result: TrialResult, parameters: Ablation
 
     settings = session.settings
     target = gguf_path(output_dir, settings.gguf_type).expanduser().resolve()
+    if target.is_dir():
+        raise HereticError(f"{target} is a folder, not a file; choose another --output-dir.")
     if target.exists() and not settings.overwrite and not (confirm is not None and confirm(target)):
         raise HereticError(f"{target} already exists; choose another --output-dir or pass --overwrite.")
     started = time.perf_counter()

@@ -13,6 +13,7 @@ is complete (written beside it, then renamed).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -30,7 +31,7 @@ from gguf import GGMLQuantizationType as QType
 from gguf import GGUFValueType, Keys, LlamaFileType, TokenType
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..errors import HereticError
+from ..errors import HereticError, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +139,9 @@ def _write_file(out_file: Path, writer: gguf.GGUFWriter, tensors: list[_Tensor])
     for tensor in tensors:
         # A non-uint8 dtype tells the writer that `shape` is the logical shape, not a byte shape.
         writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(np.float32), tensor.nbytes, raw_dtype=tensor.qtype)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
     partial = out_file.with_name(f".{out_file.name}.partial-{os.getpid()}")
     try:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
         writer.open_output_file(partial)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -158,9 +159,14 @@ def _write_file(out_file: Path, writer: gguf.GGUFWriter, tensors: list[_Tensor])
             os.fsync(handle.fileno())
         writer.close()
         os.replace(partial, out_file)
-    except BaseException:
-        writer.close()
-        partial.unlink(missing_ok=True)
+    except BaseException as error:
+        with contextlib.suppress(OSError):  # the buffered rest cannot be written either
+            writer.close()
+        with contextlib.suppress(OSError):  # on a read-only disk even a missing file cannot be unlinked
+            partial.unlink(missing_ok=True)
+        failure = write_failure(error, out_file, "the GGUF file", "--output-dir") if isinstance(error, Exception) else None
+        if failure is not None:
+            raise failure from None
         raise
     log.info("GGUF written to %s (%.1f MB)", out_file, out_file.stat().st_size / 1e6)
     return out_file

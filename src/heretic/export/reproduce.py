@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from rich.table import Table
 
 from .. import __version__
@@ -32,9 +33,55 @@ def read_record(path: str) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise HereticError(f"{file} is not valid JSON (line {error.lineno}: {error.msg}).") from None
-    if data.get("record_version") != record.RECORD_VERSION or "trial" not in data:
+    if not isinstance(data, dict) or data.get("record_version") != record.RECORD_VERSION or "trial" not in data:
         raise HereticError(f"{file} is not a Heretic reproduction record this version can read.")
+    problem = record_problem(data)
+    if problem:
+        raise HereticError(f"The reproduction record {file} is damaged: {problem}; use the heretic.json saved with the model.")
     return data
+
+
+# (path of a field, the types it may have); the fields reproduce() reads.
+RECORD_FIELDS: tuple[tuple[str, tuple[type, ...]], ...] = (
+    ("tool", (dict,)),
+    ("tool.version", (str,)),
+    ("environment", (dict,)),
+    ("environment.libraries", (dict,)),
+    ("model", (dict,)),
+    ("settings", (dict,)),
+    ("prompt_sets", (dict,)),
+    *((f"prompt_sets.{name}.sha256", (str,)) for name in ("harmful", "harmless", "harmful_eval", "harmless_eval")),
+    ("directions_sha256", (str,)),
+    ("trial", (dict,)),
+    ("trial.number", (int,)),
+    ("trial.parameters", (dict,)),
+    ("trial.parameters.direction_scope", (str,)),
+    ("trial.parameters.direction_index", (int, float)),
+    ("trial.parameters.kernels", (dict,)),
+)
+
+
+def record_problem(data: dict[str, Any]) -> str | None:
+    """What is missing or of the wrong type in a record, in words; None when it is complete."""
+    for field, types in RECORD_FIELDS:
+        value: Any = data
+        for part in field.split("."):
+            if not isinstance(value, dict) or part not in value:
+                return f"the field {field!r} is missing"
+            value = value[part]
+        if not isinstance(value, types) or isinstance(value, bool):
+            expected = " or ".join(kind.__name__ for kind in types).replace("dict", "object").replace("str", "text")
+            return f"the field {field!r} should be {expected}, not {type(value).__name__} {json.dumps(value)[:40]}"
+    for name, kernel in data["trial"]["parameters"]["kernels"].items():
+        for key in ("max_weight", "max_weight_position", "min_weight", "min_weight_distance"):
+            value = kernel.get(key) if isinstance(kernel, dict) else None
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                return f"the field 'trial.parameters.kernels.{name}.{key}' should be a number"
+    try:
+        AblationParameters.from_dict(data["trial"]["parameters"])
+    except (TypeError, ValueError, KeyError) as error:
+        return f"the trial's parameters cannot be read ({error})"
+    return None
 
 
 def environment_mismatches(recorded: dict[str, Any], current: dict[str, Any], tool: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -76,7 +123,14 @@ def rebuilt_settings(settings: Settings, data: dict[str, Any]) -> Settings:
         recorded["dtypes"] = [data["model"]["dtype"]]  # the dtype the trial was computed in, not a new measurement
     if data["model"].get("gguf_file") and "model" not in explicit:
         recorded["model"] = data["model"]["gguf_file"]
-    return Settings.model_validate(recorded)
+    try:
+        return Settings.model_validate(recorded)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise HereticError(
+            f"The reproduction record's setting {where!r} is invalid ({first['msg']}); use the heretic.json saved with the model."
+        ) from None
 
 
 def reproduce(settings: Settings) -> Path:

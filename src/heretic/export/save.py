@@ -14,7 +14,7 @@ import torch
 
 from ..ablation.adapters import Ablator
 from ..ablation.parameters import AblationParameters
-from ..errors import HereticError
+from ..errors import HereticError, write_failure
 from ..model.loading import LoadedModel
 
 # Asked when the target exists and is not empty: returns True to replace it.
@@ -28,30 +28,60 @@ def is_nonempty(path: Path) -> bool:
 
 
 @contextmanager
-def atomic_folder(target: Path, overwrite: bool, confirm: ConfirmFn | None = None) -> Iterator[Path]:
+def atomic_folder(
+    target: Path, overwrite: bool, confirm: ConfirmFn | None = None, what: str = "the folder", option: str = "--output-dir"
+) -> Iterator[Path]:
     """Yield a staging folder beside `target`; on success it replaces `target` in one rename.
 
-    An interrupted write leaves `target` untouched (the staging folder is removed). An existing
-    non-empty target is replaced only with `overwrite` or when `confirm` says yes.
+    An interrupted or failed write leaves `target` untouched (the staging folder is removed); a
+    failure of the operating system (full disk, read-only place) becomes one sentence naming `what`
+    was written where, and `option`. An existing non-empty target is replaced only with `overwrite`
+    or when `confirm` says yes. Saved files get the ordinary permissions of the user's umask.
     """
     target = target.expanduser().resolve()
+    if target.exists() and not target.is_dir():
+        raise HereticError(f"{target} is a file, not a folder; choose another folder with {option}.")
     if is_nonempty(target) and not overwrite and not (confirm is not None and confirm(target)):
         raise HereticError(f"{target} already exists and is not empty; choose another folder or pass --overwrite.")
-    target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.partial-{os.getpid()}-{int(time.time())}"
-    staging.mkdir()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    except OSError as error:
+        raise (write_failure(error, target, what, option) or error) from None
     try:
         yield staging
-    except BaseException:
+        ordinary_permissions(staging)
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        failure = write_failure(error, target, what, option) if isinstance(error, Exception) else None
+        if failure is not None:
+            raise failure from None
         raise
     previous = None
-    if target.exists():
-        previous = target.parent / f".{target.name}.previous-{os.getpid()}"
-        os.replace(target, previous)
-    os.replace(staging, target)
+    try:
+        if target.exists():
+            previous = target.parent / f".{target.name}.previous-{os.getpid()}"
+            os.replace(target, previous)
+        os.replace(staging, target)
+    except OSError as error:
+        if previous is not None and not target.exists():
+            os.replace(previous, target)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise (write_failure(error, target, what, option) or error) from None
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True) if previous.is_dir() else previous.unlink(missing_ok=True)
+
+
+def ordinary_permissions(folder: Path) -> None:
+    """Files 0666 and folders 0777, less the umask (some writers create files 0600: a serving process
+    running as another user could not read the weights)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def save_merged(
@@ -78,7 +108,7 @@ def save_merged(
         name: tensor.to(storage) if tensor.is_floating_point() else tensor
         for name, tensor in ablator.merged_state_dict(parameters, directions).items()
     }
-    with atomic_folder(target, overwrite, confirm) as staging:
+    with atomic_folder(target, overwrite, confirm, what="the merged model") as staging:
         model = ablator.base_model
         model.save_pretrained(staging, state_dict=state, max_shard_size=max_shard_size)
         _strip_adapter_traces(staging, storage)
@@ -129,7 +159,7 @@ def save_adapter(
 ) -> Path:
     """A PEFT LoRA adapter folder: `PeftModel.from_pretrained(original, folder)` gives the ablated model."""
     ablator.apply(parameters, directions)
-    with atomic_folder(target, overwrite, confirm) as staging:
+    with atomic_folder(target, overwrite, confirm, what="the adapter") as staging:
         peft_model = ablator.peft_model
         peft_model.peft_config["default"].base_model_name_or_path = base_model_name
         peft_model.save_pretrained(staging)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..errors import HereticError
 from ..prompts import Prompt
 from .chat import format_chat
 
@@ -27,6 +28,11 @@ DecidedFn = Callable[[int, list[int]], bool]
 # Called after every decoding step; returning True abandons the rest of the generation.
 AbortFn = Callable[[], bool]
 ProgressFn = Callable[[int], None]
+
+# The longest prompt (chat template included) that reaches the model, in tokens, whatever the model's
+# context: attention over one long prompt grows with the square of its length, so a single huge
+# prompt would otherwise make memory grow until the process is killed. Refusal prompts are short.
+MAX_PROMPT_TOKENS = 8192
 
 
 @dataclass
@@ -61,6 +67,7 @@ class Engine:
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
         make_head_input_contiguous(model)
         self.sliding_window = sliding_window(model)
+        self.max_prompt_tokens = prompt_token_limit(model)
 
     def _forward(self, cache: object | None, **inputs: object) -> tuple[torch.Tensor, object]:
         """One forward pass keeping the last position's logits; returns (logits (rows, vocab), cache)."""
@@ -79,7 +86,15 @@ class Engine:
 
     def encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
         texts = [format_chat(self.tokenizer, p.system, p.user, self.response_prefix) for p in prompts]
-        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        encoded = [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        for prompt, ids in zip(prompts, encoded):
+            if len(ids) > self.max_prompt_tokens:
+                start = " ".join(prompt.user.split()[:8])[:60]
+                raise HereticError(
+                    f"The prompt starting {start!r} is {len(ids):,} tokens long, more than the {self.max_prompt_tokens:,} "
+                    "this model can read at once; shorten it or remove it from its prompt set."
+                )
+        return encoded
 
     def batches(self, ids: list[list[int]], batch_size: int | None = None, new_tokens: int = 0) -> Iterator[Batch]:
         """Length-sorted batches (longest first: an out-of-memory error shows up at once)."""
@@ -275,3 +290,14 @@ def common_prefix_length(rows: Sequence[Sequence[object]]) -> int:
         if any(row[position] != token for row in rows):
             return position
     return length
+
+
+def prompt_token_limit(model: torch.nn.Module) -> int:
+    """The longest prompt the model is given: its context (max_position_embeddings), at most MAX_PROMPT_TOKENS."""
+    config = getattr(model, "config", None)
+    getter = getattr(config, "get_text_config", None)
+    config = getter() if callable(getter) else config
+    context = getattr(config, "max_position_embeddings", None)
+    if isinstance(context, int) and context > 0:
+        return min(context, MAX_PROMPT_TOKENS)
+    return MAX_PROMPT_TOKENS

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..errors import HereticError, first_line
+from ..errors import HereticError, first_line, write_failure
 from .hardware import DtypeMeasurement, dtype_name, measure_or_remember, probe_device, rank_dtypes
 
 log = logging.getLogger(__name__)
@@ -76,9 +76,14 @@ def resolve_source(name: str) -> ModelSource:
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise HereticError(f"The GGUF file {name} does not exist; check the path.")
+        with open(path, "rb") as handle:
+            if handle.read(4) != b"GGUF":
+                raise HereticError(f"{name} is not a GGUF file (it does not start with the GGUF signature); check the file.")
+        _check_gguf_complete(path, name)
         return ModelSource("gguf", name, str(path.parent.resolve()), path.resolve())
     if path.is_dir():
         if (path / "config.json").is_file():
+            _check_safetensors_complete(path, name)
             return ModelSource("local", name, str(path.resolve()))
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
@@ -87,11 +92,46 @@ def resolve_source(name: str) -> ModelSource:
             listed = ", ".join(file.name for file in ggufs[:5])
             raise HereticError(f"The folder {name} holds several GGUF files ({listed}); name the one to use.")
         raise HereticError(f"The folder {name} holds no model (no config.json and no .gguf file).")
+    if path.is_file():
+        raise HereticError(f"{name} is a file but not a model; give a model folder, a .gguf file or a Hugging Face id (org/name).")
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name and not _hub_id_like(name):
         raise HereticError(f"The model path {name} does not exist; check the path, or give a Hugging Face id like org/name.")
     if not _hub_id_like(name):
         raise HereticError(f"{name!r} is neither an existing path nor a Hugging Face model id (org/name).")
     return ModelSource("hub", name, name)
+
+
+def _check_gguf_complete(path: Path, name: str) -> None:
+    """A GGUF file cut short (an interrupted download or copy) is refused before transformers reads it."""
+    import gguf
+
+    try:
+        gguf.GGUFReader(path)
+    except Exception as error:  # noqa: BLE001 - the reader fails in many ways on a damaged file
+        raise HereticError(
+            f"{name} is not a complete GGUF file ({first_line(error)}); it may be truncated: download or copy it again."
+        ) from None
+
+
+def _check_safetensors_complete(folder: Path, name: str) -> None:
+    """Weights cut short (an interrupted download or copy) are refused before transformers reads them:
+    each .safetensors file must hold its header and every byte its header promises."""
+    for file in sorted(folder.glob("*.safetensors")):
+        size = file.stat().st_size
+        try:
+            with open(file, "rb") as handle:
+                header_length = int.from_bytes(handle.read(8), "little")
+                if size < 8 or header_length > size - 8:
+                    raise ValueError("its header is cut short")
+                header = json.loads(handle.read(header_length))
+            end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError) as error:
+            raise HereticError(f"The weights file {file.name} in {name} is damaged ({error}); download or copy the model again.") from None
+        if 8 + header_length + end > size:
+            raise HereticError(
+                f"The weights file {file.name} in {name} is truncated ({size:,} of {8 + header_length + end:,} bytes); "
+                "download or copy the model again."
+            )
 
 
 def _hub_id_like(name: str) -> bool:
@@ -135,12 +175,19 @@ def dequantize_gguf_to_cache(source: ModelSource, cache_dir: Path) -> tuple[Path
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    folder.parent.mkdir(parents=True, exist_ok=True)
     staging = folder.parent / f".{folder.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / "heretic-source.json").write_text(json.dumps({"gguf_file": str(source.gguf_file)}, indent=2))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "heretic-source.json").write_text(json.dumps({"gguf_file": str(source.gguf_file)}, indent=2))
+    except Exception as error:  # noqa: BLE001 - OSError, or safetensors' own error for a full disk
+        shutil.rmtree(staging, ignore_errors=True)
+        failure = write_failure(error, cache_dir, "the dequantized GGUF cache in", "--cache-dir")
+        if failure is None:
+            raise
+        raise failure from None
     try:
         os.replace(staging, folder)
     except OSError:  # another process won the race; use its copy
