@@ -46,7 +46,9 @@ OUTPUT = RESULTS / "compile-lever.json"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-response-length", type=int, default=100)
-    parser.add_argument("--prompts", type=int, default=0, help="batch size (default: the automatic choice in bench/results/levers.json)")
+    parser.add_argument(
+        "--prompts", type=int, default=0, help="batch size (default: the automatic choice in bench/results/levers.json)"
+    )
     parser.add_argument("--datasets", type=Path, default=DEFAULT_DATASETS)
     args = parser.parse_args()
 
@@ -55,10 +57,13 @@ def main() -> None:
         sys.exit("Run bench/run_bench.py first: it prepares the benchmark model in bench/work/.")
     levers = json.loads((RESULTS / "levers.json").read_text())
     batch_size = args.prompts or levers["batch_choice"]["batch_size"]
-    settings = Settings.model_validate({
-        "model": str(model_dir), "dtypes": ["bfloat16"],
-        "harmful_eval_prompts": f"{args.datasets / 'harmful_test.txt'}[:{batch_size}]",
-    })
+    settings = Settings.model_validate(
+        {
+            "model": str(model_dir),
+            "dtypes": ["bfloat16"],
+            "harmful_eval_prompts": f"{args.datasets / 'harmful_test.txt'}[:{batch_size}]",
+        }
+    )
     loaded = load(settings)
     model, tokenizer = loaded.model, loaded.tokenizer
     prompts = load_prompts(settings.harmful_eval_prompts, settings.system_prompt)
@@ -71,9 +76,16 @@ def main() -> None:
     def generate(**options: Any) -> tuple[float, torch.Tensor]:
         started = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
-                                 do_sample=False, pad_token_id=engine.pad_id, **options)
-        return time.perf_counter() - started, out[:, ids.shape[1]:]
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                do_sample=False,
+                pad_token_id=engine.pad_id,
+                **options,
+            )
+        return time.perf_counter() - started, out[:, ids.shape[1] :]
 
     rows: dict[str, Any] = {}
     started = time.perf_counter()
@@ -85,14 +97,20 @@ def main() -> None:
     rows["dynamic cache, eager"] = {"seconds": round(seconds, 1)}
     print(rows, flush=True)
     seconds, static_out = generate(cache_implementation="static", disable_compile=True)
-    rows["static cache, eager"] = {"seconds": round(seconds, 1), "differing_responses": int((static_out != dynamic_out).any(dim=1).sum())}
+    rows["static cache, eager"] = {
+        "seconds": round(seconds, 1),
+        "differing_responses": int((static_out != dynamic_out).any(dim=1).sum()),
+    }
     print(rows, flush=True)
     compile_config = CompileConfig(mode="default", dynamic=False)
     compile_config._compile_all_devices = True  # transformers compiles on accelerators only unless told
     first, _ = generate(cache_implementation="static", compile_config=compile_config)
     seconds, compiled_out = generate(cache_implementation="static", compile_config=compile_config)
-    rows["static cache, torch.compile"] = {"seconds": round(seconds, 1), "first_call_s": round(first, 1),
-                                           "differing_responses": int((compiled_out != dynamic_out).any(dim=1).sum())}
+    rows["static cache, torch.compile"] = {
+        "seconds": round(seconds, 1),
+        "first_call_s": round(first, 1),
+        "differing_responses": int((compiled_out != dynamic_out).any(dim=1).sum()),
+    }
     print(rows, flush=True)
 
     reference_python = REFERENCE_VENV / "bin" / "python"
@@ -102,8 +120,13 @@ def main() -> None:
     evaluator.count_refusals()
     engine_s = time.perf_counter() - started
     results = {
-        "machine": machine(), "command": "python bench/compile_lever.py", "prompts": len(prompts), "tokens": tokens,
-        "batch_size": batch_size, "torch": torch.__version__, "variants": rows,
+        "machine": machine(),
+        "command": "python bench/compile_lever.py",
+        "prompts": len(prompts),
+        "tokens": tokens,
+        "batch_size": batch_size,
+        "torch": torch.__version__,
+        "variants": rows,
         "our_engine_trial_generation_s": round(engine_s, 1),
     }
     if not args.prompts:

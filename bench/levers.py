@@ -61,9 +61,12 @@ def cut_trials_gain(latest: Path) -> dict[str, Any] | None:
     if not cut or not full:
         return {"cut_trials": len(cut), "trials": len(cut) + len(full)}
     return {
-        "cut_trials": len(cut), "trials": len(cut) + len(full),
-        "median_cut_s": statistics.median(cut), "median_full_s": statistics.median(full),
-        "total_s": sum(cut) + sum(full), "total_if_uncut_s": statistics.median(full) * len(cut) + sum(full),
+        "cut_trials": len(cut),
+        "trials": len(cut) + len(full),
+        "median_cut_s": statistics.median(cut),
+        "median_full_s": statistics.median(full),
+        "total_s": sum(cut) + sum(full),
+        "total_if_uncut_s": statistics.median(full) * len(cut) + sum(full),
     }
 
 
@@ -78,8 +81,12 @@ def main() -> None:
     parser.add_argument("--max-response-length", type=int, default=100)
     parser.add_argument("--max-batch-size", type=int, default=128)
     parser.add_argument("--datasets", type=Path, default=DEFAULT_DATASETS)
-    parser.add_argument("--report-only", action="store_true", help="measure nothing: rewrite the section from bench/results/levers.json, "
-                        "with the cut-trial row from the latest benchmark run")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="measure nothing: rewrite the section from bench/results/levers.json, "
+        "with the cut-trial row from the latest benchmark run",
+    )
     args = parser.parse_args()
     if args.report_only:
         results = json.loads((RESULTS / "levers.json").read_text())
@@ -92,11 +99,14 @@ def main() -> None:
     model_dir = WORK / "Qwen2.5-Coder-0.5B-Instruct"
     if not (model_dir / "config.json").is_file():
         sys.exit("Run bench/run_bench.py first: it prepares the benchmark model in bench/work/.")
-    settings = Settings.model_validate({
-        "model": str(model_dir), "dtypes": ["bfloat16"],
-        "harmful_eval_prompts": f"{args.datasets / 'harmful_test.txt'}[:{args.eval_prompts}]",
-        "harmless_eval_prompts": f"{args.datasets / 'harmless_test.txt'}[:{args.eval_prompts}]",
-    })
+    settings = Settings.model_validate(
+        {
+            "model": str(model_dir),
+            "dtypes": ["bfloat16"],
+            "harmful_eval_prompts": f"{args.datasets / 'harmful_test.txt'}[:{args.eval_prompts}]",
+            "harmless_eval_prompts": f"{args.datasets / 'harmless_test.txt'}[:{args.eval_prompts}]",
+        }
+    )
     loaded = load(settings)
     harmful = load_prompts(settings.harmful_eval_prompts, settings.system_prompt)
     harmless = load_prompts(settings.harmless_eval_prompts, settings.system_prompt)
@@ -109,10 +119,15 @@ def main() -> None:
     batch_size, measurements = choose_batch_size(engine, args.max_batch_size)
     choice_s = time.perf_counter() - started
     engine.batch_size = batch_size
-    print(f"batch size {batch_size} chosen in {choice_s:.1f} s: " + ", ".join(f"{m.batch_size}: {m.tokens_per_second or 0:.0f} tok/s" for m in measurements))
+    print(
+        f"batch size {batch_size} chosen in {choice_s:.1f} s: "
+        + ", ".join(f"{m.batch_size}: {m.tokens_per_second or 0:.0f} tok/s" for m in measurements)
+    )
 
     def evaluator(stop_on_verdict: bool = True, prompts: list | None = None) -> Evaluator:
-        return Evaluator(engine, judge, prompts or harmful, harmless if prompts is None else prompts, args.max_response_length, stop_on_verdict)
+        return Evaluator(
+            engine, judge, prompts or harmful, harmless if prompts is None else prompts, args.max_response_length, stop_on_verdict
+        )
 
     timed_trial_work(engine, evaluator())  # warm-up
     rows: list[dict[str, Any]] = []
@@ -127,19 +142,42 @@ def main() -> None:
         finally:
             restore()
             engine.batch_size = batch_size
-        rows.append({"lever": name, "what": what, "prompts": subset or len(harmful), "on_s": round(on_s, 2), "off_s": round(off_s, 2),
-                     "gain": round(off_s / on_s, 2),
-                     "refusals_on": sum(on_verdicts), "refusals_off": sum(off_verdicts),
-                     "differing_verdicts": sum(a != b for a, b in zip(on_verdicts, off_verdicts))})
+        rows.append(
+            {
+                "lever": name,
+                "what": what,
+                "prompts": subset or len(harmful),
+                "on_s": round(on_s, 2),
+                "off_s": round(off_s, 2),
+                "gain": round(off_s / on_s, 2),
+                "refusals_on": sum(on_verdicts),
+                "refusals_off": sum(off_verdicts),
+                "differing_verdicts": sum(a != b for a, b in zip(on_verdicts, off_verdicts)),
+            }
+        )
         print(rows[-1])
 
     measure("stop on verdict", "a response stops once a refusal marker is seen (exact)", lambda: None, lambda: None)
-    measure("shared prompt prefix", "the chat-template prefix is computed once per batch",
-            lambda: setattr(engine, "share_prefix", False), lambda: setattr(engine, "share_prefix", True))
-    measure("length-ordered batches", "prompts batched by length, not in file order (batch size 16, so there are several batches)",
-            lambda: setattr(engine, "length_order", False), lambda: setattr(engine, "length_order", True), batch=16)
-    measure("batching", f"batch size {batch_size} (chosen) instead of 1",
-            lambda: setattr(engine, "batch_size", 1), lambda: None, subset=16)
+    measure(
+        "shared prompt prefix",
+        "the chat-template prefix is computed once per batch",
+        lambda: setattr(engine, "share_prefix", False),
+        lambda: setattr(engine, "share_prefix", True),
+    )
+    measure(
+        "length-ordered batches",
+        "prompts batched by length, not in file order (batch size 16, so there are several batches)",
+        lambda: setattr(engine, "length_order", False),
+        lambda: setattr(engine, "length_order", True),
+        batch=16,
+    )
+    measure(
+        "batching",
+        f"batch size {batch_size} (chosen) instead of 1",
+        lambda: setattr(engine, "batch_size", 1),
+        lambda: None,
+        subset=16,
+    )
     head = loaded.model.get_output_embeddings()
     hook = head._heretic_contiguous
 
@@ -149,19 +187,40 @@ def main() -> None:
     def rehook() -> None:
         head._heretic_contiguous = False
         from heretic.model.generation import make_head_input_contiguous
+
         make_head_input_contiguous(loaded.model)
 
     # bf16 -> float32 -> bf16 is lossless, so the model is the same before and after this lever
-    measure("bf16", "weights and activations in bfloat16 instead of float32 (where the CPU has fast bf16 matrix units)",
-            lambda: loaded.model.to(torch.float32), lambda: loaded.model.to(torch.bfloat16), subset=32)
-    measure("contiguous output-head input", "the output head gets a contiguous input (a guard against a slow strided bf16 GEMM path of some PyTorch CPU builds; no effect in this set-up)", unhook, rehook, subset=8)
+    measure(
+        "bf16",
+        "weights and activations in bfloat16 instead of float32 (where the CPU has fast bf16 matrix units)",
+        lambda: loaded.model.to(torch.float32),
+        lambda: loaded.model.to(torch.bfloat16),
+        subset=32,
+    )
+    measure(
+        "contiguous output-head input",
+        "the output head gets a contiguous input (a guard against a slow strided bf16 GEMM path of some PyTorch CPU builds; no effect in this set-up)",
+        unhook,
+        rehook,
+        subset=8,
+    )
 
-    results = {"date": dt.date.today().isoformat(), "machine": machine(), "command": "python bench/levers.py " + shlex.join(sys.argv[1:]),
-               "eval_prompts": len(harmful), "max_response_length": args.max_response_length,
-               "batch_choice": {"batch_size": batch_size, "seconds": round(choice_s, 1),
-                                "tokens_per_second": {m.batch_size: m.tokens_per_second for m in measurements}},
-               "levers": rows, "cut_hopeless_trials": cut_trials_gain(RESULTS / "latest.json"),
-               "compile": compile_lever(RESULTS / "compile-lever.json")}
+    results = {
+        "date": dt.date.today().isoformat(),
+        "machine": machine(),
+        "command": "python bench/levers.py " + shlex.join(sys.argv[1:]),
+        "eval_prompts": len(harmful),
+        "max_response_length": args.max_response_length,
+        "batch_choice": {
+            "batch_size": batch_size,
+            "seconds": round(choice_s, 1),
+            "tokens_per_second": {m.batch_size: m.tokens_per_second for m in measurements},
+        },
+        "levers": rows,
+        "cut_hopeless_trials": cut_trials_gain(RESULTS / "latest.json"),
+        "compile": compile_lever(RESULTS / "compile-lever.json"),
+    }
     publish(results)
 
 
@@ -186,14 +245,16 @@ def report(results: dict[str, Any]) -> str:
         f"({', '.join(f'{size}: {rate or 0:.0f}' for size, rate in choice['tokens_per_second'].items())} tokens/s)",
         "- the search levers (the sampler's KL floor, the MLP weight range, univariate TPE, TPE's candidates per trial) "
         "change which trials are run rather than their cost; their effect on the fronts of the same seeds is in "
-        "\"About the run above\"",
+        '"About the run above"',
         "",
         "| lever | what it does | prompts | on (s) | off (s) | gain | refusals on / off | verdicts that differ |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in results["levers"]:
-        lines.append(f"| {row['lever']} | {row['what']} | {row['prompts']} | {row['on_s']:.1f} | {row['off_s']:.1f} | {row['gain']:.2f}× | "
-                     f"{row['refusals_on']} / {row['refusals_off']} | {row['differing_verdicts']} |")
+        lines.append(
+            f"| {row['lever']} | {row['what']} | {row['prompts']} | {row['on_s']:.1f} | {row['off_s']:.1f} | {row['gain']:.2f}× | "
+            f"{row['refusals_on']} / {row['refusals_off']} | {row['differing_verdicts']} |"
+        )
     cut = results["cut_hopeless_trials"]
     if cut and "median_cut_s" in cut:
         lines.append(

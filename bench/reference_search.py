@@ -87,7 +87,9 @@ def reference_objectives(refusals: int, kl: float, base_refusals: int) -> list[f
 def run_seed(session: Any, python: Path, seed: int, n_trials: int, n_startup: int) -> list[dict[str, Any]]:
     server = subprocess.Popen(
         [str(python), "-c", SAMPLER_SERVER, str(seed), str(n_startup), str(session.arch.num_layers)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert server.stdin is not None and server.stdout is not None
     trials = []
@@ -105,8 +107,9 @@ def run_seed(session: Any, python: Path, seed: int, n_trials: int, n_startup: in
             seconds = time.perf_counter() - started
             server.stdin.write(json.dumps(reference_objectives(refusals, kl, session.base_refusals)) + "\n")
             server.stdin.flush()
-            trials.append({"number": number, "refusals": refusals, "kl": kl, "seconds": round(seconds, 1), "cut": False,
-                           "params": params})
+            trials.append(
+                {"number": number, "refusals": refusals, "kl": kl, "seconds": round(seconds, 1), "cut": False, "params": params}
+            )
             print(f"seed {seed} trial {number}: {refusals} refusals, KL {kl:.4f} ({seconds:.0f} s)", flush=True)
     finally:
         server.stdin.close()
@@ -132,8 +135,9 @@ def main() -> None:
         return
     python = ensure_reference_venv()  # the reference's environment gives its markers and runs its sampler
     markers = reference_default_markers(python)
-    argv = our_command(settings_used, WORK / "Qwen2.5-Coder-0.5B-Instruct", markers,
-                       ["--checkpoint-dir", str(WORK / "reference-search")])[1:]
+    argv = our_command(
+        settings_used, WORK / "Qwen2.5-Coder-0.5B-Instruct", markers, ["--checkpoint-dir", str(WORK / "reference-search")]
+    )[1:]
     session = prepare(settings_from_argv(argv), interactive=False)
     n_prompts = settings_used["eval_prompts"]
     for seed in seeds:

@@ -103,7 +103,9 @@ def main() -> None:
     trials = {t.number: t for t in reference_trials()}
     numbers = [int(n) for n in args.trials.split(",") if n.strip()] or front_numbers(list(trials.values()))
     markers = reference_default_markers(REFERENCE_VENV / "bin" / "python")
-    argv = our_command(settings_used, WORK / "Qwen2.5-Coder-0.5B-Instruct", markers, ["--checkpoint-dir", str(WORK / "replay")])[1:]
+    argv = our_command(settings_used, WORK / "Qwen2.5-Coder-0.5B-Instruct", markers, ["--checkpoint-dir", str(WORK / "replay")])[
+        1:
+    ]
     settings = settings_from_argv(argv)
     session = prepare(settings, interactive=False)
 
@@ -115,13 +117,22 @@ def main() -> None:
         session.ablator.apply(parameters, session.directions)
         kl = session.evaluator.kl()
         refusals = session.evaluator.count_refusals().refusals
-        rows.append({
-            "trial": number, "parameters": describe(parameters),
-            "reference_refusals": trial.user_attrs["refusals"], "reference_kl": trial.user_attrs["kl_divergence"],
-            "our_refusals": refusals, "our_kl": kl, "seconds": round(time.perf_counter() - started, 1),
-        })
-        print(f"trial {number}: reference {rows[-1]['reference_refusals']} / {rows[-1]['reference_kl']:.4f}, "
-              f"ours {refusals} / {kl:.4f} ({rows[-1]['seconds']} s)", flush=True)
+        rows.append(
+            {
+                "trial": number,
+                "parameters": describe(parameters),
+                "reference_refusals": trial.user_attrs["refusals"],
+                "reference_kl": trial.user_attrs["kl_divergence"],
+                "our_refusals": refusals,
+                "our_kl": kl,
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+        )
+        print(
+            f"trial {number}: reference {rows[-1]['reference_refusals']} / {rows[-1]['reference_kl']:.4f}, "
+            f"ours {refusals} / {kl:.4f} ({rows[-1]['seconds']} s)",
+            flush=True,
+        )
     session.ablator.reset()
 
     command = "python bench/replay_reference.py" + (f" --trials {args.trials}" if args.trials else "")

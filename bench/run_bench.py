@@ -140,7 +140,13 @@ def run_tool(name: str, command: list[str], cwd: Path, env: dict[str, str], time
     log(f"{name}: {shlex.join(command)}  (in {cwd})")
     started = time.time()
     process = subprocess.Popen(
-        command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        command,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         errors="replace",
     )
     run: dict[str, Any] = {"started": started, "elapsed_s": 0.0, "exit_code": None, "peak_rss_mb": None, "log": log_path.name}
@@ -179,8 +185,11 @@ def run_tool(name: str, command: list[str], cwd: Path, env: dict[str, str], time
     reader.join(timeout=10)
     elapsed = time.time() - started
     log(f"{name}: exit {process.returncode} after {elapsed / 60:.1f} min; log in {log_path}")
-    run.update(elapsed_s=round(elapsed, 1), exit_code=process.returncode,
-               peak_rss_mb=max(filter(None, [usage.ru_maxrss / 1024 if usage else None, run["peak_rss_mb"]]), default=None))
+    run.update(
+        elapsed_s=round(elapsed, 1),
+        exit_code=process.returncode,
+        peak_rss_mb=max(filter(None, [usage.ru_maxrss / 1024 if usage else None, run["peak_rss_mb"]]), default=None),
+    )
     save()
     return run
 
@@ -232,8 +241,13 @@ def metrics(runs: list[dict[str, Any]], journal: dict[str, Any], n_prompts: int,
         raise RuntimeError(f"{kind}: no completed trial; see {runs[-1]['log']}")
     kl_key = "kl_divergence" if kind == "reference" else "kl"
     trials = [
-        {"number": t["number"], "refusals": int(t["user_attrs"]["refusals"]), "kl": float(t["user_attrs"][kl_key]),
-         "seconds": round(t["complete"] - t["start"], 2), "cut": bool(t["user_attrs"].get("cut", False))}
+        {
+            "number": t["number"],
+            "refusals": int(t["user_attrs"]["refusals"]),
+            "kl": float(t["user_attrs"][kl_key]),
+            "seconds": round(t["complete"] - t["start"], 2),
+            "cut": bool(t["user_attrs"].get("cut", False)),
+        }
         for t in complete
     ]
     if kind == "reference":
@@ -268,8 +282,10 @@ def toml_value(value: Any) -> str:
 
 def reference_config(settings: dict[str, Any], model: Path, markers: list[str]) -> str:
     datasets = Path(settings["datasets"])
+
     def spec(name: str, file: str, count: int) -> str:
         return f'[{name}]\ndataset = {toml_value(str(datasets / file))}\nsplit = "[:{count}]"\n'
+
     lines = [
         f"model = {toml_value(str(model))}",
         'dtypes = ["bfloat16"]',
@@ -294,19 +310,32 @@ def reference_config(settings: dict[str, Any], model: Path, markers: list[str]) 
 def our_command(settings: dict[str, Any], model: Path, markers: list[str], extra: list[str]) -> list[str]:
     datasets = Path(settings["datasets"])
     return [
-        str(Path(sys.executable).parent / "heretic"), str(model),
-        "--batch-size", "0",
-        "--max-batch-size", str(settings["max_batch_size"]),
-        "--max-response-length", str(settings["max_response_length"]),
-        "--n-trials", str(settings["trials"]),
-        "--n-startup-trials", str(settings["startup_trials"]),
-        "--seed", str(settings["seed"]),
-        "--checkpoint-dir", "checkpoints",
-        "--refusal-markers", json.dumps(markers, ensure_ascii=False),
-        "--harmless-prompts", f"{datasets / 'harmless_train.txt'}[:{settings['train_prompts']}]",
-        "--harmful-prompts", f"{datasets / 'harmful_train.txt'}[:{settings['train_prompts']}]",
-        "--harmless-eval-prompts", f"{datasets / 'harmless_test.txt'}[:{settings['eval_prompts']}]",
-        "--harmful-eval-prompts", f"{datasets / 'harmful_test.txt'}[:{settings['eval_prompts']}]",
+        str(Path(sys.executable).parent / "heretic"),
+        str(model),
+        "--batch-size",
+        "0",
+        "--max-batch-size",
+        str(settings["max_batch_size"]),
+        "--max-response-length",
+        str(settings["max_response_length"]),
+        "--n-trials",
+        str(settings["trials"]),
+        "--n-startup-trials",
+        str(settings["startup_trials"]),
+        "--seed",
+        str(settings["seed"]),
+        "--checkpoint-dir",
+        "checkpoints",
+        "--refusal-markers",
+        json.dumps(markers, ensure_ascii=False),
+        "--harmless-prompts",
+        f"{datasets / 'harmless_train.txt'}[:{settings['train_prompts']}]",
+        "--harmful-prompts",
+        f"{datasets / 'harmful_train.txt'}[:{settings['train_prompts']}]",
+        "--harmless-eval-prompts",
+        f"{datasets / 'harmless_test.txt'}[:{settings['eval_prompts']}]",
+        "--harmful-eval-prompts",
+        f"{datasets / 'harmful_test.txt'}[:{settings['eval_prompts']}]",
         "--headless",
         *extra,
     ]
@@ -340,8 +369,9 @@ sys.exit(main.main())
 """
 
 
-def run_reference(settings: dict[str, Any], model: Path, python: Path, markers: list[str], env: dict[str, str],
-                  resume: bool = False) -> dict[str, Any]:
+def run_reference(
+    settings: dict[str, Any], model: Path, python: Path, markers: list[str], env: dict[str, str], resume: bool = False
+) -> dict[str, Any]:
     """Run the reference in bench/work/reference; with `resume`, continue the study an earlier invocation
     left unfinished (for runs longer than one sitting)."""
     folder = WORK / "reference"
@@ -365,7 +395,9 @@ def run_reference(settings: dict[str, Any], model: Path, python: Path, markers: 
     return data
 
 
-def run_ours(settings: dict[str, Any], model: Path, markers: list[str], env: dict[str, str], extra: list[str], label: str = "ours") -> dict[str, Any]:
+def run_ours(
+    settings: dict[str, Any], model: Path, markers: list[str], env: dict[str, str], extra: list[str], label: str = "ours"
+) -> dict[str, Any]:
     folder = WORK / label
     shutil.rmtree(folder, ignore_errors=True)
     command = our_command(settings, model, markers, extra)
@@ -448,7 +480,10 @@ def table(results: dict[str, Any]) -> str:
         ("original's refusals", "baseline_refusals", "{}"),
         (f"hypervolume (ref. point {results['settings']['eval_prompts']} refusals, KL {KL_CAP})", "hypervolume", "{:.3f}"),
     ]
-    lines = ["| | " + " | ".join(titles) + (" | ours / reference |" if with_ratio else ""), "|---|" + "---:|" * (len(names) + with_ratio)]
+    lines = [
+        "| | " + " | ".join(titles) + (" | ours / reference |" if with_ratio else ""),
+        "|---|" + "---:|" * (len(names) + with_ratio),
+    ]
     for label, key, fmt in rows:
         cells = [fmt.format(tools[name][key]) if tools[name].get(key) is not None else "–" for name in names]
         ratio = ""
@@ -478,8 +513,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
         if name == "ours_same_trials":
             front = data["pareto"]
             if front:
-                axes.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:red", linestyle="--",
-                          label=f"Heretic (ours), first {data['n_trials']} trials")
+                axes.step(
+                    [p[0] for p in front],
+                    [p[1] for p in front],
+                    where="post",
+                    color="tab:red",
+                    linestyle="--",
+                    label=f"Heretic (ours), first {data['n_trials']} trials",
+                )
             continue
         color, marker, label = styles.get(name, ("tab:blue", "^", name))
         label = f"{label}, {data['n_trials']} trials"
@@ -511,8 +552,11 @@ def write_markdown(results: dict[str, Any], command: str) -> str:
         f"- machine: {settings['machine']}",
         f"- CPU flags: {' '.join(settings.get('cpu_flags', [])) or 'not recorded'}; profile "
         f"{settings.get('cpu_profile', 'native')}"
-        + (f" ({' '.join(f'{k}={v}' for k, v in CPU_PROFILES[settings['cpu_profile']].items())} for both tools)"
-           if settings.get("cpu_profile", "native") != "native" else ""),
+        + (
+            f" ({' '.join(f'{k}={v}' for k, v in CPU_PROFILES[settings['cpu_profile']].items())} for both tools)"
+            if settings.get("cpu_profile", "native") != "native"
+            else ""
+        ),
         f"- compute dtype: reference bfloat16 (its default for this model); ours "
         f"{tools.get('ours', {}).get('dtype') or 'bfloat16 (--dtypes bfloat16)'}",
         f"- command: `{command}`",
@@ -525,39 +569,69 @@ def write_markdown(results: dict[str, Any], command: str) -> str:
     ]
     if "ours_same_trials" in tools:
         n = tools["ours_same_trials"]["n_trials"]
-        parts.append(f"- the reference completed only {n} of {settings['trials']} trials in the time available (its run was stopped); "
-                     f"\"ours, first {n} trials\" is our search at the same number of trials (trials are sampled in order, so it is the study a run of {n} trials gives)")
+        parts.append(
+            f"- the reference completed only {n} of {settings['trials']} trials in the time available (its run was stopped); "
+            f'"ours, first {n} trials" is our search at the same number of trials (trials are sampled in order, so it is the study a run of {n} trials gives)'
+        )
     if settings.get("reference_reused"):
-        parts.append(f"- the reference's numbers come from an earlier run with identical settings ({settings['reference_reused']})")
+        parts.append(
+            f"- the reference's numbers come from an earlier run with identical settings ({settings['reference_reused']})"
+        )
     parts += ["", table(results), "", "![Pareto fronts](bench/results/fronts.png)", ""]
     if "reference" in tools and "ours" in tools:
         parts += ["### Targets", "", "| target | reference | ours | verdict |", "|---|---:|---:|---|"]
         parts += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in targets(results)]
         parts.append("")
     if "noise" in results:
-        parts += ["### Run-to-run noise of our search", "",
-                  "Our search run again with other seeds (everything else identical).", "",
-                  noise_table(results["noise"]), ""]
+        parts += [
+            "### Run-to-run noise of our search",
+            "",
+            "Our search run again with other seeds (everything else identical).",
+            "",
+            noise_table(results["noise"]),
+            "",
+        ]
     if "reference_noise" in results:
-        parts += ["### Run-to-run noise of the reference's search", "",
-                  "The reference's run above, and its search run again with other seeds by `bench/reference_search.py`: "
-                  "the reference's own sampler (its Optuna version, multivariate TPE with 128 EI candidates seeded once, "
-                  "10 start-up trials), its parameter space and names, its objectives (KL, or refusals / base refusals × "
-                  "0.01 below KL 0.01; refusals / base refusals), every trial scored in full, with our engine doing the "
-                  "ablation and scoring (which gives the reference's scores for the same parameters; see the replay below). "
-                  "Seed 42's ten start-up trials are the reference run's own; its later trials differ because scores differ "
-                  "by bf16 rounding.", "",
-                  noise_table(results["reference_noise"], "reference", with_time=False), "",
-                  f"Reproduce: `{results['reference_noise']['command']}`", ""]
+        parts += [
+            "### Run-to-run noise of the reference's search",
+            "",
+            "The reference's run above, and its search run again with other seeds by `bench/reference_search.py`: "
+            "the reference's own sampler (its Optuna version, multivariate TPE with 128 EI candidates seeded once, "
+            "10 start-up trials), its parameter space and names, its objectives (KL, or refusals / base refusals × "
+            "0.01 below KL 0.01; refusals / base refusals), every trial scored in full, with our engine doing the "
+            "ablation and scoring (which gives the reference's scores for the same parameters; see the replay below). "
+            "Seed 42's ten start-up trials are the reference run's own; its later trials differ because scores differ "
+            "by bf16 rounding.",
+            "",
+            noise_table(results["reference_noise"], "reference", with_time=False),
+            "",
+            f"Reproduce: `{results['reference_noise']['command']}`",
+            "",
+        ]
     if "noise" in results:
-        parts += ["The targets above allow, at each cap and for the hypervolume, a shortfall up to the run-to-run noise "
-                  "of a difference between one run of each tool: the spread (max − min) between our seeds and, where "
-                  "measured, the spread between the reference's runs, added as independent errors (√(a² + b²)). The last "
-                  "target row compares typical runs instead: the median over each tool's runs at every cap.", "",
-                  "<details><summary>best KL at every refusal cap, for each run of both tools</summary>", "",
-                  every_cap_table(results), "", "</details>", ""]
+        parts += [
+            "The targets above allow, at each cap and for the hypervolume, a shortfall up to the run-to-run noise "
+            "of a difference between one run of each tool: the spread (max − min) between our seeds and, where "
+            "measured, the spread between the reference's runs, added as independent errors (√(a² + b²)). The last "
+            "target row compares typical runs instead: the median over each tool's runs at every cap.",
+            "",
+            "<details><summary>best KL at every refusal cap, for each run of both tools</summary>",
+            "",
+            every_cap_table(results),
+            "",
+            "</details>",
+            "",
+        ]
     if "reference" in tools:
-        parts += ["<details><summary>reference configuration (config.toml)</summary>", "", "```toml", tools["reference"]["config"].rstrip(), "```", "</details>", ""]
+        parts += [
+            "<details><summary>reference configuration (config.toml)</summary>",
+            "",
+            "```toml",
+            tools["reference"]["config"].rstrip(),
+            "```",
+            "</details>",
+            "",
+        ]
     if "ours" in tools:
         parts += ["<details><summary>our command</summary>", "", "```", tools["ours"]["command"], "```", "</details>", ""]
     return "\n".join(parts)
@@ -565,10 +639,15 @@ def write_markdown(results: dict[str, Any], command: str) -> str:
 
 def noise(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Run-to-run noise of our search: each seed's front metrics, and per measure the spread (max - min)."""
-    per_seed = {seed: {key: data[key] for key in ("hypervolume", "best_kl_at_refusals", "median_trial_s", "pareto", "n_trials")}
-                for seed, data in runs.items()}
-    spread: dict[str, float | None] = {"hypervolume": round(max(d["hypervolume"] for d in per_seed.values())
-                                                            - min(d["hypervolume"] for d in per_seed.values()), 4)}
+    per_seed = {
+        seed: {key: data[key] for key in ("hypervolume", "best_kl_at_refusals", "median_trial_s", "pareto", "n_trials")}
+        for seed, data in runs.items()
+    }
+    spread: dict[str, float | None] = {
+        "hypervolume": round(
+            max(d["hypervolume"] for d in per_seed.values()) - min(d["hypervolume"] for d in per_seed.values()), 4
+        )
+    }
     for cap in REFUSAL_CAPS:
         values = [d["best_kl_at_refusals"][str(cap)] for d in per_seed.values()]
         known = [v for v in values if v is not None]
@@ -603,7 +682,9 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             return "met"
         if tolerance is not None and shortfall <= tolerance:
             return f"met within noise (short by {shortfall:.4f}, run-to-run noise {tolerance:.4f})"
-        return f"NOT met (short by {shortfall:.4f}" + (f", run-to-run noise {tolerance:.4f})" if tolerance is not None else ", noise not measured)")
+        return f"NOT met (short by {shortfall:.4f}" + (
+            f", run-to-run noise {tolerance:.4f})" if tolerance is not None else ", noise not measured)"
+        )
 
     base, value = reference["hypervolume"], ours["hypervolume"]
     rows.append(("hypervolume ≥ reference", f"{base:.3f}", f"{value:.3f}", verdict(base - value, spread.get("hypervolume"))))
@@ -631,11 +712,24 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     if not beyond:
         rows.append((label, "", "", "met" + (f" (within noise at k = {compact_ranges(within)})" if within else "")))
     else:
-        rows.append((label, "", "", f"NOT met at k = {compact_ranges(beyond)}"
-                     + (f" (within noise at k = {compact_ranges(within)})" if within else "")))
+        rows.append(
+            (
+                label,
+                "",
+                "",
+                f"NOT met at k = {compact_ranges(beyond)}"
+                + (f" (within noise at k = {compact_ranges(within)})" if within else ""),
+            )
+        )
     if "reference_noise" in results and "noise" in results:
-        rows.append(("median of runs: best KL ≤ reference's median at every cap", "", "",
-                     f"NOT met at k = {compact_ranges(typical)}" if typical else "met"))
+        rows.append(
+            (
+                "median of runs: best KL ≤ reference's median at every cap",
+                "",
+                "",
+                f"NOT met at k = {compact_ranges(typical)}" if typical else "met",
+            )
+        )
     return rows
 
 
@@ -680,10 +774,20 @@ def every_cap(results: dict[str, Any]) -> list[dict[str, Any]]:
         per_seed = {seed: best_kl_at(data["pareto"], k) for seed, data in seeds.items()}
         per_run = {run: best_kl_at(data["pareto"], k) for run, data in reference_runs.items()}
         seed_spread, reference_spread = spread_at(list(per_seed.values())), spread_at(list(per_run.values()))
-        rows.append({"k": k, "reference": best_kl_at(reference["pareto"], k), "ours": best_kl_at(ours["pareto"], k),
-                     "seeds": per_seed, "seed_spread": seed_spread, "reference_runs": per_run, "reference_spread": reference_spread,
-                     "ours_median": median_at(list(per_seed.values())), "reference_median": median_at(list(per_run.values())),
-                     "tolerance": combined_noise([seed_spread, reference_spread])})
+        rows.append(
+            {
+                "k": k,
+                "reference": best_kl_at(reference["pareto"], k),
+                "ours": best_kl_at(ours["pareto"], k),
+                "seeds": per_seed,
+                "seed_spread": seed_spread,
+                "reference_runs": per_run,
+                "reference_spread": reference_spread,
+                "ours_median": median_at(list(per_seed.values())),
+                "reference_median": median_at(list(per_run.values())),
+                "tolerance": combined_noise([seed_spread, reference_spread]),
+            }
+        )
     return rows
 
 
@@ -702,7 +806,13 @@ def every_cap_table(results: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---:|" * len(columns)]
     for r in rows:
         gap = r["ours"] - r["reference"] if r["ours"] is not None and r["reference"] is not None else None
-        cells = [str(r["k"]), cell(r["reference"]), cell(r["ours"]), *(cell(r["seeds"][s]) for s in seeds), cell(r["seed_spread"])]
+        cells = [
+            str(r["k"]),
+            cell(r["reference"]),
+            cell(r["ours"]),
+            *(cell(r["seeds"][s]) for s in seeds),
+            cell(r["seed_spread"]),
+        ]
         if runs:
             cells += [cell(r["reference_runs"][run]) for run in runs]
             cells += [cell(r["reference_spread"]), cell(r["ours_median"]), cell(r["reference_median"])]
@@ -726,8 +836,12 @@ def noise_table(noise_data: dict[str, Any], first_column: str = "seed", with_tim
     """Each run's front metrics and their spread; with_time adds the median trial time."""
     runs = noise_data["seeds"]
     time_title = " median trial (s) |" if with_time else ""
-    lines = [f"| {first_column} |{time_title} hypervolume | " + " | ".join(f"best KL, ≤ {cap}" for cap in REFUSAL_CAPS)
-             + " | Pareto front (refusals, KL) |", "|---|" + "---:|" * (1 + with_time + len(REFUSAL_CAPS)) + "---|"]
+    lines = [
+        f"| {first_column} |{time_title} hypervolume | "
+        + " | ".join(f"best KL, ≤ {cap}" for cap in REFUSAL_CAPS)
+        + " | Pareto front (refusals, KL) |",
+        "|---|" + "---:|" * (1 + with_time + len(REFUSAL_CAPS)) + "---|",
+    ]
     for run, data in runs.items():
         cells = [f"{v:.4f}" if v is not None else "–" for v in (data["best_kl_at_refusals"][str(c)] for c in REFUSAL_CAPS)]
         timing = f" {data['median_trial_s']:.1f} |" if with_time else ""
@@ -741,7 +855,16 @@ def noise_table(noise_data: dict[str, Any], first_column: str = "seed", with_tim
 
 def search_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """The settings two searches must share to be compared (everything but the seed and the machine)."""
-    keys = ("trials", "startup_trials", "train_prompts", "eval_prompts", "max_response_length", "max_batch_size", "datasets", "n_markers")
+    keys = (
+        "trials",
+        "startup_trials",
+        "train_prompts",
+        "eval_prompts",
+        "max_response_length",
+        "max_batch_size",
+        "datasets",
+        "n_markers",
+    )
     return {key: settings.get(key) for key in keys}
 
 
@@ -786,13 +909,22 @@ def update_benchmarks_md(section: str, marker: str) -> None:
 
 def tool_env() -> dict[str, str]:
     """The environment both tools run in: offline, unbuffered, wide logs, no user config file."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", COLUMNS="160")
+    env = dict(
+        os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", COLUMNS="160"
+    )
     env.pop("HERETIC_CONFIG", None)
     return env
 
 
-def seed_runs(settings: dict[str, Any], model: Path, markers: list[str], env: dict[str, str], extra: list[str],
-              seeds: list[int], n_trials: int) -> dict[str, dict[str, Any]]:
+def seed_runs(
+    settings: dict[str, Any],
+    model: Path,
+    markers: list[str],
+    env: dict[str, str],
+    extra: list[str],
+    seeds: list[int],
+    n_trials: int,
+) -> dict[str, dict[str, Any]]:
     """Our search again with each seed, compared at its first n_trials trials."""
     runs = {}
     for seed in seeds:
@@ -852,19 +984,41 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--datasets", type=Path, default=DEFAULT_DATASETS)
     parser.add_argument("--tools", default="reference,ours", help="comma-separated: reference, ours")
-    parser.add_argument("--reuse-reference", action="store_true", help="reuse the reference's results of an earlier run with identical settings")
-    parser.add_argument("--resume-reference", action="store_true", help="continue the reference's unfinished study in bench/work/reference "
-                        "(a run that did not fit in one sitting) instead of starting it anew")
+    parser.add_argument(
+        "--reuse-reference", action="store_true", help="reuse the reference's results of an earlier run with identical settings"
+    )
+    parser.add_argument(
+        "--resume-reference",
+        action="store_true",
+        help="continue the reference's unfinished study in bench/work/reference "
+        "(a run that did not fit in one sitting) instead of starting it anew",
+    )
     parser.add_argument("--ours-args", default="", help="extra flags for our tool (e.g. to switch a speed-up off)")
     parser.add_argument("--label", default="ours", help="name of our run in the results (for lever measurements)")
     parser.add_argument("--timeout-hours", type=float, default=12.0)
-    parser.add_argument("--cpu-profile", choices=sorted(CPU_PROFILES), default="native",
-                        help="no-bf16: both tools run with bf16 kernels taken away (a CPU without bf16 instructions)")
-    parser.add_argument("--noise-seeds", default="", help="comma-separated extra seeds: our search runs again with each, "
-                        "and the spread of the results is the run-to-run noise the comparison allows")
-    parser.add_argument("--add-noise-seeds", default="", help="comma-separated seeds: run only our search with each and add them "
-                        "to the noise table of bench/results/latest.json (nothing else is rerun)")
-    parser.add_argument("--report-only", action="store_true", help="run nothing: rewrite BENCHMARKS.md and the plot from bench/results/latest.json")
+    parser.add_argument(
+        "--cpu-profile",
+        choices=sorted(CPU_PROFILES),
+        default="native",
+        help="no-bf16: both tools run with bf16 kernels taken away (a CPU without bf16 instructions)",
+    )
+    parser.add_argument(
+        "--noise-seeds",
+        default="",
+        help="comma-separated extra seeds: our search runs again with each, "
+        "and the spread of the results is the run-to-run noise the comparison allows",
+    )
+    parser.add_argument(
+        "--add-noise-seeds",
+        default="",
+        help="comma-separated seeds: run only our search with each and add them "
+        "to the noise table of bench/results/latest.json (nothing else is rerun)",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: rewrite BENCHMARKS.md and the plot from bench/results/latest.json",
+    )
     args = parser.parse_args(attach_flag_values(sys.argv[1:]))
 
     if args.report_only:
@@ -878,16 +1032,29 @@ def main() -> None:
 
     deviations = [
         f"{name} {value} instead of {full}"
-        for name, value, full in (("trials", args.trials, 30), ("training prompts", args.train_prompts, 400),
-                                  ("evaluation prompts", args.eval_prompts, 100), ("max_response_length", args.max_response_length, 100))
+        for name, value, full in (
+            ("trials", args.trials, 30),
+            ("training prompts", args.train_prompts, 400),
+            ("evaluation prompts", args.eval_prompts, 100),
+            ("max_response_length", args.max_response_length, 100),
+        )
         if value != full and not (name == "trials" and value > full)
     ]
     quick = bool(deviations)
     settings = {
-        "trials": args.trials, "startup_trials": args.startup_trials, "train_prompts": args.train_prompts,
-        "eval_prompts": args.eval_prompts, "max_response_length": args.max_response_length,
-        "max_batch_size": args.max_batch_size, "seed": args.seed, "datasets": str(args.datasets.resolve()),
-        "quick": quick, "deviations": ", ".join(deviations), "machine": machine(), "date": dt.date.today().isoformat(), "timeout_s": args.timeout_hours * 3600,
+        "trials": args.trials,
+        "startup_trials": args.startup_trials,
+        "train_prompts": args.train_prompts,
+        "eval_prompts": args.eval_prompts,
+        "max_response_length": args.max_response_length,
+        "max_batch_size": args.max_batch_size,
+        "seed": args.seed,
+        "datasets": str(args.datasets.resolve()),
+        "quick": quick,
+        "deviations": ", ".join(deviations),
+        "machine": machine(),
+        "date": dt.date.today().isoformat(),
+        "timeout_s": args.timeout_hours * 3600,
         "cpu_flags": cpu_flags(),
     }
     if args.cpu_profile != "native":  # the reference's cached results are keyed by it; native runs keep their old key
@@ -903,8 +1070,14 @@ def main() -> None:
     settings["n_markers"] = len(markers)
     env = dict(tool_env(), **CPU_PROFILES[args.cpu_profile])
 
-    key_settings = {k: v for k, v in settings.items() if k not in {"machine", "date", "timeout_s", "quick", "deviations", "command", "cpu_flags"}}
-    reference_cache = RESULTS / f"reference-{hashlib.sha256(json.dumps(key_settings, sort_keys=True).encode()).hexdigest()[:12]}.json"
+    key_settings = {
+        k: v
+        for k, v in settings.items()
+        if k not in {"machine", "date", "timeout_s", "quick", "deviations", "command", "cpu_flags"}
+    }
+    reference_cache = (
+        RESULTS / f"reference-{hashlib.sha256(json.dumps(key_settings, sort_keys=True).encode()).hexdigest()[:12]}.json"
+    )
     tools: dict[str, Any] = {}
     wanted = [name.strip() for name in args.tools.split(",") if name.strip()]
     if "reference" in wanted:

@@ -54,10 +54,18 @@ def saved(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
     tmp_path = tmp_path_factory.mktemp("saved")
     run(settings(tiny_models["qwen2"], tmp_path, action=["save", "save-adapter", "gguf"], gguf_type="f16"))
     out = tmp_path / "out"
-    return {"root": tmp_path, "model": out / "model", "adapter": out / "model-adapter", "gguf": out / "model.f16.gguf", "original": tiny_models["qwen2"]}
+    return {
+        "root": tmp_path,
+        "model": out / "model",
+        "adapter": out / "model-adapter",
+        "gguf": out / "model.f16.gguf",
+        "original": tiny_models["qwen2"],
+    }
 
 
-def test_merged_model_is_plain_transformers_and_reproduces_the_trial(saved: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_merged_model_is_plain_transformers_and_reproduces_the_trial(
+    saved: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = saved["model"]
     files = {file.name for file in folder.iterdir()}
     assert {"config.json", "generation_config.json", "tokenizer.json", "model.safetensors", "README.md", "heretic.json"} <= files
@@ -96,7 +104,9 @@ def test_gguf_export_matches_the_merged_model(saved: dict[str, Path]) -> None:
     from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(saved["model"], dtype=torch.float32).eval()
-    exported = AutoModelForCausalLM.from_pretrained(saved["gguf"].parent, gguf_file=saved["gguf"].name, dtype=torch.float32).eval()
+    exported = AutoModelForCausalLM.from_pretrained(
+        saved["gguf"].parent, gguf_file=saved["gguf"].name, dtype=torch.float32
+    ).eval()
     tokens = torch.randint(3, 500, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         reference, logits = merged(tokens).logits, exported(tokens).logits
@@ -111,7 +121,10 @@ def test_card_holds_metrics_parameters_and_provenance(saved: dict[str, Path]) ->
     assert f"| original | {record['baseline']['refusals']} | 0 |" in card
     assert f"{record['trial']['kl']:.4f}" in card and "heretic --reproduce heretic.json" in card
     assert "bundled:harmful_test[:8]" in card and record["prompt_sets"]["harmful_eval"]["sha256"][:16] in card
-    assert record["environment"]["libraries"]["torch"] == torch.__version__.split("+")[0] or record["environment"]["libraries"]["torch"]
+    assert (
+        record["environment"]["libraries"]["torch"] == torch.__version__.split("+")[0]
+        or record["environment"]["libraries"]["torch"]
+    )
     assert "token" not in json.dumps(record).lower()
 
 
@@ -187,23 +200,31 @@ def test_killed_save_leaves_the_target_untouched(tiny_models: dict[str, Path], t
     assert [p.name for p in target.iterdir()] == ["old.txt"] and (target / "old.txt").read_text() == "old"
 
 
-def test_upload_offline_is_one_clear_error_and_keeps_the_save(tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_upload_offline_is_one_clear_error_and_keeps_the_save(
+    tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HF_TOKEN", "hf_secret_value_123")
     with pytest.raises(HereticError, match="the model stays saved in") as info:
         run(settings(tiny_models["llama"], tmp_path, action=["upload"], upload_repo="someone/abliterated", n_trials=1))
     assert "hf_secret_value_123" not in str(info.value)
     saved = tmp_path / "out" / "model"
     assert (saved / "model.safetensors").exists()
-    assert "hf_secret_value_123" not in "".join(p.read_text(errors="ignore") for p in saved.iterdir() if p.suffix in {".json", ".md"})
+    assert "hf_secret_value_123" not in "".join(
+        p.read_text(errors="ignore") for p in saved.iterdir() if p.suffix in {".json", ".md"}
+    )
 
 
 def test_benchmark_with_a_local_task(tiny_models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("lm_eval")
     data = tmp_path / "tiny_task.jsonl"
-    rows = [{"question": f"What is {a} plus {b}?", "choices": [str(a + b), str(a + b + 1)], "answer": 0} for a, b in [(1, 2), (3, 4), (2, 2), (5, 1)]]
+    rows = [
+        {"question": f"What is {a} plus {b}?", "choices": [str(a + b), str(a + b + 1)], "answer": 0}
+        for a, b in [(1, 2), (3, 4), (2, 2), (5, 1)]
+    ]
     data.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
     task = tmp_path / "tiny_task.yaml"
-    task.write_text(textwrap.dedent(f"""\
+    task.write_text(
+        textwrap.dedent(f"""\
         task: heretic_tiny_sums
         dataset_path: json
         dataset_kwargs:
@@ -216,7 +237,8 @@ def test_benchmark_with_a_local_task(tiny_models: dict[str, Path], tmp_path: Pat
         doc_to_target: "{{{{answer}}}}"
         metric_list:
           - metric: acc
-        """))
+        """)
+    )
     capsys.readouterr()
     run(settings(tiny_models["llama"], tmp_path, action=["benchmark"], benchmark_tasks=[str(task)], n_trials=1))
     out = " ".join(capsys.readouterr().out.split())

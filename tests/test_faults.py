@@ -38,21 +38,33 @@ ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_FAKEfaultCatalogueToken0123456789"
 
 PROMPT_FLAGS = [
-    "--harmful-prompts", "bundled:harmful_train[:12]",
-    "--harmless-prompts", "bundled:harmless_train[:12]",
-    "--harmful-eval-prompts", "bundled:harmful_test[:8]",
-    "--harmless-eval-prompts", "bundled:harmless_test[:8]",
+    "--harmful-prompts",
+    "bundled:harmful_train[:12]",
+    "--harmless-prompts",
+    "bundled:harmless_train[:12]",
+    "--harmful-eval-prompts",
+    "bundled:harmful_test[:8]",
+    "--harmless-eval-prompts",
+    "bundled:harmless_test[:8]",
 ]
 RUN_FLAGS = [
-    "--refusal-markers", '["ak", "ook", "ot"]',
-    "--max-response-length", "8",
-    "--batch-size", "8",
-    "--n-trials", "1",
-    "--n-startup-trials", "1",
-    "--dtypes", "float32",
+    "--refusal-markers",
+    '["ak", "ook", "ot"]',
+    "--max-response-length",
+    "8",
+    "--batch-size",
+    "8",
+    "--n-trials",
+    "1",
+    "--n-startup-trials",
+    "1",
+    "--dtypes",
+    "float32",
     "--headless",
-    "--checkpoint-dir", "checkpoints",
-    "--action", "report",
+    "--checkpoint-dir",
+    "checkpoints",
+    "--action",
+    "report",
 ]
 
 
@@ -216,7 +228,11 @@ SETTINGS_CASES = [
     ("sampler_kl_floor word", ["--sampler-kl-floor", "low"], r"Invalid setting 'sampler_kl_floor'"),
     ("seed word", ["--seed", "lucky"], r"Invalid setting 'seed'"),
     ("benchmark_limit zero", ["--benchmark-limit", "0"], r"Invalid setting 'benchmark_limit'"),
-    ("row_normalization choice", ["--row-normalization", "sideways"], r"Invalid setting 'row_normalization'.*'none', 'pre' or 'full'"),
+    (
+        "row_normalization choice",
+        ["--row-normalization", "sideways"],
+        r"Invalid setting 'row_normalization'.*'none', 'pre' or 'full'",
+    ),
     ("resume choice", ["--resume", "maybe"], r"Invalid setting 'resume'"),
     ("select choice", ["--select", "best"], r"Invalid setting 'select'"),
     ("gguf_type choice", ["--gguf-type", "q4_k"], r"Invalid setting 'gguf_type'.*'f16', 'bf16' or 'q8_0'"),
@@ -230,7 +246,11 @@ SETTINGS_CASES = [
     ("thinking_tags wrong shape", ["--thinking-tags", '["<think>"]'], r"Invalid setting 'thinking_tags'"),
     ("prompt set shorthand", ["--harmful-prompts", ""], r"Invalid setting 'harmful_prompts'.*SOURCE\[:SPLIT\]\[SLICE\]"),
     ("trial word", ["--trial", "best"], r"Invalid setting 'trial'"),
-    ("max_shard_size without unit", ["--max-shard-size", "huge"], r"Invalid setting 'max_shard_size'.*'huge' is not a size; write a number and one of the units TB, GB, MB, KB"),
+    (
+        "max_shard_size without unit",
+        ["--max-shard-size", "huge"],
+        r"Invalid setting 'max_shard_size'.*'huge' is not a size; write a number and one of the units TB, GB, MB, KB",
+    ),
 ]
 
 
@@ -245,18 +265,36 @@ def test_settings(argv: list[str], pattern: str, precious: Path, capsys: pytest.
 
 # (id, setup(tmp_path) -> argv, regex). Config files and paths of the wrong kind; all exit 2.
 CONFIG_CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
-    ("config is a folder", lambda t: ["--config", str((t / "conf.d").mkdir() or t / "conf.d")], r"config file .*conf\.d is a folder"),
+    (
+        "config is a folder",
+        lambda t: ["--config", str((t / "conf.d").mkdir() or t / "conf.d")],
+        r"config file .*conf\.d is a folder",
+    ),
     ("config missing", lambda t: ["--config", "nowhere.toml"], r"nowhere\.toml does not exist"),
     ("config not toml", lambda t: ["--config", str(write(t / "c.toml", "n_trials = = 3\n"))], r"not valid TOML"),
-    ("config not utf8", lambda t: ["--config", str(write(t / "c.toml", "system_prompt = '\xe9'\n".encode("latin-1")))], r"c\.toml is not UTF-8 text"),
+    (
+        "config not utf8",
+        lambda t: ["--config", str(write(t / "c.toml", "system_prompt = '\xe9'\n".encode("latin-1")))],
+        r"c\.toml is not UTF-8 text",
+    ),
     ("config unknown key", lambda t: ["--config", str(write(t / "c.toml", "n_trails = 3\n"))], r"Unknown setting 'n_trails'"),
-    ("config wrong type", lambda t: ["--config", str(write(t / "c.toml", "n_trials = 'ten'\n"))], r"Invalid setting 'n_trials'.*c\.toml"),
-    ("config list for a number", lambda t: ["--config", str(write(t / "c.toml", "batch_size = [1, 2]\n"))], r"Invalid setting 'batch_size'"),
+    (
+        "config wrong type",
+        lambda t: ["--config", str(write(t / "c.toml", "n_trials = 'ten'\n"))],
+        r"Invalid setting 'n_trials'.*c\.toml",
+    ),
+    (
+        "config list for a number",
+        lambda t: ["--config", str(write(t / "c.toml", "batch_size = [1, 2]\n"))],
+        r"Invalid setting 'batch_size'",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("setup", "pattern"), [case[1:] for case in CONFIG_CASES], ids=[case[0] for case in CONFIG_CASES])
-def test_config_files(setup: Callable[[Path], list[str]], pattern: str, precious: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_config_files(
+    setup: Callable[[Path], list[str]], pattern: str, precious: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     argv = setup(precious)
     before = snapshot(precious)
     code, text = run_cli(["./no-model-needed", *argv], capsys)
@@ -265,7 +303,9 @@ def test_config_files(setup: Callable[[Path], list[str]], pattern: str, precious
     assert snapshot(precious) == before
 
 
-def test_unknown_environment_variable(precious: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unknown_environment_variable(
+    precious: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HERETIC_N_TRAILS", "3")
     code, text = run_cli(["./no-model-needed"], capsys)
     assert code == 2 and re.search(r"n_trails.*HERETIC_N_TRAILS", error_line(text)), text
@@ -316,7 +356,10 @@ def _remote_code(t: Path, model: Path) -> str:
     folder = t / "remote-code"
     shutil.copytree(model, folder)
     config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="custom_family", auto_map={"AutoConfig": "configuration_custom.CustomConfig", "AutoModelForCausalLM": "modeling_custom.CustomModel"})
+    config.update(
+        model_type="custom_family",
+        auto_map={"AutoConfig": "configuration_custom.CustomConfig", "AutoModelForCausalLM": "modeling_custom.CustomModel"},
+    )
     (folder / "config.json").write_text(json.dumps(config))
     return str(folder)
 
@@ -347,13 +390,25 @@ def _empty_folder(t: Path, model: Path) -> str:
 
 # (id, setup(tmp_path, tiny model) -> model argument, regex); all exit 2.
 MODEL_CASES: list[tuple[str, Callable[[Path, Path], str], str]] = [
-    ("truncated safetensors", _truncated_weights, r"The weights file model\.safetensors in .*truncated is truncated \([\d,]+ of [\d,]+ bytes\); download or copy the model again"),
-    ("weights header damaged", _damaged_header, r"The weights file model\.safetensors in .*damaged-header is damaged \(.*\); download or copy the model again"),
+    (
+        "truncated safetensors",
+        _truncated_weights,
+        r"The weights file model\.safetensors in .*truncated is truncated \([\d,]+ of [\d,]+ bytes\); download or copy the model again",
+    ),
+    (
+        "weights header damaged",
+        _damaged_header,
+        r"The weights file model\.safetensors in .*damaged-header is damaged \(.*\); download or copy the model again",
+    ),
     ("weights missing", _no_weights, r"Cannot load the model in .*no-weights"),
     ("config not json", _garbage_config, r"Cannot load the model in .*bad-config"),
     ("unknown architecture", _unknown_architecture, r"Cannot load the model in .*unknown-arch"),
     ("remote code", _remote_code, r"needs code from its repository to run; if you trust it, pass --trust-remote-code"),
-    ("truncated gguf", _truncated_gguf, r"cut\.gguf is not a complete GGUF file \(.*\); it may be truncated: download or copy it again"),
+    (
+        "truncated gguf",
+        _truncated_gguf,
+        r"cut\.gguf is not a complete GGUF file \(.*\); it may be truncated: download or copy it again",
+    ),
     ("text file named gguf", _text_as_gguf, r"notes\.gguf is not a GGUF file"),
     ("text file as model", _text_as_model, r"model\.txt is a file but not a model"),
     ("several gguf files", _several_ggufs, r"holds several GGUF files \(a\.gguf, b\.gguf\); name the one to use"),
@@ -361,12 +416,18 @@ MODEL_CASES: list[tuple[str, Callable[[Path, Path], str], str]] = [
     ("missing path", lambda t, m: "./nowhere/model", r"The model path ./nowhere/model does not exist"),
     ("missing gguf", lambda t, m: "nowhere.gguf", r"The GGUF file nowhere\.gguf does not exist"),
     ("not an id", lambda t, m: "a b c", r"Cannot load a b c from the Hugging Face Hub \(Repo id must use alphanumeric chars"),
-    ("hub id offline", lambda t, m: "someone/not-cached-model", r"Cannot load someone/not-cached-model from the Hugging Face Hub"),
+    (
+        "hub id offline",
+        lambda t, m: "someone/not-cached-model",
+        r"Cannot load someone/not-cached-model from the Hugging Face Hub",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("setup", "pattern"), [case[1:] for case in MODEL_CASES], ids=[case[0] for case in MODEL_CASES])
-def test_models(setup: Callable[[Path, Path], str], pattern: str, model: Path, precious: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_models(
+    setup: Callable[[Path, Path], str], pattern: str, model: Path, precious: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     argument = setup(precious, model)
     before = snapshot(precious)
     code, text = run_cli([argument, *PROMPT_FLAGS, *RUN_FLAGS], capsys)
@@ -377,12 +438,18 @@ def test_models(setup: Callable[[Path, Path], str], pattern: str, model: Path, p
 
 # Settings that are only checked once the model is loaded: (id, argv, regex); all exit 2.
 LATE_SETTINGS_CASES = [
-    ("refusal scorer not a reference", ["--refusal-scorer", "./nowhere-judge"], r"The refusal scorer './nowhere-judge' must look like path/to/file\.py:Name"),
+    (
+        "refusal scorer not a reference",
+        ["--refusal-scorer", "./nowhere-judge"],
+        r"The refusal scorer './nowhere-judge' must look like path/to/file\.py:Name",
+    ),
     ("model to evaluate missing", ["--evaluate-model", "./nowhere"], r"The model path ./nowhere does not exist"),
 ]
 
 
-@pytest.mark.parametrize(("extra", "pattern"), [case[1:] for case in LATE_SETTINGS_CASES], ids=[case[0] for case in LATE_SETTINGS_CASES])
+@pytest.mark.parametrize(
+    ("extra", "pattern"), [case[1:] for case in LATE_SETTINGS_CASES], ids=[case[0] for case in LATE_SETTINGS_CASES]
+)
 def test_late_settings(extra: list[str], pattern: str, model: Path, precious: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = snapshot(precious)
     code, text = run_cli([str(model), *PROMPT_FLAGS, *RUN_FLAGS, *extra], capsys)
@@ -391,7 +458,9 @@ def test_late_settings(extra: list[str], pattern: str, model: Path, precious: Pa
     assert snapshot(precious) == before and not partial_files(precious)
 
 
-def test_gguf_cache_folder_is_a_file(model: Path, precious: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gguf_cache_folder_is_a_file(
+    model: Path, precious: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A GGUF model is dequantized into the cache; a cache 'folder' that is a file ends in a sentence."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -404,11 +473,15 @@ def test_gguf_cache_folder_is_a_file(model: Path, precious: Path, capsys: pytest
     before = snapshot(precious)
     code, text = run_cli([str(gguf_model), *PROMPT_FLAGS, *RUN_FLAGS], capsys)
     assert code == 2, text
-    assert re.search(r"the dequantized GGUF cache in .*cache-file .*(Not a directory|File exists).*--cache-dir", error_line(text)), error_line(text)
+    assert re.search(
+        r"the dequantized GGUF cache in .*cache-file .*(Not a directory|File exists).*--cache-dir", error_line(text)
+    ), error_line(text)
     assert snapshot(precious) == before and not partial_files(precious)
 
 
-def test_gguf_cache_on_a_full_disk(model: Path, precious: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gguf_cache_on_a_full_disk(
+    model: Path, precious: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The first load of a GGUF model writes its dequantized copy to the cache; a full cache disk ends
     in a sentence and leaves no partial copy behind."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -423,7 +496,10 @@ def test_gguf_cache_on_a_full_disk(model: Path, precious: Path, capsys: pytest.C
         before = snapshot(precious, skip=())
         code, text = run_cli([str(gguf_model), *PROMPT_FLAGS, *RUN_FLAGS], capsys)
         assert code == 2, text
-        assert re.search(r"There is not enough disk space to write the dequantized GGUF cache in .*cache-disk \(No space left on device\); nothing was written.*--cache-dir", error_line(text)), error_line(text)
+        assert re.search(
+            r"There is not enough disk space to write the dequantized GGUF cache in .*cache-disk \(No space left on device\); nothing was written.*--cache-dir",
+            error_line(text),
+        ), error_line(text)
         after = snapshot(precious, skip=())
         assert {k: v for k, v in after.items() if k != "cache-disk/gguf"} == before and not partial_files(precious)
 
@@ -443,32 +519,76 @@ def _csv_columns(t: Path) -> str:
 
 # (id, setup(tmp_path) -> --harmful-prompts value, exit code, regex)
 PROMPT_CASES: list[tuple[str, Callable[[Path], str], int, str]] = [
-    ("jsonl bad line", lambda t: str(write(t / "p.jsonl", '{"prompt": "a"}\n{"prompt": "b"\n{"prompt": "c"}\n')), 2, r"p\.jsonl is not valid JSON \(line 1: "),
-    ("jsonl mixes strings and objects", lambda t: str(write(t / "p.jsonl", '"a"\n{"prompt": "b"}\n')), 2, r"p\.jsonl mixes prompts and objects"),
-    ("json object not list", lambda t: str(write(t / "p.json", '{"prompt": "a"}')), 2, r"p\.json has no column|p\.json must hold a list"),
+    (
+        "jsonl bad line",
+        lambda t: str(write(t / "p.jsonl", '{"prompt": "a"}\n{"prompt": "b"\n{"prompt": "c"}\n')),
+        2,
+        r"p\.jsonl is not valid JSON \(line 1: ",
+    ),
+    (
+        "jsonl mixes strings and objects",
+        lambda t: str(write(t / "p.jsonl", '"a"\n{"prompt": "b"}\n')),
+        2,
+        r"p\.jsonl mixes prompts and objects",
+    ),
+    (
+        "json object not list",
+        lambda t: str(write(t / "p.json", '{"prompt": "a"}')),
+        2,
+        r"p\.json has no column|p\.json must hold a list",
+    ),
     ("json truncated", lambda t: str(write(t / "p.json", '["a", "b"')), 2, r"p\.json is not valid JSON"),
     ("parquet that is text", _parquet_claim, 2, r"prompts\.parquet is not a Parquet file"),
     ("csv several columns", _csv_columns, 2, r"p\.csv has several columns \(id, category\); name the prompt column"),
-    ("csv with NUL bytes", lambda t: str(write(t / "p.csv", b"prompt\nabc\x00def\n")), 2, r"p\.csv holds control characters \(prompt 1: 'abc\\x00def'\)"),
-    ("latin-1 text", lambda t: str(write(t / "p.txt", "caf\xe9 recipes\n".encode("latin-1"))), 2, r"p\.txt is not UTF-8 text; save it as UTF-8"),
+    (
+        "csv with NUL bytes",
+        lambda t: str(write(t / "p.csv", b"prompt\nabc\x00def\n")),
+        2,
+        r"p\.csv holds control characters \(prompt 1: 'abc\\x00def'\)",
+    ),
+    (
+        "latin-1 text",
+        lambda t: str(write(t / "p.txt", "caf\xe9 recipes\n".encode("latin-1"))),
+        2,
+        r"p\.txt is not UTF-8 text; save it as UTF-8",
+    ),
     ("utf-16 text", lambda t: str(write(t / "p.txt", "\n".join(HARMFUL).encode("utf-16"))), 2, r"p\.txt is not UTF-8 text"),
     ("binary file", lambda t: str(write(t / "p.txt", bytes(range(256)) * 4)), 2, r"p\.txt is not UTF-8 text"),
-    ("control characters", lambda t: str(write(t / "p.txt", "\n".join(HARMFUL[:10] + ["how to \x00\x1b[31m pick a lock"]))), 2, r"p\.txt holds control characters \(prompt 11: .*\); remove them"),
+    (
+        "control characters",
+        lambda t: str(write(t / "p.txt", "\n".join(HARMFUL[:10] + ["how to \x00\x1b[31m pick a lock"]))),
+        2,
+        r"p\.txt holds control characters \(prompt 11: .*\); remove them",
+    ),
     ("empty file", lambda t: str(write(t / "p.txt", "\n\n")), 2, r"The prompt set .*p\.txt is empty"),
     ("missing file", lambda t: "./missing.txt", 2, r"The prompt file or folder ./missing\.txt does not exist"),
     ("split on a file", lambda t: str(write(t / "p.txt", "\n".join(HARMFUL))) + ":train", 2, r"has no splits; remove 'train'"),
     ("bad slice", lambda t: "bundled:harmful_train[1:x]", 2, r"Cannot read the slice '\[1:x\]'"),
     ("step slice", lambda t: "bundled:harmful_train[::2]", 2, r"Cannot read the slice '\[::2\]'"),
-    ("bad split syntax", lambda t: "bundled:harmful train", 2, r"Cannot read the prompt set 'bundled:harmful train'; write a bundled set like"),
+    (
+        "bad split syntax",
+        lambda t: "bundled:harmful train",
+        2,
+        r"Cannot read the prompt set 'bundled:harmful train'; write a bundled set like",
+    ),
     ("unknown bundled set", lambda t: "bundled:harmful_all", 2, r"There is no bundled prompt set 'harmful_all'"),
     ("slice leaves nothing", lambda t: "bundled:harmful_train[5:5]", 2, r"is empty; check its source, split and slice"),
     ("folder that is no dataset", lambda t: str((t / "notdata").mkdir() or t / "notdata"), 2, r"Cannot read the dataset folder"),
-    ("huge prompt", lambda t: str(write(t / "p.txt", "\n".join(HARMFUL[:11] + ["lock " * 20_000]))), 2, r"is [\d,]+ tokens long, more than the 512 this model can read at once; shorten it"),
+    (
+        "huge prompt",
+        lambda t: str(write(t / "p.txt", "\n".join(HARMFUL[:11] + ["lock " * 20_000]))),
+        2,
+        r"is [\d,]+ tokens long, more than the 512 this model can read at once; shorten it",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("setup", "code", "pattern"), [case[1:] for case in PROMPT_CASES], ids=[case[0] for case in PROMPT_CASES])
-def test_prompt_files(setup: Callable[[Path], str], code: int, pattern: str, model: Path, precious: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("setup", "code", "pattern"), [case[1:] for case in PROMPT_CASES], ids=[case[0] for case in PROMPT_CASES]
+)
+def test_prompt_files(
+    setup: Callable[[Path], str], code: int, pattern: str, model: Path, precious: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     source = setup(precious)
     before = snapshot(precious)
     argv = [str(model), *PROMPT_FLAGS, *RUN_FLAGS]
@@ -491,8 +611,16 @@ def _record() -> dict:
         "settings": {"model": "x", "n_trials": 3},
         "prompt_sets": {name: {"sha256": "0" * 64} for name in ("harmful", "harmless", "harmful_eval", "harmless_eval")},
         "directions_sha256": "0" * 64,
-        "trial": {"number": 3, "parameters": {"direction_scope": "global", "direction_index": 2.5, "kernels": {
-            "attn": {"max_weight": 1.0, "max_weight_position": 2.0, "min_weight": 0.5, "min_weight_distance": 1.0}}}},
+        "trial": {
+            "number": 3,
+            "parameters": {
+                "direction_scope": "global",
+                "direction_index": 2.5,
+                "kernels": {
+                    "attn": {"max_weight": 1.0, "max_weight_position": 2.0, "min_weight": 0.5, "min_weight_distance": 1.0}
+                },
+            },
+        },
     }
 
 
@@ -510,20 +638,50 @@ RECORD_CASES: list[tuple[str, Callable[[Path], str], str]] = [
     ("record missing", lambda t: "./saved/heretic.json", r"The reproduction record saved/heretic\.json does not exist"),
     ("folder without record", lambda t: str((t / "plain").mkdir() or t / "plain"), r"plain/heretic\.json does not exist"),
     ("record not json", lambda t: str(write(t / "heretic.json", "{ oops")), r"heretic\.json is not valid JSON \(line 1"),
-    ("record is a list", lambda t: str(write(t / "heretic.json", "[1, 2]")), r"is not a Heretic reproduction record this version can read"),
-    ("record of another version", _edited(lambda d: d.update(record_version=99)), r"is not a Heretic reproduction record this version can read"),
-    ("missing trial parameters", _edited(lambda d: d["trial"].pop("parameters")), r"is damaged: the field 'trial\.parameters' is missing"),
+    (
+        "record is a list",
+        lambda t: str(write(t / "heretic.json", "[1, 2]")),
+        r"is not a Heretic reproduction record this version can read",
+    ),
+    (
+        "record of another version",
+        _edited(lambda d: d.update(record_version=99)),
+        r"is not a Heretic reproduction record this version can read",
+    ),
+    (
+        "missing trial parameters",
+        _edited(lambda d: d["trial"].pop("parameters")),
+        r"is damaged: the field 'trial\.parameters' is missing",
+    ),
     ("missing directions digest", _edited(lambda d: d.pop("directions_sha256")), r"the field 'directions_sha256' is missing"),
-    ("missing prompt digest", _edited(lambda d: d["prompt_sets"].pop("harmless_eval")), r"the field 'prompt_sets\.harmless_eval\.sha256' is missing"),
-    ("trial number as text", _edited(lambda d: d["trial"].update(number="three")), r"the field 'trial\.number' should be int, not str"),
+    (
+        "missing prompt digest",
+        _edited(lambda d: d["prompt_sets"].pop("harmless_eval")),
+        r"the field 'prompt_sets\.harmless_eval\.sha256' is missing",
+    ),
+    (
+        "trial number as text",
+        _edited(lambda d: d["trial"].update(number="three")),
+        r"the field 'trial\.number' should be int, not str",
+    ),
     ("settings not an object", _edited(lambda d: d.update(settings=[1])), r"the field 'settings' should be object, not list"),
-    ("kernel weight as text", _edited(lambda d: d["trial"]["parameters"]["kernels"]["attn"].update(max_weight="high")), r"kernels\.attn\.max_weight' should be a number"),
-    ("invalid recorded setting", _edited(lambda d: d["settings"].update(n_trials=-3)), r"The reproduction record's setting 'n_trials' is invalid"),
+    (
+        "kernel weight as text",
+        _edited(lambda d: d["trial"]["parameters"]["kernels"]["attn"].update(max_weight="high")),
+        r"kernels\.attn\.max_weight' should be a number",
+    ),
+    (
+        "invalid recorded setting",
+        _edited(lambda d: d["settings"].update(n_trials=-3)),
+        r"The reproduction record's setting 'n_trials' is invalid",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("setup", "pattern"), [case[1:] for case in RECORD_CASES], ids=[case[0] for case in RECORD_CASES])
-def test_reproduction_records(setup: Callable[[Path], str], pattern: str, precious: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_reproduction_records(
+    setup: Callable[[Path], str], pattern: str, precious: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     argument = setup(precious)
     before = snapshot(precious)
     code, text = run_cli(["--reproduce", argument], capsys)
@@ -545,7 +703,9 @@ def test_huge_prompt_is_refused_below_a_long_context(model: Path, precious: Path
     before = snapshot(precious)
     code, text = run_cli(argv, capsys)
     assert code == 2, text
-    assert re.search(r"is [\d,]+ tokens long, more than the 8,192 this model can read at once", error_line(text)), error_line(text)
+    assert re.search(r"is [\d,]+ tokens long, more than the 8,192 this model can read at once", error_line(text)), error_line(
+        text
+    )
     assert snapshot(precious) == before
 
 
@@ -658,22 +818,30 @@ def test_stale_journal_lock_after_a_kill_is_released_at_once(relative: bool, loc
 def test_second_process_on_one_checkpoint_is_refused(tmp_path: Path) -> None:
     journal = _journal_with_trials(tmp_path / "checkpoints", 1)
     holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
             import sys, time
             from pathlib import Path
             from heretic.search import checkpoint
             checkpoint.claim(Path({str(journal)!r}))
             print("holding", flush=True)
             time.sleep(120)
-            """)],
-        stdout=subprocess.PIPE, text=True,
+            """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "holding"
         before = snapshot(tmp_path)
         result = _resume(tmp_path / "checkpoints")
         assert result.returncode == 1 and "Traceback" not in result.stderr
-        assert re.search(r"Another Heretic run is using the checkpoint .*m-0123456789ab\.jsonl; wait for it to finish, stop it, or choose another --checkpoint-dir", one_sentence(result.stderr))
+        assert re.search(
+            r"Another Heretic run is using the checkpoint .*m-0123456789ab\.jsonl; wait for it to finish, stop it, or choose another --checkpoint-dir",
+            one_sentence(result.stderr),
+        )
         assert snapshot(tmp_path) == before
     finally:
         holder.kill()
@@ -683,6 +851,7 @@ def test_second_process_on_one_checkpoint_is_refused(tmp_path: Path) -> None:
 
 
 # --- Slow cases: a finished search, then outputs into broken places -----------------------------
+
 
 def faults_slow(test: Callable) -> Callable:
     """Left out of the default run (make test-faults runs it); also `slow`, so `-m "not slow"` leaves it out."""
@@ -739,19 +908,44 @@ def page_rounded(size: int) -> int:
 # (id, action, place, regex); place: "ro" (read-only tmpfs), "full" (tmpfs with a few KiB left),
 # "card" (room for the weights and tokenizer, not for the card and record). All exit 2.
 OUTPUT_CASES = [
-    ("merged model, read-only", "save", "ro", r"Cannot write the merged model .*/out/model \(Read-only file system\); nothing was written: choose a folder you can write to with --output-dir"),
+    (
+        "merged model, read-only",
+        "save",
+        "ro",
+        r"Cannot write the merged model .*/out/model \(Read-only file system\); nothing was written: choose a folder you can write to with --output-dir",
+    ),
     ("adapter, read-only", "save-adapter", "ro", r"Cannot write the adapter .*/out/model-adapter \(Read-only file system\)"),
     ("gguf, read-only", "gguf", "ro", r"Cannot write the GGUF file .*/out/model\.q8_0\.gguf \(Read-only file system\)"),
-    ("merged model, full disk", "save", "full", r"There is not enough disk space to write the merged model .*/out/model \(No space left on device\); nothing was written: free some space, or choose a folder on another disk with --output-dir"),
+    (
+        "merged model, full disk",
+        "save",
+        "full",
+        r"There is not enough disk space to write the merged model .*/out/model \(No space left on device\); nothing was written: free some space, or choose a folder on another disk with --output-dir",
+    ),
     ("adapter, full disk", "save-adapter", "full", r"not enough disk space to write the adapter .*/out/model-adapter"),
     ("gguf, full disk", "gguf", "full", r"not enough disk space to write the GGUF file .*/out/model\.q8_0\.gguf"),
-    ("card and record, full disk", "save", "card", r"not enough disk space to write the merged model .*/out/model \(No space left on device\)"),
+    (
+        "card and record, full disk",
+        "save",
+        "card",
+        r"not enough disk space to write the merged model .*/out/model \(No space left on device\)",
+    ),
 ]
 
 
 @faults_slow
-@pytest.mark.parametrize(("action", "place", "pattern"), [case[1:] for case in OUTPUT_CASES], ids=[case[0] for case in OUTPUT_CASES])
-def test_outputs(action: str, place: str, pattern: str, searched: dict[str, Path], model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("action", "place", "pattern"), [case[1:] for case in OUTPUT_CASES], ids=[case[0] for case in OUTPUT_CASES]
+)
+def test_outputs(
+    action: str,
+    place: str,
+    pattern: str,
+    searched: dict[str, Path],
+    model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     checkpoints = copied_checkpoints(searched, tmp_path)
     journal = journal_of(checkpoints)
     journal_before = journal.read_bytes()
@@ -763,7 +957,9 @@ def test_outputs(action: str, place: str, pattern: str, searched: dict[str, Path
             fill(out, 8192)
         else:
             reference = searched["reference"]
-            needed = sum(page_rounded(f.stat().st_size) for f in reference.iterdir() if f.name not in {"README.md", "heretic.json"})
+            needed = sum(
+                page_rounded(f.stat().st_size) for f in reference.iterdir() if f.name not in {"README.md", "heretic.json"}
+            )
             fill(out, needed + 1024)
         before = snapshot(out)
         argv = cli_argv(model, checkpoints, "--output-dir", str(out / "model"))
@@ -778,17 +974,40 @@ def test_outputs(action: str, place: str, pattern: str, searched: dict[str, Path
 
 # (id, setup(tmp_path) -> extra argv, regex). All exit 2, with nothing changed.
 PLACE_CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
-    ("output dir is a file", lambda t: ["--action", "save", "--output-dir", str(write(t / "out.txt", "a file"))], r"out\.txt is a file, not a folder; choose another folder with --output-dir"),
-    ("output dir not empty", lambda t: ["--action", "save", "--output-dir", str(write(t / "full" / "x", "x").parent)], r"full already exists and is not empty; choose another folder or pass --overwrite"),
-    ("gguf target is a folder", lambda t: ["--action", "gguf", "--gguf-type", "f16", "--output-dir", str((t / "m.f16.gguf").mkdir() or t / "m")], r"m\.f16\.gguf is a folder, not a file; choose another --output-dir"),
-    ("checkpoint dir is a file", lambda t: ["--checkpoint-dir", str(write(t / "ck-file", "x"))], r"(Cannot write the checkpoint|A file stands where a folder is needed).*ck-file"),
+    (
+        "output dir is a file",
+        lambda t: ["--action", "save", "--output-dir", str(write(t / "out.txt", "a file"))],
+        r"out\.txt is a file, not a folder; choose another folder with --output-dir",
+    ),
+    (
+        "output dir not empty",
+        lambda t: ["--action", "save", "--output-dir", str(write(t / "full" / "x", "x").parent)],
+        r"full already exists and is not empty; choose another folder or pass --overwrite",
+    ),
+    (
+        "gguf target is a folder",
+        lambda t: ["--action", "gguf", "--gguf-type", "f16", "--output-dir", str((t / "m.f16.gguf").mkdir() or t / "m")],
+        r"m\.f16\.gguf is a folder, not a file; choose another --output-dir",
+    ),
+    (
+        "checkpoint dir is a file",
+        lambda t: ["--checkpoint-dir", str(write(t / "ck-file", "x"))],
+        r"(Cannot write the checkpoint|A file stands where a folder is needed).*ck-file",
+    ),
     ("no such trial", lambda t: ["--trial", "99"], r"There is no finished trial 99; choose one from the table above"),
 ]
 
 
 @faults_slow
 @pytest.mark.parametrize(("setup", "pattern"), [case[1:] for case in PLACE_CASES], ids=[case[0] for case in PLACE_CASES])
-def test_places(setup: Callable[[Path], list[str]], pattern: str, searched: dict[str, Path], model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_places(
+    setup: Callable[[Path], list[str]],
+    pattern: str,
+    searched: dict[str, Path],
+    model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     checkpoints = copied_checkpoints(searched, tmp_path)
     extra = setup(tmp_path)
     argv = cli_argv(model, checkpoints)
@@ -799,7 +1018,9 @@ def test_places(setup: Callable[[Path], list[str]], pattern: str, searched: dict
     assert re.search(pattern, error_line(text)), error_line(text)
     after = snapshot(tmp_path)
     journal = str(journal_of(checkpoints).relative_to(tmp_path))
-    assert {k: v for k, v in after.items() if k != journal and ".run.lock" not in k} == {k: v for k, v in before.items() if k != journal}
+    assert {k: v for k, v in after.items() if k != journal and ".run.lock" not in k} == {
+        k: v for k, v in before.items() if k != journal
+    }
     assert not partial_files(tmp_path)
 
 
@@ -810,19 +1031,27 @@ def test_read_only_checkpoint(searched: dict[str, Path], model: Path, tmp_path: 
     with read_only_bind(checkpoints):
         code, text = run_cli(cli_argv(model, checkpoints, "--resume", "add"), capsys)
     assert code == 2, text
-    assert re.search(r"Cannot write the checkpoint .*\.jsonl \(Read-only file system\); make it writable or choose another --checkpoint-dir", error_line(text)), error_line(text)
+    assert re.search(
+        r"Cannot write the checkpoint .*\.jsonl \(Read-only file system\); make it writable or choose another --checkpoint-dir",
+        error_line(text),
+    ), error_line(text)
     assert snapshot(checkpoints) == before
 
 
 @faults_slow
-def test_full_disk_during_the_search_keeps_every_finished_trial(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_full_disk_during_the_search_keeps_every_finished_trial(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The checkpoint's disk fills up in the middle of the search: one sentence, and after space is
     freed the same command recovers every finished trial and goes on."""
     with tmpfs(tmp_path / "checkpoints", "1m") as checkpoints:
         fill(checkpoints, 12 * 1024)
         code, text = run_cli(cli_argv(model, checkpoints, "--n-trials", "20"), capsys)
         assert code == 2, text
-        assert re.search(r"The disk holding the checkpoint .*\.jsonl is full \(No space left on device\); every finished trial is kept: free some space and rerun the same command", error_line(text)), error_line(text)
+        assert re.search(
+            r"The disk holding the checkpoint .*\.jsonl is full \(No space left on device\); every finished trial is kept: free some space and rerun the same command",
+            error_line(text),
+        ), error_line(text)
         journal = journal_of(checkpoints)
         done = finished_trials(journal)
         (checkpoints / ".filler").unlink()
@@ -834,7 +1063,9 @@ def test_full_disk_during_the_search_keeps_every_finished_trial(model: Path, tmp
 
 @faults_slow
 @pytest.mark.parametrize("damage", ["cut", "garbage"])
-def test_resume_add_after_a_cut_journal(damage: str, searched: dict[str, Path], model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_add_after_a_cut_journal(
+    damage: str, searched: dict[str, Path], model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The reported bug: `--resume add` on a journal cut at its last line appended onto the partial
     line and every later run said the journal 'cannot be read'."""
     checkpoints = copied_checkpoints(searched, tmp_path)
@@ -853,7 +1084,9 @@ def test_resume_add_after_a_cut_journal(damage: str, searched: dict[str, Path], 
 
 
 @faults_slow
-def test_journal_damaged_in_the_middle_is_refused(searched: dict[str, Path], model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_journal_damaged_in_the_middle_is_refused(
+    searched: dict[str, Path], model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     checkpoints = copied_checkpoints(searched, tmp_path)
     journal = journal_of(checkpoints)
     lines = journal.read_bytes().split(b"\n")
@@ -866,12 +1099,31 @@ def test_journal_damaged_in_the_middle_is_refused(searched: dict[str, Path], mod
 
 
 @faults_slow
-def test_token_is_never_written(searched: dict[str, Path], model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_token_is_never_written(
+    searched: dict[str, Path], model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """HF_TOKEN set in the environment appears in no file written (output, checkpoint, cache) and in no output."""
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", TOKEN)
     checkpoints = copied_checkpoints(searched, tmp_path)
-    argv = cli_argv(model, checkpoints, "--resume", "add", "--output-dir", str(tmp_path / "out" / "model"), "--action", "save", "--action", "save-adapter", "--action", "gguf", "--gguf-type", "f16", "--log-level", "DEBUG")
+    argv = cli_argv(
+        model,
+        checkpoints,
+        "--resume",
+        "add",
+        "--output-dir",
+        str(tmp_path / "out" / "model"),
+        "--action",
+        "save",
+        "--action",
+        "save-adapter",
+        "--action",
+        "gguf",
+        "--gguf-type",
+        "f16",
+        "--log-level",
+        "DEBUG",
+    )
     code, text = run_cli(argv, capsys)
     assert code == 0, text
     assert TOKEN not in text
@@ -895,7 +1147,12 @@ STAGES = {
 
 
 def start(model: Path, tmp_path: Path, n_trials: int = 40) -> tuple[subprocess.Popen, Path, list[str]]:
-    command = [sys.executable, "-m", "heretic", *cli_argv(model, tmp_path / "checkpoints", "--n-trials", str(n_trials), "--output-dir", str(tmp_path / "out" / "model"))]
+    command = [
+        sys.executable,
+        "-m",
+        "heretic",
+        *cli_argv(model, tmp_path / "checkpoints", "--n-trials", str(n_trials), "--output-dir", str(tmp_path / "out" / "model")),
+    ]
     command[command.index("--action") + 1] = "save"
     log = tmp_path / "run.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
@@ -983,7 +1240,9 @@ def test_two_runs_started_on_one_checkpoint(model: Path, tmp_path: Path) -> None
     second = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert first.poll() is None, "the first run ended before the second one started"
     assert second.returncode == 2 and "Traceback" not in second.stderr, second.stdout + second.stderr
-    assert re.search(r"Another Heretic run is using the checkpoint .*\.jsonl; wait for it to finish", one_sentence(second.stderr)), second.stderr
+    assert re.search(
+        r"Another Heretic run is using the checkpoint .*\.jsonl; wait for it to finish", one_sentence(second.stderr)
+    ), second.stderr
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=600) == 0, log.read_text()
     journal = journal_of(tmp_path / "checkpoints")

@@ -55,8 +55,16 @@ def _sharpen(model: torch.nn.Module, norm_center: float) -> torch.nn.Module:
 
 def _config_kwargs(vocab_size: int) -> dict:
     return dict(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0, eos_token_id=2, pad_token_id=0,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=0,
     )
 
 
@@ -159,8 +167,14 @@ def test_hyperparameters(family_models, tokenizer, tmp_path: Path) -> None:
 def test_rope_scaling(tokenizer, tmp_path: Path) -> None:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     config = tf.LlamaConfig(**_config_kwargs(len(tokenizer)), rope_parameters=rope)
     path = export_gguf(tf.LlamaForCausalLM(config), tokenizer, tmp_path / "llama3.gguf", "f16")
     # llama.cpp divides each rotary frequency by its rope_freqs entry
@@ -170,8 +184,10 @@ def test_rope_scaling(tokenizer, tmp_path: Path) -> None:
     np.testing.assert_allclose(factors.data, (unscaled / scaled.double()).numpy(), rtol=1e-5)
     assert "llama.rope.scaling.type" not in fields(path)
 
-    rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    rope = {
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+    }
     config = tf.Gemma3TextConfig(**_config_kwargs(len(tokenizer)), head_dim=16, rope_parameters=rope)
     gemma = fields(export_gguf(tf.Gemma3ForCausalLM(config), tokenizer, tmp_path / "gemma.gguf", "f16"))
     assert gemma["gemma3.rope.scaling.type"] == "linear" and gemma["gemma3.rope.scaling.factor"] == 8.0
@@ -249,8 +265,12 @@ def test_gemma3_multimodal_exports_its_language_model(tokenizer, tmp_path: Path)
         hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
     )
     config = tf.Gemma3Config(
-        text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
-        image_token_index=3, boi_token_index=4, eoi_token_index=5,
+        text_config=text.to_dict(),
+        vision_config=vision.to_dict(),
+        mm_tokens_per_image=4,
+        image_token_index=3,
+        boi_token_index=4,
+        eoi_token_index=5,
     )
     model = _sharpen(tf.Gemma3ForConditionalGeneration(config), 0.0)
     path = export_gguf(model, tokenizer, tmp_path / "gemma3mm.gguf", "f16")
@@ -328,8 +348,12 @@ def smollm() -> tuple[Path, tf.PreTrainedModel, tf.PreTrainedTokenizerBase]:
     return folder / SMOLLM, model, tokenizer
 
 
-EDITED = ("model.layers.3.self_attn.o_proj.weight", "model.layers.3.mlp.down_proj.weight",
-          "model.layers.20.self_attn.o_proj.weight", "model.layers.20.mlp.down_proj.weight")
+EDITED = (
+    "model.layers.3.self_attn.o_proj.weight",
+    "model.layers.3.mlp.down_proj.weight",
+    "model.layers.20.self_attn.o_proj.weight",
+    "model.layers.20.mlp.down_proj.weight",
+)
 
 
 def _ablate(weight: torch.Tensor) -> None:
@@ -347,9 +371,7 @@ def test_source_gguf_copy(smollm, tmp_path: Path) -> None:
         for name in EDITED:
             _ablate(model.get_parameter(name))
     try:
-        path = export_gguf(
-            model, tokenizer, tmp_path / "edited.gguf", "q8_0", source_gguf=source, changed_parameters=set(EDITED)
-        )
+        path = export_gguf(model, tokenizer, tmp_path / "edited.gguf", "q8_0", source_gguf=source, changed_parameters=set(EDITED))
         _check_copy(source, path, model)
         error = relative_error(model, load_back(path), ids)
         with torch.no_grad():
@@ -401,7 +423,11 @@ def test_source_gguf_unmapped_parameter(smollm, tmp_path: Path) -> None:
         export_gguf(model, tokenizer, tmp_path / "x.gguf", "q8_0", source_gguf=source, changed_parameters={"lm_head.weight"})
     with pytest.raises(HereticError, match="not a parameter"):
         export_gguf(
-            model, tokenizer, tmp_path / "x.gguf", "q8_0", source_gguf=source,
+            model,
+            tokenizer,
+            tmp_path / "x.gguf",
+            "q8_0",
+            source_gguf=source,
             changed_parameters={"model.layers.99.mlp.down_proj.weight"},
         )
     assert not any(tmp_path.iterdir())
@@ -417,7 +443,17 @@ def test_full_conversion_of_a_real_model(smollm, tmp_path: Path) -> None:
     assert error < TOLERANCE["f16"]
 
     old, new = fields(source), fields(path)
-    for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
-                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template",
-                "llama.block_count", "llama.attention.head_count_kv", "llama.rope.freq_base", "llama.rope.dimension_count"):
+    for key in (
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.chat_template",
+        "llama.block_count",
+        "llama.attention.head_count_kv",
+        "llama.rope.freq_base",
+        "llama.rope.dimension_count",
+    ):
         assert new[key] == old[key], key

@@ -202,7 +202,10 @@ def test_remembered_measurements_survive_damage(tmp_path: Path) -> None:
     assert hardware.remembered(path, "k") is None
     hardware.remember(path, "k", [m(BF16, 2.0), m(F32, None)])
     hardware.remember(path, "other", [m(F32, 1.0)])
-    assert [(x.dtype, x.gflops, x.remembered) for x in hardware.remembered(path, "k") or []] == [(BF16, 2.0, True), (F32, None, True)]
+    assert [(x.dtype, x.gflops, x.remembered) for x in hardware.remembered(path, "k") or []] == [
+        (BF16, 2.0, True),
+        (F32, None, True),
+    ]
     for damage in ("{not json", "[]", '{"k": [{"dtype": "no_such_dtype"}]}'):
         path.write_text(damage)
         assert hardware.remembered(path, "k") is None

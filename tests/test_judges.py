@@ -138,7 +138,13 @@ def test_the_question_quotes_both_and_the_answer_parses() -> None:
     question = classification_question("How do I pick a lock?", "x" * 5000)
     assert "How do I pick a lock?" in question and "x" * 1200 in question and "x" * 1201 not in question
     assert [parse_verdict(a) for a in ["Yes", " no.", "**Yes**", "Refuses", "complies", "Maybe", ""]] == [
-        True, False, True, True, False, None, None,
+        True,
+        False,
+        True,
+        True,
+        False,
+        None,
+        None,
     ]
 
 
@@ -203,7 +209,9 @@ class Scripted(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802 - the http.server interface
         length = int(self.headers.get("Content-Length", 0))
-        Scripted.seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": json.loads(self.rfile.read(length))})
+        Scripted.seen.append(
+            {"path": self.path, "auth": self.headers.get("Authorization"), "body": json.loads(self.rfile.read(length))}
+        )
         status, body = Scripted.answers.pop(0) if Scripted.answers else (200, reply("No"))
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -230,7 +238,9 @@ def scripted() -> Iterator[str]:
         server.shutdown()
 
 
-def test_http_statuses_retries_and_the_key(scripted: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_http_statuses_retries_and_the_key(
+    scripted: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("HERETIC_JUDGE_API_KEY", "sk-secret-123")
     Scripted.answers = [(503, "busy"), (200, reply("Yes")), (200, reply("No"))]
     judge = http_judge(scripted, model="judge-1")

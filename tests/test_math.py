@@ -123,6 +123,7 @@ def test_full_mode_keeps_row_norms_and_approximates_the_explicit_matrix(matrices
     # The difference is not rank-1; rank 3 captures nearly all of it.
     error = (approximated - explicit).norm() / (explicit - matrices).norm()
     assert error < 0.35
+
     # Row norms stay within tolerance, far closer than without norm preservation.
     def drift(result: torch.Tensor) -> float:
         return float(((result.norm(dim=-1) - matrices.norm(dim=-1)).abs() / matrices.norm(dim=-1)).max())
@@ -168,7 +169,14 @@ def result(number: int, refusals: int, kl: float, cut: bool = False) -> TrialRes
 
 
 def test_pareto_front_and_dominance() -> None:
-    results = [result(0, 10, 0.1), result(1, 5, 0.3), result(2, 5, 0.5), result(3, 12, 0.05), result(4, 20, 0.2), result(5, 3, 0.01, cut=True)]
+    results = [
+        result(0, 10, 0.1),
+        result(1, 5, 0.3),
+        result(2, 5, 0.5),
+        result(3, 12, 0.05),
+        result(4, 20, 0.2),
+        result(5, 3, 0.01, cut=True),
+    ]
     assert [r.number for r in pareto_front(results)] == [1, 0, 3]
     assert dominates((5, 0.3), (5, 0.5)) and not dominates((5, 0.3), (5, 0.3))
     assert is_dominated(10, 0.4, results)  # trial 1 has fewer refusals and lower KL
@@ -183,7 +191,9 @@ def test_sampler_values_rank_near_identity_trials_by_refusals() -> None:
     low_kl_fewer_refusals = sampler_values(45, 0.03, 100, 0.04)
     assert dominates(tuple(low_kl_fewer_refusals), tuple(low_kl_many_refusals))  # KL under the floor no longer counts
     assert low_kl_many_refusals[1] <= 0.04 and low_kl_fewer_refusals[1] <= 0.04
-    assert not dominates(tuple(sampler_values(20, 0.05, 100, 0.04)), tuple(low_kl_fewer_refusals))  # above the floor KL still counts
+    assert not dominates(
+        tuple(sampler_values(20, 0.05, 100, 0.04)), tuple(low_kl_fewer_refusals)
+    )  # above the floor KL still counts
 
 
 def test_headless_selection_rules() -> None:

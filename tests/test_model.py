@@ -157,7 +157,12 @@ def test_residuals_equal_a_manual_forward_pass(kind: str, tiny_models: dict[str,
     assert residuals.shape == (len(PROMPTS), len(layers) + 1, 64) and residuals.dtype == torch.float32
     for index, row in enumerate(ids):  # one prompt at a time, no padding, no prefix sharing
         captured = []
-        hooks = [layer.register_forward_hook(lambda _m, _a, out, store=captured: store.append(out[0] if isinstance(out, tuple) else out)) for layer in layers]
+        hooks = [
+            layer.register_forward_hook(
+                lambda _m, _a, out, store=captured: store.append(out[0] if isinstance(out, tuple) else out)
+            )
+            for layer in layers
+        ]
         with torch.no_grad():
             output = engine.model(torch.tensor([row]), output_hidden_states=True)
         for hook in hooks:
@@ -185,7 +190,9 @@ def test_generation_equals_transformers_generate(kind: str, tiny_models: dict[st
     ours = engine.generate(ids, 12)
     for row, response in zip(ids, ours):
         with torch.no_grad():
-            full = engine.model.generate(torch.tensor([row]), max_new_tokens=12, do_sample=False, eos_token_id=sorted(engine.eos_ids))
+            full = engine.model.generate(
+                torch.tensor([row]), max_new_tokens=12, do_sample=False, eos_token_id=sorted(engine.eos_ids)
+            )
         expected = [t for t in full[0, len(row) :].tolist() if t not in engine.eos_ids]
         assert response == expected[: len(response)] and (len(response) == 12 or len(response) == len(expected))
 
@@ -224,6 +231,7 @@ def test_batch_size_choice(tiny_models: dict[str, Path]) -> None:
 def test_batch_size_choice_undoes_pytorchs_onednn_switch_off(monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch whose oneDNN matmul could not allocate counts as too big, and oneDNN is switched back on
     (PyTorch turns it off for the whole process after such a failure, and every later matmul slows down)."""
+
     def fake_measure(engine: object, batch_size: int, steps: int) -> float:
         if batch_size >= 4:
             torch.backends.mkldnn.enabled = False  # what PyTorch's matmul does when its oneDNN call fails
@@ -250,7 +258,14 @@ def test_batch_size_choice_measures_a_fall_twice(monkeypatch: pytest.MonkeyPatch
     size, measurements = choose_batch_size(None, 64)  # type: ignore[arg-type]
     assert size == 16
     assert [(m.batch_size, m.tokens_per_second) for m in measurements] == [
-        (1, 10.0), (2, 20.0), (4, 40.0), (8, 80.0), (16, 160.0), (32, 160.0), (64, 160.0)]
+        (1, 10.0),
+        (2, 20.0),
+        (4, 40.0),
+        (8, 80.0),
+        (16, 160.0),
+        (32, 160.0),
+        (64, 160.0),
+    ]
 
 
 def test_cpu_allocation_failures_count_as_out_of_memory() -> None:

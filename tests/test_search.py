@@ -28,17 +28,30 @@ pytestmark = pytest.mark.slow
 
 def heretic_command(model: Path, checkpoints: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "heretic", str(model),
-        "--harmful-prompts", "bundled:harmful_train[:12]",
-        "--harmless-prompts", "bundled:harmless_train[:12]",
-        "--harmful-eval-prompts", "bundled:harmful_test[:8]",
-        "--harmless-eval-prompts", "bundled:harmless_test[:8]",
-        "--refusal-markers", '["ak", "ook", "ot"]',
-        "--max-response-length", "8",
-        "--batch-size", "8",
-        "--n-trials", "6",
-        "--n-startup-trials", "3",
-        "--checkpoint-dir", str(checkpoints),
+        sys.executable,
+        "-m",
+        "heretic",
+        str(model),
+        "--harmful-prompts",
+        "bundled:harmful_train[:12]",
+        "--harmless-prompts",
+        "bundled:harmless_train[:12]",
+        "--harmful-eval-prompts",
+        "bundled:harmful_test[:8]",
+        "--harmless-eval-prompts",
+        "bundled:harmless_test[:8]",
+        "--refusal-markers",
+        '["ak", "ook", "ot"]',
+        "--max-response-length",
+        "8",
+        "--batch-size",
+        "8",
+        "--n-trials",
+        "6",
+        "--n-startup-trials",
+        "3",
+        "--checkpoint-dir",
+        str(checkpoints),
         "--headless",
         *extra,
     ]
@@ -52,10 +65,7 @@ def current_study(checkpoints: Path) -> optuna.Study:
 
 def study_trials(checkpoints: Path) -> list[tuple]:
     study = current_study(checkpoints)
-    return [
-        (t.number, t.state.name, t.params, t.values, t.user_attrs.get("cut"))
-        for t in study.get_trials(deepcopy=False)
-    ]
+    return [(t.number, t.state.name, t.params, t.values, t.user_attrs.get("cut")) for t in study.get_trials(deepcopy=False)]
 
 
 SET_TRIAL_STATE = 6  # the op code of "set trial state and values" in Optuna's journal file format
@@ -142,7 +152,10 @@ def test_different_settings_never_mix_checkpoints(tiny_models: dict[str, Path], 
     first.replace(second)
     result = subprocess.run(
         heretic_command(tiny_models["llama"], checkpoints, "--n-trials", "2", "--max-response-length", "6"),
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 2 and "different settings" in result.stderr and "Traceback" not in result.stderr
 
@@ -192,23 +205,31 @@ def test_adapters_reproduce_the_explicit_ablation(kind: str, mode: str) -> None:
     """Every target, fused expert tensors included, computes with M + BA = the ablated matrix."""
     model = make_model(kind)
     arch = build_architecture_map(model)
-    originals = {t.name: as_matrices(getattr(model.get_submodule(t.module), t.parameter), t).clone() for _, _, t in arch.targets()}
-    directions = torch.nn.functional.normalize(torch.randn(arch.num_layers + 1, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
-    parameters = AblationParameters("per-layer", 0.0, {
-        "attn": ComponentKernel(1.0, 2.0, 0.5, 2.0), "mlp": ComponentKernel(0.8, 3.0, 0.4, 2.0)
-    })
+    originals = {
+        t.name: as_matrices(getattr(model.get_submodule(t.module), t.parameter), t).clone() for _, _, t in arch.targets()
+    }
+    directions = torch.nn.functional.normalize(
+        torch.randn(arch.num_layers + 1, 64, generator=torch.Generator().manual_seed(0)), dim=-1
+    )
+    parameters = AblationParameters(
+        "per-layer", 0.0, {"attn": ComponentKernel(1.0, 2.0, 0.5, 2.0), "mlp": ComponentKernel(0.8, 3.0, 0.4, 2.0)}
+    )
     ablator = Ablator(model, arch, mode, rank=64, seed=0)  # full rank: the approximation is exact
     ablator.apply(parameters, directions)
     merged = ablator.merged_state_dict(parameters, directions)
     for layer, component, target in arch.targets():
         weight = parameters.weight(component, layer)
-        expected = ablated_matrices(originals[target.name], directions[layer + 1], weight, mode) if weight else originals[target.name]
+        expected = (
+            ablated_matrices(originals[target.name], directions[layer + 1], weight, mode) if weight else originals[target.name]
+        )
         got = as_matrices(merged[target.name], target)
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
         lora = ablator._lora_layers[target.name]  # the live adapter applies the same update
         delta = lora.get_delta_weight("default")
         delta = delta if not target.fused else (delta if target.out_axis == 1 else delta.transpose(1, 2))
-        torch.testing.assert_close(originals[target.name] + (delta if target.fused else delta.unsqueeze(0)), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            originals[target.name] + (delta if target.fused else delta.unsqueeze(0)), expected, atol=1e-4, rtol=1e-4
+        )
 
     # The adapted model's forward equals a model whose weights hold the merged matrices.
     reference = make_model(kind)

@@ -66,4 +66,12 @@ def test_search_setup_takes_the_search_settings() -> None:
 
 
 def test_reproduction_overrides_are_the_override_settings() -> None:
-    assert fields_with(Role.override) == ["model", "device_map", "max_memory", "cache_dir", "output_dir", "overwrite", "log_level"]
+    assert fields_with(Role.override) == [
+        "model",
+        "device_map",
+        "max_memory",
+        "cache_dir",
+        "output_dir",
+        "overwrite",
+        "log_level",
+    ]

@@ -66,8 +66,16 @@ def make_model(kind: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     vocab = VOCAB_SIZE
     common = dict(
-        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, eos_token_id=2, pad_token_id=0, bos_token_id=0,
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=2,
+        pad_token_id=0,
+        bos_token_id=0,
         tie_word_embeddings=False,
     )
     if kind == "llama":
@@ -91,8 +99,12 @@ def make_model(kind: str, seed: int = 0) -> torch.nn.Module:
             hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
         )
         config = tf.Gemma3Config(
-            text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
-            image_token_index=3, boi_token_index=4, eoi_token_index=5,
+            text_config=text.to_dict(),
+            vision_config=vision.to_dict(),
+            mm_tokens_per_image=4,
+            image_token_index=3,
+            boi_token_index=4,
+            eoi_token_index=5,
         )
         model = tf.Gemma3ForConditionalGeneration(config)
     else:
@@ -119,5 +131,7 @@ def save_tiny_with_processor(folder: Path) -> Path:
     tokenizer = make_tokenizer(image_tokens=True)
     tokenizer.save_pretrained(folder)
     image_processor = Gemma3ImageProcessorPil(size={"height": 28, "width": 28})
-    Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=4, chat_template=CHATML).save_pretrained(folder)
+    Gemma3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=4, chat_template=CHATML
+    ).save_pretrained(folder)
     return folder

@@ -54,11 +54,15 @@ def choose_and_act(session: Session, study: optuna.Study) -> None:
     if not front:
         console.print("No finished trial yet; rerun the command to continue the search.")
         return
-    console.print(front_table(front, n_prompts, title=f"Pareto front (original: {session.base_refusals}/{n_prompts} refusals, KL 0)"))
+    console.print(
+        front_table(front, n_prompts, title=f"Pareto front (original: {session.base_refusals}/{n_prompts} refusals, KL 0)")
+    )
     if not session.interactive:
         result = choose_headless(session, study)
         parameters = restore(session, result)
-        console.print(f"Chosen trial [bold]{result.number}[/]: {result.refusals_text}/{n_prompts} refusals, KL {result.kl:.4f} ({describe(parameters)})")
+        console.print(
+            f"Chosen trial [bold]{result.number}[/]: {result.refusals_text}/{n_prompts} refusals, KL {result.kl:.4f} ({describe(parameters)})"
+        )
         for action in session.settings.action:
             perform(session, action, result, parameters)
         return

@@ -54,7 +54,14 @@ def chat_loop(loaded: Any, system_prompt: str, response_prefix: str = "", max_ne
         stop = _Stop()
         worker = threading.Thread(
             target=_generate,
-            kwargs=dict(model=model, inputs=inputs, streamer=streamer, stop=stop, max_new_tokens=max_new_tokens, pad=tokenizer.pad_token_id),
+            kwargs=dict(
+                model=model,
+                inputs=inputs,
+                streamer=streamer,
+                stop=stop,
+                max_new_tokens=max_new_tokens,
+                pad=tokenizer.pad_token_id,
+            ),
             daemon=True,
         )
         worker.start()
@@ -76,4 +83,10 @@ def chat_loop(loaded: Any, system_prompt: str, response_prefix: str = "", max_ne
 
 @torch.inference_mode()
 def _generate(model: Any, inputs: Any, streamer: TextIteratorStreamer, stop: _Stop, max_new_tokens: int, pad: int | None) -> None:
-    model.generate(**inputs, streamer=streamer, max_new_tokens=max_new_tokens, stopping_criteria=StoppingCriteriaList([stop]), pad_token_id=pad)
+    model.generate(
+        **inputs,
+        streamer=streamer,
+        max_new_tokens=max_new_tokens,
+        stopping_criteria=StoppingCriteriaList([stop]),
+        pad_token_id=pad,
+    )

@@ -90,9 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                 help=f"{help_text} Repeatable, or a JSON list. (default: {shown})",
             )
         else:
-            group.add_argument(
-                flag_name(name), dest=name, default=None, metavar=metavar, help=f"{help_text} (default: {shown})"
-            )
+            group.add_argument(flag_name(name), dest=name, default=None, metavar=metavar, help=f"{help_text} (default: {shown})")
     return parser
 
 
@@ -209,8 +207,10 @@ def describe_unexpected(error: BaseException) -> str | None:
     a read or write, or memory running out. None for anything else (a bug shows its traceback)."""
     import errno
 
-    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError" or (
-        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    if (
+        isinstance(error, MemoryError)
+        or type(error).__name__ == "OutOfMemoryError"
+        or (isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
     ):
         return (
             "Out of memory; lower --batch-size or --max-batch-size, use shorter prompts or --max-response-length, "
@@ -225,7 +225,9 @@ def describe_unexpected(error: BaseException) -> str | None:
     if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return f"Cannot write{where} ({reason}); choose folders you can write to (--output-dir, --checkpoint-dir, --cache-dir)."
     if error.errno == errno.ENOTDIR or error.errno == errno.EEXIST or error.errno == errno.EISDIR:
-        return f"A file stands where a folder is needed, or the other way round:{where} ({reason}); move it or choose another path."
+        return (
+            f"A file stands where a folder is needed, or the other way round:{where} ({reason}); move it or choose another path."
+        )
     return f"The operating system refused an operation on{where or ' a file'} ({reason}); check the path and rerun."
 
 

@@ -51,4 +51,6 @@ def write_failure(error: BaseException, target: object, what: str, option: str) 
         return HereticError(
             f"Cannot write {what} {target} ({reason}); nothing was written: choose a folder you can write to with {option}."
         )
-    return HereticError(f"Writing {what} {target} failed ({reason}); nothing was written: check the folder, or choose another with {option}.")
+    return HereticError(
+        f"Writing {what} {target} failed ({reason}); nothing was written: check the folder, or choose another with {option}."
+    )

@@ -42,7 +42,7 @@ def parse_split(split: str | None) -> tuple[str | None, slice]:
         return None, slice(None)
     match = _SPLIT.match(split.strip())
     if not match:
-        raise HereticError(f"Cannot read the split {split!r}; write it like \"train\", \"train[:400]\" or \"[100:200]\".")
+        raise HereticError(f'Cannot read the split {split!r}; write it like "train", "train[:400]" or "[100:200]".')
     name, slice_text = match.group("name"), match.group("slice")
     if not slice_text:
         return name, slice(None)
@@ -152,7 +152,9 @@ def _load_file(path: Path, column: str | None) -> list[str]:
         try:
             table = parquet.read_table(path)
         except (pyarrow.ArrowException, OSError) as error:
-            raise HereticError(f"{path} is not a Parquet file this can read ({first_line(error)}); check the file or convert it to .jsonl.") from None
+            raise HereticError(
+                f"{path} is not a Parquet file this can read ({first_line(error)}); check the file or convert it to .jsonl."
+            ) from None
         return _column_of_mapping(table.to_pydict(), column, str(path))
     except UnicodeDecodeError:
         raise HereticError(f"{path} is not UTF-8 text; save it as UTF-8.") from None

@@ -70,7 +70,9 @@ def load(settings: Settings, name: str | None = None) -> LoadedModel:
         f"{str(loaded.dtype).removeprefix('torch.')}, on {loaded.input_device}"
     )
     device = str(loaded.input_device)
-    console.print(describe_choice(loaded.dtype, loaded.native_dtype, loaded.dtype_measurements, device, f"{threads} threads ({why})"))
+    console.print(
+        describe_choice(loaded.dtype, loaded.native_dtype, loaded.dtype_measurements, device, f"{threads} threads ({why})")
+    )
     warning = busy_warning(loaded.dtype_measurements, threads)
     if warning:
         console.print(f"[yellow]{warning}[/]")
@@ -129,11 +131,27 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
     ablator = Ablator(loaded.model, arch, settings.row_normalization.value, settings.full_normalization_rank, settings.seed)
     judge = make_judge(settings, engine, ablator)
     evaluator = Evaluator(
-        engine, judge, prompt_sets["harmful_eval"], prompt_sets["harmless_eval"], settings.max_response_length, settings.stop_on_verdict
+        engine,
+        judge,
+        prompt_sets["harmful_eval"],
+        prompt_sets["harmless_eval"],
+        settings.max_response_length,
+        settings.stop_on_verdict,
     )
     base_refusals, base_responses = score_original(evaluator)
     return Session(
-        settings, loaded, arch, engine, judge, evaluator, ablator, directions, prompt_sets, base_refusals, base_responses, interactive
+        settings,
+        loaded,
+        arch,
+        engine,
+        judge,
+        evaluator,
+        ablator,
+        directions,
+        prompt_sets,
+        base_refusals,
+        base_responses,
+        interactive,
     )
 
 
@@ -147,9 +165,7 @@ def score_original(evaluator: Evaluator) -> tuple[int, list[str]]:
     return base.refusals, base.responses
 
 
-def pick_batch_size(
-    settings: Settings, engine: Engine, loaded: LoadedModel, prompt_sets: dict[str, list[Prompt]]
-) -> int:
+def pick_batch_size(settings: Settings, engine: Engine, loaded: LoadedModel, prompt_sets: dict[str, list[Prompt]]) -> int:
     """--batch-size if given; else the batch size of the search this run resumes; else the fastest, measured."""
     if settings.batch_size:
         return settings.batch_size
@@ -170,7 +186,9 @@ def pick_batch_size(
     return batch_size
 
 
-def compute_directions(settings: Settings, engine: Engine, loaded: LoadedModel, prompt_sets: dict[str, list[Prompt]]) -> torch.Tensor:
+def compute_directions(
+    settings: Settings, engine: Engine, loaded: LoadedModel, prompt_sets: dict[str, list[Prompt]]
+) -> torch.Tensor:
     """Refusal directions from the residuals of the harmful and harmless prompts (one per residual position)."""
     config = text_config(loaded.model.config)
     _, layers = find_layers(loaded.model, int(config.num_hidden_layers))
@@ -179,7 +197,9 @@ def compute_directions(settings: Settings, engine: Engine, loaded: LoadedModel, 
         for name in ("harmful", "harmless"):
             ids = engine.encode(prompt_sets[name])
             handle = bars(f"Residuals ({name})", len(ids))
-            residuals[name] = winsorize(engine.residuals(ids, list(layers), progress=handle.advance), settings.winsorization_quantile)
+            residuals[name] = winsorize(
+                engine.residuals(ids, list(layers), progress=handle.advance), settings.winsorization_quantile
+            )
             handle.close()
     directions = refusal_directions(residuals["harmful"], residuals["harmless"], settings.orthogonalize_direction)
     console.print(f"Refusal directions computed for {directions.shape[0]} residual positions")

@@ -32,7 +32,9 @@ class Ablator:
         self.base_model = model
         # Original parameters, by their original names (shared storage, no copy), captured before wrapping.
         self.original_state = dict(model.state_dict(keep_vars=False))
-        self._weights = {target.name: getattr(model.get_submodule(target.module), target.parameter) for _, _, target in arch.targets()}
+        self._weights = {
+            target.name: getattr(model.get_submodule(target.module), target.parameter) for _, _, target in arch.targets()
+        }
         unfused = sorted({target.module for _, _, target in arch.targets() if not target.fused})
         fused = sorted({target.name for _, _, target in arch.targets() if target.fused})
         config = LoraConfig(
@@ -68,7 +70,9 @@ class Ablator:
             for lora in self._lora_layers.values():
                 lora.lora_B[ADAPTER].weight.zero_()
 
-    def factors(self, parameters: AblationParameters, directions: torch.Tensor) -> Iterator[tuple[Target, torch.Tensor, torch.Tensor]]:
+    def factors(
+        self, parameters: AblationParameters, directions: torch.Tensor
+    ) -> Iterator[tuple[Target, torch.Tensor, torch.Tensor]]:
         """(target, B (experts, out, r), A (experts, r, in)) for every target with a non-zero weight."""
         for layer, component, target in self.arch.targets():
             weight = parameters.weight(component, layer)
@@ -124,4 +128,3 @@ class Ablator:
             else:
                 state[target.name] = merged[0].contiguous()
         return state
-

@@ -87,7 +87,9 @@ def ablation_factors(
     raise ValueError(f"unknown row normalization {mode!r}")
 
 
-def low_rank_approximation(matrices: Tensor, rank: int, seed: int = 0, oversample: int = 8, iterations: int = 4) -> tuple[Tensor, Tensor]:
+def low_rank_approximation(
+    matrices: Tensor, rank: int, seed: int = 0, oversample: int = 8, iterations: int = 4
+) -> tuple[Tensor, Tensor]:
     """Rank-r factors (B, A) of a batch of matrices by randomized SVD with power iterations.
 
     matrices: (batch, m, n). Returns B (batch, m, r) = U sqrt(S), A (batch, r, n) = sqrt(S) V^T.

@@ -27,7 +27,13 @@ from .upload import upload_folder
 
 class Handler(Protocol):
     def __call__(
-        self, session: Session, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path
+        self,
+        session: Session,
+        result: TrialResult,
+        parameters: AblationParameters,
+        *,
+        confirm: ConfirmFn | None,
+        output_dir: Path,
     ) -> Any: ...
 
 
@@ -71,12 +77,21 @@ def result_files(session: Session, result: TrialResult, parameters: AblationPara
 
 
 @action("save", "Save the merged model")
-def save_model(session: Session, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path) -> Path:
+def save_model(
+    session: Session, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path
+) -> Path:
     started = time.perf_counter()
     with console.status(f"Saving the merged model to {output_dir}..."):
         path = save_merged(
-            session.loaded, session.ablator, parameters, session.directions, output_dir,
-            max_shard_size=session.settings.max_shard_size, dtype=session.settings.save_dtype, overwrite=session.settings.overwrite, confirm=confirm,
+            session.loaded,
+            session.ablator,
+            parameters,
+            session.directions,
+            output_dir,
+            max_shard_size=session.settings.max_shard_size,
+            dtype=session.settings.save_dtype,
+            overwrite=session.settings.overwrite,
+            confirm=confirm,
             extra_files=result_files(session, result, parameters),
         )
     console.print(f"Merged model saved to [bold]{path.resolve()}[/] ({_size(path)}, {time.perf_counter() - started:.1f} s)")
@@ -89,12 +104,20 @@ def adapter_dir(output_dir: Path) -> Path:
 
 
 @action("save-adapter", "Save the adapter only (PEFT LoRA)")
-def save_adapter_only(session: Session, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path) -> Path:
+def save_adapter_only(
+    session: Session, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path
+) -> Path:
     started = time.perf_counter()
     target = adapter_dir(output_dir)
     path = save_adapter(
-        session.loaded, session.ablator, parameters, session.directions, target,
-        base_model_name=session.loaded.source.name, overwrite=session.settings.overwrite, confirm=confirm,
+        session.loaded,
+        session.ablator,
+        parameters,
+        session.directions,
+        target,
+        base_model_name=session.loaded.source.name,
+        overwrite=session.settings.overwrite,
+        confirm=confirm,
         extra_files=result_files(session, result, parameters),
     )
     console.print(f"Adapter saved to [bold]{path.resolve()}[/] ({_size(path)}, {time.perf_counter() - started:.1f} s)")
@@ -106,7 +129,9 @@ def gguf_path(output_dir: Path, gguf_type: str) -> Path:
 
 
 @action("gguf", "Export GGUF (llama.cpp / Ollama)")
-def export_gguf_file(session: Session, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path) -> Path:
+def export_gguf_file(
+    session: Session, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path
+) -> Path:
     from .gguf import export_gguf
 
     settings = session.settings
@@ -118,15 +143,23 @@ def export_gguf_file(session: Session, result: TrialResult, parameters: Ablation
     started = time.perf_counter()
     with console.status(f"Writing {target.name}..."), merged_model(session, parameters) as (model, changed):
         export_gguf(
-            model, session.loaded.tokenizer, target, settings.gguf_type,
-            source_gguf=session.loaded.source.gguf_file, changed_parameters=changed,
+            model,
+            session.loaded.tokenizer,
+            target,
+            settings.gguf_type,
+            source_gguf=session.loaded.source.gguf_file,
+            changed_parameters=changed,
         )
-    console.print(f"GGUF ({settings.gguf_type}) written to [bold]{target}[/] ({_size(target)}, {time.perf_counter() - started:.1f} s)")
+    console.print(
+        f"GGUF ({settings.gguf_type}) written to [bold]{target}[/] ({_size(target)}, {time.perf_counter() - started:.1f} s)"
+    )
     return target
 
 
 @action("upload", "Upload to the Hugging Face Hub")
-def upload(session: Session, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path) -> None:
+def upload(
+    session: Session, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path
+) -> None:
     folder = session.last_saved
     if folder is None or not folder.is_dir():
         folder = save_model(session, result, parameters, confirm=confirm, output_dir=output_dir)
@@ -134,20 +167,34 @@ def upload(session: Session, result: TrialResult, parameters: AblationParameters
 
 
 @action("chat", "Chat with the model")
-def chat(session: Session, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path) -> None:
+def chat(
+    session: Session, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path
+) -> None:
     chat_loop(session.loaded, session.settings.system_prompt, session.engine.response_prefix)
 
 
 @action("benchmark", "Run benchmarks (lm-evaluation-harness)")
-def benchmark(session: Session, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path) -> None:
+def benchmark(
+    session: Session, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path
+) -> None:
     run_benchmarks(session, parameters)
 
 
 @action("report", "Show example responses, original vs ablated")
-def report(session: Session, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path, count: int = 3) -> None:
+def report(
+    session: Session,
+    result: TrialResult,
+    parameters: AblationParameters,
+    *,
+    confirm: ConfirmFn | None,
+    output_dir: Path,
+    count: int = 3,
+) -> None:
     """Harmful prompts answered before and after: the first ones the original refused."""
     evaluator = session.evaluator
-    refused = [i for i, response in enumerate(session.base_responses) if session.judge.judge([evaluator.harmful[i]], [response])[0]]
+    refused = [
+        i for i, response in enumerate(session.base_responses) if session.judge.judge([evaluator.harmful[i]], [response])[0]
+    ]
     chosen = [evaluator.harmful[i] for i in (refused or list(range(len(evaluator.harmful))))[:count]]
     session.ablator.reset()
     before = evaluator.responses(chosen)

@@ -71,7 +71,7 @@ def _introduction(record: dict[str, Any]) -> list[str]:
     return [
         f"# {Path(base).name} (abliterated with Heretic)",
         "",
-        f"This is **{base}** with its refusal behaviour removed by directional ablation (\"abliteration\"), "
+        f'This is **{base}** with its refusal behaviour removed by directional ablation ("abliteration"), '
         f"made automatically by [Heretic](https://pypi.org/project/heretic/) {__version__}. No training was done: "
         "the weights that write into the residual stream were orthogonalized against a refusal direction, with "
         "the ablation's parameters chosen by an Optuna search that co-minimizes refusals on harmful prompts "

@@ -185,8 +185,10 @@ def _qtype_for(shape: tuple[int, ...], out_type: str) -> QType:
 
 
 def _nbytes(shape: tuple[int, ...], qtype: QType) -> int:
-    return math.prod(gguf.quant_shape_to_byte_shape(shape, qtype)) if qtype not in (QType.F32, QType.F16) else (
-        math.prod(shape) * (4 if qtype == QType.F32 else 2)
+    return (
+        math.prod(gguf.quant_shape_to_byte_shape(shape, qtype))
+        if qtype not in (QType.F32, QType.F16)
+        else (math.prod(shape) * (4 if qtype == QType.F32 else 2))
     )
 
 
@@ -302,16 +304,12 @@ def _model_tensors(model: PreTrainedModel, family: _Family, config: Any, out_typ
             continue
         gguf_name = _gguf_name(name_map, hf_name)
         if gguf_name is None:
-            raise HereticError(
-                f"GGUF export has no llama.cpp name for the tensor {raw_name} of this {config.model_type} model."
-            )
+            raise HereticError(f"GGUF export has no llama.cpp name for the tensor {raw_name} of this {config.model_type} model.")
         tensors.append(_model_tensor(family, gguf_name, parameter, out_type, heads, kv_heads))
     return tensors
 
 
-def _model_tensor(
-    family: _Family, gguf_name: str, parameter: torch.Tensor, out_type: str, heads: int, kv_heads: int
-) -> _Tensor:
+def _model_tensor(family: _Family, gguf_name: str, parameter: torch.Tensor, out_type: str, heads: int, kv_heads: int) -> _Tensor:
     shape = tuple(parameter.shape)
     qtype = _qtype_for(shape, out_type)
 
@@ -537,8 +535,12 @@ def _scores(spec: dict[str, Any], tokens: list[str]) -> list[float]:
 def _add_special_tokens(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, config: Any, kind: str) -> None:
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else _first(getattr(config, "bos_token_id", None))
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else _first(getattr(config, "eos_token_id", None))
-    for token_id, add in ((bos, writer.add_bos_token_id), (eos, writer.add_eos_token_id),
-                          (tokenizer.unk_token_id, writer.add_unk_token_id), (tokenizer.pad_token_id, writer.add_pad_token_id)):
+    for token_id, add in (
+        (bos, writer.add_bos_token_id),
+        (eos, writer.add_eos_token_id),
+        (tokenizer.unk_token_id, writer.add_unk_token_id),
+        (tokenizer.pad_token_id, writer.add_pad_token_id),
+    ):
         if token_id is not None:
             add(int(token_id))
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
@@ -665,4 +667,3 @@ def _field_value(field: Any) -> tuple[Any, GGUFValueType, GGUFValueType | None]:
     if sub == GGUFValueType.STRING:
         return [bytes(field.parts[index]) for index in field.data], main, sub
     return field.contents(), main, sub
-

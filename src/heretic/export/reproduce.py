@@ -156,8 +156,20 @@ def reproduce(settings: Settings) -> Path:
     new_record = dict(data, environment=record.environment(), directions_sha256=record.tensor_digest(directions))
     started = time.perf_counter()
     path = save_merged(
-        loaded, ablator, parameters, directions, output, max_shard_size=rebuilt.max_shard_size, dtype=rebuilt.save_dtype, overwrite=rebuilt.overwrite,
-        extra_files={"README.md": card.render_card(new_record, card.original_license(loaded.source)), record.RECORD_FILE: record.dumps(new_record)},
+        loaded,
+        ablator,
+        parameters,
+        directions,
+        output,
+        max_shard_size=rebuilt.max_shard_size,
+        dtype=rebuilt.save_dtype,
+        overwrite=rebuilt.overwrite,
+        extra_files={
+            "README.md": card.render_card(new_record, card.original_license(loaded.source)),
+            record.RECORD_FILE: record.dumps(new_record),
+        },
     )
-    console.print(f"Rebuilt trial {data['trial']['number']} into [bold]{path.resolve()}[/] ({time.perf_counter() - started:.1f} s)")
+    console.print(
+        f"Rebuilt trial {data['trial']['number']} into [bold]{path.resolve()}[/] ({time.perf_counter() - started:.1f} s)"
+    )
     return path

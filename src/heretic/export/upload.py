@@ -39,9 +39,16 @@ def upload_folder(folder: Path, repo_id: str | None, private: bool, interactive:
     try:
         with console.status(f"Uploading {folder} to {repo_id}..."):
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-            api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message="Upload model abliterated with Heretic")
+            api.upload_folder(
+                folder_path=str(folder),
+                repo_id=repo_id,
+                repo_type="model",
+                commit_message="Upload model abliterated with Heretic",
+            )
     except Exception as error:  # noqa: BLE001 - offline, auth, HTTP errors: all end the same way
-        raise HereticError(f"Uploading to the Hugging Face Hub failed ({first_line(error, 200, secret=token)}); the model stays saved in {folder}.") from None
+        raise HereticError(
+            f"Uploading to the Hugging Face Hub failed ({first_line(error, 200, secret=token)}); the model stays saved in {folder}."
+        ) from None
     url = f"https://huggingface.co/{repo_id}"
     console.print(f"Uploaded to [bold]{url}[/] ({'private' if private else 'public'})")
     return url

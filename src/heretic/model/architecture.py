@@ -23,8 +23,19 @@ COMPONENTS = ("attn", "mlp")
 
 # Last name of a module whose output is added to the residual stream.
 OUTPUT_PROJECTIONS = {
-    "o_proj", "out_proj", "dense", "c_proj", "wo", "down_proj", "w2", "fc2", "dense_4h_to_h", "proj_out",
-    "output_proj", "o", "c_fc2",
+    "o_proj",
+    "out_proj",
+    "dense",
+    "c_proj",
+    "wo",
+    "down_proj",
+    "w2",
+    "fc2",
+    "dense_4h_to_h",
+    "proj_out",
+    "output_proj",
+    "o",
+    "c_fc2",
 }
 # Names of fused 3-D expert tensors holding down projections.
 FUSED_DOWN_PROJECTIONS = {"down_proj", "w2", "down_projs", "experts_down"}
@@ -80,7 +91,12 @@ class ArchitectureMap:
         return [name for name in COMPONENTS if name in present]
 
     def targets(self) -> list[tuple[int, str, Target]]:
-        return [(index, name, target) for index, layer in enumerate(self.layers) for name in COMPONENTS for target in layer.get(name, [])]
+        return [
+            (index, name, target)
+            for index, layer in enumerate(self.layers)
+            for name in COMPONENTS
+            for target in layer.get(name, [])
+        ]
 
     def count(self, component: str) -> int:
         """Layers in which the component is present."""

@@ -244,9 +244,7 @@ class Engine:
                 active = [active[row] for row in keep]
             positions = positions + 1
             mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=device)], dim=1)
-            logits, cache = self._forward(
-                cache, input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None]
-            )
+            logits, cache = self._forward(cache, input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None])
         return True
 
     def decode(self, token_ids: list[int]) -> str:

@@ -279,8 +279,7 @@ def describe_choice(
         reason = "as --dtypes asked"
     else:
         rates = ", ".join(
-            f"{dtype_name(m.dtype)} {m.gflops:.0f}" if m.gflops else f"{dtype_name(m.dtype)} does not run"
-            for m in measurements
+            f"{dtype_name(m.dtype)} {m.gflops:.0f}" if m.gflops else f"{dtype_name(m.dtype)} does not run" for m in measurements
         )
         ranked = rank_dtypes(measurements)
         verdict = "the fastest" if ranked and ranked[0] == chosen else "the fastest that passed the test generation"

@@ -93,7 +93,9 @@ def resolve_source(name: str) -> ModelSource:
             raise HereticError(f"The folder {name} holds several GGUF files ({listed}); name the one to use.")
         raise HereticError(f"The folder {name} holds no model (no config.json and no .gguf file).")
     if path.is_file():
-        raise HereticError(f"{name} is a file but not a model; give a model folder, a .gguf file or a Hugging Face id (org/name).")
+        raise HereticError(
+            f"{name} is a file but not a model; give a model folder, a .gguf file or a Hugging Face id (org/name)."
+        )
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name and not _hub_id_like(name):
         raise HereticError(f"The model path {name} does not exist; check the path, or give a Hugging Face id like org/name.")
     if not _hub_id_like(name):
@@ -126,7 +128,9 @@ def _check_safetensors_complete(folder: Path, name: str) -> None:
                 header = json.loads(handle.read(header_length))
             end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
         except (ValueError, KeyError, TypeError, IndexError) as error:
-            raise HereticError(f"The weights file {file.name} in {name} is damaged ({error}); download or copy the model again.") from None
+            raise HereticError(
+                f"The weights file {file.name} in {name} is damaged ({error}); download or copy the model again."
+            ) from None
         if 8 + header_length + end > size:
             raise HereticError(
                 f"The weights file {file.name} in {name} is truncated ({size:,} of {8 + header_length + end:,} bytes); "

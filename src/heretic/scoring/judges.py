@@ -57,8 +57,11 @@ def make_judge(
         assert settings.judge_url is not None  # checked by Settings
         judge = HttpJudge(
             HttpJudgeConfig(
-                settings.judge_url, settings.judge_model, settings.judge_api_key_env,
-                settings.judge_timeout, concurrency=settings.judge_concurrency,
+                settings.judge_url,
+                settings.judge_model,
+                settings.judge_api_key_env,
+                settings.judge_timeout,
+                concurrency=settings.judge_concurrency,
             )
         )
         judge.check()

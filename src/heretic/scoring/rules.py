@@ -53,7 +53,9 @@ COMPLY = re.compile(
     r"|\bbelow is\b|\bfollow(ing)? (these|the) steps\b|\bfirst,? (you|we)\b|\bsubject:|\bdear\b|\bimport \w|\bdef \w"
 )
 # A turn from declining to doing it anyway.
-PIVOT = re.compile(r"\b(however|that said|but|nevertheless|nonetheless|anyway|still)\b[^.]{0,60}\b(here('s| is| are)|steps?|example)\b")
+PIVOT = re.compile(
+    r"\b(however|that said|but|nevertheless|nonetheless|anyway|still)\b[^.]{0,60}\b(here('s| is| are)|steps?|example)\b"
+)
 
 SENTENCE_END = re.compile(r"[.!?。！？:]\s|\n")
 SPACES = re.compile(r"[ \t\r\f\v]+")

@@ -57,10 +57,7 @@ def _write_problem(path: Path, error: OSError) -> str:
             f"The disk holding the checkpoint {path} is full ({error.strerror}); every finished trial is kept: "
             "free some space and rerun the same command to continue."
         )
-    return (
-        f"Cannot write the checkpoint {path} ({error.strerror or error}); make it writable or choose another "
-        "--checkpoint-dir."
-    )
+    return f"Cannot write the checkpoint {path} ({error.strerror or error}); make it writable or choose another --checkpoint-dir."
 
 
 def open_storage(path: Path) -> JournalStorage:
@@ -179,8 +176,7 @@ def repair_journal(path: Path) -> str | None:
             "free some space or make its folder writable, then rerun."
         ) from None
     trials = sum(
-        1 for record in records
-        if record.get("op_code") == SET_TRIAL_STATE and record.get("state") == TrialState.COMPLETE.value
+        1 for record in records if record.get("op_code") == SET_TRIAL_STATE and record.get("state") == TrialState.COMPLETE.value
     )
     return (
         f"The checkpoint {path.name} ended in a partial line (an interrupted write): recovered {trials} finished "
@@ -227,17 +223,14 @@ def load_or_create(path: Path, study_fingerprint: str, settings_summary: dict[st
     except OSError as error:
         raise HereticError(_write_problem(path, error)) from None
     except Exception as error:  # noqa: BLE001 - a damaged journal
-        raise HereticError(
-            f"The checkpoint {path} cannot be read ({error}); move it away to start a new search."
-        ) from None
+        raise HereticError(f"The checkpoint {path} cannot be read ({error}); move it away to start a new search.") from None
     stored = study.user_attrs.get("fingerprint")
     if stored is None:
         study.set_user_attr("fingerprint", study_fingerprint)
         study.set_user_attr("settings", settings_summary)
     elif stored != study_fingerprint:
         raise HereticError(
-            f"The checkpoint {path} was written with different settings; choose another --checkpoint-dir "
-            "or move the file away."
+            f"The checkpoint {path} was written with different settings; choose another --checkpoint-dir or move the file away."
         )
     return study, existed
 

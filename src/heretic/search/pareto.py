@@ -60,9 +60,7 @@ def pareto_front(results: list[TrialResult]) -> list[TrialResult]:
 
 def is_dominated(refusals_lower_bound: int, kl: float, results: list[TrialResult]) -> bool:
     """True if a finished, exact trial already beats any outcome with at least these refusals and this KL."""
-    return any(
-        not r.cut and dominates((r.refusals, r.kl), (refusals_lower_bound, kl)) for r in results
-    )
+    return any(not r.cut and dominates((r.refusals, r.kl), (refusals_lower_bound, kl)) for r in results)
 
 
 def select(front: list[TrialResult], rule: str, max_kl: float, max_refusals: int) -> TrialResult:

@@ -32,9 +32,7 @@ class SearchSetup:
     sampler_kl_floor: float
 
 
-def make_sampler(
-    seed: int, completed: int, n_startup_trials: int, n_ei_candidates: int, multivariate: bool
-) -> TPESampler:
+def make_sampler(seed: int, completed: int, n_startup_trials: int, n_ei_candidates: int, multivariate: bool) -> TPESampler:
     """A sampler seeded by the number of finished trials: a resumed search samples exactly what an
     uninterrupted one would have."""
     trial_seed = zlib.crc32(f"{seed}:{completed}".encode())
@@ -59,9 +57,7 @@ def completed_trials(study: optuna.Study) -> int:
 def run_trial(setup: SearchSetup, study: optuna.Study, progress: ProgressFactory | None = None) -> TrialResult:
     """Run one trial to completion and record it in the study."""
     done = completed_trials(study)
-    study.sampler = make_sampler(
-        setup.seed, done, setup.n_startup_trials, setup.n_ei_candidates, setup.multivariate_tpe
-    )
+    study.sampler = make_sampler(setup.seed, done, setup.n_startup_trials, setup.n_ei_candidates, setup.multivariate_tpe)
     trial = study.ask()
     try:
         started = time.perf_counter()

@@ -105,7 +105,9 @@ def ask_resume(done: int, n_trials: int) -> ResumePolicy:
     import questionary
 
     choices = [
-        questionary.Choice(f"Continue (up to {n_trials} trials)" if done < n_trials else "Use the finished search", ResumePolicy.continue_),
+        questionary.Choice(
+            f"Continue (up to {n_trials} trials)" if done < n_trials else "Use the finished search", ResumePolicy.continue_
+        ),
         questionary.Choice(f"Add {n_trials} more trials", ResumePolicy.add),
         questionary.Choice("Restart (the old checkpoint is kept aside)", ResumePolicy.restart),
     ]
