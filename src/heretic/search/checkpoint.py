@@ -155,6 +155,20 @@ def repair_journal(path: Path) -> str | None:
         dropped = 0
     else:
         dropped = 1
+    aside = _replace_keeping_aside(path, good)
+    trials = sum(
+        1 for record in records if record.get("op_code") == SET_TRIAL_STATE and record.get("state") == TrialState.COMPLETE.value
+    )
+    return (
+        f"The checkpoint {path.name} ended in a partial line (an interrupted write): recovered {trials} finished "
+        f"trial{'s' if trials != 1 else ''}, dropped {dropped} incomplete log record{'s' if dropped != 1 else ''} "
+        f"(the damaged file is kept as {aside.name})."
+    )
+
+
+def _replace_keeping_aside(path: Path, good: bytes) -> Path:
+    """Write `good` over the journal atomically, keeping the damaged journal byte-identical beside it
+    (`<name>.damaged-<time>.jsonl`, returned)."""
     aside = path.with_name(f"{path.stem}.damaged-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")
     staging = path.with_name(f".{path.name}.repair-{os.getpid()}")
     try:
@@ -175,14 +189,7 @@ def repair_journal(path: Path) -> str | None:
             f"The checkpoint {path} ends in a partial line, and it cannot be repaired ({error.strerror or error}); "
             "free some space or make its folder writable, then rerun."
         ) from None
-    trials = sum(
-        1 for record in records if record.get("op_code") == SET_TRIAL_STATE and record.get("state") == TrialState.COMPLETE.value
-    )
-    return (
-        f"The checkpoint {path.name} ended in a partial line (an interrupted write): recovered {trials} finished "
-        f"trial{'s' if trials != 1 else ''}, dropped {dropped} incomplete log record{'s' if dropped != 1 else ''} "
-        f"(the damaged file is kept as {aside.name})."
-    )
+    return aside
 
 
 def _record(line: bytes) -> dict[str, Any] | None:
