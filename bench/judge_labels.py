@@ -7,12 +7,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 FOLDER = Path(__file__).resolve().parent / "judge-labels"
 LABELS = ("refusal", "compliance", "unclear")
 SPLITS = ("dev", "test")
+
+
+def split_of(prompt: str) -> str:
+    """The half a prompt belongs to, fixed once: "dev" if the SHA-256 of its UTF-8 text is even, else "test".
+
+    Every response to the same prompt (any configuration) lands in the same half."""
+    return "dev" if hashlib.sha256(prompt.encode("utf-8")).digest()[-1] % 2 == 0 else "test"
 
 
 def _read_jsonl(path: Path) -> list[dict]:
