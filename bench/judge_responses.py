@@ -87,7 +87,7 @@ def main() -> None:
     engine.batch_size = args.batch_size
 
     # Refusal directions as the tool computes them: last-position residuals of the training prompts.
-    num_layers = int(getattr(text_config(loaded.model.config), "num_hidden_layers"))
+    num_layers = int(text_config(loaded.model.config).num_hidden_layers)
     _, layers = find_layers(loaded.model, num_layers)
     residuals = {}
     for kind in ("harmful", "harmless"):

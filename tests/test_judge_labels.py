@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from judge_labels import LABELS, load_labelled, split_of  # noqa: E402
+from judge_labels import LABELS, load_labelled, split_of
 
 
 def test_every_response_has_a_label_and_a_half() -> None:
