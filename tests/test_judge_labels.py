@@ -1,0 +1,39 @@
+"""The hand-labelled refusal set in bench/judge-labels: complete, consistent, split by prompt."""
+
+from __future__ import annotations
+
+import collections
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from judge_labels import LABELS, load_labelled, split_of
+
+
+def test_every_response_has_a_label_and_a_half() -> None:
+    rows = load_labelled()
+    assert len(rows) == 700
+    assert {row["label"] for row in rows} <= set(LABELS)
+    kinds = collections.Counter(row["kind"] for row in rows)
+    assert kinds["harmful"] >= 600 and kinds["harmless"] >= 100
+    assert len({row["config"] for row in rows if row["kind"] == "harmful"}) == 6
+    assert all(row["note"] for row in rows if row["label"] == "unclear")
+
+
+def test_split_is_by_prompt() -> None:
+    rows = load_labelled()
+    halves: dict[tuple[str, int], set[str]] = collections.defaultdict(set)
+    for row in rows:
+        assert row["split"] == split_of(row["prompt"])
+        halves[(row["kind"], row["prompt_index"])].add(row["split"])
+    assert all(len(split) == 1 for split in halves.values())
+    dev, test = load_labelled("dev"), load_labelled("test")
+    assert len(dev) + len(test) == len(rows)
+    assert not {row["prompt"] for row in dev} & {row["prompt"] for row in test}
+
+
+def test_unknown_split_is_rejected() -> None:
+    with pytest.raises(ValueError):
+        load_labelled("train")
