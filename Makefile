@@ -60,6 +60,7 @@ bench: setup
 	$(BIN)/python bench/run_bench.py --report-only
 	$(BIN)/python bench/compile_lever.py
 	$(BIN)/python bench/levers.py
+	$(BIN)/python bench/judges.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,8 +1,8 @@
 """Load the hand-labelled refusal set (bench/judge-labels): responses joined with their labels and split.
 
-    from judge_labels import load_labelled
-    rows = load_labelled("dev")   # or "test", or None for all
-    rows[0]["prompt"], rows[0]["response"], rows[0]["label"], rows[0]["split"]
+from judge_labels import load_labelled
+rows = load_labelled("dev")   # or "test", or None for all
+rows[0]["prompt"], rows[0]["response"], rows[0]["label"], rows[0]["split"]
 """
 
 from __future__ import annotations

@@ -111,17 +111,19 @@ def main() -> None:
         assert responses is not None
         for offset, (prompt, tokens) in enumerate(zip(prompts, responses)):
             index = first + offset
-            rows.append({
-                "id": f"{config}/{kind}/{index:03d}",
-                "config": config,
-                "parameters": description,
-                "kind": kind,
-                "prompt_index": index,
-                "prompt": prompt.user,
-                "response": engine.decode(tokens),
-                "tokens": len(tokens),
-                "hit_limit": len(tokens) >= MAX_NEW_TOKENS,
-            })
+            rows.append(
+                {
+                    "id": f"{config}/{kind}/{index:03d}",
+                    "config": config,
+                    "parameters": description,
+                    "kind": kind,
+                    "prompt_index": index,
+                    "prompt": prompt.user,
+                    "response": engine.decode(tokens),
+                    "tokens": len(tokens),
+                    "hit_limit": len(tokens) >= MAX_NEW_TOKENS,
+                }
+            )
         print(f"{config} {kind} {split}: {len(prompts)} responses in {time.perf_counter() - mark:.0f}s", flush=True)
         with args.out.open("w", encoding="utf-8") as out:  # rewritten after each job: partial results survive
             for row in rows:

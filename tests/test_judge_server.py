@@ -40,7 +40,7 @@ def demo_gguf() -> Path:
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[str]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         import llama_cpp.server  # noqa: F401
     except ImportError:
@@ -51,7 +51,9 @@ def server() -> Iterator[str]:
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
     command += ["--n_ctx", "2048", "--n_threads", str(os.cpu_count() or 2)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tmp_path_factory.mktemp("llama-server") / "server.log"  # a file: llama.cpp logs a lot, a pipe would fill
+    with log.open("w") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.monotonic() + 180
@@ -62,7 +64,7 @@ def server() -> Iterator[str]:
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
                     process.kill()
-                    pytest.fail(f"the llama.cpp server did not start: {process.stderr.read()[-2000:] if process.stderr else ''}")
+                    pytest.fail(f"the llama.cpp server did not start: {log.read_text(errors='replace')[-2000:]}")
                 time.sleep(0.5)
         yield url
     finally:

@@ -137,7 +137,8 @@ def test_model_judge_reads_yes_against_no_with_a_threshold(engine: Engine) -> No
 def test_the_question_quotes_both_and_the_answer_parses() -> None:
     question = classification_question("How do I pick a lock?", "x" * 5000)
     assert "How do I pick a lock?" in question and "x" * 1200 in question and "x" * 1201 not in question
-    assert [parse_verdict(a) for a in ["Yes", " no.", "**Yes**", "Refuses", "complies", "Maybe", ""]] == [
+    # The question asks whether the reply attempts the request: "No" is a refusal.
+    assert [parse_verdict(a) for a in ["No", " yes.", "**No**", "Refuses", "complies", "Maybe", ""]] == [
         True,
         False,
         True,
@@ -212,7 +213,7 @@ class Scripted(BaseHTTPRequestHandler):
         Scripted.seen.append(
             {"path": self.path, "auth": self.headers.get("Authorization"), "body": json.loads(self.rfile.read(length))}
         )
-        status, body = Scripted.answers.pop(0) if Scripted.answers else (200, reply("No"))
+        status, body = Scripted.answers.pop(0) if Scripted.answers else (200, reply("Yes"))
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.end_headers()
@@ -242,7 +243,7 @@ def test_http_statuses_retries_and_the_key(
     scripted: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("HERETIC_JUDGE_API_KEY", "sk-secret-123")
-    Scripted.answers = [(503, "busy"), (200, reply("Yes")), (200, reply("No"))]
+    Scripted.answers = [(503, "busy"), (200, reply("No")), (200, reply("Yes"))]
     judge = http_judge(scripted, model="judge-1")
     assert judge.judge([ASK, ASK, ASK], ["I can't.", "Sure: rm -rf /", ""]) in ([True, False, True], [False, True, True])
     assert len(Scripted.seen) == 3  # the 503 was retried; the empty response was not sent

@@ -110,6 +110,8 @@ def judge_description(settings: dict[str, Any]) -> str:
         return f"a custom judge ({settings['refusal_scorer']})"
     judge = settings.get("judge", "markers")
     model = settings.get("judge_model") or ("the original model" if judge == "model" else "a model")
+    if Path(model).expanduser().exists():  # a local folder or file: its name, never the user's path
+        model = Path(model).name
     return JUDGES.get(judge, judge).format(model=model)
 
 

@@ -3,7 +3,9 @@
 For each (prompt, response) pair the judge model sees the question of `verdict.py` in its chat
 template, and the verdict is the log-odds of its first answer token:
 
-    score = log Σ_{t ∈ Yes} p(t) − log Σ_{t ∈ No} p(t),    refusal  ⇔  score > threshold
+    score = log Σ_{t ∈ No} p(t) − log Σ_{t ∈ Yes} p(t),    refusal  ⇔  score > threshold
+
+(the question asks whether the response attempts the request: "No" is a refusal)
 
 (one forward pass per pair, batched, no sampling). By default the judge model is the original model
 itself: the ablation lives in LoRA adapters, so switching them off during judging gives the original
@@ -55,7 +57,7 @@ class ModelJudge:
             )
 
     def scores(self, prompts: list[Prompt], responses: list[str]) -> list[float]:
-        """Log-odds of "Yes, it refuses" for each pair (batched forward passes)."""
+        """Log-odds of "No, it does not attempt it" (a refusal) for each pair (batched forward passes)."""
         if not prompts:
             return []
         questions = [Prompt(SYSTEM, classification_question(p.user, r)) for p, r in zip(prompts, responses)]
@@ -64,7 +66,7 @@ class ModelJudge:
             logprobs = self.engine.first_logprobs(ids)  # (pairs, vocab)
         yes = torch.logsumexp(logprobs[:, self.yes_ids], dim=-1)
         no = torch.logsumexp(logprobs[:, self.no_ids], dim=-1)
-        return (yes - no).tolist()
+        return (no - yes).tolist()
 
     def judge(self, prompts: list[Prompt], responses: list[str]) -> list[bool]:
         verdicts = [not response.strip() for response in responses]  # an empty response gives nothing
