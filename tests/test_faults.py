@@ -31,22 +31,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from tiny import PROMPT_FLAGS
 
 from heretic.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_FAKEfaultCatalogueToken0123456789"
 
-PROMPT_FLAGS = [
-    "--harmful-prompts",
-    "bundled:harmful_train[:12]",
-    "--harmless-prompts",
-    "bundled:harmless_train[:12]",
-    "--harmful-eval-prompts",
-    "bundled:harmful_test[:8]",
-    "--harmless-eval-prompts",
-    "bundled:harmless_test[:8]",
-]
 RUN_FLAGS = [
     "--refusal-markers",
     '["ak", "ook", "ot"]',

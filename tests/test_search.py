@@ -13,7 +13,7 @@ import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
-from tiny import make_model
+from tiny import PROMPT_FLAGS, make_model
 
 from heretic.ablation.adapters import Ablator
 from heretic.ablation.kernels import ablated_matrices
@@ -32,14 +32,7 @@ def heretic_command(model: Path, checkpoints: Path, *extra: str) -> list[str]:
         "-m",
         "heretic",
         str(model),
-        "--harmful-prompts",
-        "bundled:harmful_train[:12]",
-        "--harmless-prompts",
-        "bundled:harmless_train[:12]",
-        "--harmful-eval-prompts",
-        "bundled:harmful_test[:8]",
-        "--harmless-eval-prompts",
-        "bundled:harmless_test[:8]",
+        *PROMPT_FLAGS,
         "--refusal-markers",
         '["ak", "ook", "ot"]',
         "--max-response-length",

@@ -29,6 +29,19 @@ VOCAB_SIZE = 512
 KINDS = ("llama", "qwen2", "gemma3", "qwen3_moe", "qwen2_moe", "gemma3_mm")
 
 
+# Small bundled prompt sets, as command-line flags, for end-to-end runs on the tiny models.
+PROMPT_FLAGS = [
+    "--harmful-prompts",
+    "bundled:harmful_train[:12]",
+    "--harmless-prompts",
+    "bundled:harmless_train[:12]",
+    "--harmful-eval-prompts",
+    "bundled:harmful_test[:8]",
+    "--harmless-eval-prompts",
+    "bundled:harmless_test[:8]",
+]
+
+
 @functools.cache
 def _trained_tokenizer_json() -> str:
     corpus = []
