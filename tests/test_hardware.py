@@ -197,6 +197,13 @@ def test_the_measurement_is_remembered_so_every_run_computes_alike(tmp_path: Pat
     assert load_model(str(folder), dtypes=["fastest"], cache_dir=str(tmp_path / "cache")).dtype == BF16
 
 
+def test_a_disturbed_measurement_is_not_remembered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = save_model(tmp_path / "bf16", BF16)
+    monkeypatch.setattr(hardware, "measure_dtype", lambda dtype, device, hidden, intermediate: m(dtype, 10.0, 0.2))
+    load_model(str(folder), dtypes=["fastest"], cache_dir=str(tmp_path / "cache"))
+    assert not (tmp_path / "cache" / "dtype-measurements.json").exists()
+
+
 def test_remembered_measurements_survive_damage(tmp_path: Path) -> None:
     path = tmp_path / "measurements.json"
     assert hardware.remembered(path, "k") is None

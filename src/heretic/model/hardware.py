@@ -231,14 +231,16 @@ def measure_or_remember(
     path: Path, native: torch.dtype, device: torch.device, hidden: int, intermediate: int
 ) -> list[DtypeMeasurement]:
     """The candidate dtypes' speeds at these sizes on this device: measured once per machine, then
-    remembered, so that every run (a resumed search too) computes in the same dtype."""
+    remembered, so that every run (a resumed search too) computes in the same dtype. A measurement
+    that another busy process disturbed is not remembered."""
     identity = {"sizes": [hidden, intermediate], "native": dtype_name(native), **device_signature(device)}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
     earlier = remembered(path, key)
     if earlier is not None:
         return earlier
     measurements = [measure_dtype(dtype, device, hidden, intermediate) for dtype in candidate_dtypes(native, device)]
-    remember(path, key, measurements)
+    if busy_warning(measurements, torch.get_num_threads()) is None:  # a disturbed measurement is made again next time
+        remember(path, key, measurements)
     return measurements
 
 
