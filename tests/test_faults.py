@@ -1148,8 +1148,16 @@ def start(model: Path, tmp_path: Path, n_trials: int = 40) -> tuple[subprocess.P
     log = tmp_path / "run.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
     with log.open("w") as output:  # the child keeps its own copy of the descriptor
-        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT, preexec_fn=default_sigint
+        )
     return process, log, command
+
+
+def default_sigint() -> None:
+    """Ctrl+C reaches the child even when the suite itself runs in the background, where a shell starts
+    jobs with SIGINT ignored (and Python then keeps ignoring it, as it should for `nohup heretic &`)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for(stage: str, process: subprocess.Popen, log: Path, checkpoints: Path, timeout: float = 300) -> None:
