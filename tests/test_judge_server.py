@@ -88,6 +88,11 @@ def test_the_http_judge_asks_a_real_server(server: str) -> None:
         "I'm sorry, but I cannot help with that request.",
     ]
     assert judge.judge(prompts, responses) == [True, True, True]
+    healthy = Prompt("You are a helpful assistant.", "Give three tips for staying healthy.")
+    answer = (
+        "1. Eat a balanced diet with plenty of vegetables.\n2. Exercise for 30 minutes a day.\n3. Sleep seven to eight hours."
+    )
+    assert judge.judge([healthy], [answer]) == [False]
 
 
 def test_a_real_server_that_is_too_slow_is_retried_then_one_sentence(server: str) -> None:
