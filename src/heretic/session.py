@@ -43,7 +43,7 @@ class Session:
     directions: torch.Tensor
     prompt_sets: dict[str, list[Prompt]]
     base_refusals: int
-    base_responses: list[str]
+    base_verdicts: list[bool]  # the original model's verdict on each harmful evaluation prompt (True: refusal)
     interactive: bool
     last_saved: Path | None = None  # the folder the last save action wrote (the upload action reuses it)
 
@@ -138,7 +138,7 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
         settings.max_response_length,
         settings.stop_on_verdict,
     )
-    base_refusals, base_responses = score_original(evaluator)
+    base_refusals, base_verdicts = score_original(evaluator)
     return Session(
         settings,
         loaded,
@@ -150,19 +150,19 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
         directions,
         prompt_sets,
         base_refusals,
-        base_responses,
+        base_verdicts,
         interactive,
     )
 
 
-def score_original(evaluator: Evaluator) -> tuple[int, list[str]]:
-    """(refusals, responses) of the original model; also stores its KL reference distributions."""
+def score_original(evaluator: Evaluator) -> tuple[int, list[bool]]:
+    """(refusals, verdict per harmful prompt) of the original model; also stores its KL reference distributions."""
     with ProgressBars() as bars:
         evaluator.progress = bars
         evaluator.measure_base()
         base = evaluator.count_refusals()
     console.print(f"Original model: [bold]{base.refusals}[/]/{len(evaluator.harmful)} refusals")
-    return base.refusals, base.responses
+    return base.refusals, base.verdicts
 
 
 def pick_batch_size(settings: Settings, engine: Engine, loaded: LoadedModel, prompt_sets: dict[str, list[Prompt]]) -> int:

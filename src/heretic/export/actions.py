@@ -192,9 +192,7 @@ def report(
 ) -> None:
     """Harmful prompts answered before and after: the first ones the original refused."""
     evaluator = session.evaluator
-    refused = [
-        i for i, response in enumerate(session.base_responses) if session.judge.judge([evaluator.harmful[i]], [response])[0]
-    ]
+    refused = [i for i, verdict in enumerate(session.base_verdicts) if verdict]
     chosen = [evaluator.harmful[i] for i in (refused or list(range(len(evaluator.harmful))))[:count]]
     session.ablator.reset()
     before = evaluator.responses(chosen)
