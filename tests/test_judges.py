@@ -158,7 +158,7 @@ def test_judge_identity_keeps_old_marker_fingerprints_and_tells_judges_apart() -
     rules, model = Settings(judge="rules"), Settings(judge="model", judge_threshold=1.5)
     assert judge_identity(rules) == {"judge": "rules"}
     assert judge_identity(model) == {"judge": "model", "model": None, "threshold": 1.5}
-    with pytest.raises(ValueError, match="judge-url"):
+    with pytest.raises(ValueError, match="judge_url"):
         Settings(judge="http")
 
 

@@ -100,12 +100,12 @@ def _metavar(name: str, info: Any) -> str:
         return "SOURCE[:SPLIT][SLICE]"
     if annotation in {"int", "<class 'int'>"} or getattr(info.annotation, "__name__", "") == "int":
         return "N"
-    if "float" in annotation:
-        return "X"
     if "Literal" in annotation or "Enum" in annotation or hasattr(info.annotation, "__members__"):
         choices = _choices(info.annotation)
         if choices:
             return "{" + ",".join(choices) + "}"
+    if "float" in annotation:  # after the choices: a choice may be named float16
+        return "X"
     return name.upper().split("_")[-1]
 
 

@@ -19,7 +19,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
@@ -606,11 +606,14 @@ class Settings(BaseSettings):
         """The prompt-set settings by name: harmful, harmless (directions), harmful_eval, harmless_eval (scoring)."""
         return {name: getattr(self, f"{name}_prompts") for name in PROMPT_SETS}
 
-    @model_validator(mode="after")
-    def _http_judge_has_a_url(self) -> Settings:
-        if self.judge == "http" and not self.judge_url:
-            raise ValueError("the http judge needs --judge-url, the API root of an OpenAI-compatible chat endpoint")
-        return self
+    @field_validator("judge_url")
+    @classmethod
+    def _http_judge_has_a_url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("judge") == "http" and not value:
+            raise ValueError(
+                "the http judge needs the API root of an OpenAI-compatible chat endpoint, e.g. http://127.0.0.1:8080/v1"
+            )
+        return value
 
     @field_validator("dtypes")
     @classmethod
