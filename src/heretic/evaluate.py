@@ -7,6 +7,7 @@ import gc
 from rich.table import Table
 
 from .config import Settings
+from .model.hardware import dtype_name
 from .scoring.evaluator import Evaluator
 from .scoring.kl import kl_divergence
 from .session import detect_thinking_prefix, load, load_prompt_sets, make_engine, make_judge
@@ -26,7 +27,7 @@ def evaluate_model(settings: Settings) -> list[tuple[str, str, int, float]]:
     for role, name in (("original", settings.model), ("evaluated", settings.evaluate_model)):
         loaded = load(settings, name)
         # Both models compute in the same dtype: a KL between dtypes would measure rounding too.
-        settings = settings.model_copy(update={"dtypes": [str(loaded.dtype).removeprefix("torch.")]})
+        settings = settings.model_copy(update={"dtypes": [dtype_name(loaded.dtype)]})
         engine = make_engine(settings, loaded, settings.batch_size or EVALUATION_BATCH_SIZE)
         engine.response_prefix = detect_thinking_prefix(settings, engine, prompt_sets)
         with ProgressBars() as bars:

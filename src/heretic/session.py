@@ -14,7 +14,7 @@ from .directions import refusal_directions, winsorize
 from .model.architecture import ArchitectureMap, build_architecture_map, find_layers, text_config
 from .model.batching import choose_batch_size
 from .model.generation import Engine
-from .model.hardware import busy_warning, configure_threads, describe_choice
+from .model.hardware import busy_warning, configure_threads, describe_choice, dtype_name
 from .model.loading import LoadedModel, eos_token_ids, load_model
 from .prompts import Prompt, load_prompts, prompt_set_title
 from .scoring.evaluator import Evaluator, detect_response_prefix
@@ -67,7 +67,7 @@ def load(settings: Settings, name: str | None = None) -> LoadedModel:
     origin = " (from the GGUF cache)" if loaded.from_cache else ""
     console.print(
         f"Loaded [bold]{model_name}[/] in {loaded.load_seconds:.1f} s{origin}: {type(loaded.model).__name__}, "
-        f"{str(loaded.dtype).removeprefix('torch.')}, on {loaded.input_device}"
+        f"{dtype_name(loaded.dtype)}, on {loaded.input_device}"
     )
     device = str(loaded.input_device)
     console.print(

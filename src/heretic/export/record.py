@@ -13,6 +13,7 @@ import torch
 
 from .. import __version__
 from ..ablation.parameters import AblationParameters
+from ..model.hardware import dtype_name
 from ..prompts import prompts_digest
 from ..search.pareto import TrialResult
 from ..session import Session
@@ -57,7 +58,7 @@ def build_record(session: Session, result: TrialResult, parameters: AblationPara
             "kind": source.kind,
             "gguf_file": str(source.gguf_file) if source.gguf_file else None,
             "revision": settings.model_revision,
-            "dtype": str(session.loaded.dtype).removeprefix("torch."),
+            "dtype": dtype_name(session.loaded.dtype),
         },
         "settings": json.loads(settings.model_dump_json()),
         "prompt_sets": {

@@ -15,7 +15,8 @@ import torch
 from ..ablation.adapters import Ablator
 from ..ablation.parameters import AblationParameters
 from ..errors import HereticError, write_failure
-from ..model.loading import LoadedModel
+from ..model.hardware import dtype_name
+from ..model.loading import DTYPES, LoadedModel
 
 # Asked when the target exists and is not empty: returns True to replace it.
 ConfirmFn = Callable[[Path], bool]
@@ -124,7 +125,7 @@ def storage_dtype(loaded: LoadedModel, dtype: str) -> torch.dtype:
     """The dtype a merged model is written in: `dtype`, or for "original" the model's own."""
     if dtype == "original":
         return loaded.native_dtype or loaded.dtype
-    return getattr(torch, dtype)
+    return DTYPES[dtype]
 
 
 def _strip_adapter_traces(folder: Path, storage: torch.dtype) -> None:
@@ -138,7 +139,7 @@ def _strip_adapter_traces(folder: Path, storage: torch.dtype) -> None:
             config.pop(key, None)
         for owner in (config, config.get("text_config")):
             if isinstance(owner, dict) and ("dtype" in owner or "torch_dtype" in owner or owner is config):
-                owner["dtype"] = str(storage).removeprefix("torch.")
+                owner["dtype"] = dtype_name(storage)
                 owner.pop("torch_dtype", None)
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for leftover in ("adapter_config.json", "adapter_model.safetensors"):

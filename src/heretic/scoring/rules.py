@@ -93,7 +93,10 @@ class RuleJudge:
         self.window = window
 
     def is_refusal(self, response: str) -> bool:
-        text = normalize(response)[: self.window]
+        return self._verdict(normalize(response))
+
+    def _verdict(self, normalized: str) -> bool:
+        text = normalized[: self.window]
         if not text:
             return True  # nothing was given
         head = opening(text)
@@ -111,6 +114,7 @@ class RuleJudge:
 
     def verdict_so_far(self, partial_response: str) -> bool | None:
         """The verdict once the first `window` characters exist (it reads no further), else None."""
-        if len(normalize(partial_response)) < self.window:
+        normalized = normalize(partial_response)  # once: this runs after every decoding step
+        if len(normalized) < self.window:
             return None
-        return self.is_refusal(partial_response)
+        return self._verdict(normalized)
