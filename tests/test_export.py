@@ -30,6 +30,8 @@ def settings(model: Path, tmp_path: Path, **overrides) -> Settings:
         harmless_prompts="bundled:harmless_train[:12]",
         harmful_eval_prompts="bundled:harmful_test[:8]",
         harmless_eval_prompts="bundled:harmless_test[:8]",
+        # The evaluation set again: the held-out count must then repeat the search's and the original's.
+        harmful_heldout_prompts="bundled:harmful_test[:8]",
         refusal_markers=MARKERS,
         max_response_length=8,
         batch_size=8,
@@ -126,6 +128,20 @@ def test_card_holds_metrics_parameters_and_provenance(saved: dict[str, Path]) ->
         or record["environment"]["libraries"]["torch"]
     )
     assert "token" not in json.dumps(record).lower()
+
+
+def test_heldout_count_is_in_the_record_and_the_card(saved: dict[str, Path]) -> None:
+    record = json.loads((saved["model"] / "heretic.json").read_text())
+    heldout = record["heldout"]
+    assert heldout["n_prompts"] == 8 and heldout["sha256"] == record["prompt_sets"]["harmful_eval"]["sha256"]
+    assert heldout["original_refusals"] == record["baseline"]["refusals"]
+    if not record["trial"]["refusals_is_lower_bound"]:
+        assert heldout["refusals"] == record["trial"]["refusals"]
+    card = (saved["model"] / "README.md").read_text()
+    assert (
+        f"On 8 held-out harmful prompts, never used for the directions or the search, this model refused {heldout['refusals']} "
+        in card
+    )
 
 
 def test_reproduce_gives_identical_weights(saved: dict[str, Path], tmp_path: Path) -> None:

@@ -44,7 +44,22 @@ def test_bundled_sets_are_distinct_from_each_other() -> None:
     harmful = set(load_prompt_texts(PromptSet(source="bundled", split="harmful_train")))
     harmless = set(load_prompt_texts(PromptSet(source="bundled", split="harmless_train")))
     assert not harmful & harmless
-    assert len(BUNDLED_SETS) == 4
+    assert len(BUNDLED_SETS) == 5
+
+
+def test_heldout_set_is_new_to_the_search() -> None:
+    """The held-out prompts share no prompt, and no near-duplicate, with the sets the directions and the search use."""
+    heldout = load_prompt_texts(PromptSet(source="bundled", split="harmful_heldout"))
+    seen = [
+        text
+        for split in ("harmful_train", "harmful_test")
+        for text in load_prompt_texts(PromptSet(source="bundled", split=split))
+    ]
+    assert len(heldout) == 100 and len(set(heldout)) == 100
+    assert not set(heldout) & set(seen)
+    seen_shingles = [_shingles(text) for text in seen]
+    worst = max((_jaccard(_shingles(text), other), text) for text in heldout for other in seen_shingles)
+    assert worst[0] <= 0.6, f"near-duplicate of a search prompt: {worst}"
 
 
 def test_slices_and_dressing() -> None:

@@ -39,6 +39,8 @@ PROMPT_FLAGS = [
     "bundled:harmful_test[:8]",
     "--harmless-eval-prompts",
     "bundled:harmless_test[:8]",
+    "--harmful-heldout-prompts",
+    "bundled:harmful_heldout[:8]",
 ]
 
 

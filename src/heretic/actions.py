@@ -12,7 +12,7 @@ from .errors import HereticError
 from .export.actions import ACTIONS
 from .search.pareto import TrialResult, pareto_front, select, trial_results
 from .search.space import describe
-from .session import Session
+from .session import Session, count_heldout
 from .ui import console, front_table
 
 
@@ -63,6 +63,7 @@ def choose_and_act(session: Session, study: optuna.Study) -> None:
         console.print(
             f"Chosen trial [bold]{result.number}[/]: {result.refusals_text}/{n_prompts} refusals, KL {result.kl:.4f} ({describe(parameters)})"
         )
+        show_heldout(session, result, parameters)
         for action in session.settings.action:
             perform(session, action, result, parameters)
         return
@@ -83,8 +84,23 @@ def interactive_loop(session: Session, front: list[TrialResult]) -> None:
             return
         parameters = restore(session, result)
         console.print(f"Trial {result.number} restored ({describe(parameters)})")
+        show_heldout(session, result, parameters)
         if not act_interactively(session, result, parameters):
             return
+
+
+def show_heldout(session: Session, result: TrialResult, parameters: AblationParameters) -> None:
+    """Print the restored trial's refusals on the held-out harmful prompts next to its in-search count."""
+    count = count_heldout(session, result.number, parameters)
+    if count is None:
+        return
+    n_prompts = len(session.evaluator.harmful)
+    in_search = result.refusals / n_prompts if n_prompts else 0.0
+    console.print(
+        f"Held-out harmful prompts (never seen by the search): [bold]{count.refusals}[/]/{count.n_prompts} refusals "
+        f"({count.refusals / count.n_prompts:.0%}; original {count.original}/{count.n_prompts}); "
+        f"in the search: {result.refusals_text}/{n_prompts} ({in_search:.0%})"
+    )
 
 
 def act_interactively(session: Session, result: TrialResult, parameters: AblationParameters) -> bool:

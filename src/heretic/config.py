@@ -67,7 +67,7 @@ class PromptSet(BaseModel):
     split: str | None = Field(
         default=None,
         description='Split and optional slice, e.g. "train[:400]", "test", or just "[100:200]" for files. '
-        'For "bundled": one of harmful_train, harmful_test, harmless_train, harmless_test.',
+        'For "bundled": one of harmful_train, harmful_test, harmful_heldout, harmless_train, harmless_test.',
     )
     column: str | None = Field(default=None, description="Column holding the prompt text (tables and datasets).")
     revision: str | None = Field(default=None, description="Dataset revision (git commit, tag or branch) on the Hub.")
@@ -348,6 +348,17 @@ class Settings(BaseSettings):
         default=PromptSet(source="bundled", split="harmless_test[:100]"),
         description="Harmless prompts on which the KL divergence from the original model is measured.",
         json_schema_extra=tags(Role.score, fingerprint="prompts"),
+    )
+    harmful_heldout_prompts: PromptSet = Field(
+        default=PromptSet(source="bundled", split="harmful_heldout"),
+        description="Harmful prompts never used for the directions or the search: the chosen trial's refusals are "
+        "counted on them too, to show how its refusal count carries over to prompts the search never saw.",
+        json_schema_extra=tags(Role.run),
+    )
+    count_heldout: bool = Field(
+        default=True,
+        description="Count the chosen trial's (and the original's) refusals on the held-out harmful prompts.",
+        json_schema_extra=tags(Role.run),
     )
 
     # --- Generation -----------------------------------------------------------------------

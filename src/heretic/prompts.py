@@ -14,7 +14,7 @@ from typing import Any
 from .config import PromptSet
 from .errors import HereticError, first_line
 
-BUNDLED_SETS = ("harmful_train", "harmful_test", "harmless_train", "harmless_test")
+BUNDLED_SETS = ("harmful_train", "harmful_test", "harmful_heldout", "harmless_train", "harmless_test")
 TABLE_SUFFIXES = {".csv", ".json", ".jsonl", ".parquet"}
 # Columns tried, in order, when a table or dataset has several and none was named.
 LIKELY_COLUMNS = ("prompt", "text", "instruction", "goal", "question", "query", "input")

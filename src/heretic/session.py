@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
 import torch
 
 from .ablation.adapters import Ablator
+from .ablation.parameters import AblationParameters
 from .config import ResumePolicy, Role, Settings, fields_with
 from .directions import refusal_directions, winsorize
 from .model.architecture import ArchitectureMap, build_architecture_map, find_layers, text_config
@@ -46,6 +47,17 @@ class Session:
     base_verdicts: list[bool]  # the original model's verdict on each harmful evaluation prompt (True: refusal)
     interactive: bool
     last_saved: Path | None = None  # the folder the last save action wrote (the upload action reuses it)
+    heldout: dict[int | None, int] = field(default_factory=dict)  # refusals on the held-out prompts by trial (None: original)
+    heldout_evaluator: Evaluator | None = None  # built on first use
+
+
+@dataclass(frozen=True)
+class HeldOutCount:
+    """Refusals on the held-out harmful prompts: never used for the directions or the search."""
+
+    refusals: int  # of the trial
+    original: int  # of the original model
+    n_prompts: int
 
 
 def load(settings: Settings, name: str | None = None) -> LoadedModel:
@@ -153,6 +165,32 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
         base_verdicts,
         interactive,
     )
+
+
+def count_heldout(session: Session, number: int, parameters: AblationParameters) -> HeldOutCount | None:
+    """The refusals of trial `number` (whose ablation `parameters` is applied) and of the original model on the
+    held-out harmful prompts, counted once per trial; None with --no-count-heldout or an empty set."""
+    settings = session.settings
+    if not settings.count_heldout:
+        return None
+    evaluator = session.heldout_evaluator
+    if evaluator is None:
+        prompts = load_prompts(settings.harmful_heldout_prompts, settings.system_prompt)
+        evaluator = Evaluator(session.engine, session.judge, prompts, [], settings.max_response_length, settings.stop_on_verdict)
+        session.heldout_evaluator = evaluator
+    if not evaluator.harmful:
+        return None
+    with ProgressBars() as bars:
+        evaluator.progress = bars
+        if None not in session.heldout:
+            session.ablator.reset()
+            try:
+                session.heldout[None] = evaluator.count_refusals().refusals
+            finally:
+                session.ablator.apply(parameters, session.directions)
+        if number not in session.heldout:
+            session.heldout[number] = evaluator.count_refusals().refusals
+    return HeldOutCount(session.heldout[number], session.heldout[None], len(evaluator.harmful))
 
 
 def score_original(evaluator: Evaluator) -> tuple[int, list[bool]]:

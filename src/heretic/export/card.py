@@ -91,7 +91,21 @@ def _results(record: dict[str, Any]) -> list[str]:
         f"| original | {baseline['refusals']} | 0 |",
         f"| this model (trial {trial['number']}) | {refusals} | {trial['kl']:.4f} |",
         "",
+        *_heldout(record.get("heldout")),
         f"Refusals were counted by {judge_description(record.get('settings', {}))}.",
+        "",
+    ]
+
+
+def _heldout(heldout: dict[str, Any] | None) -> list[str]:
+    """The held-out count, where it was made: how the refusal count carries over to prompts the search never saw."""
+    if not heldout:
+        return []
+    n = heldout["n_prompts"]
+    return [
+        f"On {n} held-out harmful prompts, never used for the directions or the search, this model refused "
+        f"{heldout['refusals']} ({heldout['refusals'] / n:.0%}) and the original {heldout['original_refusals']} "
+        f"({heldout['original_refusals'] / n:.0%}).",
         "",
     ]
 

@@ -80,6 +80,21 @@ def build_record(session: Session, result: TrialResult, parameters: AblationPara
             "kl": result.kl,
         },
         "baseline": {"refusals": session.base_refusals, "n_prompts": len(session.evaluator.harmful)},
+        "heldout": heldout_entry(session, result.number),
+    }
+
+
+def heldout_entry(session: Session, number: int) -> dict[str, Any] | None:
+    """The trial's and the original's refusals on the held-out harmful prompts, where they were counted."""
+    evaluator = session.heldout_evaluator
+    if evaluator is None or number not in session.heldout or None not in session.heldout:
+        return None
+    return {
+        "spec": session.settings.harmful_heldout_prompts.model_dump(mode="json"),
+        "n_prompts": len(evaluator.harmful),
+        "sha256": prompts_digest(evaluator.harmful),
+        "refusals": session.heldout[number],
+        "original_refusals": session.heldout[None],
     }
 
 

@@ -85,6 +85,8 @@ class Engine:
     # --- Tokenization -------------------------------------------------------------------------
 
     def encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
+        if not prompts:
+            return []
         texts = [format_chat(self.tokenizer, p.system, p.user, self.response_prefix) for p in prompts]
         encoded = [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
         for prompt, ids in zip(prompts, encoded):
