@@ -96,6 +96,53 @@ def parse_prompt_set_shorthand(text: str) -> dict[str, Any]:
     return {"source": match.group("source"), "split": split or None}
 
 
+ObjectiveDirection = Literal["minimize", "maximize", "report"]
+
+
+class ObjectiveTable(BaseModel):
+    """The settings table of one objective (`[objectives.<name>]`): which objective, its direction, its prompts,
+    and, as further keys, the objective's own settings (checked by the objective when it is loaded)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    use: str | None = Field(
+        default=None,
+        description="The objective: a built-in name (response-length, moralizing), an entry point of the group "
+        'heretic.objectives, "package.module:Name" or "path/to/file.py:Name" (default: the table\'s name).',
+    )
+    direction: ObjectiveDirection | None = Field(
+        default=None, description="minimize, maximize or report (shown, not optimized); default: the objective's own."
+    )
+    prompts: PromptSet | None = Field(
+        default=None,
+        description="Prompts whose responses this objective scores (generated once more per trial); "
+        "default: it scores the responses to the harmful evaluation prompts the refusal count already generated.",
+    )
+
+    def own_settings(self) -> dict[str, Any]:
+        """The keys of the table that belong to the objective itself."""
+        return dict(self.model_extra or {})
+
+
+def objective_tables(value: Any) -> Any:
+    """`--objectives` as names ("a,b", or a JSON list) or as tables by name: {name: table}."""
+    if isinstance(value, str):
+        value = [item.strip() for item in value.split(",") if item.strip()]
+    if isinstance(value, (list, tuple)):
+        tables: dict[str, Any] = {}
+        for item in value:
+            if not isinstance(item, str) or not item.strip():
+                raise ValueError("each objective is a name, package.module:Name or path/to/file.py:Name")
+            tables[objective_key(item)] = {"use": item.strip()}
+        return tables
+    return value
+
+
+def objective_key(spec: str) -> str:
+    """The name an objective given as a spec is shown and configured under: the attribute, else the spec."""
+    return spec.strip().rpartition(":")[2] if ":" in spec else spec.strip()
+
+
 # Refusal markers, matched as substrings of the normalized response (lower case, "*" removed,
 # typographic apostrophes unified, whitespace collapsed). Phrases rather than single words such
 # as "illegal", which compliant answers often contain. English first, then the most-used languages.
@@ -426,6 +473,13 @@ class Settings(BaseSettings):
         description='Custom refusal judge: "path/to/file.py:Name" or "package.module:Name" (see README, Scorers).',
         json_schema_extra=tags(Role.score, fingerprint="judge"),
     )
+    objectives: dict[str, ObjectiveTable] = Field(
+        default={},
+        description="Objectives besides refusals and KL, each minimized, maximized or only reported: names "
+        "(response-length, moralizing, an entry point of heretic.objectives, package.module:Name, path/to/file.py:Name), "
+        "or tables [objectives.NAME] in the config file with their settings (see README, Objectives).",
+        json_schema_extra=tags(Role.score, fingerprint="judge"),
+    )
     judge: Literal["markers", "rules", "model", "http"] = Field(
         default="markers",
         description="What decides that a response refuses: markers (any refusal marker anywhere), rules (where the "
@@ -606,6 +660,11 @@ class Settings(BaseSettings):
         """The prompt-set settings by name: harmful, harmless (directions), harmful_eval, harmless_eval (scoring)."""
         return {name: getattr(self, f"{name}_prompts") for name in PROMPT_SETS}
 
+    @field_validator("objectives", mode="before")
+    @classmethod
+    def _objective_names(cls, value: Any) -> Any:
+        return objective_tables(value)
+
     @field_validator("judge_url")
     @classmethod
     def _http_judge_has_a_url(cls, value: str | None, info: ValidationInfo) -> str | None:
@@ -654,14 +713,31 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        config_file = _CONFIG_FILE.get()
+        config_file, preset_file = _CONFIG_FILE.get(), _PRESET_FILE.get()
         sources: list[PydanticBaseSettingsSource] = [init_settings, HereticEnvSource(settings_cls)]
         if config_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        if preset_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=preset_file))
         return tuple(sources)
 
 
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("heretic_config_file", default=None)
+_PRESET_FILE: ContextVar[Path | None] = ContextVar("heretic_preset_file", default=None)
+PRESETS_DIR = Path(__file__).parent / "data" / "presets"
+
+
+def preset_names() -> list[str]:
+    """The presets shipped with Heretic (src/heretic/data/presets/NAME.toml)."""
+    return sorted(path.stem for path in PRESETS_DIR.glob("*.toml"))
+
+
+def preset_file(name: str) -> Path:
+    """The file of a shipped preset; a preset is a config file read beneath the user's own."""
+    path = PRESETS_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise SettingValueError("preset", f"{name!r} is unknown; the presets are {', '.join(preset_names())}")
+    return path
 
 
 def field_extra(name: str) -> dict[str, Any]:
@@ -751,7 +827,7 @@ class HereticEnvSource(PydanticBaseSettingsSource):
     def __call__(self) -> dict[str, Any]:
         values: dict[str, Any] = {}
         for key, text in os.environ.items():
-            if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+            if not key.startswith(ENV_PREFIX) or key in (ENV_PREFIX + "CONFIG", ENV_PREFIX + "PRESET"):
                 continue
             name = key[len(ENV_PREFIX) :].lower()
             if name not in Settings.model_fields:
@@ -760,10 +836,10 @@ class HereticEnvSource(PydanticBaseSettingsSource):
         return values
 
 
-def load_settings(cli_values: dict[str, Any], config_file: str | None = None) -> Settings:
-    """Build Settings from the command line, the environment and the TOML config file.
+def load_settings(cli_values: dict[str, Any], config_file: str | None = None, preset: str | None = None) -> Settings:
+    """Build Settings from the command line, the environment, the TOML config file and a preset (lowest).
 
-    `config_file` None means ./config.toml if present (or $HERETIC_CONFIG).
+    `config_file` None means ./config.toml if present (or $HERETIC_CONFIG); `preset` None means $HERETIC_PRESET.
     Raises SettingValueError / pydantic.ValidationError / tomllib.TOMLDecodeError; the CLI turns each
     into one line.
     """
@@ -776,10 +852,13 @@ def load_settings(cli_values: dict[str, Any], config_file: str | None = None) ->
         path = Path(config_file)
     if path is not None and not path.is_file():
         raise FileNotFoundError(str(path))
+    preset = preset or os.environ.get(ENV_PREFIX + "PRESET")
     token = _CONFIG_FILE.set(path)
+    preset_token = _PRESET_FILE.set(preset_file(preset) if preset else None)
     try:
         return Settings(**cli_values)
     finally:
+        _PRESET_FILE.reset(preset_token)
         _CONFIG_FILE.reset(token)
 
 
@@ -816,7 +895,7 @@ def render_default_toml() -> str:
             lines.append(f"# ---- {section} " + "-" * max(4, 70 - len(section)))
         lines.append("")
         lines.extend(_comment(info.description or ""))
-        if default is None:
+        if default is None or default == {}:
             lines.append(f"# {name} =")
         else:
             lines.append(f"{name} = {_toml_value(default)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -11,6 +12,9 @@ from ..model.generation import Engine, common_prefix_length
 from ..prompts import Prompt
 from .kl import kl_divergence
 from .refusals import RefusalJudge
+
+if TYPE_CHECKING:
+    from .objectives import LoadedObjective
 
 # Called with the refusals found so far (a lower bound of the final count): True stops counting.
 Cutoff = Callable[[int], bool]
@@ -37,6 +41,7 @@ class RefusalCount:
     complete: bool
     responses: list[str] = field(default_factory=list)  # empty when cut short
     verdicts: list[bool] = field(default_factory=list)
+    token_counts: list[int] = field(default_factory=list)  # generated tokens per response
 
 
 class Evaluator:
@@ -60,6 +65,7 @@ class Evaluator:
         self.harmful_ids = engine.encode(harmful)
         self.harmless_ids = engine.encode(harmless)
         self.base_logprobs: torch.Tensor | None = None
+        self.objectives: list[LoadedObjective] = []  # scored after each refusal count (scoring/objectives.py)
 
     def measure_base(self) -> None:
         """The original model's first-position distributions (computed once, with adapters at zero)."""
@@ -115,7 +121,8 @@ class Evaluator:
         verdicts = [bool(verdict) for verdict in early]
         for index, verdict in zip(undecided, judged):
             verdicts[index] = bool(verdict)
-        return RefusalCount(sum(verdicts), complete=True, responses=responses, verdicts=verdicts)
+        counts = [len(tokens) for tokens in token_ids]
+        return RefusalCount(sum(verdicts), complete=True, responses=responses, verdicts=verdicts, token_counts=counts)
 
     def responses(self, prompts: list[Prompt], max_new_tokens: int | None = None) -> list[str]:
         """Full greedy responses (no early stop), for showing before/after examples."""
