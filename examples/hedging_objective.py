@@ -1,14 +1,10 @@
-"""An objective plug-in for Heretic: how much the model hedges ("maybe", "perhaps", "I think").
+"""A Heretic objective plug-in: hedging words ("maybe", "perhaps", "I think") per answer.
 
-Use it by naming it in a table of your config.toml (or with --objectives examples/hedging_objective.py:Hedging):
-
-    [objectives.hedging]
+    [objectives.hedging]                      # in config.toml; or --objectives examples/hedging_objective.py:Hedging
     use = "examples/hedging_objective.py:Hedging"
     direction = "minimize"                    # or "maximize", or "report" (shown, never optimized)
-    prompts = "bundled:harmless_test[:20]"    # its own prompts; leave out to score the harmful responses
-    words = ["maybe", "perhaps", "i think"]   # a setting of this objective, checked by Hedging.Settings
-
-The search then co-optimizes refusals, KL divergence and the hedging score, and the Pareto front shows all three.
+    prompts = "bundled:harmless_test[:20]"    # its own prompts; leave out to score the harmful answers
+    words = ["maybe", "perhaps", "i think"]   # a setting of its own, checked by Hedging.Settings
 """
 
 from __future__ import annotations
@@ -21,28 +17,22 @@ from heretic.scoring.objectives import ObjectiveContext, TrialOutputs
 
 
 class Hedging:
-    name = "hedging"  # shown when the table does not name it
+    name = "hedging"  # shown when no table names it
     direction = "minimize"  # the default; the table's `direction` overrides it
 
-    class Settings(BaseModel):
-        """The objective's own keys of [objectives.hedging]; unknown keys and bad values are reported in one sentence."""
-
+    class Settings(BaseModel):  # the own keys of [objectives.hedging]; mistakes are one sentence
         model_config = ConfigDict(extra="forbid")
-        words: list[str] = Field(default=["maybe", "perhaps", "possibly", "might", "i think", "i believe"], min_length=1)
+        words: list[str] = Field(default=["maybe", "perhaps", "possibly", "i think"], min_length=1)
 
     def __init__(self, settings: Hedging.Settings) -> None:
-        # Whole words (or phrases), case-insensitive.
-        self.pattern = re.compile(r"\b(?:" + "|".join(re.escape(word.lower()) for word in settings.words) + r")\b")
-        self.scored = "the harmful evaluation prompts"
+        words = "|".join(re.escape(word.lower()) for word in settings.words)
+        self.pattern = re.compile(rf"\b(?:{words})\b")  # whole words or phrases
 
     def setup(self, context: ObjectiveContext) -> None:
-        """Called once before the original model is scored; the context holds the engine, evaluator and settings."""
-        if context.prompts is not None:
-            self.scored = f"{len(context.prompts)} prompts of its own"
+        """Optional, called once: context has the settings, this table, its prompts, the engine, the evaluator."""
+        self.own_prompts = context.prompts is not None
 
     def score(self, trial: TrialOutputs) -> float:
-        """Hedging words per response, averaged over the responses to its own prompts (else the harmful ones)."""
-        responses = trial.own_responses if trial.own_prompts else trial.responses
-        if not responses:
-            return 0.0
-        return sum(len(self.pattern.findall(response.lower())) for response in responses) / len(responses)
+        """Hedging words per answer to its own prompts (else to the harmful evaluation prompts)."""
+        responses = trial.own_responses if self.own_prompts else trial.responses
+        return sum(len(self.pattern.findall(text.lower())) for text in responses) / max(len(responses), 1)

@@ -3,7 +3,10 @@ the presets, and a search on a tiny model that co-optimizes three objectives and
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import math
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -101,6 +104,21 @@ def test_plugin_errors_and_bad_values_are_one_sentence(tmp_path: Path) -> None:
     with pytest.raises(HereticError) as error:
         load_objectives(Settings(objectives=[broken]))
     assert one_sentence(error).endswith("failed: RuntimeError: oops.")
+
+
+def test_an_entry_point_is_loaded_by_its_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    point = importlib.metadata.EntryPoint("hedge", "heretic_test_hedging:Hedging", "heretic.objectives")
+    real = importlib.metadata.entry_points
+    monkeypatch.setattr(
+        importlib.metadata, "entry_points", lambda **kw: [point] if kw == {"group": "heretic.objectives"} else real(**kw)
+    )
+    monkeypatch.syspath_prepend(str(EXAMPLE.parent))
+    monkeypatch.setitem(sys.modules, "heretic_test_hedging", importlib.import_module("hedging_objective"))
+    (objective,) = load_objectives(Settings(objectives={"hedge": {"words": ["so"]}}))
+    assert type(objective.objective).__name__ == "Hedging" and objective.direction == "minimize"
+    with pytest.raises(HereticError) as error:
+        load_objectives(Settings(objectives=["other"]))
+    assert "use one of moralizing, response-length, hedge," in one_sentence(error)
 
 
 def test_objectives_from_the_command_line() -> None:
