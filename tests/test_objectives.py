@@ -25,6 +25,7 @@ from heretic.search import checkpoint
 from heretic.search.checkpoint import open_storage
 from heretic.search.pareto import TrialResult, dominates, pareto_front, point, study_directions, trial_results
 from heretic.search.study import study_fingerprint
+from heretic.ui import console
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hedging_objective.py"
 PROMPT = Prompt("You are a helpful assistant.", "question")
@@ -281,3 +282,19 @@ direction = "report"
     out = capsys.readouterr().out
     assert "Objectives besides refusals and KL: hedging (minimize), response-length (report)" in out
     assert "response-length" in out.split("Pareto front")[1] and "Chosen trial" in out
+
+
+@pytest.mark.slow
+def test_evaluate_model_shows_the_objectives(
+    tiny_models: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(console, "width", 200)  # one table row per line
+    model = str(tiny_models["llama"])
+    main(
+        ["--model", model, "--evaluate-model", model, *PROMPT_FLAGS, "--max-response-length", "6", "--batch-size", "8"]
+        + ["--objectives", "moralizing,response-length", "--refusal-markers", '["ak", "ook", "ot"]']
+    )
+    out = capsys.readouterr().out
+    assert "moralizing (minimize)" in out and "response-length (report)" in out
+    rows = [line for line in out.splitlines() if "(original)" in line or "(evaluated)" in line]
+    assert len(rows) == 2 and rows[0].split("│")[2:] == rows[1].split("│")[2:]  # the same model scores the same

@@ -11,7 +11,7 @@ An objective is any object with a `name`, a default `direction` and a `score` me
             weight: float = 1.0
 
         def __init__(self, settings): ...       # optional argument: the validated Settings (or the dict of keys)
-        def setup(self, context): ...           # optional: once, before the original model is scored
+        def setup(self, context): ...           # optional: once per scored model, before its first score
         def score(self, trial) -> float: ...    # once per trial (and once for the original model)
 
 `trial` is a `TrialOutputs`: the harmful evaluation prompts and their responses (already generated for
