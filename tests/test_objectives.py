@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import json
 import math
 import sys
 from pathlib import Path
@@ -127,6 +128,12 @@ def test_objectives_from_the_command_line() -> None:
     assert list(settings.objectives) == ["moralizing", "response-length"]
     settings = settings_from_argv(["--objectives", f'["{EXAMPLE}:Hedging"]'])
     assert list(settings.objectives) == ["Hedging"] and settings.objectives["Hedging"].use == f"{EXAMPLE}:Hedging"
+    assert [objective.name for objective in load_objectives(settings)] == ["hedging"]  # its own name
+    (renamed,) = load_objectives(Settings(objectives={"hedges": {"use": f"{EXAMPLE}:Hedging"}}))
+    assert renamed.name == "hedges"  # a table's name wins
+    with pytest.raises(HereticError) as error:
+        load_objectives(Settings(objectives={"hedging": {"use": "moralizing"}, "Hedging": {"use": f"{EXAMPLE}:Hedging"}}))
+    assert one_sentence(error) == "Two objectives are named 'hedging'; give each its own table name [objectives.NAME]."
     assert Settings().objectives == {}
 
 
@@ -258,7 +265,7 @@ direction = "report"
     main(
         [str(tiny_models["llama"]), *PROMPT_FLAGS, "--refusal-markers", '["ak", "ook", "ot"]', "--max-response-length", "8"]
         + ["--batch-size", "8", "--n-trials", "6", "--n-startup-trials", "3", "--checkpoint-dir", str(checkpoints)]
-        + ["--headless"]
+        + ["--headless", "--action", "save", "--output-dir", str(tmp_path / "out")]
     )
     (journal,) = checkpoints.glob("*.jsonl")
     study = optuna.load_study(study_name="heretic", storage=open_storage(journal))
@@ -279,6 +286,11 @@ direction = "report"
             assert any(dominates(point(f, study_directions(study)), point(r, study_directions(study))) for f in front) or any(
                 point(f, study_directions(study)) == point(r, study_directions(study)) for f in front
             )
+    record = json.loads((tmp_path / "out" / "heretic.json").read_text())
+    chosen = next(r for r in results if r.number == record["trial"]["number"])
+    assert record["trial"]["objectives"] == chosen.objectives and set(record["baseline"]["objectives"]) == set(chosen.objectives)
+    assert record["objective_directions"] == {"hedging": "minimize", "response-length": "report"}
+    assert "| response-length | report |" in (tmp_path / "out" / "README.md").read_text()
     out = capsys.readouterr().out
     assert "Objectives besides refusals and KL: hedging (minimize), response-length (report)" in out
     assert "response-length" in out.split("Pareto front")[1] and "Chosen trial" in out

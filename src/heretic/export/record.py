@@ -84,6 +84,7 @@ def build_record(session: Session, result: TrialResult, parameters: AblationPara
     if result.objectives:  # the further objectives' values (none without --objectives: the record is unchanged)
         record["trial"]["objectives"] = dict(result.objectives)
         record["baseline"]["objectives"] = dict(session.base_objectives)
+        record["objective_directions"] = {objective.name: objective.direction for objective in session.evaluator.objectives}
     return record
 
 

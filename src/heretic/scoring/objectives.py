@@ -3,7 +3,7 @@
 An objective is any object with a `name`, a default `direction` and a `score` method:
 
     class MyObjective:
-        name = "my-objective"
+        name = "my-objective"                  # its name when --objectives gives it as module:Name (a table's name wins)
         direction = "minimize"                  # or "maximize", or "report" (shown, never optimized)
         full_responses = True                   # optional: score whole responses (turns off early stopping)
 
@@ -35,7 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ValidationError
 
-from ..config import ObjectiveTable, Settings
+from ..config import ObjectiveTable, Settings, objective_key
 from ..errors import HereticError
 from ..model.generation import Engine
 from ..prompts import Prompt, load_prompts, prompts_digest
@@ -75,7 +75,7 @@ class ObjectiveContext:
 
 @runtime_checkable
 class Objective(Protocol):
-    name: str
+    name: str  # shown when --objectives names it by its spec (a table's name wins)
     direction: str
 
     def score(self, trial: TrialOutputs) -> float: ...
@@ -124,7 +124,21 @@ def builtin_objectives() -> dict[str, Callable[..., Any]]:
 
 def load_objectives(settings: Settings) -> list[LoadedObjective]:
     """Every objective of `settings.objectives`, loaded and checked, in the order configured."""
-    return [load_objective(name, table, settings) for name, table in settings.objectives.items()]
+    objectives = [load_objective(name, table, settings) for name, table in settings.objectives.items()]
+    names = [objective.name for objective in objectives]
+    for name in names:
+        if names.count(name) > 1:
+            raise HereticError(f"Two objectives are named {name!r}; give each its own table name [objectives.NAME].")
+    return objectives
+
+
+def display_name(key: str, table: ObjectiveTable, objective: Any) -> str:
+    """The table's name, or the objective's own `name` when the table is only named after it (as
+    `--objectives package.module:Name` names it)."""
+    own = getattr(objective, "name", None)
+    if table.use is not None and key == objective_key(table.use) and isinstance(own, str) and own.strip():
+        return own.strip()
+    return key
 
 
 def load_objective(name: str, table: ObjectiveTable, settings: Settings) -> LoadedObjective:
@@ -145,7 +159,7 @@ def load_objective(name: str, table: ObjectiveTable, settings: Settings) -> Load
         )
     prompts = load_prompts(table.prompts, settings.system_prompt) if table.prompts is not None else None
     digest = hashlib.sha256(source.read_bytes()).hexdigest() if source is not None else None
-    return LoadedObjective(name, str(direction), objective, table, options, prompts, digest)
+    return LoadedObjective(display_name(name, table, objective), str(direction), objective, table, options, prompts, digest)
 
 
 def validate_options(name: str, factory: Any, own: dict[str, Any]) -> Any:
