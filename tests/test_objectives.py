@@ -126,6 +126,8 @@ def test_an_entry_point_is_loaded_by_its_name(monkeypatch: pytest.MonkeyPatch) -
 def test_objectives_from_the_command_line() -> None:
     settings = settings_from_argv(["--objectives", "moralizing,response-length"])
     assert list(settings.objectives) == ["moralizing", "response-length"]
+    settings = settings_from_argv(["--objectives", "moralizing", "--objectives", '{"long": {"use": "response-length"}}'])
+    assert settings.objectives["long"].use == "response-length" and list(settings.objectives) == ["moralizing", "long"]
     settings = settings_from_argv(["--objectives", f'["{EXAMPLE}:Hedging"]'])
     assert list(settings.objectives) == ["Hedging"] and settings.objectives["Hedging"].use == f"{EXAMPLE}:Hedging"
     assert [objective.name for objective in load_objectives(settings)] == ["hedging"]  # its own name
@@ -247,8 +249,9 @@ def test_an_unknown_preset_is_one_sentence(capsys: pytest.CaptureFixture[str]) -
 
 @pytest.mark.slow
 def test_search_with_three_objectives_and_a_reported_one(
-    tiny_models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(console, "width", 200)  # one line per message
     (tmp_path / "config.toml").write_text(
         f"""
 [objectives.hedging]
@@ -292,7 +295,7 @@ direction = "report"
     assert record["objective_directions"] == {"hedging": "minimize", "response-length": "report"}
     assert "| response-length | report |" in (tmp_path / "out" / "README.md").read_text()
     out = capsys.readouterr().out
-    assert "Objectives besides refusals and KL: hedging (minimize), response-length (report)" in out
+    assert "Objectives besides refusals and KL: hedging (minimize, 3 prompts of its own), response-length (report)" in out
     assert "response-length" in out.split("Pareto front")[1] and "Chosen trial" in out
 
 

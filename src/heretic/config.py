@@ -128,12 +128,15 @@ def objective_tables(value: Any) -> Any:
     """`--objectives` as names ("a,b", or a JSON list) or as tables by name: {name: table}."""
     if isinstance(value, str):
         value = [item.strip() for item in value.split(",") if item.strip()]
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple)):  # names, and tables by name from a repeated flag's JSON objects
         tables: dict[str, Any] = {}
         for item in value:
-            if not isinstance(item, str) or not item.strip():
+            if isinstance(item, dict):
+                tables.update(item)
+            elif isinstance(item, str) and item.strip():
+                tables[objective_key(item)] = {"use": item.strip()}
+            else:
                 raise ValueError("each objective is a name, package.module:Name or path/to/file.py:Name")
-            tables[objective_key(item)] = {"use": item.strip()}
         return tables
     return value
 
@@ -775,6 +778,8 @@ def field_kind(info: FieldInfo) -> str:
     annotation = str(info.annotation)
     if info.annotation is bool:
         return "bool"
+    if "ObjectiveTable" in annotation:  # --objectives: repeatable names (or JSON), though it holds tables
+        return "list"
     if annotation.startswith("list[tuple") or annotation.startswith("dict") or "dict[" in annotation:
         return "json"
     if annotation.startswith("list["):

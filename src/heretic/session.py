@@ -167,7 +167,11 @@ def attach_objectives(settings: Settings, evaluator: Evaluator, objectives: list
         return
     evaluator.objectives = objectives
     setup_objectives(objectives, settings, evaluator)
-    described = ", ".join(f"{objective.name} ({objective.direction})" for objective in objectives)
+    described = ", ".join(
+        f"{objective.name} ({objective.direction}"
+        + (f", {len(objective.prompts)} prompts of its own)" if objective.prompts is not None else ")")
+        for objective in objectives
+    )
     console.print(f"Objectives besides refusals and KL: [bold]{described}[/]")
     whole = [objective.name for objective in objectives if objective.full_responses]
     if whole and evaluator.stop_on_verdict:
