@@ -420,7 +420,7 @@ class Settings(BaseSettings):
     stop_on_verdict: bool = Field(
         default=True,
         description="Stop generating a response once its verdict is fixed (a refusal marker seen, or end of text). "
-        "Exact: verdicts equal those of full-length responses.",
+        "Exact: verdicts equal those of full-length responses. Off while an objective needs whole responses.",
         json_schema_extra=tags(Role.run),
     )
     share_prompt_prefix: bool = Field(
@@ -563,7 +563,8 @@ class Settings(BaseSettings):
     cut_hopeless_trials: bool = Field(
         default=True,
         description="Stop counting refusals once a trial is certain to be dominated (another trial has lower KL and "
-        "fewer refusals); its refusals are then recorded as a lower bound and marked as cut.",
+        "fewer refusals); its refusals are then recorded as a lower bound and marked as cut. Off while --objectives "
+        "are configured.",
         json_schema_extra=tags(Role.score, Role.search),
     )
     checkpoint_dir: str = Field(
