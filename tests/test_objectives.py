@@ -19,13 +19,18 @@ from tiny import PROMPT_FLAGS
 from heretic.cli import main, settings_from_argv
 from heretic.config import Settings, load_settings, preset_names
 from heretic.errors import HereticError
+from heretic.model.generation import Engine
+from heretic.model.loading import eos_token_ids, load_model
 from heretic.prompts import Prompt
 from heretic.scoring.builtin_objectives import DEFAULT_MORALIZING_MARKERS, Moralizing, ResponseLength
+from heretic.scoring.evaluator import Evaluator
 from heretic.scoring.objectives import TrialOutputs, load_objectives, score_objectives
+from heretic.scoring.refusals import MarkerJudge
 from heretic.search import checkpoint
 from heretic.search.checkpoint import open_storage
 from heretic.search.pareto import TrialResult, dominates, pareto_front, point, study_directions, trial_results
 from heretic.search.study import study_fingerprint
+from heretic.session import keep_whole
 from heretic.ui import console
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hedging_objective.py"
@@ -158,7 +163,43 @@ def test_response_length_is_the_mean_token_count() -> None:
     assert ResponseLength(ResponseLength.Settings()).score(trial) == 14.0
     assert ResponseLength(ResponseLength.Settings(only_compliant=True)).score(trial) == 20.0
     (objective,) = loaded(length={"use": "response-length"})
-    assert objective.name == "length" and objective.direction == "report" and objective.full_responses
+    assert objective.name == "length" and objective.direction == "report" and objective.full_responses == "all"
+    (objective,) = loaded(length={"use": "response-length", "only_compliant": True})
+    assert objective.full_responses == "compliant"
+    (objective,) = loaded(moralizing={"include_refusals": True})
+    assert objective.full_responses == "all"
+    (objective,) = loaded(moralizing={"prompts": "bundled:harmless_test[:2]"})
+    assert objective.full_responses is None  # it scores its own prompts' responses
+
+
+class HastyJudge(MarkerJudge):
+    """A refusal once a marker shows; a compliance as soon as 4 characters show none (so answers stop early)."""
+
+    def verdict_so_far(self, partial: str) -> bool | None:
+        if self.decided(partial):
+            return True
+        return False if len(partial) >= 4 else None
+
+
+def test_compliant_responses_stay_whole_while_refusals_stop_early(tiny_models: dict[str, Path]) -> None:
+    loaded_model = load_model(str(tiny_models["llama"]), dtypes=["float32"])
+    engine = Engine(loaded_model.model, loaded_model.tokenizer, eos_token_ids(loaded_model), batch_size=4)
+    prompts = [Prompt("You are a helpful assistant.", f"Question number {i}: why?") for i in range(6)]
+    full = [engine.decode(tokens) for tokens in engine.generate(engine.encode(prompts), 16)]
+    # A marker from the responses themselves that some contain (refusals mid-way) and some do not.
+    candidates = [HastyJudge([text[i : i + 3]]) for text in full for i in range(4, len(text) - 3)]
+    judge = next(j for j in candidates if j.markers and 0 < sum(j.judge(prompts, full)) < len(full))
+    expected = judge.judge(prompts, full)
+    evaluator = Evaluator(engine, judge, prompts, prompts, 16)
+    keep_whole(evaluator, loaded(moralizing={}))  # leaves refusals out: only compliant answers need to be whole
+    assert evaluator.stop_on_verdict and evaluator.stop_on_refusal_only
+    count = evaluator.count_refusals()
+    assert count.verdicts == expected
+    assert [r for r, v in zip(count.responses, expected) if not v] == [r for r, v in zip(full, expected) if not v]
+    hasty = Evaluator(engine, judge, prompts, prompts, 16).count_refusals()  # without: compliant answers cut short
+    assert [r for r, v in zip(hasty.responses, expected) if not v] != [r for r, v in zip(full, expected) if not v]
+    keep_whole(evaluator, loaded(moralizing={}, length={"use": "response-length"}))  # needs refusals whole too
+    assert not evaluator.stop_on_verdict
 
 
 # --- the front over more objectives --------------------------------------------------------------

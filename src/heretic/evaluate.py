@@ -13,7 +13,7 @@ from .scoring.evaluator import Evaluator
 from .scoring.kl import kl_divergence
 from .scoring.objectives import load_objectives, score_objectives, setup_objectives
 from .search.pareto import objective_text
-from .session import detect_thinking_prefix, load, load_prompt_sets, make_engine, make_judge
+from .session import detect_thinking_prefix, keep_whole, load, load_prompt_sets, make_engine, make_judge
 from .ui import ProgressBars, console
 
 # The batch size of both models when --batch-size is 0 (no measurement here).
@@ -26,7 +26,6 @@ def evaluate_model(settings: Settings) -> list[tuple[str, str, int, float]]:
     harmful, harmless = prompt_sets["harmful_eval"], prompt_sets["harmless_eval"]
     judge = make_judge(settings)
     objectives = load_objectives(settings)
-    whole = any(objective.full_responses for objective in objectives)
     rows, values = [], []
     reference_logprobs = None
     for role, name in (("original", settings.model), ("evaluated", settings.evaluate_model)):
@@ -36,8 +35,8 @@ def evaluate_model(settings: Settings) -> list[tuple[str, str, int, float]]:
         engine = make_engine(settings, loaded, settings.batch_size or EVALUATION_BATCH_SIZE)
         engine.response_prefix = detect_thinking_prefix(settings, engine, prompt_sets)
         with ProgressBars() as bars:
-            stop = settings.stop_on_verdict and not whole
-            evaluator = Evaluator(engine, judge, harmful, harmless, settings.max_response_length, stop, bars)
+            evaluator = Evaluator(engine, judge, harmful, harmless, settings.max_response_length, settings.stop_on_verdict, bars)
+            keep_whole(evaluator, objectives)
             logprobs = evaluator.logprobs()
             count = evaluator.count_refusals()
             refusals = count.refusals

@@ -175,8 +175,19 @@ def attach_objectives(settings: Settings, evaluator: Evaluator, objectives: list
     console.print(f"Objectives besides refusals and KL: [bold]{described}[/]")
     whole = [objective.name for objective in objectives if objective.full_responses]
     if whole and evaluator.stop_on_verdict:
+        keep_whole(evaluator, objectives)
+        which = "refusals stop early, the others" if evaluator.stop_on_verdict else "every one"
+        console.print(f"{', '.join(whole)} score(s) whole responses to the harmful prompts: {which} generated in full")
+
+
+def keep_whole(evaluator: Evaluator, objectives: list[LoadedObjective]) -> None:
+    """Generate the harmful responses whole where an objective needs them: early stopping goes off, or, when
+    every such objective only scores responses that are not refusals, stops only certain refusals."""
+    needs = {objective.full_responses for objective in objectives} - {None}
+    if needs == {"compliant"}:
+        evaluator.stop_on_refusal_only = True
+    elif needs:
         evaluator.stop_on_verdict = False
-        console.print(f"{', '.join(whole)} score(s) whole responses: every harmful response is generated in full")
 
 
 def score_original(evaluator: Evaluator) -> tuple[int, list[bool], dict[str, float]]:

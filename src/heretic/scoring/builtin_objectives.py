@@ -1,8 +1,8 @@
 """The objectives shipped with Heretic: response length and moralizing (lecturing and disclaimers).
 
-Both score the responses to the harmful evaluation prompts that the refusal count generates anyway;
-they need them whole (`full_responses`), so early stopping is off while they are configured: each
-trial then generates every harmful response to --max-response-length tokens.
+Both score the responses to the harmful evaluation prompts that the refusal count generates anyway, and
+need them whole (`full_responses`): while one is configured, the responses that are not refusals are
+generated to --max-response-length tokens, and the refusals too unless it leaves refusals out.
 """
 
 from __future__ import annotations
@@ -56,7 +56,6 @@ class ResponseLength:
 
     name = "response-length"
     direction = "report"
-    full_responses = True
 
     class Settings(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -64,6 +63,7 @@ class ResponseLength:
 
     def __init__(self, options: ResponseLength.Settings) -> None:
         self.options = options
+        self.full_responses = "compliant" if options.only_compliant else True
 
     def score(self, trial: TrialOutputs) -> float:
         counts = [
@@ -80,7 +80,6 @@ class Moralizing:
 
     name = "moralizing"
     direction = "minimize"
-    full_responses = True
 
     class Settings(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -97,6 +96,7 @@ class Moralizing:
     def __init__(self, options: Moralizing.Settings) -> None:
         self.options = options
         self.markers = [normalize_response(marker) for marker in options.markers]
+        self.full_responses = True if options.include_refusals else "compliant"
 
     def score(self, trial: TrialOutputs) -> float:
         if not trial.responses:

@@ -66,6 +66,7 @@ class Evaluator:
         self.harmless_ids = engine.encode(harmless)
         self.base_logprobs: torch.Tensor | None = None
         self.objectives: list[LoadedObjective] = []  # scored after each refusal count (scoring/objectives.py)
+        self.stop_on_refusal_only = False  # early stopping only for certain refusals: compliant responses stay whole
 
     def measure_base(self) -> None:
         """The original model's first-position distributions (computed once, with adapters at zero)."""
@@ -91,6 +92,8 @@ class Evaluator:
         early: list[bool | None] = [None] * len(self.harmful_ids)
         found = 0
         verdict_so_far = early_verdict(self.judge) if self.stop_on_verdict else None
+        if verdict_so_far is not None and self.stop_on_refusal_only:
+            verdict_so_far = refusal_only(verdict_so_far)
 
         def is_decided(index: int, tokens: list[int]) -> bool:
             nonlocal found
@@ -142,6 +145,11 @@ def early_verdict(judge: RefusalJudge) -> Callable[[str], bool | None] | None:
     if callable(decided):
         return lambda partial: True if decided(partial) else None
     return None
+
+
+def refusal_only(verdict_so_far: Callable[[str], bool | None]) -> Callable[[str], bool | None]:
+    """An early verdict that only ever says "refusal": a response that complies is generated in full."""
+    return lambda partial: True if verdict_so_far(partial) is True else None
 
 
 def detect_response_prefix(engine: Engine, prompts: list[Prompt], tags: list[tuple[str, str]], probe_tokens: int = 24) -> str:

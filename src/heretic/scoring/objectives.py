@@ -5,7 +5,8 @@ An objective is any object with a `name`, a default `direction` and a `score` me
     class MyObjective:
         name = "my-objective"                  # its name when --objectives gives it as module:Name (a table's name wins)
         direction = "minimize"                  # or "maximize", or "report" (shown, never optimized)
-        full_responses = True                   # optional: score whole responses (turns off early stopping)
+        full_responses = True                   # optional: it needs whole responses to the harmful prompts (early
+                                                # stopping goes off); "compliant": whole ones that are not refusals
 
         class Settings(pydantic.BaseModel):     # optional: validates the own keys of [objectives.NAME]
             weight: float = 1.0
@@ -98,8 +99,13 @@ class LoadedObjective:
         return self.direction != "report"
 
     @property
-    def full_responses(self) -> bool:
-        return bool(getattr(self.objective, "full_responses", False)) and self.prompts is None
+    def full_responses(self) -> str | None:
+        """Which responses to the harmful prompts it needs whole: "all", "compliant" (those that are not refusals:
+        a response may still stop once it is certainly a refusal) or None (it scores its own prompts' responses)."""
+        wanted = getattr(self.objective, "full_responses", False)
+        if self.prompts is not None or not wanted:
+            return None
+        return "compliant" if wanted == "compliant" else "all"
 
     def identity(self) -> dict[str, object]:
         """What enters the checkpoint fingerprint: a search resumes only under the same objectives."""
