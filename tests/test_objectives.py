@@ -276,7 +276,7 @@ def test_presets_load_and_validate(name: str, tmp_path: Path) -> None:
 def test_no_moralizing_preset_lists_the_default_markers() -> None:
     (moralizing, length) = load_objectives(load_settings({}, None, "no-moralizing"))
     assert moralizing.options.markers == DEFAULT_MORALIZING_MARKERS and moralizing.direction == "minimize"
-    assert length.direction == "report"
+    assert length.direction == "report" and length.name == "compliant-length" and length.options.only_compliant
 
 
 def test_an_unknown_preset_is_one_sentence(capsys: pytest.CaptureFixture[str]) -> None:
