@@ -277,6 +277,9 @@ def test_no_moralizing_preset_lists_the_default_markers() -> None:
     (moralizing, length) = load_objectives(load_settings({}, None, "no-moralizing"))
     assert moralizing.options.markers == DEFAULT_MORALIZING_MARKERS and moralizing.direction == "minimize"
     assert length.direction == "report" and length.name == "compliant-length" and length.options.only_compliant
+    evaluator = SimpleNamespace(stop_on_verdict=True, stop_on_refusal_only=False)
+    keep_whole(evaluator, [moralizing, length])  # type: ignore[arg-type]
+    assert evaluator.stop_on_verdict and evaluator.stop_on_refusal_only  # refusals still stop early
 
 
 def test_an_unknown_preset_is_one_sentence(capsys: pytest.CaptureFixture[str]) -> None:
