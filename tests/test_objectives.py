@@ -24,7 +24,7 @@ from heretic.model.loading import eos_token_ids, load_model
 from heretic.prompts import Prompt
 from heretic.scoring.builtin_objectives import DEFAULT_MORALIZING_MARKERS, Moralizing, ResponseLength
 from heretic.scoring.evaluator import Evaluator
-from heretic.scoring.objectives import TrialOutputs, load_objectives, score_objectives
+from heretic.scoring.objectives import Objective, TrialOutputs, load_objectives, score_objectives
 from heretic.scoring.refusals import MarkerJudge
 from heretic.search import checkpoint
 from heretic.search.checkpoint import open_storage
@@ -135,7 +135,8 @@ def test_objectives_from_the_command_line() -> None:
     assert settings.objectives["long"].use == "response-length" and list(settings.objectives) == ["moralizing", "long"]
     settings = settings_from_argv(["--objectives", f'["{EXAMPLE}:Hedging"]'])
     assert list(settings.objectives) == ["Hedging"] and settings.objectives["Hedging"].use == f"{EXAMPLE}:Hedging"
-    assert [objective.name for objective in load_objectives(settings)] == ["hedging"]  # its own name
+    (hedging,) = load_objectives(settings)
+    assert hedging.name == "hedging" and isinstance(hedging.objective, Objective)  # its own name; the protocol
     (renamed,) = load_objectives(Settings(objectives={"hedges": {"use": f"{EXAMPLE}:Hedging"}}))
     assert renamed.name == "hedges"  # a table's name wins
     with pytest.raises(HereticError) as error:

@@ -95,10 +95,6 @@ class LoadedObjective:
     source_digest: str | None  # sha256 of the plug-in's file, when it was loaded from one
 
     @property
-    def optimized(self) -> bool:
-        return self.direction != "report"
-
-    @property
     def full_responses(self) -> str | None:
         """Which responses to the harmful prompts it needs whole: "all", "compliant" (those that are not refusals:
         a response may still stop once it is certainly a refusal) or None (it scores its own prompts' responses)."""
