@@ -28,7 +28,7 @@ from heretic.scoring.objectives import Objective, TrialOutputs, load_objectives,
 from heretic.scoring.refusals import MarkerJudge
 from heretic.search import checkpoint
 from heretic.search.checkpoint import open_storage
-from heretic.search.pareto import TrialResult, dominates, pareto_front, point, study_directions, trial_results
+from heretic.search.pareto import TrialResult, dominates, pareto_front, point, select, study_directions, trial_results
 from heretic.search.study import study_fingerprint
 from heretic.session import keep_whole
 from heretic.ui import console
@@ -223,6 +223,9 @@ def test_front_over_three_objectives() -> None:
     assert [r.number for r in pareto_front(results)] == [2, 0]  # refusals and KL only: ties keep the first trial
     assert point(results[3], {"m": "maximize", "n": "report"}) == (6, 0.2, -0.1)
     assert [r.number for r in pareto_front(results, {"m": "maximize"})] == [2, 0]  # 0 has the most m
+    tied = [result(5, 1, 0.1, m=0.4), result(6, 1, 0.1, m=0.3)]
+    assert select(tied, "fewest-refusals", 0.5, 5, {"m": "minimize"}).number == 6  # ties go to the better objective
+    assert select(tied, "lowest-kl", 0.5, 5, {"m": "maximize"}).number == 5
     assert dominates((1, 1, 1), (1, 1, 2)) and not dominates((1, 1, 2), (1, 1, 2)) and not dominates((0, 2, 0), (1, 1, 0))
 
 

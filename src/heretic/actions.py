@@ -42,7 +42,7 @@ def choose_headless(session: Session, study: optuna.Study) -> TrialResult:
             if result.number == settings.trial:
                 return result
         raise HereticError(f"There is no finished trial {settings.trial}; choose one from the table above.")
-    return select(front_of(study), settings.select.value, settings.max_kl, settings.max_refusals)
+    return select(front_of(study), settings.select.value, settings.max_kl, settings.max_refusals, study_directions(study))
 
 
 def default_output_dir(session: Session) -> Path:

@@ -89,24 +89,31 @@ def is_dominated(refusals_lower_bound: int, kl: float, results: list[TrialResult
     return any(not r.cut and dominates((r.refusals, r.kl), (refusals_lower_bound, kl)) for r in results)
 
 
-def select(front: list[TrialResult], rule: str, max_kl: float, max_refusals: int) -> TrialResult:
+def select(
+    front: list[TrialResult], rule: str, max_kl: float, max_refusals: int, directions: dict[str, str] | None = None
+) -> TrialResult:
     """Headless choice.
 
     fewest-refusals: among front trials with KL <= max_kl, the fewest refusals (then lowest KL);
     lowest-kl: among front trials with refusals <= max_refusals, the lowest KL (then fewest refusals).
-    When no trial meets the cap, the trial closest to it is taken.
+    When no trial meets the cap, the trial closest to it is taken. Remaining ties go to the trial best
+    in the optimized objectives of `directions`, in their order.
     """
     if not front:
         raise HereticError("The search has no finished trial to choose from; run more trials.")
+
+    def rest(r: TrialResult) -> tuple[float, ...]:
+        return point(r, directions)[2:]
+
     if rule == "lowest-kl":
         eligible = [r for r in front if r.refusals <= max_refusals]
         if eligible:
-            return min(eligible, key=lambda r: (r.kl, r.refusals))
-        return min(front, key=lambda r: (r.refusals, r.kl))
+            return min(eligible, key=lambda r: (r.kl, r.refusals, *rest(r)))
+        return min(front, key=lambda r: (r.refusals, r.kl, *rest(r)))
     eligible = [r for r in front if r.kl <= max_kl]
     if eligible:
-        return min(eligible, key=lambda r: (r.refusals, r.kl))
-    return min(front, key=lambda r: (r.kl, r.refusals))
+        return min(eligible, key=lambda r: (r.refusals, r.kl, *rest(r)))
+    return min(front, key=lambda r: (r.kl, r.refusals, *rest(r)))
 
 
 def hypervolume(points: list[tuple[float, float]], reference: tuple[float, float]) -> float:
