@@ -10,15 +10,20 @@ import optuna
 from .ablation.parameters import AblationParameters
 from .errors import HereticError
 from .export.actions import ACTIONS
-from .search.pareto import TrialResult, pareto_front, select, trial_results
+from .search.pareto import TrialResult, objective_text, pareto_front, select, study_directions, trial_results
 from .search.space import describe
 from .session import Session, count_heldout
 from .ui import console, front_table
 
 
 def front_of(study: optuna.Study) -> list[TrialResult]:
-    """The Pareto front (refusals, KL) of the study's finished trials."""
-    return pareto_front(trial_results(study))
+    """The Pareto front (refusals, KL and the optimized further objectives) of the study's finished trials."""
+    return pareto_front(trial_results(study), study_directions(study))
+
+
+def objectives_text(result: TrialResult) -> str:
+    """ ", name value" for each further objective of a trial (empty without objectives)."""
+    return "".join(f", {name} {objective_text(value)}" for name, value in result.objectives.items())
 
 
 def restore(session: Session, result: TrialResult) -> AblationParameters:
@@ -37,7 +42,7 @@ def choose_headless(session: Session, study: optuna.Study) -> TrialResult:
             if result.number == settings.trial:
                 return result
         raise HereticError(f"There is no finished trial {settings.trial}; choose one from the table above.")
-    return select(front_of(study), settings.select.value, settings.max_kl, settings.max_refusals)
+    return select(front_of(study), settings.select.value, settings.max_kl, settings.max_refusals, study_directions(study))
 
 
 def default_output_dir(session: Session) -> Path:
@@ -54,14 +59,15 @@ def choose_and_act(session: Session, study: optuna.Study) -> None:
     if not front:
         console.print("No finished trial yet; rerun the command to continue the search.")
         return
-    console.print(
-        front_table(front, n_prompts, title=f"Pareto front (original: {session.base_refusals}/{n_prompts} refusals, KL 0)")
-    )
+    original = "".join(f", {name} {objective_text(value)}" for name, value in session.base_objectives.items())
+    title = f"Pareto front (original: {session.base_refusals}/{n_prompts} refusals, KL 0{original})"
+    console.print(front_table(front, n_prompts, title=title, directions=study_directions(study)))
     if not session.interactive:
         result = choose_headless(session, study)
         parameters = restore(session, result)
         console.print(
-            f"Chosen trial [bold]{result.number}[/]: {result.refusals_text}/{n_prompts} refusals, KL {result.kl:.4f} ({describe(parameters)})"
+            f"Chosen trial [bold]{result.number}[/]: {result.refusals_text}/{n_prompts} refusals, KL {result.kl:.4f}"
+            f"{objectives_text(result)} ({describe(parameters)})"
         )
         show_heldout(session, result, parameters)
         for action in session.settings.action:
@@ -77,7 +83,10 @@ def interactive_loop(session: Session, front: list[TrialResult]) -> None:
     n_prompts = len(session.evaluator.harmful)
     while True:
         choices = [
-            questionary.Choice(f"Trial {r.number:>3}: refusals {r.refusals_text:>3}/{n_prompts}, KL {r.kl:.4f}", r) for r in front
+            questionary.Choice(
+                f"Trial {r.number:>3}: refusals {r.refusals_text:>3}/{n_prompts}, KL {r.kl:.4f}{objectives_text(r)}", r
+            )
+            for r in front
         ] + [questionary.Choice("Quit", None)]
         result = questionary.select("Which trial?", choices=choices).ask()
         if result is None:

@@ -16,7 +16,16 @@ from typing import Any, NoReturn, get_args
 from pydantic import ValidationError
 
 from . import __version__
-from .config import PromptSet, Settings, SettingValueError, field_extra, field_kind, load_settings, parse_text_value
+from .config import (
+    PromptSet,
+    Settings,
+    SettingValueError,
+    field_extra,
+    field_kind,
+    load_settings,
+    parse_text_value,
+    preset_names,
+)
 from .errors import HereticError
 
 EXIT_USAGE = 2
@@ -60,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         default=None,
         help="Read settings from this TOML file instead of ./config.toml (also HERETIC_CONFIG).",
+    )
+    parser.add_argument(
+        "--preset",
+        metavar="NAME",
+        default=None,
+        help="Start from a shipped preset, a config file read beneath your own (also HERETIC_PRESET): "
+        f"{', '.join(preset_names())}. See README, Objectives.",
     )
     group = parser
     for name, info in Settings.model_fields.items():
@@ -130,8 +146,8 @@ def _show_default(value: Any) -> str:
     return str(value)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], str | None]:
-    """Command-line arguments -> (values for Settings, config file)."""
+def parse_args(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], str | None, str | None]:
+    """Command-line arguments -> (values for Settings, config file, preset)."""
     parser = build_parser()
     namespace = parser.parse_args(argv)
     values: dict[str, Any] = {}
@@ -153,7 +169,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], str |
         if "model" in values and values["model"] != namespace.positional_model:
             parser.error("give the model either as MODEL or as --model, not both")
         values["model"] = namespace.positional_model
-    return values, namespace.config
+    return values, namespace.config, namespace.preset
 
 
 def describe_validation_error(error: ValidationError, config_file: str | None) -> str:
@@ -181,8 +197,8 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
 def settings_from_argv(argv: Sequence[str] | None = None) -> Settings:
     config_file = None
     try:
-        values, config_file = parse_args(argv)
-        return load_settings(values, config_file)
+        values, config_file, preset = parse_args(argv)
+        return load_settings(values, config_file, preset)
     except SettingValueError as error:
         fail(f"Invalid setting '{error.name}': {error.problem}.")
     except ValidationError as error:

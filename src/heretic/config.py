@@ -96,6 +96,56 @@ def parse_prompt_set_shorthand(text: str) -> dict[str, Any]:
     return {"source": match.group("source"), "split": split or None}
 
 
+ObjectiveDirection = Literal["minimize", "maximize", "report"]
+
+
+class ObjectiveTable(BaseModel):
+    """The settings table of one objective (`[objectives.<name>]`): which objective, its direction, its prompts,
+    and, as further keys, the objective's own settings (checked by the objective when it is loaded)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    use: str | None = Field(
+        default=None,
+        description="The objective: a built-in name (response-length, moralizing), an entry point of the group "
+        'heretic.objectives, "package.module:Name" or "path/to/file.py:Name" (default: the table\'s name).',
+    )
+    direction: ObjectiveDirection | None = Field(
+        default=None, description="minimize, maximize or report (shown, not optimized); default: the objective's own."
+    )
+    prompts: PromptSet | None = Field(
+        default=None,
+        description="Prompts whose responses this objective scores (generated once more per trial); "
+        "default: it scores the responses to the harmful evaluation prompts the refusal count already generated.",
+    )
+
+    def own_settings(self) -> dict[str, Any]:
+        """The keys of the table that belong to the objective itself."""
+        return dict(self.model_extra or {})
+
+
+def objective_tables(value: Any) -> Any:
+    """`--objectives` as names ("a,b", or a JSON list) or as tables by name: {name: table}."""
+    if isinstance(value, str):
+        value = [item.strip() for item in value.split(",") if item.strip()]
+    if isinstance(value, (list, tuple)):  # names, and tables by name from a repeated flag's JSON objects
+        tables: dict[str, Any] = {}
+        for item in value:
+            if isinstance(item, dict):
+                tables.update(item)
+            elif isinstance(item, str) and item.strip():
+                tables[objective_key(item)] = {"use": item.strip()}
+            else:
+                raise ValueError("each objective is a name, package.module:Name or path/to/file.py:Name")
+        return tables
+    return value
+
+
+def objective_key(spec: str) -> str:
+    """The name an objective given as a spec is shown and configured under: the attribute, else the spec."""
+    return spec.strip().rpartition(":")[2] if ":" in spec else spec.strip()
+
+
 # Refusal markers, matched as substrings of the normalized response (lower case, "*" removed,
 # typographic apostrophes unified, whitespace collapsed). Phrases rather than single words such
 # as "illegal", which compliant answers often contain. English first, then the most-used languages.
@@ -381,7 +431,7 @@ class Settings(BaseSettings):
     stop_on_verdict: bool = Field(
         default=True,
         description="Stop generating a response once its verdict is fixed (a refusal marker seen, or end of text). "
-        "Exact: verdicts equal those of full-length responses.",
+        "Exact: verdicts equal those of full-length responses. Off while an objective needs whole responses.",
         json_schema_extra=tags(Role.run),
     )
     share_prompt_prefix: bool = Field(
@@ -435,6 +485,13 @@ class Settings(BaseSettings):
     refusal_scorer: str | None = Field(
         default=None,
         description='Custom refusal judge: "path/to/file.py:Name" or "package.module:Name" (see README, Scorers).',
+        json_schema_extra=tags(Role.score, fingerprint="judge"),
+    )
+    objectives: dict[str, ObjectiveTable] = Field(
+        default={},
+        description="Objectives besides refusals and KL, each minimized, maximized or only reported: names "
+        "(response-length, moralizing, an entry point of heretic.objectives, package.module:Name, path/to/file.py:Name), "
+        "or tables [objectives.NAME] in the config file with their settings (see README, Objectives).",
         json_schema_extra=tags(Role.score, fingerprint="judge"),
     )
     judge: Literal["markers", "rules", "model", "http"] = Field(
@@ -517,7 +574,8 @@ class Settings(BaseSettings):
     cut_hopeless_trials: bool = Field(
         default=True,
         description="Stop counting refusals once a trial is certain to be dominated (another trial has lower KL and "
-        "fewer refusals); its refusals are then recorded as a lower bound and marked as cut.",
+        "fewer refusals); its refusals are then recorded as a lower bound and marked as cut. Off while --objectives "
+        "are configured.",
         json_schema_extra=tags(Role.score, Role.search),
     )
     checkpoint_dir: str = Field(
@@ -617,6 +675,11 @@ class Settings(BaseSettings):
         """The prompt-set settings by name: harmful, harmless (directions), harmful_eval, harmless_eval (scoring)."""
         return {name: getattr(self, f"{name}_prompts") for name in PROMPT_SETS}
 
+    @field_validator("objectives", mode="before")
+    @classmethod
+    def _objective_names(cls, value: Any) -> Any:
+        return objective_tables(value)
+
     @field_validator("judge_url")
     @classmethod
     def _http_judge_has_a_url(cls, value: str | None, info: ValidationInfo) -> str | None:
@@ -665,14 +728,31 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        config_file = _CONFIG_FILE.get()
+        config_file, preset_file = _CONFIG_FILE.get(), _PRESET_FILE.get()
         sources: list[PydanticBaseSettingsSource] = [init_settings, HereticEnvSource(settings_cls)]
         if config_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        if preset_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=preset_file))
         return tuple(sources)
 
 
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("heretic_config_file", default=None)
+_PRESET_FILE: ContextVar[Path | None] = ContextVar("heretic_preset_file", default=None)
+PRESETS_DIR = Path(__file__).parent / "data" / "presets"
+
+
+def preset_names() -> list[str]:
+    """The presets shipped with Heretic (src/heretic/data/presets/NAME.toml)."""
+    return sorted(path.stem for path in PRESETS_DIR.glob("*.toml"))
+
+
+def preset_file(name: str) -> Path:
+    """The file of a shipped preset; a preset is a config file read beneath the user's own."""
+    path = PRESETS_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise SettingValueError("preset", f"{name!r} is unknown; the presets are {', '.join(preset_names())}")
+    return path
 
 
 def field_extra(name: str) -> dict[str, Any]:
@@ -710,6 +790,8 @@ def field_kind(info: FieldInfo) -> str:
     annotation = str(info.annotation)
     if info.annotation is bool:
         return "bool"
+    if "ObjectiveTable" in annotation:  # --objectives: repeatable names (or JSON), though it holds tables
+        return "list"
     if annotation.startswith("list[tuple") or annotation.startswith("dict") or "dict[" in annotation:
         return "json"
     if annotation.startswith("list["):
@@ -762,7 +844,7 @@ class HereticEnvSource(PydanticBaseSettingsSource):
     def __call__(self) -> dict[str, Any]:
         values: dict[str, Any] = {}
         for key, text in os.environ.items():
-            if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+            if not key.startswith(ENV_PREFIX) or key in (ENV_PREFIX + "CONFIG", ENV_PREFIX + "PRESET"):
                 continue
             name = key[len(ENV_PREFIX) :].lower()
             if name not in Settings.model_fields:
@@ -771,10 +853,10 @@ class HereticEnvSource(PydanticBaseSettingsSource):
         return values
 
 
-def load_settings(cli_values: dict[str, Any], config_file: str | None = None) -> Settings:
-    """Build Settings from the command line, the environment and the TOML config file.
+def load_settings(cli_values: dict[str, Any], config_file: str | None = None, preset: str | None = None) -> Settings:
+    """Build Settings from the command line, the environment, the TOML config file and a preset (lowest).
 
-    `config_file` None means ./config.toml if present (or $HERETIC_CONFIG).
+    `config_file` None means ./config.toml if present (or $HERETIC_CONFIG); `preset` None means $HERETIC_PRESET.
     Raises SettingValueError / pydantic.ValidationError / tomllib.TOMLDecodeError; the CLI turns each
     into one line.
     """
@@ -787,10 +869,13 @@ def load_settings(cli_values: dict[str, Any], config_file: str | None = None) ->
         path = Path(config_file)
     if path is not None and not path.is_file():
         raise FileNotFoundError(str(path))
+    preset = preset or os.environ.get(ENV_PREFIX + "PRESET")
     token = _CONFIG_FILE.set(path)
+    preset_token = _PRESET_FILE.set(preset_file(preset) if preset else None)
     try:
         return Settings(**cli_values)
     finally:
+        _PRESET_FILE.reset(preset_token)
         _CONFIG_FILE.reset(token)
 
 
@@ -827,7 +912,7 @@ def render_default_toml() -> str:
             lines.append(f"# ---- {section} " + "-" * max(4, 70 - len(section)))
         lines.append("")
         lines.extend(_comment(info.description or ""))
-        if default is None:
+        if default is None or default == {}:
             lines.append(f"# {name} =")
         else:
             lines.append(f"{name} = {_toml_value(default)}")

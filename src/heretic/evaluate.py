@@ -1,4 +1,5 @@
-"""`heretic --model A --evaluate-model B`: refusals and KL divergence of B measured against A."""
+"""`heretic --model A --evaluate-model B`: refusals and KL divergence of B measured against A (and the further
+objectives of --objectives, for both)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from .config import Settings
 from .model.hardware import dtype_name
 from .scoring.evaluator import Evaluator
 from .scoring.kl import kl_divergence
-from .session import detect_thinking_prefix, load, load_prompt_sets, make_engine, make_judge
+from .scoring.objectives import load_objectives, score_objectives, setup_objectives
+from .search.pareto import objective_text
+from .session import detect_thinking_prefix, keep_whole, load, load_prompt_sets, make_engine, make_judge
 from .ui import ProgressBars, console
 
 # The batch size of both models when --batch-size is 0 (no measurement here).
@@ -22,7 +25,8 @@ def evaluate_model(settings: Settings) -> list[tuple[str, str, int, float]]:
     prompt_sets = load_prompt_sets(settings)
     harmful, harmless = prompt_sets["harmful_eval"], prompt_sets["harmless_eval"]
     judge = make_judge(settings)
-    rows = []
+    objectives = load_objectives(settings)
+    rows, values = [], []
     reference_logprobs = None
     for role, name in (("original", settings.model), ("evaluated", settings.evaluate_model)):
         loaded = load(settings, name)
@@ -32,13 +36,17 @@ def evaluate_model(settings: Settings) -> list[tuple[str, str, int, float]]:
         engine.response_prefix = detect_thinking_prefix(settings, engine, prompt_sets)
         with ProgressBars() as bars:
             evaluator = Evaluator(engine, judge, harmful, harmless, settings.max_response_length, settings.stop_on_verdict, bars)
+            keep_whole(evaluator, objectives)
             logprobs = evaluator.logprobs()
-            refusals = evaluator.count_refusals().refusals
+            count = evaluator.count_refusals()
+            refusals = count.refusals
+            setup_objectives(objectives, settings, evaluator)
         if reference_logprobs is None:
             reference_logprobs = logprobs
             kl = 0.0
         else:
             kl = kl_divergence(reference_logprobs, logprobs)
+        values.append(score_objectives(objectives, evaluator, count, kl))
         rows.append((role, str(name), refusals, kl))
         del engine, evaluator, loaded
         gc.collect()
@@ -46,7 +54,9 @@ def evaluate_model(settings: Settings) -> list[tuple[str, str, int, float]]:
     table.add_column("model")
     table.add_column(f"refusals (harmful, /{len(harmful)}; judge: {getattr(judge, 'name', settings.judge)})", justify="right")
     table.add_column(f"KL from original (harmless, {len(harmless)})", justify="right")
-    for role, name, refusals, kl in rows:
-        table.add_row(f"{name} ({role})", str(refusals), f"{kl:.4g}")
+    for objective in objectives:
+        table.add_column(f"{objective.name} ({objective.direction})", justify="right")
+    for (role, name, refusals, kl), scores in zip(rows, values):
+        table.add_row(f"{name} ({role})", str(refusals), f"{kl:.4g}", *(objective_text(v) for v in scores.values()))
     console.print(table)
     return rows

@@ -20,8 +20,10 @@ from .model.loading import LoadedModel, eos_token_ids, load_model
 from .prompts import Prompt, load_prompts, prompt_set_title
 from .scoring.evaluator import Evaluator, detect_response_prefix
 from .scoring.judges import make_judge as build_judge
+from .scoring.objectives import LoadedObjective, load_objectives, score_objectives, setup_objectives
 from .scoring.refusals import RefusalJudge
 from .search import checkpoint
+from .search.pareto import objective_text
 from .search.runner import SearchSetup
 from .search.study import checkpoint_location, open_study
 from .ui import ProgressBars, console
@@ -47,6 +49,7 @@ class Session:
     base_verdicts: list[bool]  # the original model's verdict on each harmful evaluation prompt (True: refusal)
     interactive: bool
     last_saved: Path | None = None  # the folder the last save action wrote (the upload action reuses it)
+    base_objectives: dict[str, float] = field(default_factory=dict)  # the original model's further objectives
     heldout: dict[int | None, int] = field(default_factory=dict)  # refusals on the held-out prompts by trial (None: original)
     heldout_evaluator: Evaluator | None = None  # built on first use
 
@@ -137,7 +140,8 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
     if engine.response_prefix:
         console.print(f"Responses open a thinking block; prefilling {engine.response_prefix!r}")
 
-    engine.batch_size = pick_batch_size(settings, engine, loaded, prompt_sets)
+    objectives = load_objectives(settings)
+    engine.batch_size = pick_batch_size(settings, engine, loaded, prompt_sets, objectives)
     directions = compute_directions(settings, engine, loaded, prompt_sets)
 
     ablator = Ablator(loaded.model, arch, settings.row_normalization.value, settings.full_normalization_rank, settings.seed)
@@ -150,7 +154,8 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
         settings.max_response_length,
         settings.stop_on_verdict,
     )
-    base_refusals, base_verdicts = score_original(evaluator)
+    attach_objectives(settings, evaluator, objectives)
+    base_refusals, base_verdicts, base_objectives = score_original(evaluator)
     return Session(
         settings,
         loaded,
@@ -164,6 +169,7 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
         base_refusals,
         base_verdicts,
         interactive,
+        base_objectives=base_objectives,
     )
 
 
@@ -193,22 +199,60 @@ def count_heldout(session: Session, number: int, parameters: AblationParameters)
     return HeldOutCount(session.heldout[number], session.heldout[None], len(evaluator.harmful))
 
 
-def score_original(evaluator: Evaluator) -> tuple[int, list[bool]]:
-    """(refusals, verdict per harmful prompt) of the original model; also stores its KL reference distributions."""
+def attach_objectives(settings: Settings, evaluator: Evaluator, objectives: list[LoadedObjective]) -> None:
+    """Give the evaluator the further objectives, set up; early stopping goes off when one needs whole responses."""
+    if not objectives:
+        return
+    evaluator.objectives = objectives
+    setup_objectives(objectives, settings, evaluator)
+    described = ", ".join(
+        f"{objective.name} ({objective.direction}"
+        + (f", {len(objective.prompts)} prompts of its own)" if objective.prompts is not None else ")")
+        for objective in objectives
+    )
+    console.print(f"Objectives besides refusals and KL: [bold]{described}[/]")
+    whole = [objective.name for objective in objectives if objective.full_responses]
+    if whole and evaluator.stop_on_verdict:
+        keep_whole(evaluator, objectives)
+        which = "refusals stop early, the others" if evaluator.stop_on_verdict else "every one"
+        console.print(f"{', '.join(whole)} score(s) whole responses to the harmful prompts: {which} generated in full")
+
+
+def keep_whole(evaluator: Evaluator, objectives: list[LoadedObjective]) -> None:
+    """Generate the harmful responses whole where an objective needs them: early stopping goes off, or, when
+    every such objective only scores responses that are not refusals, stops only certain refusals."""
+    needs = {objective.full_responses for objective in objectives} - {None}
+    if needs == {"compliant"}:
+        evaluator.stop_on_refusal_only = True
+    elif needs:
+        evaluator.stop_on_verdict = False
+
+
+def score_original(evaluator: Evaluator) -> tuple[int, list[bool], dict[str, float]]:
+    """(refusals, verdict per harmful prompt, further objectives) of the original model; also stores its KL
+    reference distributions."""
     with ProgressBars() as bars:
         evaluator.progress = bars
         evaluator.measure_base()
         base = evaluator.count_refusals()
-    console.print(f"Original model: [bold]{base.refusals}[/]/{len(evaluator.harmful)} refusals")
-    return base.refusals, base.verdicts
+        values = score_objectives(evaluator.objectives, evaluator, base, 0.0)
+    shown = "".join(f", {name} [bold]{objective_text(value)}[/]" for name, value in values.items())
+    console.print(f"Original model: [bold]{base.refusals}[/]/{len(evaluator.harmful)} refusals{shown}")
+    return base.refusals, base.verdicts, values
 
 
-def pick_batch_size(settings: Settings, engine: Engine, loaded: LoadedModel, prompt_sets: dict[str, list[Prompt]]) -> int:
+def pick_batch_size(
+    settings: Settings,
+    engine: Engine,
+    loaded: LoadedModel,
+    prompt_sets: dict[str, list[Prompt]],
+    objectives: list[LoadedObjective] | None = None,
+) -> int:
     """--batch-size if given; else the batch size of the search this run resumes; else the fastest, measured."""
     if settings.batch_size:
         return settings.batch_size
     if settings.resume != ResumePolicy.restart:
-        _, digest, path = checkpoint_location(settings, loaded, prompt_sets, engine.response_prefix)
+        _, digest, path = checkpoint_location(settings, loaded, prompt_sets, engine.response_prefix, objectives)
         resumed = checkpoint.stored_batch_size(path, digest)
         if resumed is not None:
             console.print(f"Batch size [bold]{resumed}[/] (the one the checkpoint's trials ran with; --batch-size overrides it)")
@@ -247,8 +291,10 @@ def compute_directions(
 def open_session_study(session: Session) -> tuple[optuna.Study, Path]:
     """(study, journal path) of the search of this session, with its baseline and batch size stored."""
     settings = session.settings
-    location = checkpoint_location(settings, session.loaded, session.prompt_sets, session.engine.response_prefix)
-    study = open_study(settings, location, session.interactive)
+    objectives = session.evaluator.objectives
+    location = checkpoint_location(settings, session.loaded, session.prompt_sets, session.engine.response_prefix, objectives)
+    directions = {objective.name: objective.direction for objective in objectives}
+    study = open_study(settings, location, session.interactive, directions)
     study.set_user_attr("baseline_refusals", session.base_refusals)
     study.set_user_attr("batch_size", session.engine.batch_size)  # reused when the search is resumed
     return study, location[2]

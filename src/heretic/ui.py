@@ -21,7 +21,7 @@ from rich.table import Table
 
 from .ablation.parameters import AblationParameters
 from .scoring.evaluator import ProgressHandle
-from .search.pareto import TrialResult
+from .search.pareto import TrialResult, objective_text
 from .search.space import describe
 
 console = Console(highlight=False)
@@ -95,15 +95,23 @@ class ProgressBars:
         return _RichHandle(self.progress, self.progress.add_task(description, total=total))
 
 
-def front_table(front: list[TrialResult], n_prompts: int, title: str = "Pareto front") -> Table:
+def front_table(
+    front: list[TrialResult], n_prompts: int, title: str = "Pareto front", directions: dict[str, str] | None = None
+) -> Table:
+    """The trials of the front: refusals, KL, every further objective (its direction under its name), parameters."""
     table = Table(title=title, title_justify="left")
     table.add_column("trial", justify="right")
     table.add_column("refusals", justify="right")
     table.add_column("KL", justify="right")
+    names = list(directions or {}) or list(dict.fromkeys(name for result in front for name in result.objectives))
+    for name in names:
+        direction = (directions or {}).get(name)
+        table.add_column(f"{name}\n({direction})" if direction else name, justify="right")
     table.add_column("parameters")
     for result in front:
         parameters = describe(AblationParameters.from_dict(result.parameters)) if result.parameters else ""
-        table.add_row(str(result.number), f"{result.refusals_text}/{n_prompts}", f"{result.kl:.4f}", parameters)
+        values = [objective_text(result.objectives[name]) if name in result.objectives else "-" for name in names]
+        table.add_row(str(result.number), f"{result.refusals_text}/{n_prompts}", f"{result.kl:.4f}", *values, parameters)
     return table
 
 

@@ -94,7 +94,20 @@ def _results(record: dict[str, Any]) -> list[str]:
         *_heldout(record.get("heldout")),
         f"Refusals were counted by {judge_description(record.get('settings', {}))}.",
         "",
+    ] + _objectives(record)
+
+
+def _objectives(record: dict[str, Any]) -> list[str]:
+    """The further objectives' values of this model and the original (nothing without objectives)."""
+    values, original = record["trial"].get("objectives"), record["baseline"].get("objectives", {})
+    if not values:
+        return []
+    directions = record.get("objective_directions", {})
+    rows = [
+        f"| {name} | {directions.get(name) or ''} | {original.get(name, float('nan')):.4g} | {value:.4g} |"
+        for name, value in values.items()
     ]
+    return ["| further objective | direction | original | this model |", "|---|---|---:|---:|", *rows, ""]
 
 
 def _heldout(heldout: dict[str, Any] | None) -> list[str]:

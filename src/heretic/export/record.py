@@ -49,7 +49,7 @@ def build_record(session: Session, result: TrialResult, parameters: AblationPara
     settings = session.settings
     source = session.loaded.source
     specs = settings.prompt_sets()
-    return {
+    record = {
         "record_version": RECORD_VERSION,
         "tool": {"name": "heretic", "version": __version__},
         "environment": environment(),
@@ -82,6 +82,11 @@ def build_record(session: Session, result: TrialResult, parameters: AblationPara
         "baseline": {"refusals": session.base_refusals, "n_prompts": len(session.evaluator.harmful)},
         "heldout": heldout_entry(session, result.number),
     }
+    if result.objectives:  # the further objectives' values (none without --objectives: the record is unchanged)
+        record["trial"]["objectives"] = dict(result.objectives)
+        record["baseline"]["objectives"] = dict(session.base_objectives)
+        record["objective_directions"] = {objective.name: objective.direction for objective in session.evaluator.objectives}
+    return record
 
 
 def heldout_entry(session: Session, number: int) -> dict[str, Any] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -11,6 +12,9 @@ from ..model.generation import Engine, common_prefix_length
 from ..prompts import Prompt
 from .kl import kl_divergence
 from .refusals import RefusalJudge
+
+if TYPE_CHECKING:
+    from .objectives import LoadedObjective
 
 # Called with the refusals found so far (a lower bound of the final count): True stops counting.
 Cutoff = Callable[[int], bool]
@@ -37,6 +41,7 @@ class RefusalCount:
     complete: bool
     responses: list[str] = field(default_factory=list)  # empty when cut short
     verdicts: list[bool] = field(default_factory=list)
+    token_counts: list[int] = field(default_factory=list)  # generated tokens per response
 
 
 class Evaluator:
@@ -60,6 +65,8 @@ class Evaluator:
         self.harmful_ids = engine.encode(harmful)
         self.harmless_ids = engine.encode(harmless)
         self.base_logprobs: torch.Tensor | None = None
+        self.objectives: list[LoadedObjective] = []  # scored after each refusal count (scoring/objectives.py)
+        self.stop_on_refusal_only = False  # early stopping only for certain refusals: compliant responses stay whole
 
     def measure_base(self) -> None:
         """The original model's first-position distributions (computed once, with adapters at zero)."""
@@ -85,6 +92,8 @@ class Evaluator:
         early: list[bool | None] = [None] * len(self.harmful_ids)
         found = 0
         verdict_so_far = early_verdict(self.judge) if self.stop_on_verdict else None
+        if verdict_so_far is not None and self.stop_on_refusal_only:
+            verdict_so_far = refusal_only(verdict_so_far)
 
         def is_decided(index: int, tokens: list[int]) -> bool:
             nonlocal found
@@ -115,7 +124,8 @@ class Evaluator:
         verdicts = [bool(verdict) for verdict in early]
         for index, verdict in zip(undecided, judged):
             verdicts[index] = bool(verdict)
-        return RefusalCount(sum(verdicts), complete=True, responses=responses, verdicts=verdicts)
+        counts = [len(tokens) for tokens in token_ids]
+        return RefusalCount(sum(verdicts), complete=True, responses=responses, verdicts=verdicts, token_counts=counts)
 
     def responses(self, prompts: list[Prompt], max_new_tokens: int | None = None) -> list[str]:
         """Full greedy responses (no early stop), for showing before/after examples."""
@@ -135,6 +145,11 @@ def early_verdict(judge: RefusalJudge) -> Callable[[str], bool | None] | None:
     if callable(decided):
         return lambda partial: True if decided(partial) else None
     return None
+
+
+def refusal_only(verdict_so_far: Callable[[str], bool | None]) -> Callable[[str], bool | None]:
+    """An early verdict that only ever says "refusal": a response that complies is generated in full."""
+    return lambda partial: True if verdict_so_far(partial) is True else None
 
 
 def detect_response_prefix(engine: Engine, prompts: list[Prompt], tags: list[tuple[str, str]], probe_tokens: int = 24) -> str:

@@ -212,8 +212,12 @@ def prepare(path: Path) -> str | None:
     return repair_journal(path)
 
 
-def load_or_create(path: Path, study_fingerprint: str, settings_summary: dict[str, Any]) -> tuple[optuna.Study, bool]:
-    """(study, existed). A file whose stored fingerprint differs is never mixed with this run."""
+def load_or_create(
+    path: Path, study_fingerprint: str, settings_summary: dict[str, Any], directions: list[str] | None = None
+) -> tuple[optuna.Study, bool]:
+    """(study, existed). A file whose stored fingerprint differs is never mixed with this run.
+
+    `directions`: the study's (default: minimize refusals and KL)."""
     repaired = prepare(path)
     if repaired:
         from ..ui import console
@@ -223,7 +227,7 @@ def load_or_create(path: Path, study_fingerprint: str, settings_summary: dict[st
     try:
         storage = open_storage(path)
         study = optuna.create_study(
-            study_name=STUDY_NAME, storage=storage, directions=["minimize", "minimize"], load_if_exists=True
+            study_name=STUDY_NAME, storage=storage, directions=directions or ["minimize", "minimize"], load_if_exists=True
         )
     except HereticError:
         raise

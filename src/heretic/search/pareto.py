@@ -1,8 +1,9 @@
-"""The Pareto front of (refusals, KL) and the headless choice rules."""
+"""The Pareto front of (refusals, KL, and any optimized objectives) and the headless choice rules."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
@@ -19,6 +20,7 @@ class TrialResult:
     cut: bool  # refusals is a lower bound: counting stopped once the trial was certainly dominated
     seconds: float
     parameters: dict[str, Any]
+    objectives: dict[str, float] = field(default_factory=dict)  # the value of each further objective, by name
 
     @property
     def refusals_text(self) -> str:
@@ -41,20 +43,44 @@ def from_frozen(trial: FrozenTrial) -> TrialResult:
         cut=bool(attrs.get("cut", False)),
         seconds=float(attrs.get("seconds", 0.0)),
         parameters=dict(attrs.get("parameters", {})),
+        objectives={str(name): float(value) for name, value in attrs.get("objectives", {}).items()},
     )
 
 
-def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    return a[0] <= b[0] and a[1] <= b[1] and (a[0] < b[0] or a[1] < b[1])
+def objective_text(value: float) -> str:
+    """An objective's value as tables and trial lines show it (4 significant digits)."""
+    return f"{value:.4g}"
 
 
-def pareto_front(results: list[TrialResult]) -> list[TrialResult]:
-    """Non-dominated trials (cut trials are dominated by construction), by refusals then KL."""
+def study_directions(study: optuna.Study) -> dict[str, str]:
+    """The further objectives of a study and their directions (minimize, maximize, report), by name."""
+    return {str(name): str(direction) for name, direction in study.user_attrs.get("objective_directions", {}).items()}
+
+
+def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+    """a is no worse than b in every coordinate and better in one (all minimized)."""
+    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+
+def point(result: TrialResult, directions: dict[str, str] | None = None) -> tuple[float, ...]:
+    """The minimized coordinates of a trial: (refusals, KL, then each optimized objective, maximized ones negated)."""
+    extra = [
+        -result.objectives[name] if direction == "maximize" else result.objectives[name]
+        for name, direction in (directions or {}).items()
+        if direction != "report"
+    ]
+    return (result.refusals, result.kl, *extra)
+
+
+def pareto_front(results: list[TrialResult], directions: dict[str, str] | None = None) -> list[TrialResult]:
+    """Non-dominated trials over refusals, KL and the optimized objectives of `directions` (cut trials are
+    dominated by construction), by refusals then KL."""
     exact = [r for r in results if not r.cut]
-    front = [r for r in exact if not any(dominates((o.refusals, o.kl), (r.refusals, r.kl)) for o in exact)]
-    unique: dict[tuple[int, float], TrialResult] = {}
-    for result in sorted(front, key=lambda r: (r.refusals, r.kl, r.number)):
-        unique.setdefault((result.refusals, result.kl), result)
+    points = {r.number: point(r, directions) for r in exact}
+    front = [r for r in exact if not any(dominates(points[o.number], points[r.number]) for o in exact)]
+    unique: dict[tuple[float, ...], TrialResult] = {}
+    for result in sorted(front, key=lambda r: (*points[r.number], r.number)):
+        unique.setdefault(points[result.number], result)
     return list(unique.values())
 
 
@@ -63,24 +89,31 @@ def is_dominated(refusals_lower_bound: int, kl: float, results: list[TrialResult
     return any(not r.cut and dominates((r.refusals, r.kl), (refusals_lower_bound, kl)) for r in results)
 
 
-def select(front: list[TrialResult], rule: str, max_kl: float, max_refusals: int) -> TrialResult:
+def select(
+    front: list[TrialResult], rule: str, max_kl: float, max_refusals: int, directions: dict[str, str] | None = None
+) -> TrialResult:
     """Headless choice.
 
     fewest-refusals: among front trials with KL <= max_kl, the fewest refusals (then lowest KL);
     lowest-kl: among front trials with refusals <= max_refusals, the lowest KL (then fewest refusals).
-    When no trial meets the cap, the trial closest to it is taken.
+    When no trial meets the cap, the trial closest to it is taken. Remaining ties go to the trial best
+    in the optimized objectives of `directions`, in their order.
     """
     if not front:
         raise HereticError("The search has no finished trial to choose from; run more trials.")
+
+    def rest(r: TrialResult) -> tuple[float, ...]:
+        return point(r, directions)[2:]
+
     if rule == "lowest-kl":
         eligible = [r for r in front if r.refusals <= max_refusals]
         if eligible:
-            return min(eligible, key=lambda r: (r.kl, r.refusals))
-        return min(front, key=lambda r: (r.refusals, r.kl))
+            return min(eligible, key=lambda r: (r.kl, r.refusals, *rest(r)))
+        return min(front, key=lambda r: (r.refusals, r.kl, *rest(r)))
     eligible = [r for r in front if r.kl <= max_kl]
     if eligible:
-        return min(eligible, key=lambda r: (r.refusals, r.kl))
-    return min(front, key=lambda r: (r.kl, r.refusals))
+        return min(eligible, key=lambda r: (r.refusals, r.kl, *rest(r)))
+    return min(front, key=lambda r: (r.kl, r.refusals, *rest(r)))
 
 
 def hypervolume(points: list[tuple[float, float]], reference: tuple[float, float]) -> float:

@@ -13,7 +13,8 @@ from optuna.trial import TrialState
 
 from ..ablation.adapters import Ablator
 from ..scoring.evaluator import Evaluator, ProgressFactory
-from .pareto import TrialResult, is_dominated, trial_results
+from ..scoring.objectives import score_objectives
+from .pareto import TrialResult, is_dominated, study_directions, trial_results
 from .space import suggest_parameters
 
 
@@ -50,6 +51,11 @@ def sampler_values(refusals: int, kl: float, n_prompts: int, kl_floor: float) ->
     return [float(refusals), kl]
 
 
+def objective_values(objectives: dict[str, float], directions: dict[str, str]) -> list[float]:
+    """The values of the optimized objectives (not the reported ones), in the order of the study's directions."""
+    return [objectives[name] for name, direction in directions.items() if direction != "report"]
+
+
 def completed_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
@@ -66,17 +72,23 @@ def run_trial(setup: SearchSetup, study: optuna.Study, progress: ProgressFactory
         setup.evaluator.progress = progress or setup.evaluator.progress
         kl = setup.evaluator.kl()
         history = trial_results(study)
-        cutoff = (lambda found: is_dominated(found, kl, history)) if setup.cut_hopeless_trials else None
+        # With further objectives a trial worse in refusals and KL may still be on the front: never cut.
+        cut = setup.cut_hopeless_trials and not setup.evaluator.objectives
+        cutoff = (lambda found: is_dominated(found, kl, history)) if cut else None
         count = setup.evaluator.count_refusals(cutoff)
+        objectives = score_objectives(setup.evaluator.objectives, setup.evaluator, count, kl)
         seconds = time.perf_counter() - started
         trial.set_user_attr("parameters", parameters.to_dict())
         trial.set_user_attr("kl", kl)
         trial.set_user_attr("refusals", count.refusals)
         trial.set_user_attr("cut", not count.complete)
         trial.set_user_attr("seconds", seconds)
+        if objectives:
+            trial.set_user_attr("objectives", objectives)
         n_prompts = len(setup.evaluator.harmful)
-        study.tell(trial, sampler_values(count.refusals, kl, n_prompts, setup.sampler_kl_floor))
+        values = sampler_values(count.refusals, kl, n_prompts, setup.sampler_kl_floor)
+        study.tell(trial, values + objective_values(objectives, study_directions(study)))
     except BaseException:
         study.tell(trial, state=TrialState.FAIL)
         raise
-    return TrialResult(trial.number, count.refusals, kl, not count.complete, seconds, parameters.to_dict())
+    return TrialResult(trial.number, count.refusals, kl, not count.complete, seconds, parameters.to_dict(), objectives)

@@ -14,9 +14,10 @@ from ..config import ResumePolicy, Role, Settings, fields_with, fingerprint_entr
 from ..model.loading import LoadedModel
 from ..prompts import Prompt, prompts_digest
 from ..scoring.judges import judge_identity
+from ..scoring.objectives import LoadedObjective
 from ..ui import ProgressBars, console, format_duration
 from . import checkpoint
-from .pareto import TrialResult, trial_results
+from .pareto import TrialResult, objective_text, trial_results
 from .runner import SearchSetup, completed_trials, run_trial
 from .space import describe
 
@@ -27,14 +28,18 @@ Location = tuple[dict[str, object], str, Path]
 
 
 def study_fingerprint(
-    settings: Settings, loaded: LoadedModel, prompt_sets: dict[str, list[Prompt]], response_prefix: str
+    settings: Settings,
+    loaded: LoadedModel,
+    prompt_sets: dict[str, list[Prompt]],
+    response_prefix: str,
+    objectives: list[LoadedObjective] | None = None,
 ) -> dict[str, object]:
     """Everything that changes what a trial measures: a search resumes only under identical values.
 
     One entry per setting tagged `score`: its value, or, for settings tagged with a `fingerprint` entry,
     what they produce (the model's identity, the loaded dtype, the prompts' digests, the prefilled
-    response prefix, the judge)."""
-    derived = derived_entries(settings, loaded, prompt_sets, response_prefix)
+    response prefix, the judge and the further objectives)."""
+    derived = derived_entries(settings, loaded, prompt_sets, response_prefix, objectives)
     values: dict[str, object] = {}
     for name in fields_with(Role.score):
         entry = fingerprint_entry(name)
@@ -46,7 +51,11 @@ def study_fingerprint(
 
 
 def derived_entries(
-    settings: Settings, loaded: LoadedModel, prompt_sets: dict[str, list[Prompt]], response_prefix: str
+    settings: Settings,
+    loaded: LoadedModel,
+    prompt_sets: dict[str, list[Prompt]],
+    response_prefix: str,
+    objectives: list[LoadedObjective] | None = None,
 ) -> dict[str, object]:
     """The fingerprint entries of score settings that count through what they produce, not their value."""
     source = loaded.source
@@ -58,25 +67,49 @@ def derived_entries(
         "dtype": str(loaded.dtype),
         "prompts": {name: prompts_digest(prompts) for name, prompts in prompt_sets.items()},
         "response_prefix": response_prefix,
-        "judge": judge_identity(settings),
+        "judge": scoring_identity(settings, objectives),
     }
 
 
+def scoring_identity(settings: Settings, objectives: list[LoadedObjective] | None) -> object:
+    """The judge and, when there are any, the further objectives (each as what it is, its direction, settings,
+    prompts' digest and plug-in file's digest; the tables' values when they are not loaded). Without
+    objectives: the judge alone, as it always was, so that existing checkpoints still resume."""
+    judge = judge_identity(settings)
+    if not settings.objectives:
+        return judge
+    if objectives is None:
+        return {
+            "judge": judge,
+            "objectives": {name: table.model_dump(mode="json") for name, table in settings.objectives.items()},
+        }
+    return {"judge": judge, "objectives": {objective.name: objective.identity() for objective in objectives}}
+
+
 def checkpoint_location(
-    settings: Settings, loaded: LoadedModel, prompt_sets: dict[str, list[Prompt]], response_prefix: str
+    settings: Settings,
+    loaded: LoadedModel,
+    prompt_sets: dict[str, list[Prompt]],
+    response_prefix: str,
+    objectives: list[LoadedObjective] | None = None,
 ) -> Location:
     """(fingerprinted values, fingerprint, journal path) of the search these settings run."""
-    values = study_fingerprint(settings, loaded, prompt_sets, response_prefix)
+    values = study_fingerprint(settings, loaded, prompt_sets, response_prefix, objectives)
     digest = checkpoint.fingerprint(values)
     return values, digest, checkpoint.checkpoint_path(settings.checkpoint_dir, loaded.source.display_name, digest)
 
 
-def open_study(settings: Settings, location: Location, interactive: bool) -> optuna.Study:
+def open_study(
+    settings: Settings, location: Location, interactive: bool, objective_directions: dict[str, str] | None = None
+) -> optuna.Study:
     """The study at `location`: created, or resumed, added to or restarted as --resume (or the user) says.
 
-    Its `target_trials` attribute is the number of finished trials the search runs up to."""
+    Its `target_trials` attribute is the number of finished trials the search runs up to; its
+    `objective_directions` are the further objectives' (the optimized ones are study directions too)."""
     values, digest, path = location
-    study, existed = checkpoint.load_or_create(path, digest, values)
+    extra = objective_directions or {}
+    directions = ["minimize", "minimize"] + [direction for direction in extra.values() if direction != "report"]
+    study, existed = checkpoint.load_or_create(path, digest, values, directions)
     stale = checkpoint.fail_stale_trials(study)
     if stale:
         log.info("%d interrupted trial(s) of an earlier run marked as failed", stale)
@@ -89,7 +122,7 @@ def open_study(settings: Settings, location: Location, interactive: bool) -> opt
         if policy == ResumePolicy.restart:
             moved = checkpoint.archive(path)
             console.print(f"Earlier search moved to {moved}")
-            study, _ = checkpoint.load_or_create(path, digest, values)
+            study, _ = checkpoint.load_or_create(path, digest, values, directions)
             done = 0
         elif policy == ResumePolicy.add:
             target = done + settings.n_trials
@@ -97,6 +130,8 @@ def open_study(settings: Settings, location: Location, interactive: bool) -> opt
     else:
         console.print(f"Checkpoint: {path}")
     study.set_user_attr("target_trials", max(target, done))
+    if extra:
+        study.set_user_attr("objective_directions", extra)
     return study
 
 
@@ -150,8 +185,9 @@ def trial_line(result: TrialResult, n_prompts: int, index: int, total: int, eta:
     """The console line of a finished trial: refusals, KL, time, eta and parameters."""
     parameters = describe(AblationParameters.from_dict(result.parameters))
     cut = " [dim](cut: dominated)[/]" if result.cut else ""
+    objectives = "".join(f"{name} [bold]{objective_text(value)}[/]  " for name, value in result.objectives.items())
     return (
         f"Trial {result.number:>3} ({index}/{total})  refusals [bold]{result.refusals_text:>3}[/]/{n_prompts}{cut}  "
-        f"KL [bold]{result.kl:.4f}[/]  {format_duration(result.seconds)}  eta {format_duration(eta)}  "
+        f"KL [bold]{result.kl:.4f}[/]  {objectives}{format_duration(result.seconds)}  eta {format_duration(eta)}  "
         f"[dim]{parameters}[/]"
     )
