@@ -190,7 +190,7 @@ def test_plot_residuals_writes_a_png_per_layer_and_an_animation(tmp_path: Path) 
 # --- End to end on a tiny study ----------------------------------------------------------------
 
 
-def heretic(model: Path, *extra: str, cwd: Path) -> str:
+def heretic(model: Path, *extra: str, cwd: Path, code: int = 0) -> str:
     command = [
         sys.executable,
         "-m",
@@ -214,8 +214,8 @@ def heretic(model: Path, *extra: str, cwd: Path) -> str:
     env = {key: value for key, value in os.environ.items() if not key.startswith("HERETIC_")}
     env.update(PYTHONUNBUFFERED="1", COLUMNS="250", HERETIC_CACHE_DIR=str(cwd / "cache"), HERETIC_DTYPES='["float32"]')
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
+    assert result.returncode == code, result.stdout + result.stderr
+    return result.stdout + result.stderr
 
 
 N_TRIALS = 6
@@ -269,6 +269,11 @@ def test_a_finished_study_gets_its_report_and_a_saved_model_its_report_without_n
     assert "Searching" not in output
     assert (folder / "saved" / "model" / "model.safetensors").is_file()
     assert "Report written to" in output and (folder / "saved" / "model.report.html").is_file()
+    # other settings, another checkpoint: nothing to act on, said in one sentence
+    output = heretic(tiny_models["llama"], "--n-trials", "0", "--seed", "7", "--action", "report", cwd=folder, code=2)
+    assert "--n-trials 0 acts on a finished search, but the checkpoint of these settings has no finished trial" in " ".join(
+        output.split()
+    )
 
 
 @pytest.mark.slow

@@ -99,8 +99,10 @@ def save_model(
     if session.settings.save_report:
         try:
             write_html_report(session, result, parameters, confirm=confirm, output_dir=output_dir)
-        except HereticError as error:  # the saved model stands; only its report is missing
-            console.print(f"[yellow]The report was not written:[/] {error}")
+        except (HereticError, OSError) as error:  # the saved model stands; only its report is missing
+            console.print(
+                f"[yellow]The report was not written[/] ({error}); the model is saved. Rerun with --n-trials 0 --action report."
+            )
     return path
 
 

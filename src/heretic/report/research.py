@@ -30,9 +30,11 @@ def original_residuals(session: Session) -> Residuals:
 
 
 def ablated_residuals(session: Session, parameters: AblationParameters) -> Residuals:
-    """The residuals of the same prompts with the trial's ablation applied (left applied)."""
+    """The residuals of the first MAX_PROJECTED_PROMPTS prompts of each set (those the projections show) with
+    the trial's ablation applied (left applied)."""
     session.ablator.apply(parameters, session.directions)
-    return collect_residuals(session.settings, session.engine, session.loaded, session.prompt_sets)
+    shown = {name: session.prompt_sets[name][:MAX_PROJECTED_PROMPTS] for name in ("harmful", "harmless")}
+    return collect_residuals(session.settings, session.engine, session.loaded, shown)
 
 
 def layer_projections(original: Residuals, ablated: Residuals, method: str) -> list[LayerProjection]:
