@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import plotly.graph_objects as go
+from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from ..ablation.parameters import AblationParameters
@@ -67,10 +68,21 @@ def front_figure(data: ReportData) -> go.Figure:
         figure.add_trace(_scatter(points, data, name, markers[name]))
     if data.base_refusals is not None:
         figure.add_hline(y=data.base_refusals, line_dash="dot", annotation_text=f"original: {data.base_refusals}")
-    figure.update_xaxes(type="log", title="KL divergence from the original (log scale)")
-    figure.update_yaxes(title=f"refusals (of {data.n_prompts}, judge: {data.judge})", rangemode="tozero")
+    figure.update_xaxes(type="log", title="KL divergence from the original (log scale)", exponentformat="power")
+    figure.update_yaxes(title=f"refusals (of {data.n_prompts}, judge: {data.judge})", rangemode="tozero", **integer_ticks(data))
     figure.update_layout(height=480, margin=dict(t=30), legend=dict(orientation="h", y=-0.2))
     return figure
+
+
+def integer_ticks(data: ReportData) -> dict[str, object]:
+    """Axis settings that label whole refusal counts only (about ten ticks)."""
+    highest = max([point.refusals for point in data.trials] + [data.base_refusals or 0, 1])
+    return dict(tick0=0, dtick=max(1, math.ceil(highest / 10)))
+
+
+def layer_ticks(num_layers: int) -> dict[str, object]:
+    """Whole layer numbers on an axis, every one up to 20 layers, else every 2nd, 4th, ..."""
+    return dict(tick0=0, dtick=max(1, 2 ** math.ceil(math.log2(max(num_layers, 1) / 20))) if num_layers > 20 else 1)
 
 
 def kernel_weights(parameters: dict[str, object], component: str, num_layers: int) -> list[float]:
@@ -84,6 +96,8 @@ def kernels_figure(data: ReportData) -> go.Figure:
     figure = make_subplots(rows=1, cols=len(components), subplot_titles=components, shared_yaxes=True)
     layers = list(range(data.num_layers))
     shown = [number for number in data.front if number != data.chosen] + ([data.chosen] if data.chosen is not None else [])
+    palette = [color for color in qualitative.Plotly if color != "#00CC96"]  # green is the chosen trial's
+    colors = {number: palette[index % len(palette)] for index, number in enumerate(shown)}
     for column, component in enumerate(components, start=1):
         for number in shown:
             point = data.trial(number)
@@ -96,14 +110,14 @@ def kernels_figure(data: ReportData) -> go.Figure:
                     name=f"trial {number}" + (" (chosen)" if chosen else ""),
                     legendgroup=str(number),
                     showlegend=column == 1,
-                    line=dict(width=4 if chosen else 1.5, color="#2ca02c" if chosen else None),
+                    line=dict(width=4 if chosen else 1.5, color="#2ca02c" if chosen else colors[number]),
                     opacity=1.0 if chosen else 0.55,
                     hovertemplate=f"trial {number}<br>layer %{{x}}: weight %{{y:.3f}}<extra></extra>",
                 ),
                 row=1,
                 col=column,
             )
-        figure.update_xaxes(title="layer", row=1, col=column)
+        figure.update_xaxes(title="layer", row=1, col=column, **layer_ticks(data.num_layers))
     figure.update_yaxes(title="ablation weight", row=1, col=1)
     figure.update_layout(height=420, margin=dict(t=40))
     return figure
@@ -159,7 +173,8 @@ def progress_figure(data: ReportData) -> go.Figure:
         row=2,
         col=1,
     )
-    figure.update_yaxes(type="log", row=2, col=1)
+    figure.update_yaxes(type="log", exponentformat="power", row=2, col=1)
+    figure.update_yaxes(rangemode="tozero", row=1, col=1, **integer_ticks(data))
     figure.update_xaxes(title="minutes since the first trial started", row=2, col=1)
     figure.update_layout(height=560, margin=dict(t=40))
     return figure
@@ -178,7 +193,7 @@ def importance_figure(data: ReportData) -> go.Figure:
 
 def direction_norms_figure(data: ReportData) -> go.Figure:
     figure = go.Figure(go.Bar(x=list(range(len(data.difference_norms))), y=data.difference_norms, marker_color=HARMFUL))
-    figure.update_xaxes(title="layer")
+    figure.update_xaxes(title="layer", **layer_ticks(len(data.difference_norms)))
     figure.update_yaxes(title="|mean harmful − mean harmless|")
     figure.update_layout(height=340, margin=dict(t=30))
     return figure
@@ -198,8 +213,8 @@ def similarity_figure(data: ReportData) -> go.Figure:
             hovertemplate="layers %{x} and %{y}: cosine %{z:.3f}<extra></extra>",
         )
     )
-    figure.update_xaxes(title="layer")
-    figure.update_yaxes(title="layer", autorange="reversed", scaleanchor="x")
+    figure.update_xaxes(title="layer", **layer_ticks(len(layers)))
+    figure.update_yaxes(title="layer", autorange="reversed", scaleanchor="x", **layer_ticks(len(layers)))
     figure.update_layout(height=520, width=600, margin=dict(t=30))
     return figure
 
