@@ -303,3 +303,13 @@ def _playwright_installed() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("playwright") is not None
+
+
+def test_pacmap_projection_where_installed() -> None:
+    pytest.importorskip("pacmap", reason="pacmap is not installed (pip install -e .[research]); PCA is used instead")
+    generator = np.random.default_rng(0)
+    harmless = generator.normal(size=(40, 16))
+    harmful = generator.normal(size=(40, 16)) + 3.0
+    projected_harmful, projected_harmless = project_groups([harmful, harmless], "pacmap")
+    assert projected_harmful.shape == (40, 2) and projected_harmless.shape == (40, 2)
+    assert projected_harmful[:, 0].mean() > projected_harmless[:, 0].mean()
