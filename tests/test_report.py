@@ -313,3 +313,24 @@ def test_pacmap_projection_where_installed() -> None:
     projected_harmful, projected_harmless = project_groups([harmful, harmless], "pacmap")
     assert projected_harmful.shape == (40, 2) and projected_harmless.shape == (40, 2)
     assert projected_harmful[:, 0].mean() > projected_harmless[:, 0].mean()
+
+
+def test_a_file_that_is_not_a_report_is_never_replaced(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from heretic.config import Settings
+    from heretic.errors import HereticError
+    from heretic.export.actions import is_report, write_html_report
+
+    notes = tmp_path / "notes.html"
+    notes.write_text("<html>my notes</html>")
+    session = SimpleNamespace(settings=Settings(report_file=str(notes)), last_report=None, study=None)
+    with pytest.raises(
+        HereticError, match="exists and is not a Heretic report; choose another --report-file or pass --overwrite"
+    ):
+        write_html_report(session, SimpleNamespace(number=0), None, confirm=None, output_dir=tmp_path / "out")  # type: ignore[arg-type]
+    assert notes.read_text() == "<html>my notes</html>"
+    data = study_report_data(synthetic_study(2), "m", chosen=0, judge="markers", n_prompts=8, num_layers=4)
+    from heretic.report.html import write_report
+
+    assert is_report(write_report(data, tmp_path / "earlier.html")) and not is_report(notes)

@@ -107,6 +107,8 @@ def _metavar(name: str, info: Any) -> str:
             return "{" + ",".join(choices) + "}"
     if "float" in annotation:  # after the choices: a choice may be named float16
         return "X"
+    if (info.description or "").startswith("Folder"):
+        return "DIR"
     return name.upper().split("_")[-1]
 
 

@@ -221,6 +221,14 @@ def report_path(session: Session, output_dir: Path) -> Path:
     return output_dir.with_name(f"{output_dir.name}.report.html")
 
 
+def is_report(path: Path) -> bool:
+    """True for a file a report action wrote (replaced without asking: it is rewritten from the study)."""
+    from ..report.html import REPORT_MARKER
+
+    with path.open("rb") as handle:
+        return REPORT_MARKER.encode() in handle.read(4096)
+
+
 @action("report", "Write the HTML report (search, directions, residuals, responses)")
 def write_html_report(
     session: Session, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path
@@ -235,6 +243,8 @@ def write_html_report(
         return target
     if target.is_dir():
         raise HereticError(f"{target} is a folder, not a file; choose another --report-file.")
+    if target.exists() and not is_report(target) and not session.settings.overwrite and not (confirm and confirm(target)):
+        raise HereticError(f"{target} exists and is not a Heretic report; choose another --report-file or pass --overwrite.")
     if session.study is None:
         raise HereticError("The report needs the search's study; run it after a search (or with --n-trials 0).")
     started = time.perf_counter()

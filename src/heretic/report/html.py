@@ -24,6 +24,9 @@ SECTIONS = [
     ("examples", "Responses before and after"),
 ]
 
+# In the head of every report: a file holding it may be replaced by a new report without asking.
+REPORT_MARKER = '<meta name="generator" content="heretic report">'
+
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; max-width: 1200px; padding: 0 24px 48px; color: #222; }
 h1 { margin-top: 24px; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 40px; }
@@ -194,7 +197,7 @@ def render_report(data: ReportData) -> str:
     sections = "".join(f"<section id='{key}'><h2>{html.escape(title)}</h2>{bodies[key]}</section>" for key, title in SECTIONS)
     title = f"Heretic report: {data.model}"
     return (
-        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>{REPORT_MARKER}<title>{html.escape(title)}</title>"
         f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
         f"<p class='note'>Written {html.escape(data.created)}</p><nav>{nav}</nav>{sections}</body></html>"
     )
