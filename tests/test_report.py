@@ -261,10 +261,15 @@ def test_a_finished_study_gets_its_report_and_a_saved_model_its_report_without_n
 ) -> None:
     folder = Path(str(tiny_study["folder"]))
     output = heretic(
-        tiny_models["llama"], "--n-trials", "0", "--trial", "1", "--action", "report", "--report-file", "again.html", cwd=folder
+        tiny_models["llama"],
+        *("--n-trials", "0", "--trial", "1", "--action", "report", "--report-file", "again.html"),
+        *("--held-out-prompts", "bundled:harmful_test[8:14]"),
+        cwd=folder,
     )
     assert "Searching" not in output and "Chosen trial 1" in output
-    assert (folder / "again.html").is_file()
+    page = (folder / "again.html").read_text()
+    assert re.search(r"Held-out harmful prompts \(bundled:harmful_test\[8:14\], 6 prompts the search never saw\)", page)
+    assert "no held-out split" not in page
     output = heretic(tiny_models["llama"], "--n-trials", "0", "--action", "save", "--output-dir", "saved/model", cwd=folder)
     assert "Searching" not in output
     assert (folder / "saved" / "model" / "model.safetensors").is_file()

@@ -608,6 +608,12 @@ class Settings(BaseSettings):
         description="Harmful and harmless evaluation prompts (of each) whose responses the report shows before and after.",
         json_schema_extra=tags(Role.run),
     )
+    held_out_prompts: PromptSet | None = Field(
+        default=None,
+        description="Harmful prompts the search never sees (e.g. bundled:harmful_test[100:120]): the report counts the "
+        "original's and the chosen trial's refusals on them, a check that the trial's count was not tuned to its prompts.",
+        json_schema_extra=tags(Role.run),
+    )
     print_residual_geometry: bool = Field(
         default=False,
         description="After computing the directions, print per layer the cosine similarities and norms of the harmful and "

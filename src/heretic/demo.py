@@ -27,6 +27,7 @@ DEMO_PRESET: dict[str, object] = {
     "harmless_prompts": "bundled:harmless_train[:128]",
     "harmful_eval_prompts": "bundled:harmful_test[:64]",
     "harmless_eval_prompts": "bundled:harmless_test[:64]",
+    "held_out_prompts": "bundled:harmful_test[64:]",  # 56 harmful prompts the search never sees, counted by the report
     "max_response_length": 48,
     "n_trials": 24,
     "n_startup_trials": 10,

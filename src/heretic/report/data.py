@@ -45,6 +45,16 @@ class Example:
 
 
 @dataclass(frozen=True)
+class HeldOut:
+    """Refusals on harmful prompts the search never saw."""
+
+    label: str
+    prompts: int
+    original: int
+    chosen: int
+
+
+@dataclass(frozen=True)
 class LayerProjection:
     """2-D points of one layer in shared coordinates: each (n, 2) as nested lists."""
 
@@ -76,6 +86,7 @@ class ReportData:
     projections: list[LayerProjection] = field(default_factory=list)
     projection_method: str = "pca"
     examples: list[Example] = field(default_factory=list)
+    held_out: HeldOut | None = None
     notes: list[str] = field(default_factory=list)  # what could not be shown, and why
 
     def trial(self, number: int) -> TrialPoint:

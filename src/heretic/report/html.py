@@ -69,13 +69,28 @@ def summary_section(data: ReportData) -> str:
         count = f"≥{chosen.refusals}" if chosen.cut else str(chosen.refusals)
         rows.append(("Chosen trial", f"{chosen.number}: {count}/{data.n_prompts} refusals, KL {chosen.kl:.4f}"))
         rows.append(("Its parameters", chosen.summary))
+    if data.held_out is not None:
+        held = data.held_out
+        rows.append(
+            ("Held-out refusals", f"original {held.original}/{held.prompts}, trial {data.chosen} {held.chosen}/{held.prompts}")
+        )
     rows += [(f"{name} prompts", label) for name, label in data.prompt_sets.items()]
     table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
-    held_out = (
-        "Refusal counts are on the harmful evaluation prompts, the same prompts the search minimized them on; no held-out "
-        "split was set aside, so the chosen trial's count may be optimistic for prompts it has not seen."
+    return f"<table>{table}</table>" + _note(held_out_text(data)) + "".join(_note(note) for note in data.notes)
+
+
+def held_out_text(data: ReportData) -> str:
+    """The held-out refusal count, or why there is none."""
+    held = data.held_out
+    if held is None:
+        return (
+            "Refusal counts are on the harmful evaluation prompts, the same prompts the search minimized them on; no held-out "
+            "split was set aside (--held-out-prompts), so the chosen trial's count may be optimistic for prompts it has not seen."
+        )
+    return (
+        f"Held-out harmful prompts ({held.label}, {held.prompts} prompts the search never saw): the original refused "
+        f"{held.original}, trial {data.chosen} refused {held.chosen}."
     )
-    return f"<table>{table}</table>" + _note(held_out) + "".join(_note(note) for note in data.notes)
 
 
 def front_section(data: ReportData, render: _Figures) -> str:

@@ -7,11 +7,11 @@ import optuna
 import torch
 
 from ..ablation.parameters import AblationParameters
-from ..prompts import prompt_set_title
+from ..prompts import load_prompts, prompt_set_title
 from ..search.pareto import TrialResult
 from ..session import Session, collect_residuals
 from ..ui import console
-from .data import Example, LayerProjection, ReportData, as_lists, study_report_data
+from .data import Example, HeldOut, LayerProjection, ReportData, as_lists, study_report_data
 from .geometry import difference_norms, direction_similarities, residual_geometry
 from .projection import project_groups, projection_method
 
@@ -84,6 +84,23 @@ def examples(session: Session, parameters: AblationParameters, count: int) -> li
     ]
 
 
+def held_out_refusals(session: Session, parameters: AblationParameters) -> HeldOut | None:
+    """Refusals of the original and of the ablated model on --held-out-prompts (None when not set)."""
+    spec = session.settings.held_out_prompts
+    if spec is None:
+        return None
+    prompts = load_prompts(spec, session.settings.system_prompt)
+    counts = []
+    for ablated in (False, True):
+        if ablated:
+            session.ablator.apply(parameters, session.directions)
+        else:
+            session.ablator.reset()
+        responses = session.evaluator.responses(prompts)
+        counts.append(sum(bool(verdict) for verdict in session.judge.judge(prompts, responses)))
+    return HeldOut(spec.label(), len(prompts), counts[0], counts[1])
+
+
 def session_report_data(session: Session, study: optuna.Study, result: TrialResult, parameters: AblationParameters) -> ReportData:
     """Everything a report shows for the chosen trial of a session's study (leaves the trial applied)."""
     settings = session.settings
@@ -111,4 +128,7 @@ def session_report_data(session: Session, study: optuna.Study, result: TrialResu
         data.projections = layer_projections(original, ablated, data.projection_method)
     with console.status("Report: example responses, original and ablated..."):
         data.examples = examples(session, parameters, settings.report_examples)
+    if settings.held_out_prompts is not None:
+        with console.status("Report: refusals on the held-out prompts, original and ablated..."):
+            data.held_out = held_out_refusals(session, parameters)
     return data
