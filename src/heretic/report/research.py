@@ -118,12 +118,12 @@ def session_report_data(session: Session, study: optuna.Study, result: TrialResu
         },
     )
     data.base_refusals = session.base_refusals
+    original = original_residuals(session)  # (progress bars of their own: no status display around them)
+    ablated = ablated_residuals(session, parameters)
     with console.status("Report: residual geometry and projections..."):
-        original = original_residuals(session)
         data.geometry = residual_geometry(original["harmful"], original["harmless"])
         data.difference_norms = difference_norms(original["harmful"], original["harmless"])
         data.similarities = direction_similarities(session.directions).tolist()
-        ablated = ablated_residuals(session, parameters)
         data.projection_method = projection_method()
         data.projections = layer_projections(original, ablated, data.projection_method)
     with console.status("Report: example responses, original and ablated..."):
