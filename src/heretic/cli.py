@@ -46,6 +46,7 @@ examples:
   heretic Qwen/Qwen3-4B-Instruct-2507
   heretic --demo
   heretic ./model.gguf --n-trials 50 --headless --action save --output-dir out/
+  heretic ./model.gguf --n-trials 0 --headless --action report   (the report of a finished search)
   heretic --model ORIGINAL --evaluate-model ABLATED
 """
 
@@ -122,6 +123,8 @@ def _metavar(name: str, info: Any) -> str:
             return "{" + ",".join(choices) + "}"
     if "float" in annotation:  # after the choices: a choice may be named float16
         return "X"
+    if (info.description or "").startswith("Folder"):
+        return "DIR"
     return name.upper().split("_")[-1]
 
 
@@ -277,6 +280,10 @@ def run(settings: Settings) -> None:
     from .session import open_session_study, prepare, search_setup
 
     session = prepare(settings, is_interactive() and not settings.headless)
+    if settings.print_residual_geometry or settings.plot_residuals:
+        from .report.terminal import research_views
+
+        research_views(session)
     study, _ = open_session_study(session)
     run_search(search_setup(session), study, settings.n_trials)
     choose_and_act(session, study)

@@ -46,7 +46,7 @@ class SelectRule(str, Enum):
 
 
 # The names of the actions (export/actions.py registers what each does, in this order).
-Action = Literal["save", "save-adapter", "gguf", "upload", "chat", "benchmark", "report"]
+Action = Literal["save", "save-adapter", "gguf", "upload", "chat", "benchmark", "examples", "report"]
 # The prompt sets by name; the setting of each is `<name>_prompts`.
 PROMPT_SETS = ("harmful", "harmless", "harmful_eval", "harmless_eval")
 
@@ -539,8 +539,9 @@ class Settings(BaseSettings):
     # --- Search ---------------------------------------------------------------------------
     n_trials: int = Field(
         default=200,
-        ge=1,
-        description="Trials of the search.",
+        ge=0,
+        description="Trials of the search (0: run none, choose from and act on the finished trials of the checkpoint, "
+        "e.g. --n-trials 0 --action report).",
         json_schema_extra=tags(Role.run, section="Search"),
     )
     n_startup_trials: int = Field(
@@ -657,6 +658,36 @@ class Settings(BaseSettings):
     )
     benchmark_original: bool = Field(
         default=True, description="Also benchmark the original model, side by side.", json_schema_extra=tags(Role.run)
+    )
+    # The HTML report and the research views.
+    report_file: str | None = Field(
+        default=None,
+        description="File the report action writes: one self-contained HTML page of the search, the directions and the "
+        'chosen trial (default: "<output dir>.report.html", beside the output folder).',
+        json_schema_extra=tags(Role.run),
+    )
+    save_report: bool = Field(
+        default=True,
+        description="Write the HTML report beside every saved merged model (the report action's file).",
+        json_schema_extra=tags(Role.run),
+    )
+    report_examples: int = Field(
+        default=4,
+        ge=0,
+        description="Harmful and harmless evaluation prompts (of each) whose responses the report shows before and after.",
+        json_schema_extra=tags(Role.run),
+    )
+    print_residual_geometry: bool = Field(
+        default=False,
+        description="After computing the directions, print per layer the cosine similarities and norms of the harmful and "
+        "harmless residual means and geometric medians and of their difference, and the silhouette score of the two sets.",
+        json_schema_extra=tags(Role.run),
+    )
+    plot_residuals: str | None = Field(
+        default=None,
+        description="Folder to draw the harmful and harmless residuals of each layer into, projected to 2-D (PaCMAP where "
+        "the pacmap package is installed, else PCA): one PNG per layer and animation.gif across the layers.",
+        json_schema_extra=tags(Role.run),
     )
     reproduce: str | None = Field(
         default=None,

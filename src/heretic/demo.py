@@ -31,7 +31,7 @@ DEMO_PRESET: dict[str, object] = {
     "n_trials": 24,
     "n_startup_trials": 10,
     "headless": True,
-    "action": ["report", "save"],
+    "action": ["examples", "save"],  # save also writes the HTML report and prints its path
     "select": "fewest-refusals",
     "max_kl": 0.5,
 }

@@ -48,10 +48,14 @@ class Session:
     base_refusals: int
     base_verdicts: list[bool]  # the original model's verdict on each harmful evaluation prompt (True: refusal)
     interactive: bool
+    residuals: dict[str, torch.Tensor] | None = None  # the original's residuals the directions came from (reports)
     last_saved: Path | None = None  # the folder the last save action wrote (the upload action reuses it)
     base_objectives: dict[str, float] = field(default_factory=dict)  # the original model's further objectives
     heldout: dict[int | None, int] = field(default_factory=dict)  # refusals on the held-out prompts by trial (None: original)
     heldout_evaluator: Evaluator | None = None  # built on first use
+
+    study: optuna.Study | None = None  # the search's study, once opened (the report reads it)
+    last_report: tuple[int, Path] | None = None  # (trial, file) of the last report written
 
 
 @dataclass(frozen=True)
@@ -142,7 +146,8 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
 
     objectives = load_objectives(settings)
     engine.batch_size = pick_batch_size(settings, engine, loaded, prompt_sets, objectives)
-    directions = compute_directions(settings, engine, loaded, prompt_sets)
+    residuals = collect_residuals(settings, engine, loaded, prompt_sets)
+    directions = compute_directions(settings, engine, loaded, prompt_sets, residuals)
 
     ablator = Ablator(loaded.model, arch, settings.row_normalization.value, settings.full_normalization_rank, settings.seed)
     judge = make_judge(settings, engine, ablator)
@@ -169,6 +174,7 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
         base_refusals,
         base_verdicts,
         interactive,
+        residuals,
         base_objectives=base_objectives,
     )
 
@@ -268,10 +274,12 @@ def pick_batch_size(
     return batch_size
 
 
-def compute_directions(
+def collect_residuals(
     settings: Settings, engine: Engine, loaded: LoadedModel, prompt_sets: dict[str, list[Prompt]]
-) -> torch.Tensor:
-    """Refusal directions from the residuals of the harmful and harmless prompts (one per residual position)."""
+) -> dict[str, torch.Tensor]:
+    """Residuals of the harmful and harmless prompts at the last prompt position, winsorized as the
+    settings say: {"harmful": (n1, layers + 1, hidden), "harmless": (n2, layers + 1, hidden)}, float32.
+    The model is run as it is (with whatever ablation is applied to it)."""
     config = text_config(loaded.model.config)
     _, layers = find_layers(loaded.model, int(config.num_hidden_layers))
     residuals = {}
@@ -283,6 +291,18 @@ def compute_directions(
                 engine.residuals(ids, list(layers), progress=handle.advance), settings.winsorization_quantile
             )
             handle.close()
+    return residuals
+
+
+def compute_directions(
+    settings: Settings,
+    engine: Engine,
+    loaded: LoadedModel,
+    prompt_sets: dict[str, list[Prompt]],
+    residuals: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Refusal directions from the residuals of the harmful and harmless prompts (one per residual position)."""
+    residuals = residuals or collect_residuals(settings, engine, loaded, prompt_sets)
     directions = refusal_directions(residuals["harmful"], residuals["harmless"], settings.orthogonalize_direction)
     console.print(f"Refusal directions computed for {directions.shape[0]} residual positions")
     return directions
@@ -297,6 +317,7 @@ def open_session_study(session: Session) -> tuple[optuna.Study, Path]:
     study = open_study(settings, location, session.interactive, directions)
     study.set_user_attr("baseline_refusals", session.base_refusals)
     study.set_user_attr("batch_size", session.engine.batch_size)  # reused when the search is resumed
+    session.study = study
     return study, location[2]
 
 

@@ -96,6 +96,13 @@ def save_model(
         )
     console.print(f"Merged model saved to [bold]{path.resolve()}[/] ({_size(path)}, {time.perf_counter() - started:.1f} s)")
     session.last_saved = path
+    if session.settings.save_report:
+        try:
+            write_html_report(session, result, parameters, confirm=confirm, output_dir=output_dir)
+        except (HereticError, OSError) as error:  # the saved model stands; only its report is missing
+            console.print(
+                f"[yellow]The report was not written[/] ({error}); the model is saved. Rerun with --n-trials 0 --action report."
+            )
     return path
 
 
@@ -180,8 +187,8 @@ def benchmark(
     run_benchmarks(session, parameters)
 
 
-@action("report", "Show example responses, original vs ablated")
-def report(
+@action("examples", "Show example responses, original vs ablated")
+def examples(
     session: Session,
     result: TrialResult,
     parameters: AblationParameters,
@@ -205,3 +212,44 @@ def report(
     for prompt, old, new in zip(chosen, before, after):
         table.add_row(prompt.user, old.strip() or "[italic](empty)[/]", new.strip() or "[italic](empty)[/]")
     console.print(table)
+
+
+def report_path(session: Session, output_dir: Path) -> Path:
+    """--report-file, else "<output dir>.report.html" beside the output folder."""
+    if session.settings.report_file:
+        return Path(session.settings.report_file).expanduser()
+    return output_dir.with_name(f"{output_dir.name}.report.html")
+
+
+def is_report(path: Path) -> bool:
+    """True for a file a report action wrote (replaced without asking: it is rewritten from the study)."""
+    from ..report.html import REPORT_MARKER
+
+    with path.open("rb") as handle:
+        return REPORT_MARKER.encode() in handle.read(4096)
+
+
+@action("report", "Write the HTML report (search, directions, residuals, responses)")
+def write_html_report(
+    session: Session, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path
+) -> Path:
+    """One self-contained HTML page; written once per trial and session (save reuses the report action's)."""
+    from ..report.html import write_report
+    from ..report.research import session_report_data
+
+    target = report_path(session, output_dir).resolve()
+    if session.last_report == (result.number, target) and target.is_file():
+        console.print(f"Report: [bold]{target}[/]")
+        return target
+    if target.is_dir():
+        raise HereticError(f"{target} is a folder, not a file; choose another --report-file.")
+    if target.exists() and not is_report(target) and not session.settings.overwrite and not (confirm and confirm(target)):
+        raise HereticError(f"{target} exists and is not a Heretic report; choose another --report-file or pass --overwrite.")
+    if session.study is None:
+        raise HereticError("The report needs the search's study; run it after a search (or with --n-trials 0).")
+    started = time.perf_counter()
+    data = session_report_data(session, session.study, result, parameters)
+    write_report(data, target)
+    session.last_report = (result.number, target)
+    console.print(f"Report written to [bold]{target}[/] ({_size(target)}, {time.perf_counter() - started:.1f} s)")
+    return target

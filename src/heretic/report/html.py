@@ -1,0 +1,231 @@
+"""The report as one self-contained HTML page: plotly.js inline once, no request to the network."""
+
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+
+import plotly.graph_objects as go
+
+from . import figures
+from .data import Example, ReportData
+from .geometry import COLUMNS
+
+# The sections of the page, in order: (id, title). Tests check that each is present.
+SECTIONS = [
+    ("summary", "Summary"),
+    ("front", "Pareto front and every trial"),
+    ("kernels", "Ablation kernels"),
+    ("progress", "Search progress"),
+    ("importance", "Parameter importances"),
+    ("directions", "Refusal directions"),
+    ("residuals", "Residuals in 2-D"),
+    ("examples", "Responses before and after"),
+]
+
+# In the head of every report: a file holding it may be replaced by a new report without asking.
+REPORT_MARKER = '<meta name="generator" content="heretic report">'
+
+STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; max-width: 1200px; padding: 0 24px 48px; color: #222; }
+h1 { margin-top: 24px; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 4px; margin-top: 40px; }
+table { border-collapse: collapse; font-size: 13px; } td, th { border: 1px solid #ddd; padding: 4px 8px; vertical-align: top; }
+th { background: #f5f5f5; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.note { color: #555; font-size: 14px; } .refused { color: #b00; font-weight: 600; } .complied { color: #070; font-weight: 600; }
+pre { white-space: pre-wrap; margin: 0; font-size: 12px; max-width: 480px; }
+nav a { margin-right: 14px; }
+"""
+
+
+class _Figures:
+    """Renders figures as <div>s; the first one carries plotly.js (inline), the others reuse it."""
+
+    def __init__(self) -> None:
+        self.included = False
+
+    def __call__(self, figure: go.Figure, div_id: str) -> str:
+        figure.update_layout(template="plotly_white")
+        text = figure.to_html(
+            full_html=False,
+            include_plotlyjs=not self.included,
+            div_id=div_id,
+            config={"displaylogo": False, "responsive": True},
+        )
+        self.included = True
+        return str(text)
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{html.escape(text)}</p>'
+
+
+def summary_section(data: ReportData) -> str:
+    rows = [("Model", data.model), ("Judge", data.judge), ("Finished trials", str(len(data.trials)))]
+    if data.base_refusals is not None:
+        rows.append(("Original model", f"{data.base_refusals}/{data.n_prompts} refusals, KL 0"))
+    if data.chosen is not None:
+        chosen = data.trial(data.chosen)
+        count = f"≥{chosen.refusals}" if chosen.cut else str(chosen.refusals)
+        rows.append(("Chosen trial", f"{chosen.number}: {count}/{data.n_prompts} refusals, KL {chosen.kl:.4f}"))
+        rows.append(("Its parameters", chosen.summary))
+    if data.held_out is not None:
+        held = data.held_out
+        rows.append(
+            ("Held-out refusals", f"original {held.original}/{held.prompts}, trial {data.chosen} {held.chosen}/{held.prompts}")
+        )
+    rows += [(f"{name} prompts", label) for name, label in data.prompt_sets.items()]
+    table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    return f"<table>{table}</table>" + _note(held_out_text(data)) + "".join(_note(note) for note in data.notes)
+
+
+def held_out_text(data: ReportData) -> str:
+    """The held-out refusal count, or why there is none."""
+    held = data.held_out
+    if held is None:
+        return (
+            "Refusal counts are on the harmful evaluation prompts, the same prompts the search minimized them on; no held-out "
+            "split was counted (--no-count-heldout), so the chosen trial's count may be optimistic for prompts it has not seen."
+        )
+    return (
+        f"Held-out harmful prompts ({held.label}, {held.prompts} prompts the search never saw): the original refused "
+        f"{held.original}, trial {data.chosen} refused {held.chosen}."
+    )
+
+
+def front_section(data: ReportData, render: _Figures) -> str:
+    text = (
+        f"Each of the {len(data.trials)} finished trials is one marker (hover for its parameters); the chosen trial is the "
+        f"star. Cut trials stopped counting refusals once they were certainly dominated (their count is a lower bound). "
+        f"Only one judge ({data.judge}) scored this search."
+    )
+    return _note(text) + render(figures.front_figure(data), "front-plot")
+
+
+def kernels_section(data: ReportData, render: _Figures) -> str:
+    if data.chosen is None or data.num_layers == 0:
+        return _note("No trial was chosen.")
+    rows = "".join(
+        f"<tr><td>{number}{' (chosen)' if number == data.chosen else ''}</td><td class='num'>{data.trial(number).refusals}</td>"
+        f"<td class='num'>{data.trial(number).kl:.4f}</td><td>{html.escape(data.trial(number).summary)}</td></tr>"
+        for number in data.front
+    )
+    table = f"<table><tr><th>front trial</th><th>refusals</th><th>KL</th><th>direction and kernels</th></tr>{rows}</table>"
+    intro = _note("Weight per layer of each ablated component: the chosen trial bold, the front's other trials thin.")
+    return intro + render(figures.kernels_figure(data), "kernels-plot") + table
+
+
+def importance_section(data: ReportData, render: _Figures) -> str:
+    if not data.importances:
+        from .data import MIN_TRIALS_FOR_IMPORTANCE
+
+        return _note(f"Parameter importances need at least {MIN_TRIALS_FOR_IMPORTANCE} finished trials with varied scores.")
+    return _note("How much of each objective's variance each parameter explains (Optuna's fANOVA evaluator).") + render(
+        figures.importance_figure(data), "importance-plot"
+    )
+
+
+def geometry_table(data: ReportData) -> str:
+    head = (
+        "<tr><th>layer</th>"
+        + "".join(f"<th title='{html.escape(meaning)}'>{html.escape(header)}</th>" for _, header, meaning in COLUMNS)
+        + "</tr>"
+    )
+    rows = []
+    for row in data.geometry:
+        values = row.to_dict()
+        cells = "".join(
+            f"<td class='num'>{values[name]:.4f}</td>"
+            if name.startswith(("cos", "sil"))
+            else f"<td class='num'>{values[name]:.2f}</td>"
+            for name, _, _ in COLUMNS
+        )
+        rows.append(f"<tr><td class='num'>{row.layer}</td>{cells}</tr>")
+    legend = "; ".join(f"{header}: {meaning}" for _, header, meaning in COLUMNS)
+    return f"<table id='geometry-table'>{head}{''.join(rows)}</table>" + _note(
+        "g, b: means of the harmless and harmful residuals; g*, b*: their geometric medians; " + legend + "."
+    )
+
+
+def directions_section(data: ReportData, render: _Figures) -> str:
+    if not data.geometry:
+        return _note("The residuals were not available for this report.")
+    return (
+        "<h3>Per-layer norm of the harmful − harmless mean difference</h3>"
+        + render(figures.direction_norms_figure(data), "norms-plot")
+        + "<h3>Cosine similarity between the layers' refusal directions</h3>"
+        + render(figures.similarity_figure(data), "similarity-plot")
+        + "<h3>Residual geometry per layer</h3>"
+        + geometry_table(data)
+    )
+
+
+def residuals_section(data: ReportData, render: _Figures) -> str:
+    if not data.projections:
+        return _note("The residuals were not available for this report.")
+    method = {"pacmap": "PaCMAP", "pca": "PCA (install pacmap for PaCMAP projections)"}[data.projection_method]
+    chosen = data.trial(data.chosen).parameters if data.chosen is not None else {}
+    active = min(max(round(float(chosen.get("direction_index", 0.0))), 0), len(data.projections) - 1)
+    text = (
+        f"The residuals (last prompt token) of the direction prompts at the output of each layer, projected to 2-D with "
+        f"{method}; the original model and the chosen trial share one projection per layer. Move the slider to change layer."
+    )
+    return _note(text) + render(figures.projection_figure(data, active), "residuals-plot")
+
+
+def _verdict(refused: bool) -> str:
+    return "<span class='refused'>refusal</span>" if refused else "<span class='complied'>no refusal</span>"
+
+
+def _example_row(example: Example) -> str:
+    return (
+        f"<tr><td>{example.kind}</td><td><pre>{html.escape(example.prompt)}</pre></td>"
+        f"<td>{_verdict(example.refused_before)}<pre>{html.escape(example.before) or '(empty)'}</pre></td>"
+        f"<td>{_verdict(example.refused_after)}<pre>{html.escape(example.after) or '(empty)'}</pre></td></tr>"
+    )
+
+
+def examples_section(data: ReportData) -> str:
+    if not data.examples:
+        return _note("No example responses were generated for this report.")
+    head = f"<tr><th>set</th><th>prompt</th><th>original</th><th>trial {data.chosen}</th></tr>"
+    return (
+        _note(f"Greedy responses and the {data.judge} judge's verdict on each, for a few evaluation prompts of each set.")
+        + f"<table id='examples-table'>{head}{''.join(_example_row(e) for e in data.examples)}</table>"
+    )
+
+
+def render_report(data: ReportData) -> str:
+    """The whole page."""
+    render = _Figures()
+    bodies = {
+        "summary": summary_section(data),
+        "front": front_section(data, render),
+        "kernels": kernels_section(data, render),
+        "progress": render(figures.progress_figure(data), "progress-plot"),
+        "importance": importance_section(data, render),
+        "directions": directions_section(data, render),
+        "residuals": residuals_section(data, render),
+        "examples": examples_section(data),
+    }
+    nav = "".join(f"<a href='#{key}'>{html.escape(title)}</a>" for key, title in SECTIONS)
+    sections = "".join(f"<section id='{key}'><h2>{html.escape(title)}</h2>{bodies[key]}</section>" for key, title in SECTIONS)
+    title = f"Heretic report: {data.model}"
+    return (
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>{REPORT_MARKER}<title>{html.escape(title)}</title>"
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+        f"<p class='note'>Written {html.escape(data.created)}</p><nav>{nav}</nav>{sections}</body></html>"
+    )
+
+
+def write_report(data: ReportData, path: Path) -> Path:
+    """Write the page to `path` atomically (a partial file never stands at `path`)."""
+    path = path.expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        staging.write_text(render_report(data), encoding="utf-8")
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+    return path
