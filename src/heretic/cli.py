@@ -189,8 +189,10 @@ def describe_validation_error(error: ValidationError, config_file: str | None) -
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True, highlight=False).print(f"[bold red]Error:[/] {message}", soft_wrap=True)
+    # The message is plain text: brackets in it ([objectives.NAME], paths) are not markup.
+    Console(stderr=True, highlight=False).print(f"[bold red]Error:[/] {escape(message)}", soft_wrap=True)
     raise SystemExit(code)
 
 
