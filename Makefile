@@ -24,8 +24,8 @@ setup: $(VENV)/.installed
 
 # Lint: ruff's rules and formatting (pyproject.toml, [tool.ruff]) and mypy on the pure modules ([tool.mypy]).
 lint: setup
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/mypy
 
 # The whole suite after the lint (what CI runs).
