@@ -47,6 +47,8 @@ examples:
   heretic --demo
   heretic ./model.gguf --n-trials 50 --headless --action save --output-dir out/
   heretic --model ORIGINAL --evaluate-model ABLATED
+  heretic MODEL --preset no-moralizing                   # also minimize lecturing answers
+  heretic MODEL --objectives moralizing,response-length  # further objectives (README, Objectives)
 """
 
 
