@@ -42,8 +42,8 @@ report-screenshot: setup
 
 # Lint: ruff's rules and formatting (pyproject.toml, [tool.ruff]) and mypy on the pure modules ([tool.mypy]).
 lint: setup
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/mypy
 
 # The whole suite after the lint (what CI runs).

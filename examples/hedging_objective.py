@@ -1,10 +1,10 @@
 """A Heretic objective plug-in: hedging words ("maybe", "perhaps", "I think") per answer.
 
-    [objectives.hedging]                      # in config.toml; or --objectives examples/hedging_objective.py:Hedging
-    use = "examples/hedging_objective.py:Hedging"
-    direction = "minimize"                    # or "maximize", or "report" (shown, never optimized)
-    prompts = "bundled:harmless_test[:20]"    # its own prompts; leave out to score the harmful answers
-    words = ["maybe", "perhaps", "i think"]   # a setting of its own, checked by Hedging.Settings
+[objectives.hedging]                      # in config.toml; or --objectives examples/hedging_objective.py:Hedging
+use = "examples/hedging_objective.py:Hedging"
+direction = "minimize"                    # or "maximize", or "report" (shown, never optimized)
+prompts = "bundled:harmless_test[:20]"    # its own prompts; leave out to score the harmful answers
+words = ["maybe", "perhaps", "i think"]   # a setting of its own, checked by Hedging.Settings
 """
 
 from __future__ import annotations

@@ -97,6 +97,18 @@ def test_a_bad_settings_table_is_one_sentence() -> None:
     )
 
 
+def test_a_bad_table_stops_the_command_before_the_model_loads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "config.toml").write_text('[objectives.moralizing]\nmarker = ["x"]\n')
+    with pytest.raises(SystemExit) as exit_info:
+        main(["./no-such-model"])  # the model would fail to load; the table is reported first
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err
+        == "Error: Invalid setting 'marker' in [objectives.moralizing]: is not a setting of this objective (it has: markers, include_refusals)."
+    )
+
+
 def test_plugin_errors_and_bad_values_are_one_sentence(tmp_path: Path) -> None:
     spec = write_plugin(
         tmp_path, "class Plugin:\n    direction = 'report'\n    def score(self, trial):\n        return float('nan')\n"

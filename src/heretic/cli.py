@@ -48,6 +48,8 @@ examples:
   heretic ./model.gguf --n-trials 50 --headless --action save --output-dir out/
   heretic ./model.gguf --n-trials 0 --headless --action report   (the report of a finished search)
   heretic --model ORIGINAL --evaluate-model ABLATED
+  heretic MODEL --preset no-moralizing                   # also minimize lecturing answers
+  heretic MODEL --objectives moralizing,response-length  # further objectives (README, Objectives)
 """
 
 
@@ -192,8 +194,10 @@ def describe_validation_error(error: ValidationError, config_file: str | None) -
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True, highlight=False).print(f"[bold red]Error:[/] {message}", soft_wrap=True)
+    # The message is plain text: brackets in it ([objectives.NAME], paths) are not markup.
+    Console(stderr=True, highlight=False).print(f"[bold red]Error:[/] {escape(message)}", soft_wrap=True)
     raise SystemExit(code)
 
 

@@ -431,7 +431,8 @@ class Settings(BaseSettings):
     stop_on_verdict: bool = Field(
         default=True,
         description="Stop generating a response once its verdict is fixed (a refusal marker seen, or end of text). "
-        "Exact: verdicts equal those of full-length responses. Off while an objective needs whole responses.",
+        "Exact: verdicts equal those of full-length responses. Objectives that need whole responses limit it to refusals, "
+        "or turn it off.",
         json_schema_extra=tags(Role.run),
     )
     share_prompt_prefix: bool = Field(

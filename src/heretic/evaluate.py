@@ -22,10 +22,10 @@ EVALUATION_BATCH_SIZE = 16
 
 def evaluate_model(settings: Settings) -> list[tuple[str, str, int, float]]:
     """Print and return (role, model, refusals, KL) for the original and the evaluated model."""
+    objectives = load_objectives(settings)  # first: a mistake in a table is reported before any model loads
     prompt_sets = load_prompt_sets(settings)
     harmful, harmless = prompt_sets["harmful_eval"], prompt_sets["harmless_eval"]
     judge = make_judge(settings)
-    objectives = load_objectives(settings)
     rows, values = [], []
     reference_logprobs = None
     for role, name in (("original", settings.model), ("evaluated", settings.evaluate_model)):

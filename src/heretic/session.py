@@ -135,6 +135,7 @@ def detect_thinking_prefix(settings: Settings, engine: Engine, prompt_sets: dict
 
 def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = None) -> Session:
     """Load, read the prompts, choose the batch size, compute the directions and score the original model."""
+    objectives = load_objectives(settings)  # before the model: a mistake in a table is reported at once
     loaded = loaded or load(settings)
     arch = build_architecture_map(loaded.model)
     console.print(f"Architecture: {arch.num_layers} layers; {arch.summary()}")
@@ -144,7 +145,6 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
     if engine.response_prefix:
         console.print(f"Responses open a thinking block; prefilling {engine.response_prefix!r}")
 
-    objectives = load_objectives(settings)
     engine.batch_size = pick_batch_size(settings, engine, loaded, prompt_sets, objectives)
     residuals = collect_residuals(settings, engine, loaded, prompt_sets)
     directions = compute_directions(settings, engine, loaded, prompt_sets, residuals)
