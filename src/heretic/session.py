@@ -119,6 +119,9 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
     loaded = loaded or load(settings)
     arch = build_architecture_map(loaded.model)
     console.print(f"Architecture: {arch.num_layers} layers; {arch.summary()}")
+    unrecognized = arch.unrecognized_warning()
+    if unrecognized:
+        console.print(f"[yellow]{unrecognized}[/]")
     prompt_sets = load_prompt_sets(settings)
     engine = make_engine(settings, loaded)
     engine.response_prefix = detect_thinking_prefix(settings, engine, prompt_sets)
