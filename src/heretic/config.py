@@ -312,9 +312,13 @@ class Settings(BaseSettings):
         description='Memory limit per device for device_map="auto", e.g. {"0": "20GiB", "cpu": "64GiB"}.',
         json_schema_extra=tags(Role.run, Role.override),
     )
-    quantization: Literal["none", "bnb-4bit"] = Field(
+    quantization: Literal["none", "bnb-4bit", "bnb-8bit"] = Field(
         default="none",
-        description="Load the model quantized to save memory: none or bnb-4bit (bitsandbytes, CUDA only).",
+        description=(
+            "Load the model quantized to save memory: none, bnb-4bit (NF4) or bnb-8bit (LLM.int8), with bitsandbytes "
+            "(pip install 'heretic[quant]'). The merged model is still saved in full precision: the original is read "
+            "again from its safetensors files, one tensor at a time."
+        ),
         json_schema_extra=tags(Role.run),
     )
     cache_dir: str = Field(

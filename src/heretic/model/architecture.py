@@ -287,10 +287,17 @@ def as_matrices(weight: torch.Tensor, target: Target) -> torch.Tensor:
 
 
 def _dequantized(weight: torch.Tensor) -> torch.Tensor:
+    """A bitsandbytes weight as the float matrix it stands for (other weights as they are).
+
+    4-bit: bitsandbytes' own dequantization; 8-bit (LLM.int8): W = Q * s / 127, s the row scales (SCB)."""
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is not None:  # bitsandbytes 4-bit
         import bitsandbytes.functional as bnb_functional
 
         dense: torch.Tensor = bnb_functional.dequantize_4bit(weight.data, quant_state)
         return dense
+    scales = getattr(weight, "SCB", None)
+    if scales is not None and weight.dtype == torch.int8:  # bitsandbytes 8-bit
+        int8: torch.Tensor = weight.detach().float() * (scales.float().unsqueeze(1) / 127.0)
+        return int8
     return weight.detach()
