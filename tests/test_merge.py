@@ -204,3 +204,23 @@ def test_a_reload_that_does_not_fit_is_refused_in_one_sentence(
     with pytest.raises(HereticError, match=r"needs the original in float32 on the CPU, about 0\.0 GiB, but only 0\.0 GiB"):
         _save(loaded, ablator, tmp_path / "out", method="reload")
     assert not (tmp_path / "out").exists()
+
+
+def test_tied_embeddings_are_written_once_by_both_saves(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """A model with tied embeddings computed in float32 and saved in bfloat16: the cast keeps the
+    tie, so neither save writes lm_head.weight (the checkpoint has only the embedding)."""
+    import transformers as tf
+
+    folder = tmp_path / "tied"
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    tf.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    loaded, ablator = _session(folder)
+    streamed = _save(loaded, ablator, tmp_path / "streamed", method="streamed")
+    in_memory = _save(loaded, ablator, tmp_path / "memory", method="in-memory")
+    _assert_identical(streamed, in_memory)
+    assert "lm_head.weight" not in _tensors(streamed)

@@ -124,7 +124,8 @@ def save_merged(
             plan = merge_plan(loaded, ablator, parameters, entries)
             transform = merge_transform(loaded, ablator, parameters, directions, plan, storage)
             shard_bytes = convert_file_size_to_int(max_shard_size)
-            return write(lambda folder: write_shards(entries, output_dtypes(entries, storage), transform, folder, shard_bytes))
+            dtypes = output_dtypes(entries, storage)
+            return write(lambda folder: write_shards(entries, dtypes, transform, set(plan), folder, shard_bytes))
         except LayoutMismatch as why:
             if method == "streamed":
                 raise HereticError(f"The merged model cannot be written tensor by tensor: {why}.") from None
@@ -135,11 +136,24 @@ def save_merged(
             full, full_ablator, parameters, directions, target, max_shard_size=max_shard_size, dtype=dtype,
             overwrite=overwrite, confirm=confirm, extra_files=extra_files, method="in-memory",
         )  # fmt: skip
-    state = {
-        name: tensor.to(storage) if tensor.is_floating_point() else tensor
-        for name, tensor in ablator.merged_state_dict(parameters, directions).items()
-    }
+    state = cast_state(ablator.merged_state_dict(parameters, directions), storage)
     return write(lambda folder: ablator.base_model.save_pretrained(folder, state_dict=state, max_shard_size=max_shard_size))
+
+
+def cast_state(state: dict[str, torch.Tensor], storage: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating tensors cast to `storage`; tensors that share memory (tied embeddings) still share it
+    after the cast, so that save_pretrained writes them once."""
+    cast: dict[tuple[int, tuple[int, ...], tuple[int, ...]], torch.Tensor] = {}
+    result = {}
+    for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            result[name] = tensor
+            continue
+        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+        if key not in cast:
+            cast[key] = tensor.to(storage)
+        result[name] = cast[key]
+    return result
 
 
 def _write_folder(

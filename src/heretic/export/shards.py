@@ -3,7 +3,9 @@
 Every tensor of the original checkpoint is read from its file (plain reads, no memory map, so the
 page cache never counts as the process's memory), ablated if it is a target, cast to the storage
 dtype, and written at once into its output shard, whose header was computed beforehand from the
-shapes and dtypes alone. Beside the model being searched, the save holds one tensor at a time.
+shapes and dtypes alone. Beside the model being searched, the save holds one ablated matrix at a
+time (with its float32 copies for the math); every other tensor is only cast, a band of rows at a
+time, so a large embedding never sits in memory whole.
 
 A quantized model's targets are ablated on the weights read from the files (full precision), with
 the same factors function as the adapters; an unquantized model's with the factors of its own
@@ -13,7 +15,7 @@ weights, so that the output equals the one save_pretrained writes from the merge
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -42,6 +44,8 @@ DTYPE_CODES = {
 }
 CODES = {dtype: code for code, dtype in DTYPE_CODES.items()}
 INDEX_FILE = "model.safetensors.index.json"
+# Tensors that are only cast are read and written in bands of rows of about this size.
+BAND_BYTES = 8 * 2**20
 
 
 class LayoutMismatch(Exception):
@@ -124,10 +128,17 @@ Transform = Callable[[Entry, torch.Tensor], torch.Tensor]
 
 
 def write_shards(
-    entries: list[Entry], out_dtypes: dict[str, torch.dtype], transform: Transform, folder: Path, max_shard_bytes: int
+    entries: list[Entry],
+    out_dtypes: dict[str, torch.dtype],
+    transform: Transform,
+    whole: set[str],
+    folder: Path,
+    max_shard_bytes: int,
 ) -> None:
     """Write the transformed tensors as shards of at most `max_shard_bytes` (a larger tensor gets a
-    shard of its own), named like transformers names them, with the index when there are several."""
+    shard of its own), named like transformers names them, with the index when there are several.
+
+    `transform` must be elementwise for every tensor not named in `whole` (those are read in bands)."""
     shards: list[list[Entry]] = [[]]
     size = 0
     for entry in entries:
@@ -143,7 +154,7 @@ def write_shards(
     handles: dict[Path, BinaryIO] = {}
     try:
         for shard, name in zip(shards, names):
-            total += _write_shard(shard, out_dtypes, transform, folder / name, handles)
+            total += _write_shard(shard, out_dtypes, transform, whole, folder / name, handles)
     finally:
         for handle in handles.values():
             handle.close()
@@ -154,9 +165,15 @@ def write_shards(
 
 
 def _write_shard(
-    shard: list[Entry], out_dtypes: dict[str, torch.dtype], transform: Transform, path: Path, handles: dict[Path, BinaryIO]
+    shard: list[Entry],
+    out_dtypes: dict[str, torch.dtype],
+    transform: Transform,
+    whole: set[str],
+    path: Path,
+    handles: dict[Path, BinaryIO],
 ) -> int:
-    """Write one shard tensor by tensor; the number of data bytes written."""
+    """Write one shard tensor by tensor; the number of data bytes written. Tensors named in `whole`
+    are transformed in one piece; the others (an elementwise cast) a band of rows at a time."""
     layout = [(entry.name, out_dtypes[entry.name], entry.shape) for entry in shard]
     written = 0
     with open(path, "wb") as out:
@@ -164,14 +181,29 @@ def _write_shard(
         for entry in shard:
             if entry.file not in handles:
                 handles[entry.file] = open(entry.file, "rb")  # noqa: SIM115 - closed by write_shards
-            tensor = transform(entry, read_tensor(handles[entry.file], entry))
-            expected = out_dtypes[entry.name]
-            if tensor.dtype != expected or tuple(tensor.shape) != entry.shape:
-                raise LayoutMismatch(f"{entry.name} came out as {tensor.dtype} {tuple(tensor.shape)}")
-            data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-            out.write(memoryview(data))
-            written += data.nbytes
+            pieces = [read_tensor(handles[entry.file], entry)] if entry.name in whole else _bands(handles[entry.file], entry)
+            for piece in pieces:
+                tensor = transform(entry, piece)
+                if tensor.dtype != out_dtypes[entry.name] or tensor.shape[1:] != piece.shape[1:]:
+                    raise LayoutMismatch(f"{entry.name} came out as {tensor.dtype} {tuple(tensor.shape)}")
+                data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+                out.write(memoryview(data))
+                written += data.nbytes
     return written
+
+
+def _bands(handle: BinaryIO, entry: Entry) -> Iterator[torch.Tensor]:
+    """The tensor a band of rows (first axis) at a time, each about BAND_BYTES."""
+    if len(entry.shape) < 2:
+        yield read_tensor(handle, entry)
+        return
+    row_bytes = _numel(entry.shape[1:]) * entry.dtype.itemsize
+    step = max(1, BAND_BYTES // max(row_bytes, 1))
+    for first in range(0, entry.shape[0], step):
+        rows = min(step, entry.shape[0] - first)
+        start = entry.start + first * row_bytes
+        band = Entry(entry.file, entry.name, entry.dtype, (rows, *entry.shape[1:]), start, start + rows * row_bytes)
+        yield read_tensor(handle, band)
 
 
 # --- The merge ---------------------------------------------------------------------------------
