@@ -224,3 +224,23 @@ def test_tied_embeddings_are_written_once_by_both_saves(tiny_models: dict[str, P
     in_memory = _save(loaded, ablator, tmp_path / "memory", method="in-memory")
     _assert_identical(streamed, in_memory)
     assert "lm_head.weight" not in _tensors(streamed)
+
+
+@pytest.mark.slow
+def test_the_save_memory_benchmark_runs_on_a_tiny_model(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "save_memory.py"
+    output = tmp_path / "save_memory.json"
+    command = [sys.executable, str(script), "--model", str(tiny_models["llama"]), "--output", str(output)]
+    done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy(), timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(output.read_text())
+    runs = {run["method"]: run for run in record["runs"]}
+    assert sorted(runs) == ["in-memory", "streamed"]
+    for run in runs.values():
+        assert run["peak_during_save_bytes"] >= run["rss_before_bytes"] > 0 and run["weights_bytes"] > 0
+    assert runs["in-memory"]["weights_bytes"] == runs["streamed"]["weights_bytes"]
+    assert "save needs" in done.stdout and "streamed" in done.stdout
