@@ -12,6 +12,7 @@ from optuna.samplers import TPESampler
 from optuna.trial import TrialState
 
 from ..ablation.adapters import Ablator
+from ..model.memory import stage
 from ..scoring.evaluator import Evaluator, ProgressFactory
 from .pareto import TrialResult, is_dominated, trial_results
 from .space import suggest_parameters
@@ -60,23 +61,29 @@ def run_trial(setup: SearchSetup, study: optuna.Study, progress: ProgressFactory
     study.sampler = make_sampler(setup.seed, done, setup.n_startup_trials, setup.n_ei_candidates, setup.multivariate_tpe)
     trial = study.ask()
     try:
-        started = time.perf_counter()
-        parameters = suggest_parameters(trial, setup.num_layers, setup.components)
-        setup.ablator.apply(parameters, setup.directions)
-        setup.evaluator.progress = progress or setup.evaluator.progress
-        kl = setup.evaluator.kl()
-        history = trial_results(study)
-        cutoff = (lambda found: is_dominated(found, kl, history)) if setup.cut_hopeless_trials else None
-        count = setup.evaluator.count_refusals(cutoff)
-        seconds = time.perf_counter() - started
-        trial.set_user_attr("parameters", parameters.to_dict())
-        trial.set_user_attr("kl", kl)
-        trial.set_user_attr("refusals", count.refusals)
-        trial.set_user_attr("cut", not count.complete)
-        trial.set_user_attr("seconds", seconds)
-        n_prompts = len(setup.evaluator.harmful)
-        study.tell(trial, sampler_values(count.refusals, kl, n_prompts, setup.sampler_kl_floor))
+        with stage(f"trial {trial.number}"):
+            return _evaluate(setup, study, trial, progress)
     except BaseException:
         study.tell(trial, state=TrialState.FAIL)
         raise
+
+
+def _evaluate(setup: SearchSetup, study: optuna.Study, trial: optuna.Trial, progress: ProgressFactory | None) -> TrialResult:
+    """Score the trial's ablation and tell the study."""
+    started = time.perf_counter()
+    parameters = suggest_parameters(trial, setup.num_layers, setup.components)
+    setup.ablator.apply(parameters, setup.directions)
+    setup.evaluator.progress = progress or setup.evaluator.progress
+    kl = setup.evaluator.kl()
+    history = trial_results(study)
+    cutoff = (lambda found: is_dominated(found, kl, history)) if setup.cut_hopeless_trials else None
+    count = setup.evaluator.count_refusals(cutoff)
+    seconds = time.perf_counter() - started
+    trial.set_user_attr("parameters", parameters.to_dict())
+    trial.set_user_attr("kl", kl)
+    trial.set_user_attr("refusals", count.refusals)
+    trial.set_user_attr("cut", not count.complete)
+    trial.set_user_attr("seconds", seconds)
+    n_prompts = len(setup.evaluator.harmful)
+    study.tell(trial, sampler_values(count.refusals, kl, n_prompts, setup.sampler_kl_floor))
     return TrialResult(trial.number, count.refusals, kl, not count.complete, seconds, parameters.to_dict())
