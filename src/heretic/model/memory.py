@@ -99,7 +99,7 @@ REMEDIES = {
     "computing": "lower --max-batch-size (the residuals are computed in batches), or load the model with --quantization bnb-4bit",
     "choosing": "set --batch-size to a smaller batch size, or lower --max-batch-size",
     "scoring": "lower --batch-size or --max-batch-size, or --max-response-length",
-    "trial": "lower --batch-size or --max-batch-size, or --max-response-length, or load the model with --quantization bnb-4bit",
+    "running": "lower --batch-size or --max-batch-size, or --max-response-length, or load the model with --quantization bnb-4bit",
     "saving": "save the adapter instead (save-adapter) or use a machine with more memory",
     "exporting": "save the merged model instead, or use a machine with more memory",
 }

@@ -61,7 +61,7 @@ def run_trial(setup: SearchSetup, study: optuna.Study, progress: ProgressFactory
     study.sampler = make_sampler(setup.seed, done, setup.n_startup_trials, setup.n_ei_candidates, setup.multivariate_tpe)
     trial = study.ask()
     try:
-        with stage(f"trial {trial.number}"):
+        with stage(f"running trial {trial.number}"):
             return _evaluate(setup, study, trial, progress)
     except BaseException:
         study.tell(trial, state=TrialState.FAIL)
