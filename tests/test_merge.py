@@ -244,3 +244,18 @@ def test_the_save_memory_benchmark_runs_on_a_tiny_model(tiny_models: dict[str, P
         assert run["peak_during_save_bytes"] >= run["rss_before_bytes"] > 0 and run["weights_bytes"] > 0
     assert runs["in-memory"]["weights_bytes"] == runs["streamed"]["weights_bytes"]
     assert "save needs" in done.stdout and "streamed" in done.stdout
+
+
+def test_quantized_weights_count_in_the_fingerprint_and_unquantized_ones_keep_it() -> None:
+    from test_study import PROMPT_SETS, fake_loaded
+
+    from heretic.config import Settings, fingerprint_entry
+    from heretic.search.study import study_fingerprint
+
+    plain = fake_loaded()
+    quantized = fake_loaded()
+    quantized.quantization = "bnb-4bit"
+    assert fingerprint_entry("quantization") == "dtype"
+    first = study_fingerprint(Settings(), plain, PROMPT_SETS, "")
+    second = study_fingerprint(Settings(quantization="bnb-4bit"), quantized, PROMPT_SETS, "")
+    assert first["dtype"] == "torch.bfloat16" and second["dtype"] == "torch.bfloat16 bnb-4bit"

@@ -325,7 +325,7 @@ class Settings(BaseSettings):
             "(pip install 'heretic[quant]'). The merged model is still saved in full precision: the original is read "
             "again from its safetensors files, one tensor at a time."
         ),
-        json_schema_extra=tags(Role.run),
+        json_schema_extra=tags(Role.score, fingerprint="dtype"),
     )
     cache_dir: str = Field(
         default="~/.cache/heretic",

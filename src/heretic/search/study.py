@@ -55,11 +55,17 @@ def derived_entries(
         model_identity.update(size=source.gguf_file.stat().st_size)
     return {
         "model": model_identity,
-        "dtype": str(loaded.dtype),
+        "dtype": _dtype_entry(loaded),
         "prompts": {name: prompts_digest(prompts) for name, prompts in prompt_sets.items()},
         "response_prefix": response_prefix,
         "judge": judge_identity(settings),
     }
+
+
+def _dtype_entry(loaded: LoadedModel) -> str:
+    """The compute dtype, and the quantization when the weights are quantized (scores differ)."""
+    quantization = getattr(loaded, "quantization", "none")
+    return str(loaded.dtype) if quantization == "none" else f"{loaded.dtype} {quantization}"
 
 
 def checkpoint_location(
