@@ -259,3 +259,19 @@ def test_quantized_weights_count_in_the_fingerprint_and_unquantized_ones_keep_it
     first = study_fingerprint(Settings(), plain, PROMPT_SETS, "")
     second = study_fingerprint(Settings(quantization="bnb-4bit"), quantized, PROMPT_SETS, "")
     assert first["dtype"] == "torch.bfloat16" and second["dtype"] == "torch.bfloat16 bnb-4bit"
+
+
+def test_the_gguf_exporter_gets_the_full_precision_merge_of_a_quantized_model(quantizable: Path) -> None:
+    """merged_model (what the GGUF export reads) of a quantized search is the full-precision merge."""
+    from types import SimpleNamespace
+
+    from heretic.export.merged import merged_model
+
+    full, full_ablator = _session(quantizable)
+    expected = full_ablator.merged_state_dict(_parameters(), _directions())
+    loaded, ablator = _session(quantizable, quantization="bnb-8bit")
+    session = SimpleNamespace(loaded=loaded, ablator=ablator, directions=_directions())
+    with merged_model(session, _parameters()) as (model, changed):  # type: ignore[arg-type]
+        state = model.state_dict()
+        assert changed and all(torch.equal(state[name], expected[name]) for name in changed)
+        assert all(state[name].dtype == torch.float32 for name in changed)
