@@ -113,3 +113,10 @@ def test_a_pure_state_space_model_ablates_its_mixers() -> None:
     model = tf.MambaForCausalLM(tf.MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=4))
     arch = build_architecture_map(model)  # a pure state-space model: its mixers' out_proj are the token mixers
     assert arch.describe() == ["layer 0: attn: mixer.out_proj.weight", "layer 1: attn: mixer.out_proj.weight"]
+
+
+def test_the_tiny_families_have_no_unrecognized_weights() -> None:
+    from tiny import KINDS
+
+    for kind in KINDS:
+        assert build_architecture_map(make_model(kind)).unrecognized == [], kind

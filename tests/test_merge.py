@@ -275,3 +275,25 @@ def test_the_gguf_exporter_gets_the_full_precision_merge_of_a_quantized_model(qu
         state = model.state_dict()
         assert changed and all(torch.equal(state[name], expected[name]) for name in changed)
         assert all(state[name].dtype == torch.float32 for name in changed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization", ["bnb-4bit", "bnb-8bit"])
+def test_a_quantized_search_saves_the_full_precision_merged_model(
+    quantization: str, quantizable: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """heretic MODEL --quantization … --action save, end to end on the CPU: the saved folder is a
+    plain full-precision model whose reproduction record names the quantization."""
+    from test_faults import RUN_FLAGS, run_cli
+    from tiny import PROMPT_FLAGS
+
+    flags = [flag if flag != "report" else "save" for flag in RUN_FLAGS]
+    argv = [str(quantizable), *PROMPT_FLAGS, *flags, "--quantization", quantization, "--output-dir", str(tmp_path / "out")]
+    code, text = run_cli(argv, capsys)
+    assert code == 0, text
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+    tensors = _tensors(tmp_path / "out")
+    assert all(tensor.dtype == torch.float32 for tensor in tensors.values())
+    record = json.loads((tmp_path / "out" / "heretic.json").read_text())
+    assert quantization in json.dumps(record)
