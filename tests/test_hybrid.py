@@ -120,3 +120,14 @@ def test_the_tiny_families_have_no_unrecognized_weights() -> None:
 
     for kind in KINDS:
         assert build_architecture_map(make_model(kind)).unrecognized == [], kind
+
+
+def test_layers_of_each_kind_are_listed_together() -> None:
+    arch = build_architecture_map(make_hybrid("jamba"))
+    assert arch.layer_kinds() == [
+        "layers 0, 2: attn: mamba.out_proj.weight; mlp: feed_forward.down_proj.weight",
+        "layers 1, 3: attn: self_attn.o_proj.weight; mlp: feed_forward.experts.down_proj",
+    ]
+    assert build_architecture_map(make_model("llama")).layer_kinds() == [
+        "layers 0-3: attn: self_attn.o_proj.weight; mlp: mlp.down_proj.weight"
+    ]

@@ -138,6 +138,8 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
     loaded = loaded or load(settings)
     arch = build_architecture_map(loaded.model)
     console.print(f"Architecture: {arch.num_layers} layers; {arch.summary()}")
+    for line in arch.layer_kinds():
+        console.print(f"  ablated in {line}")
     unrecognized = arch.unrecognized_warning()
     if unrecognized:
         console.print(f"[yellow]{unrecognized}[/]")

@@ -166,6 +166,13 @@ class ArchitectureMap:
             lines.append(f"layer {index}: " + "; ".join(parts))
         return lines
 
+    def layer_kinds(self) -> list[str]:
+        """describe() with layers that ablate the same weights grouped: one line per kind of layer."""
+        groups: dict[str, list[int]] = {}
+        for index, line in enumerate(self.describe()):
+            groups.setdefault(line.split(": ", 1)[1], []).append(index)
+        return [f"{_ranges(indices)}: {what}" for what, indices in groups.items()]
+
     def unrecognized_warning(self) -> str | None:
         """One sentence naming the weights that are not ablated because their role is not recognized."""
         if not self.unrecognized:
@@ -177,6 +184,18 @@ class ArchitectureMap:
             f"Not ablated, because their role is not recognized: {shown}; they may write into the residual stream, "
             "so the ablation may leave part of the refusal direction in place."
         )
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "layers 0-2, 5, 7-8"."""
+    runs: list[list[int]] = []
+    for index in indices:
+        if runs and index == runs[-1][-1] + 1:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    parts = [str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}" for run in runs]
+    return ("layer " if len(indices) == 1 else "layers ") + ", ".join(parts)
 
 
 def text_config(config: Any) -> Any:
