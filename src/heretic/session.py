@@ -133,16 +133,21 @@ def describe_prefix(settings: Settings, prefix: str) -> str | None:
     )
 
 
-def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = None) -> Session:
-    """Load, read the prompts, choose the batch size, compute the directions and score the original model."""
-    loaded = loaded or load(settings)
-    arch = build_architecture_map(loaded.model)
+def print_architecture(arch: ArchitectureMap) -> None:
+    """What is ablated, by kind of layer, and a warning naming the weights whose role is not recognized."""
     console.print(f"Architecture: {arch.num_layers} layers; {arch.summary()}")
     for line in arch.layer_kinds():
         console.print(f"  ablated in {line}")
     unrecognized = arch.unrecognized_warning()
     if unrecognized:
         console.print(f"[yellow]{unrecognized}[/]")
+
+
+def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = None) -> Session:
+    """Load, read the prompts, choose the batch size, compute the directions and score the original model."""
+    loaded = loaded or load(settings)
+    arch = build_architecture_map(loaded.model)
+    print_architecture(arch)
     prompt_sets = load_prompt_sets(settings)
     engine = make_engine(settings, loaded)
     engine.response_prefix = choose_response_prefix(settings, engine, prompt_sets)
