@@ -251,7 +251,7 @@ def load_model(
             loaded = _load_once(source, load_path, config, common, dtype, device_map, max_memory, quantization)
         except HereticError:
             raise
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, MemoryError):
             raise HereticError(
                 f"Out of memory while loading {source.name} in {dtype_name(dtype)}; set --max-memory or --device-map, "
                 "use --quantization bnb-4bit, or a machine with more memory."
@@ -385,7 +385,7 @@ def _bnb_config(quantization: str, dtype: torch.dtype) -> Any:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise HereticError(
-            f"--quantization {quantization} needs bitsandbytes; install it with `pip install 'heretic[quant]'`."
+            f"--quantization {quantization} needs bitsandbytes; install it with `pip install -e '.[quant]'` in Heretic's folder."
         ) from None
     import warnings
 
