@@ -323,7 +323,7 @@ class Settings(BaseSettings):
         description=(
             "Load the model quantized to save memory: none, bnb-4bit (NF4) or bnb-8bit (LLM.int8), with bitsandbytes "
             "(pip install -e '.[quant]'). The merged model is still saved in full precision: the original is read "
-            "again from its safetensors files, one tensor at a time."
+            "again from its safetensors files, one tensor at a time (or reloaded on the CPU)."
         ),
         json_schema_extra=tags(Role.score, fingerprint="dtype"),
     )
