@@ -269,8 +269,8 @@ def merge_transform(
         if planned is None:
             return tensor.to(storage)
         layer, component, target = planned
-        if exact:
-            weight = getattr(ablator.base_model.get_submodule(target.module), target.parameter)
+        weight = getattr(ablator.base_model.get_submodule(target.module), target.parameter)
+        if exact and weight.device.type != "meta":  # offloaded weights (meta) are ablated from the file
             tensor = tensor.to(weight.device)
             if not torch.equal(tensor, weight.detach()):
                 raise LayoutMismatch(f"{entry.name} in the checkpoint is not the loaded weight")
