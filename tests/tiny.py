@@ -150,3 +150,63 @@ def save_tiny_with_processor(folder: Path) -> Path:
         image_processor=image_processor, tokenizer=tokenizer, image_seq_length=4, chat_template=CHATML
     ).save_pretrained(folder)
     return folder
+
+
+# Hybrid and unusual layers: state-space (Mamba) and convolution token mixers, layers of different
+# kinds, fused experts stored transposed (gpt-oss), and a shared-transformer hybrid (Zamba 2).
+HYBRID_KINDS = ("jamba", "bamba", "falcon_h1", "granitemoehybrid", "lfm2", "gpt_oss", "qwen3_next", "zamba2")
+
+
+def make_hybrid(kind: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random hybrid causal LM (float32), 4 layers of hidden size 64."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, eos_token_id=2, pad_token_id=0, bos_token_id=0,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    mamba2 = dict(mamba_n_heads=4, mamba_d_head=32, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=16)
+    if kind == "jamba":  # Mamba and attention layers; dense and MoE MLPs alternate
+        config = tf.JambaConfig(
+            **common, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+            num_experts=4, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
+        )  # fmt: skip
+        model = tf.JambaForCausalLM(config)
+    elif kind == "bamba":  # Mamba 2 layers with attention at layers 1 and 3
+        model = tf.BambaForCausalLM(tf.BambaConfig(**common, attn_layer_indices=[1, 3], **mamba2))
+    elif kind == "falcon_h1":  # Mamba 2 and attention side by side in every layer
+        mamba = dict(mamba2, mamba_d_head=16, mamba_d_ssm=64, mamba_expand=1)
+        model = tf.FalconH1ForCausalLM(tf.FalconH1Config(**common, head_dim=16, **mamba))
+    elif kind == "granitemoehybrid":  # Mamba 2 / attention layers, MoE experts with a shared MLP
+        config = tf.GraniteMoeHybridConfig(
+            **common, layer_types=["mamba", "attention"] * 2, num_local_experts=4, num_experts_per_tok=2,
+            shared_intermediate_size=64, **mamba2,
+        )  # fmt: skip
+        model = tf.GraniteMoeHybridForCausalLM(config)
+    elif kind == "lfm2":  # short-convolution and attention layers
+        config = tf.Lfm2Config(**common, layer_types=["conv", "full_attention"] * 2, block_auto_adjust_ff_dim=False)
+        model = tf.Lfm2ForCausalLM(config)
+    elif kind == "gpt_oss":  # fused experts stored (experts, in, hidden), sliding and full attention
+        config = tf.GptOssConfig(
+            **common, num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+        )  # fmt: skip
+        model = tf.GptOssForCausalLM(config)
+    elif kind == "qwen3_next":  # gated delta-net linear attention and full attention, MoE
+        config = tf.Qwen3NextConfig(
+            **common, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            shared_expert_intermediate_size=32, linear_num_value_heads=4, linear_num_key_heads=2,
+            linear_key_head_dim=16, linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"] * 2,
+        )  # fmt: skip
+        model = tf.Qwen3NextForCausalLM(config)
+    elif kind == "zamba2":  # Mamba 2 layers; hybrid layers add a transformer block through a plain `linear`
+        config = tf.Zamba2Config(
+            **common, mamba_d_state=8, mamba_headdim=16, n_mamba_heads=8, num_mem_blocks=1, mamba_expand=2,
+            layers_block_type=["mamba", "hybrid", "mamba", "hybrid"],
+        )  # fmt: skip
+        model = tf.Zamba2ForCausalLM(config)
+    else:
+        raise ValueError(kind)
+    return model.eval()

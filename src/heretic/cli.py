@@ -235,10 +235,9 @@ def describe_unexpected(error: BaseException) -> str | None:
         or type(error).__name__ == "OutOfMemoryError"
         or (isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
     ):
-        return (
-            "Out of memory; lower --batch-size or --max-batch-size, use shorter prompts or --max-response-length, "
-            "or load the model with --quantization bnb-4bit."
-        )
+        from .model.memory import out_of_memory_message, stage_of
+
+        return out_of_memory_message(stage_of(error))
     if not isinstance(error, OSError):
         return None
     where = f" {error.filename}" if error.filename else ""
@@ -261,6 +260,11 @@ def run(settings: Settings) -> None:
     from .ui import is_interactive, setup_logging
 
     setup_logging(settings.log_level)
+    if settings.print_memory:
+        from .model.memory import set_reporter
+        from .ui import console
+
+        set_reporter(console.print)
     if settings.demo:
         from .demo import apply_demo_preset
 

@@ -362,10 +362,20 @@ class Settings(BaseSettings):
         description='Memory limit per device for device_map="auto", e.g. {"0": "20GiB", "cpu": "64GiB"}.',
         json_schema_extra=tags(Role.run, Role.override),
     )
-    quantization: Literal["none", "bnb-4bit"] = Field(
-        default="none",
-        description="Load the model quantized to save memory: none or bnb-4bit (bitsandbytes, CUDA only).",
+    print_memory: bool = Field(
+        default=False,
+        description="Print the memory in use (the process's RAM and every GPU's) and each stage's peak after loading, "
+        "choosing the batch size, computing the directions, scoring the original, every trial and every save.",
         json_schema_extra=tags(Role.run),
+    )
+    quantization: Literal["none", "bnb-4bit", "bnb-8bit"] = Field(
+        default="none",
+        description=(
+            "Load the model quantized to save memory: none, bnb-4bit (NF4) or bnb-8bit (LLM.int8), with bitsandbytes "
+            "(pip install -e '.[quant]'). The merged model is still saved in full precision: the original is read "
+            "again from its safetensors files, one tensor at a time (or reloaded on the CPU)."
+        ),
+        json_schema_extra=tags(Role.score, fingerprint="dtype"),
     )
     cache_dir: str = Field(
         default="~/.cache/heretic",
@@ -481,6 +491,19 @@ class Settings(BaseSettings):
         default=DEFAULT_THINKING_TAGS,
         description="(opening, closing) chain-of-thought tags; when responses open such a block, "
         "an empty closed block is prefilled so the answer itself is judged.",
+        json_schema_extra=tags(Role.score, fingerprint="response_prefix"),
+    )
+    response_prefix: str | None = Field(
+        default=None,
+        description="A fixed text prefilled at the start of every response (after the chat template's assistant "
+        "opening), for models that always open their answers the same way; replaces the automatic detection.",
+        json_schema_extra=tags(Role.score, fingerprint="response_prefix"),
+    )
+    detect_response_prefix: bool = Field(
+        default=True,
+        description="Find a text that every response of the original model opens with (the common start of greedy "
+        "responses to four harmful and four harmless evaluation prompts, cut at a word boundary, at least "
+        "12 characters, the responses differing after it) and prefill it, so that responses are judged where they differ.",
         json_schema_extra=tags(Role.score, fingerprint="response_prefix"),
     )
     refusal_scorer: str | None = Field(

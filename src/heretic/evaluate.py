@@ -13,7 +13,7 @@ from .scoring.evaluator import Evaluator
 from .scoring.kl import kl_divergence
 from .scoring.objectives import load_objectives, score_objectives, setup_objectives
 from .search.pareto import objective_text
-from .session import detect_thinking_prefix, keep_whole, load, load_prompt_sets, make_engine, make_judge
+from .session import choose_response_prefix, keep_whole, load, load_prompt_sets, make_engine, make_judge
 from .ui import ProgressBars, console
 
 # The batch size of both models when --batch-size is 0 (no measurement here).
@@ -28,12 +28,15 @@ def evaluate_model(settings: Settings) -> list[tuple[str, str, int, float]]:
     judge = make_judge(settings)
     rows, values = [], []
     reference_logprobs = None
+    prefix: str | None = None
     for role, name in (("original", settings.model), ("evaluated", settings.evaluate_model)):
         loaded = load(settings, name)
         # Both models compute in the same dtype: a KL between dtypes would measure rounding too.
         settings = settings.model_copy(update={"dtypes": [dtype_name(loaded.dtype)]})
         engine = make_engine(settings, loaded, settings.batch_size or EVALUATION_BATCH_SIZE)
-        engine.response_prefix = detect_thinking_prefix(settings, engine, prompt_sets)
+        if prefix is None:  # the original's: both models are judged from the same point
+            prefix = choose_response_prefix(settings, engine, prompt_sets)
+        engine.response_prefix = prefix
         with ProgressBars() as bars:
             evaluator = Evaluator(engine, judge, harmful, harmless, settings.max_response_length, settings.stop_on_verdict, bars)
             keep_whole(evaluator, objectives)

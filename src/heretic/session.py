@@ -17,6 +17,7 @@ from .model.batching import choose_batch_size
 from .model.generation import Engine
 from .model.hardware import busy_warning, configure_threads, describe_choice, dtype_name
 from .model.loading import LoadedModel, eos_token_ids, load_model
+from .model.memory import stage
 from .prompts import Prompt, load_prompts, prompt_set_title
 from .scoring.evaluator import Evaluator, detect_response_prefix
 from .scoring.judges import make_judge as build_judge
@@ -72,7 +73,7 @@ def load(settings: Settings, name: str | None = None) -> LoadedModel:
     model_name = name or settings.model
     assert model_name is not None
     threads, why = configure_threads()  # before the dtype probe, which measures with these threads
-    with console.status(f"Loading {model_name}..."):
+    with stage("loading the model"), console.status(f"Loading {model_name}..."):
         loaded = load_model(
             model_name,
             dtypes=settings.dtypes,
@@ -127,10 +128,38 @@ def make_engine(settings: Settings, loaded: LoadedModel, batch_size: int = FALLB
     return Engine(loaded.model, loaded.tokenizer, eos_token_ids(loaded), batch_size, settings.share_prompt_prefix)
 
 
-def detect_thinking_prefix(settings: Settings, engine: Engine, prompt_sets: dict[str, list[Prompt]]) -> str:
-    """The empty thinking block to prefill, probed on the first four prompts of each evaluation set."""
+def choose_response_prefix(settings: Settings, engine: Engine, prompt_sets: dict[str, list[Prompt]]) -> str:
+    """The text prefilled at the start of every response: --response-prefix; else an empty thinking
+    block when the original's responses open one; else, with --detect-response-prefix, the text they
+    all open with. Probed on the first four prompts of each evaluation set."""
+    if settings.response_prefix is not None:
+        return settings.response_prefix
     probe = prompt_sets["harmful_eval"][:4] + prompt_sets["harmless_eval"][:4]
-    return detect_response_prefix(engine, probe, settings.thinking_tags)
+    return detect_response_prefix(engine, probe, settings.thinking_tags, common_opening=settings.detect_response_prefix)
+
+
+def describe_prefix(settings: Settings, prefix: str) -> str | None:
+    """The line that says what is prefilled, and why."""
+    if not prefix:
+        return None
+    if settings.response_prefix is not None:
+        return f"Prefilling every response with {prefix!r} (--response-prefix)"
+    if any(prefix.lstrip().startswith(opening) for opening, _ in settings.thinking_tags):
+        return f"Responses open a thinking block; prefilling {prefix!r}"
+    return (
+        f"Every response of the original opens with {prefix!r}; prefilling it so responses are judged where they "
+        "differ (--no-detect-response-prefix turns this off)"
+    )
+
+
+def print_architecture(arch: ArchitectureMap) -> None:
+    """What is ablated, by kind of layer, and a warning naming the weights whose role is not recognized."""
+    console.print(f"Architecture: {arch.num_layers} layers; {arch.summary()}")
+    for line in arch.layer_kinds():
+        console.print(f"  ablated in {line}")
+    unrecognized = arch.unrecognized_warning()
+    if unrecognized:
+        console.print(f"[yellow]{unrecognized}[/]")
 
 
 def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = None) -> Session:
@@ -138,16 +167,19 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
     objectives = load_objectives(settings)  # before the model: a mistake in a table is reported at once
     loaded = loaded or load(settings)
     arch = build_architecture_map(loaded.model)
-    console.print(f"Architecture: {arch.num_layers} layers; {arch.summary()}")
+    print_architecture(arch)
     prompt_sets = load_prompt_sets(settings)
     engine = make_engine(settings, loaded)
-    engine.response_prefix = detect_thinking_prefix(settings, engine, prompt_sets)
-    if engine.response_prefix:
-        console.print(f"Responses open a thinking block; prefilling {engine.response_prefix!r}")
+    engine.response_prefix = choose_response_prefix(settings, engine, prompt_sets)
+    line = describe_prefix(settings, engine.response_prefix)
+    if line:
+        console.print(line)
 
-    engine.batch_size = pick_batch_size(settings, engine, loaded, prompt_sets, objectives)
-    residuals = collect_residuals(settings, engine, loaded, prompt_sets)
-    directions = compute_directions(settings, engine, loaded, prompt_sets, residuals)
+    with stage("choosing the batch size"):
+        engine.batch_size = pick_batch_size(settings, engine, loaded, prompt_sets, objectives)
+    with stage("computing the refusal directions"):
+        residuals = collect_residuals(settings, engine, loaded, prompt_sets)
+        directions = compute_directions(settings, engine, loaded, prompt_sets, residuals)
 
     ablator = Ablator(loaded.model, arch, settings.row_normalization.value, settings.full_normalization_rank, settings.seed)
     judge = make_judge(settings, engine, ablator)
@@ -160,7 +192,8 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
         settings.stop_on_verdict,
     )
     attach_objectives(settings, evaluator, objectives)
-    base_refusals, base_verdicts, base_objectives = score_original(evaluator)
+    with stage("scoring the original model"):
+        base_refusals, base_verdicts, base_objectives = score_original(evaluator)
     return Session(
         settings,
         loaded,

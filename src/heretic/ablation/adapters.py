@@ -75,14 +75,26 @@ class Ablator:
     ) -> Iterator[tuple[Target, torch.Tensor, torch.Tensor]]:
         """(target, B (experts, out, r), A (experts, r, in)) for every target with a non-zero weight."""
         for layer, component, target in self.arch.targets():
-            weight = parameters.weight(component, layer)
-            if weight == 0.0:
+            if parameters.weight(component, layer) == 0.0:
                 continue
-            matrices = self._dense(target)
-            direction = parameters.direction_for(directions, layer).to(matrices.device)
-            seed = zlib.crc32(f"{self.seed}:{target.name}".encode())
-            b, a = ablation_factors(matrices, direction, weight, self.mode, self.rank, seed)
+            b, a = self.factors_for(self._dense(target), layer, component, target, parameters, directions)
             yield target, b, a
+
+    def factors_for(
+        self,
+        matrices: torch.Tensor,
+        layer: int,
+        component: str,
+        target: Target,
+        parameters: AblationParameters,
+        directions: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) of one target, computed from `matrices` (experts, hidden, in): the model's weight, or
+        the same weight read again in full precision (a quantized model's merge)."""
+        weight = parameters.weight(component, layer)
+        direction = parameters.direction_for(directions, layer).to(matrices.device)
+        seed = zlib.crc32(f"{self.seed}:{target.name}".encode())
+        return ablation_factors(matrices, direction, weight, self.mode, self.rank, seed)
 
     def changed_parameters(self, parameters: AblationParameters) -> set[str]:
         """State-dict names of the weights this ablation changes (non-zero kernel weight)."""

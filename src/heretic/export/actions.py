@@ -15,6 +15,7 @@ from rich.table import Table
 from ..ablation.parameters import AblationParameters
 from ..chat import chat_loop
 from ..errors import HereticError
+from ..model.memory import stage
 from ..search.pareto import TrialResult
 from ..session import Session
 from ..ui import console
@@ -81,7 +82,7 @@ def save_model(
     session: Session, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path
 ) -> Path:
     started = time.perf_counter()
-    with console.status(f"Saving the merged model to {output_dir}..."):
+    with stage("saving the merged model"), console.status(f"Saving the merged model to {output_dir}..."):
         path = save_merged(
             session.loaded,
             session.ablator,
@@ -116,17 +117,18 @@ def save_adapter_only(
 ) -> Path:
     started = time.perf_counter()
     target = adapter_dir(output_dir)
-    path = save_adapter(
-        session.loaded,
-        session.ablator,
-        parameters,
-        session.directions,
-        target,
-        base_model_name=session.loaded.source.name,
-        overwrite=session.settings.overwrite,
-        confirm=confirm,
-        extra_files=result_files(session, result, parameters),
-    )
+    with stage("saving the adapter"):
+        path = save_adapter(
+            session.loaded,
+            session.ablator,
+            parameters,
+            session.directions,
+            target,
+            base_model_name=session.loaded.source.name,
+            overwrite=session.settings.overwrite,
+            confirm=confirm,
+            extra_files=result_files(session, result, parameters),
+        )
     console.print(f"Adapter saved to [bold]{path.resolve()}[/] ({_size(path)}, {time.perf_counter() - started:.1f} s)")
     return path
 
@@ -148,7 +150,14 @@ def export_gguf_file(
     if target.exists() and not settings.overwrite and not (confirm is not None and confirm(target)):
         raise HereticError(f"{target} already exists; choose another --output-dir or pass --overwrite.")
     started = time.perf_counter()
-    with console.status(f"Writing {target.name}..."), merged_model(session, parameters) as (model, changed):
+    with (
+        stage("exporting the GGUF file"),
+        console.status(f"Writing {target.name}..."),
+        merged_model(session, parameters) as (
+            model,
+            changed,
+        ),
+    ):
         export_gguf(
             model,
             session.loaded.tokenizer,

@@ -18,8 +18,13 @@ def merged_model(session: Session, parameters: AblationParameters) -> Iterator[t
     The copy is built on the meta device and then takes the original tensors by reference (no copy)
     except for the ablated weights, which are merged. It is meant for reading its state dict and
     config; it does not run (non-persistent buffers such as rotary tables stay on the meta device).
+    A quantized model's copy is built from the original reloaded in full precision on the CPU.
     """
     ablator = session.ablator
+    if session.loaded.quantization != "none":  # merge into the original's full-precision weights
+        from .save import reload_full_precision
+
+        _, ablator = reload_full_precision(session.loaded, ablator)
     state = ablator.merged_state_dict(parameters, session.directions)
     changed = ablator.changed_parameters(parameters)
     base = ablator.base_model

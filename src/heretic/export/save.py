@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
+import logging
 import os
 import shutil
 import time
@@ -11,12 +14,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from transformers.utils.hub import convert_file_size_to_int
 
 from ..ablation.adapters import Ablator
 from ..ablation.parameters import AblationParameters
 from ..errors import HereticError, write_failure
 from ..model.hardware import dtype_name
 from ..model.loading import DTYPES, LoadedModel
+from .shards import Entry, LayoutMismatch, checkpoint_entries, merge_plan, merge_transform, output_dtypes, write_shards
+
+log = logging.getLogger(__name__)
 
 # Asked when the target exists and is not empty: returns True to replace it.
 ConfirmFn = Callable[[Path], bool]
@@ -97,21 +104,76 @@ def save_merged(
     overwrite: bool = False,
     confirm: ConfirmFn | None = None,
     extra_files: dict[str, str] | None = None,
+    method: str = "auto",
 ) -> Path:
     """The ablation merged into the weights: a plain transformers model folder (config, generation
     config, tokenizer, chat template, processor) with no trace of Heretic in its code.
 
-    Written in `dtype`: "original" is the model's own dtype, whatever dtype it was computed in."""
-    if loaded.model.config.to_dict().get("quantization_config") and not loaded.source.kind == "gguf":
-        raise HereticError("A quantized model cannot be merged and saved; load it without --quantization to save it.")
+    Written in `dtype`: "original" is the model's own dtype, whatever dtype it was computed in.
+    `method`: "streamed" reads the model's safetensors files again one tensor at a time (the most a
+    save holds beside the model is one tensor); "in-memory" builds the merged state dict of the loaded
+    model; "reload" loads the original in full precision on the CPU first (for a quantized model);
+    "auto" streams when the checkpoint's tensors are the model's, else falls back."""
     storage = storage_dtype(loaded, dtype)
-    state = {
-        name: tensor.to(storage) if tensor.is_floating_point() else tensor
-        for name, tensor in ablator.merged_state_dict(parameters, directions).items()
-    }
+    write = functools.partial(_write_folder, loaded, target, overwrite, confirm, extra_files, storage)
+    if method in ("auto", "streamed"):
+        entries = streamable_checkpoint(loaded)
+        try:
+            if entries is None:
+                raise LayoutMismatch("the model was not loaded from safetensors files")
+            plan = merge_plan(loaded, ablator, parameters, entries)
+            transform = merge_transform(loaded, ablator, parameters, directions, plan, storage)
+            shard_bytes = convert_file_size_to_int(max_shard_size)
+            dtypes = output_dtypes(entries, storage)
+            return write(lambda folder: write_shards(entries, dtypes, transform, set(plan), folder, shard_bytes))
+        except LayoutMismatch as why:
+            if method == "streamed":
+                raise HereticError(f"The merged model cannot be written tensor by tensor: {why}.") from None
+            log.info("Saving the merged model in memory: %s", why)
+    if loaded.quantization != "none" or method == "reload":
+        full, full_ablator = reload_full_precision(loaded, ablator)
+        return save_merged(
+            full, full_ablator, parameters, directions, target, max_shard_size=max_shard_size, dtype=dtype,
+            overwrite=overwrite, confirm=confirm, extra_files=extra_files, method="in-memory",
+        )  # fmt: skip
+    state = cast_state(ablator.merged_state_dict(parameters, directions), storage)
+    return write(lambda folder: ablator.base_model.save_pretrained(folder, state_dict=state, max_shard_size=max_shard_size))
+
+
+def cast_state(state: dict[str, torch.Tensor], storage: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating tensors cast to `storage`; tensors that share memory (tied embeddings) still share it
+    after the cast, so that save_pretrained writes them once."""
+    cast: dict[tuple[int, tuple[int, ...], tuple[int, ...]], torch.Tensor] = {}
+    result = {}
+    for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            result[name] = tensor
+            continue
+        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+        if key not in cast:
+            cast[key] = tensor.to(storage)
+        result[name] = cast[key]
+    return result
+
+
+def _write_folder(
+    loaded: LoadedModel,
+    target: Path,
+    overwrite: bool,
+    confirm: ConfirmFn | None,
+    extra_files: dict[str, str] | None,
+    storage: torch.dtype,
+    write_weights: Callable[[Path], object],
+) -> Path:
+    """The merged model's folder: the weights `write_weights` writes, the config, generation config,
+    tokenizer, processor and `extra_files`, atomically."""
     with atomic_folder(target, overwrite, confirm, what="the merged model") as staging:
-        model = ablator.base_model
-        model.save_pretrained(staging, state_dict=state, max_shard_size=max_shard_size)
+        write_weights(staging)
+        model = loaded.model
+        if not (staging / "config.json").is_file():
+            model.config.save_pretrained(staging)
+            if getattr(model, "generation_config", None) is not None and model.can_generate():
+                model.generation_config.save_pretrained(staging)
         _strip_adapter_traces(staging, storage)
         loaded.tokenizer.save_pretrained(staging)
         if loaded.processor is not None:
@@ -119,6 +181,60 @@ def save_merged(
         for name, content in (extra_files or {}).items():
             (staging / name).write_text(content, encoding="utf-8")
     return target
+
+
+def streamable_checkpoint(loaded: LoadedModel) -> list[Entry] | None:
+    """The tensors of the safetensors checkpoint the model was loaded from, if it is a plain one (not
+    itself quantized: an FP8 or GPTQ checkpoint is merged in memory)."""
+    folder = loaded.weights_folder
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config"):
+        return None
+    return checkpoint_entries(folder)
+
+
+def reload_full_precision(loaded: LoadedModel, ablator: Ablator) -> tuple[LoadedModel, Ablator]:
+    """The original model in its own dtype on the CPU, with an ablator like `ablator` (for the merged
+    save of a quantized model whose checkpoint cannot be streamed); refused in one sentence, before
+    loading, when it does not fit in the memory available."""
+    from transformers import AutoConfig
+
+    from ..model.architecture import build_architecture_map
+    from ..model.loading import _model_class
+
+    path = str(loaded.weights_folder or loaded.source.path)
+    native = loaded.native_dtype or loaded.dtype
+    config = AutoConfig.from_pretrained(path)
+    needed = parameter_count(config, loaded.multimodal) * native.itemsize
+    available = available_memory()
+    if needed > available:
+        raise HereticError(
+            f"Merging the quantized model needs the original in {dtype_name(native)} on the CPU, about "
+            f"{needed / 2**30:.1f} GiB, but only {available / 2**30:.1f} GiB of memory is free; save the adapter "
+            "(save-adapter) and merge it on a machine with more memory."
+        )
+    model = _model_class(loaded.multimodal).from_pretrained(path, dtype=native).eval()
+    full = dataclasses.replace(loaded, model=model, dtype=native, quantization="none")
+    arch = build_architecture_map(model)
+    return full, Ablator(model, arch, ablator.mode, ablator.rank, ablator.seed)
+
+
+def parameter_count(config: object, multimodal: bool) -> int:
+    """Parameters of the model `config` describes (built on the meta device: no memory)."""
+    from ..model.loading import _model_class
+
+    with torch.device("meta"):
+        model = _model_class(multimodal).from_config(config)
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def available_memory() -> int:
+    """Bytes of memory the system can still give (psutil's available)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def storage_dtype(loaded: LoadedModel, dtype: str) -> torch.dtype:
@@ -131,11 +247,12 @@ def storage_dtype(loaded: LoadedModel, dtype: str) -> torch.dtype:
 def _strip_adapter_traces(folder: Path, storage: torch.dtype) -> None:
     """save_pretrained of a model holding LoRA layers may note the adapter in its config; remove it.
 
-    The config also names the compute dtype; it gets the dtype the weights were written in."""
+    The config also names the compute dtype; it gets the dtype the weights were written in. A model
+    loaded quantized is saved in full precision: its quantization config is dropped."""
     config_file = folder / "config.json"
     if config_file.is_file():
         config = json.loads(config_file.read_text())
-        for key in ("adapter_config", "peft_config"):
+        for key in ("adapter_config", "peft_config", "quantization_config"):
             config.pop(key, None)
         for owner in (config, config.get("text_config")):
             if isinstance(owner, dict) and ("dtype" in owner or "torch_dtype" in owner or owner is config):

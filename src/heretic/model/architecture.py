@@ -36,6 +36,45 @@ OUTPUT_PROJECTIONS = {
     "output_proj",
     "o",
     "c_fc2",
+    "output_linear",
+}
+# Last names of modules that read the residual stream or work inside a block (never write into the
+# residual stream): not ablated, and not reported as unrecognized when their output happens to have
+# the hidden size (a query projection of num_heads x head_dim = hidden_size).
+INPUT_PROJECTIONS = {
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "qkv_proj",
+    "query_key_value",
+    "c_attn",
+    "in_proj",
+    "in_proj_qkvz",
+    "in_proj_ba",
+    "gate_proj",
+    "up_proj",
+    "gate_up_proj",
+    "w1",
+    "w3",
+    "input_linear",
+    "router",
+    "gate",
+    "c_fc",
+    "dense_h_to_4h",
+    "fc1",
+    "x_proj",
+    "dt_proj",
+    "q_a_proj",
+    "q_b_proj",
+    "kv_a_proj_with_mqa",
+    "kv_b_proj",
+    "wq",
+    "wk",
+    "wv",
+    "wqkv",
+    "query",
+    "key",
+    "value",
 }
 # Names of fused 3-D expert tensors holding down projections.
 FUSED_DOWN_PROJECTIONS = {"down_proj", "w2", "down_projs", "experts_down"}
@@ -80,6 +119,9 @@ class ArchitectureMap:
     hidden_size: int
     # layers[i][component] -> targets of that component in layer i
     layers: list[dict[str, list[Target]]] = field(default_factory=list)
+    # Weights inside the layers that may write into the residual stream but are not recognized as
+    # output projections: not ablated, and always reported (never skipped silently).
+    unrecognized: list[str] = field(default_factory=list)
 
     @property
     def num_layers(self) -> int:
@@ -111,6 +153,50 @@ class ArchitectureMap:
             parts.append(f"{name}: {self.count(name)} layers, {targets} weights{extra}")
         return "; ".join(parts)
 
+    def describe(self) -> list[str]:
+        """One line per layer: what it ablates, by component (module paths relative to the layer)."""
+        lines = []
+        for index, layer in enumerate(self.layers):
+            prefix = f"{self.layers_path}.{index}."
+            parts = [
+                f"{name}: " + ", ".join(target.name.removeprefix(prefix) for target in layer.get(name, []))
+                for name in COMPONENTS
+                if layer.get(name)
+            ]
+            lines.append(f"layer {index}: " + "; ".join(parts))
+        return lines
+
+    def layer_kinds(self) -> list[str]:
+        """describe() with layers that ablate the same weights grouped: one line per kind of layer."""
+        groups: dict[str, list[int]] = {}
+        for index, line in enumerate(self.describe()):
+            groups.setdefault(line.split(": ", 1)[1], []).append(index)
+        return [f"{_ranges(indices)}: {what}" for what, indices in groups.items()]
+
+    def unrecognized_warning(self) -> str | None:
+        """One sentence naming the weights that are not ablated because their role is not recognized."""
+        if not self.unrecognized:
+            return None
+        shown = ", ".join(self.unrecognized[:6]) + (
+            f" and {len(self.unrecognized) - 6} more" if len(self.unrecognized) > 6 else ""
+        )
+        return (
+            f"Not ablated, because their role is not recognized: {shown}; they may write into the residual stream, "
+            "so the ablation may leave part of the refusal direction in place."
+        )
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "layers 0-2, 5, 7-8"."""
+    runs: list[list[int]] = []
+    for index in indices:
+        if runs and index == runs[-1][-1] + 1:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    parts = [str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}" for run in runs]
+    return ("layer " if len(indices) == 1 else "layers ") + ", ".join(parts)
+
 
 def text_config(config: Any) -> Any:
     """The text model's part of a (possibly multimodal) transformers config."""
@@ -136,40 +222,69 @@ def find_layers(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
 
 
 def build_architecture_map(model: nn.Module) -> ArchitectureMap:
+    """The layers' output projections by component; unrecognized weights that may write into the
+    residual stream are listed in `unrecognized`; unsupported layouts are refused with one sentence."""
     config = text_config(model.config)
     hidden_size = int(config.hidden_size)
     num_layers = int(config.num_hidden_layers)
     layers_path, layers = find_layers(model, num_layers)
     mapping = ArchitectureMap(layers_path=layers_path, hidden_size=hidden_size)
     for index, layer in enumerate(layers):
-        found: dict[str, list[Target]] = {name: [] for name in COMPONENTS}
-        for relative, module in layer.named_modules():
-            if not relative:
-                continue
-            role = _role(relative)
-            path = f"{layers_path}.{index}.{relative}"
-            last = relative.rsplit(".", 1)[-1]
-            out_features = getattr(module, "out_features", None)
-            if out_features == hidden_size and last in OUTPUT_PROJECTIONS and role is not None:
-                found[role].append(Target(path))
-                continue
-            for parameter_name, parameter in module.named_parameters(recurse=False):
-                if parameter.dim() == 3 and parameter_name in FUSED_DOWN_PROJECTIONS:
-                    out_axis = 2 if getattr(module, "is_transposed", False) else 1
-                    if parameter.shape[out_axis] != hidden_size:
-                        continue
-                    found["mlp"].append(Target(path, parameter_name, fused=True, out_axis=out_axis))
+        found, unknown = _layer_targets(layer, f"{layers_path}.{index}", hidden_size)
         if not any(found.values()):
             raise HereticError(
                 f"Layer {index} of {type(model).__name__} has no recognizable output projection (looked for "
                 "o_proj/out_proj/down_proj and fused expert tensors); this architecture is not supported yet."
             )
         mapping.layers.append(found)
+        mapping.unrecognized += unknown
     if "attn" not in mapping.components:
         raise HereticError(
             f"No attention output projection was found in {type(model).__name__}; this architecture is not supported yet."
         )
+    _refuse_shared_weights(model, mapping)
     return mapping
+
+
+def _layer_targets(layer: nn.Module, path: str, hidden_size: int) -> tuple[dict[str, list[Target]], list[str]]:
+    """(targets by component, unrecognized weights) of one layer; `path` is the layer's module path."""
+    found: dict[str, list[Target]] = {name: [] for name in COMPONENTS}
+    unknown: list[str] = []
+    for relative, module in layer.named_modules():
+        if not relative:
+            continue
+        role = _role(relative)
+        last = relative.rsplit(".", 1)[-1]
+        out_features = getattr(module, "out_features", None)
+        if out_features == hidden_size and last in OUTPUT_PROJECTIONS and role is not None:
+            found[role].append(Target(f"{path}.{relative}"))
+            continue
+        if out_features == hidden_size and last not in INPUT_PROJECTIONS:
+            unknown.append(f"{path}.{relative}")
+            continue
+        for parameter_name, parameter in module.named_parameters(recurse=False):
+            if parameter.dim() != 3 or parameter_name in INPUT_PROJECTIONS:
+                continue
+            out_axis = 2 if getattr(module, "is_transposed", False) else 1
+            if parameter_name in FUSED_DOWN_PROJECTIONS and parameter.shape[out_axis] == hidden_size:
+                found["mlp"].append(Target(f"{path}.{relative}", parameter_name, fused=True, out_axis=out_axis))
+            elif hidden_size in parameter.shape[1:]:
+                unknown.append(f"{path}.{relative}.{parameter_name}")
+    return found, unknown
+
+
+def _refuse_shared_weights(model: nn.Module, mapping: ArchitectureMap) -> None:
+    """A weight reached from two layers (Zamba's shared transformer blocks) would get one ablation for
+    both layers, whatever weights the kernel gives them: such models are refused."""
+    owners: dict[int, int] = {}
+    for index, _, target in mapping.targets():
+        parameter = getattr(model.get_submodule(target.module), target.parameter)
+        first = owners.setdefault(id(parameter), index)
+        if first != index:
+            raise HereticError(
+                f"{type(model).__name__} shares the weight {target.name} between layers {first} and {index}; "
+                "ablating weights shared by several layers is not supported."
+            )
 
 
 def _role(relative_path: str) -> str | None:
@@ -191,10 +306,17 @@ def as_matrices(weight: torch.Tensor, target: Target) -> torch.Tensor:
 
 
 def _dequantized(weight: torch.Tensor) -> torch.Tensor:
+    """A bitsandbytes weight as the float matrix it stands for (other weights as they are).
+
+    4-bit: bitsandbytes' own dequantization; 8-bit (LLM.int8): W = Q * s / 127, s the row scales (SCB)."""
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is not None:  # bitsandbytes 4-bit
         import bitsandbytes.functional as bnb_functional
 
         dense: torch.Tensor = bnb_functional.dequantize_4bit(weight.data, quant_state)
         return dense
+    scales = getattr(weight, "SCB", None)
+    if scales is not None and weight.dtype == torch.int8:  # bitsandbytes 8-bit
+        int8: torch.Tensor = weight.detach().float() * (scales.float().unsqueeze(1) / 127.0)
+        return int8
     return weight.detach()

@@ -64,6 +64,8 @@ class LoadedModel:
     load_seconds: float = 0.0
     from_cache: bool = False
     notes: list[str] = field(default_factory=list)
+    quantization: str = "none"  # "bnb-4bit" | "bnb-8bit": the weights in memory are quantized
+    weights_folder: Path | None = None  # the folder of the safetensors files the model was loaded from
 
     @property
     def input_device(self) -> torch.device:
@@ -249,10 +251,10 @@ def load_model(
             loaded = _load_once(source, load_path, config, common, dtype, device_map, max_memory, quantization)
         except HereticError:
             raise
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, MemoryError):
             raise HereticError(
-                f"{source.name} does not fit in memory in {dtype_name(dtype)}; set max_memory, use --quantization "
-                "bnb-4bit, or a machine with more memory."
+                f"Out of memory while loading {source.name} in {dtype_name(dtype)}; set --max-memory or --device-map, "
+                "use --quantization bnb-4bit, or a machine with more memory."
             ) from None
         except Exception as error:  # noqa: BLE001 - try the next dtype, report all at the end
             failures.append(f"{dtype_name(dtype)}: {first_line(error)}")
@@ -264,12 +266,25 @@ def load_model(
             del loaded
             gc.collect()
             continue
-        loaded.native_dtype, loaded.dtype_measurements = native, measurements
+        loaded.native_dtype, loaded.dtype_measurements, loaded.from_cache = native, measurements, from_cache
         loaded.load_seconds = time.perf_counter() - started
-        loaded.from_cache = from_cache
+        loaded.quantization, loaded.weights_folder = quantization, weights_folder(source, load_path, revision)
         return loaded
     tried = ", ".join(dtype_name(dtype) for dtype in candidates)
     raise HereticError(f"Could not load {name} in any of the dtypes {tried} ({'; '.join(failures)}).")
+
+
+def weights_folder(source: ModelSource, load_path: str, revision: str | None) -> Path | None:
+    """The local folder holding the model's safetensors files: the model folder, the GGUF cache, or the
+    Hub cache's snapshot (None when it cannot be found offline)."""
+    if source.kind != "hub":
+        return Path(load_path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source.path, revision=revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached in full, or not a Hub model after all
+        return None
 
 
 def native_dtype(source: ModelSource, config: Any) -> torch.dtype:
@@ -322,8 +337,8 @@ def _load_once(
     kwargs["device_map"] = _parse_device_map(device_map)
     if max_memory:
         kwargs["max_memory"] = {(int(key) if key.isdigit() else key): value for key, value in max_memory.items()}
-    if quantization == "bnb-4bit":
-        kwargs["quantization_config"] = _bnb_config(dtype)
+    if quantization != "none":
+        kwargs["quantization_config"] = _bnb_config(quantization, dtype)
     model_class = _model_class(multimodal)
     try:
         model = model_class.from_pretrained(load_path, **kwargs)
@@ -364,15 +379,22 @@ def _mps_available() -> bool:
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
-def _bnb_config(dtype: torch.dtype) -> Any:
-    if not torch.cuda.is_available():
-        raise HereticError("4-bit quantization (bnb-4bit) needs a CUDA GPU; on this machine use --quantization none.")
+def _bnb_config(quantization: str, dtype: torch.dtype) -> Any:
+    """bitsandbytes' NF4 (4-bit, computing in `dtype`) or LLM.int8 (8-bit) quantization."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise HereticError("4-bit quantization needs bitsandbytes; install it with `pip install 'heretic[quant]'`.") from None
+        raise HereticError(
+            f"--quantization {quantization} needs bitsandbytes; install it with `pip install -e '.[quant]'` in Heretic's folder."
+        ) from None
+    import warnings
+
     from transformers import BitsAndBytesConfig
 
+    if quantization == "bnb-8bit":
+        # Int8 matrix products cast float32 inputs to float16 and warn at every call.
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+        return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
 
 

@@ -152,12 +152,22 @@ def refusal_only(verdict_so_far: Callable[[str], bool | None]) -> Callable[[str]
     return lambda partial: True if verdict_so_far(partial) is True else None
 
 
-def detect_response_prefix(engine: Engine, prompts: list[Prompt], tags: list[tuple[str, str]], probe_tokens: int = 24) -> str:
-    """If the model opens a chain-of-thought block before answering, the closed empty block to prefill.
+# The shortest common opening that is prefilled (characters, without surrounding whitespace).
+MIN_COMMON_OPENING = 12
 
-    Looks at the common prefix of short greedy responses to a few prompts.
-    """
-    if not tags or not prompts:
+
+def detect_response_prefix(
+    engine: Engine,
+    prompts: list[Prompt],
+    tags: list[tuple[str, str]],
+    probe_tokens: int = 24,
+    common_opening: bool = False,
+) -> str:
+    """The text to prefill at the start of every response, from short greedy responses to `prompts`.
+
+    If the responses open a chain-of-thought block (one of `tags`), the closed empty block; else, with
+    `common_opening`, the text they all open with (see `shared_opening`); else nothing."""
+    if not prompts or not (tags or common_opening):
         return ""
     saved, engine.response_prefix = engine.response_prefix, ""
     try:
@@ -173,4 +183,24 @@ def detect_response_prefix(engine: Engine, prompts: list[Prompt], tags: list[tup
             if opening.endswith("|>"):
                 return opening + closing
             return f"{opening}\n\n{closing}\n\n"
+    if common_opening:
+        return shared_opening(texts, list(engine.tokenizer.all_special_tokens))
     return ""
+
+
+def shared_opening(texts: list[str], special_tokens: list[str], min_chars: int = MIN_COMMON_OPENING) -> str:
+    """The text all `texts` open with, cut before any special token and at a word boundary (never
+    inside a word, no trailing spaces); "" when it is shorter than `min_chars` (without surrounding
+    whitespace) or when the texts do not differ after it (a model that ignores its prompt)."""
+    if len(texts) < 2 or len(set(texts)) < 2:
+        return ""
+    prefix = texts[0][: common_prefix_length(texts)]
+    for token in special_tokens:
+        if token and token in prefix:
+            prefix = prefix[: prefix.index(token)]
+    inside_word = any(len(text) > len(prefix) and text[len(prefix)].isalnum() for text in texts)
+    if prefix and prefix[-1].isalnum() and inside_word:
+        boundary = max((i for i, char in enumerate(prefix) if not char.isalnum()), default=-1)
+        prefix = prefix[: boundary + 1]
+    prefix = prefix.rstrip(" \t")
+    return prefix if len(prefix.strip()) >= min_chars else ""

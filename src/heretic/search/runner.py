@@ -12,6 +12,7 @@ from optuna.samplers import TPESampler
 from optuna.trial import TrialState
 
 from ..ablation.adapters import Ablator
+from ..model.memory import stage
 from ..scoring.evaluator import Evaluator, ProgressFactory
 from ..scoring.objectives import score_objectives
 from .pareto import TrialResult, is_dominated, study_directions, trial_results
@@ -66,29 +67,35 @@ def run_trial(setup: SearchSetup, study: optuna.Study, progress: ProgressFactory
     study.sampler = make_sampler(setup.seed, done, setup.n_startup_trials, setup.n_ei_candidates, setup.multivariate_tpe)
     trial = study.ask()
     try:
-        started = time.perf_counter()
-        parameters = suggest_parameters(trial, setup.num_layers, setup.components)
-        setup.ablator.apply(parameters, setup.directions)
-        setup.evaluator.progress = progress or setup.evaluator.progress
-        kl = setup.evaluator.kl()
-        history = trial_results(study)
-        # With further objectives a trial worse in refusals and KL may still be on the front: never cut.
-        cut = setup.cut_hopeless_trials and not setup.evaluator.objectives
-        cutoff = (lambda found: is_dominated(found, kl, history)) if cut else None
-        count = setup.evaluator.count_refusals(cutoff)
-        objectives = score_objectives(setup.evaluator.objectives, setup.evaluator, count, kl)
-        seconds = time.perf_counter() - started
-        trial.set_user_attr("parameters", parameters.to_dict())
-        trial.set_user_attr("kl", kl)
-        trial.set_user_attr("refusals", count.refusals)
-        trial.set_user_attr("cut", not count.complete)
-        trial.set_user_attr("seconds", seconds)
-        if objectives:
-            trial.set_user_attr("objectives", objectives)
-        n_prompts = len(setup.evaluator.harmful)
-        values = sampler_values(count.refusals, kl, n_prompts, setup.sampler_kl_floor)
-        study.tell(trial, values + objective_values(objectives, study_directions(study)))
+        with stage(f"running trial {trial.number}"):
+            return _evaluate(setup, study, trial, progress)
     except BaseException:
         study.tell(trial, state=TrialState.FAIL)
         raise
+
+
+def _evaluate(setup: SearchSetup, study: optuna.Study, trial: optuna.Trial, progress: ProgressFactory | None) -> TrialResult:
+    """Score the trial's ablation and tell the study."""
+    started = time.perf_counter()
+    parameters = suggest_parameters(trial, setup.num_layers, setup.components)
+    setup.ablator.apply(parameters, setup.directions)
+    setup.evaluator.progress = progress or setup.evaluator.progress
+    kl = setup.evaluator.kl()
+    history = trial_results(study)
+    # With further objectives a trial worse in refusals and KL may still be on the front: never cut.
+    cut = setup.cut_hopeless_trials and not setup.evaluator.objectives
+    cutoff = (lambda found: is_dominated(found, kl, history)) if cut else None
+    count = setup.evaluator.count_refusals(cutoff)
+    objectives = score_objectives(setup.evaluator.objectives, setup.evaluator, count, kl)
+    seconds = time.perf_counter() - started
+    trial.set_user_attr("parameters", parameters.to_dict())
+    trial.set_user_attr("kl", kl)
+    trial.set_user_attr("refusals", count.refusals)
+    trial.set_user_attr("cut", not count.complete)
+    trial.set_user_attr("seconds", seconds)
+    if objectives:
+        trial.set_user_attr("objectives", objectives)
+    n_prompts = len(setup.evaluator.harmful)
+    values = sampler_values(count.refusals, kl, n_prompts, setup.sampler_kl_floor)
+    study.tell(trial, values + objective_values(objectives, study_directions(study)))
     return TrialResult(trial.number, count.refusals, kl, not count.complete, seconds, parameters.to_dict(), objectives)

@@ -64,7 +64,7 @@ def derived_entries(
         model_identity.update(size=source.gguf_file.stat().st_size)
     return {
         "model": model_identity,
-        "dtype": str(loaded.dtype),
+        "dtype": _dtype_entry(loaded),
         "prompts": {name: prompts_digest(prompts) for name, prompts in prompt_sets.items()},
         "response_prefix": response_prefix,
         "judge": scoring_identity(settings, objectives),
@@ -84,6 +84,12 @@ def scoring_identity(settings: Settings, objectives: list[LoadedObjective] | Non
             "objectives": {name: table.model_dump(mode="json") for name, table in settings.objectives.items()},
         }
     return {"judge": judge, "objectives": {objective.name: objective.identity() for objective in objectives}}
+
+
+def _dtype_entry(loaded: LoadedModel) -> str:
+    """The compute dtype, and the quantization when the weights are quantized (scores differ)."""
+    quantization = getattr(loaded, "quantization", "none")
+    return str(loaded.dtype) if quantization == "none" else f"{loaded.dtype} {quantization}"
 
 
 def checkpoint_location(
