@@ -46,6 +46,9 @@ def setup_logging(level: str) -> None:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        # bitsandbytes, when installed, is imported by peft and warns about optional CPU kernels even
+        # in runs that quantize nothing.
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         try:
             from huggingface_hub.utils import disable_progress_bars
 
