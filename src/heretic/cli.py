@@ -231,7 +231,7 @@ def describe_unexpected(error: BaseException) -> str | None:
     return f"The operating system refused an operation on{where or ' a file'} ({reason}); check the path and rerun."
 
 
-def run(settings: Settings) -> None:
+def run(settings: Settings, argv: Sequence[str] | None = None) -> None:
     """The pipeline: load -> prompts -> directions -> search -> choose -> act (or --demo, --reproduce, --evaluate-model).
 
     Its modules are imported here, not at the top, so that `heretic --help` stays fast."""
@@ -257,13 +257,21 @@ def run(settings: Settings) -> None:
         evaluate_model(settings)
         return
     from .actions import choose_and_act
-    from .search.study import run_search
-    from .session import open_session_study, prepare, search_setup
+    from .parallel import Search, pin_this_process
+    from .session import open_session_study, prepare
 
+    shares = pin_this_process(settings)  # --workers N: this process is worker 0, on its share of the devices
     session = prepare(settings, is_interactive() and not settings.headless)
-    study, _ = open_session_study(session)
-    run_search(search_setup(session), study, settings.n_trials)
-    choose_and_act(session, study)
+    study, location = open_session_study(session)
+    log_dir = Path(settings.checkpoint_dir).expanduser() / f"{location.study_name}-workers"
+    search = Search(session, study, list(sys.argv[1:] if argv is None else argv), shares, log_dir)
+    search.run()
+    if settings.search_only:
+        from .ui import console
+
+        console.print("This worker's part of the search is done; the command that chooses shows the front.")
+        return
+    choose_and_act(session, study, more_trials=search.more)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -274,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
-        run(settings)
+        run(settings, argv)
     except HereticError as error:
         fail(str(error))
     except KeyboardInterrupt:

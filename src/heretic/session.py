@@ -9,8 +9,9 @@ import optuna
 import torch
 
 from .ablation.adapters import Ablator
-from .config import ResumePolicy, Role, Settings, fields_with
+from .config import Role, Settings, fields_with
 from .directions import refusal_directions, winsorize
+from .errors import HereticError
 from .model.architecture import ArchitectureMap, build_architecture_map, find_layers, text_config
 from .model.batching import choose_batch_size
 from .model.generation import Engine
@@ -20,9 +21,9 @@ from .prompts import Prompt, load_prompts, prompt_set_title
 from .scoring.evaluator import Evaluator, detect_response_prefix
 from .scoring.judges import make_judge as build_judge
 from .scoring.refusals import RefusalJudge
-from .search import checkpoint
+from .search import workers
 from .search.runner import SearchSetup
-from .search.study import checkpoint_location, open_study
+from .search.study import Location, checkpoint_location, open_study
 from .ui import ProgressBars, console
 
 # The engine's batch size before the batch size is chosen, and for reproduction records without one.
@@ -45,6 +46,8 @@ class Session:
     base_refusals: int
     base_verdicts: list[bool]  # the original model's verdict on each harmful evaluation prompt (True: refusal)
     interactive: bool
+    study: optuna.Study | None = None  # the search's study (opened before the batch size, which it may hold)
+    location: Location | None = None
     last_saved: Path | None = None  # the folder the last save action wrote (the upload action reuses it)
 
 
@@ -115,7 +118,8 @@ def detect_thinking_prefix(settings: Settings, engine: Engine, prompt_sets: dict
 
 
 def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = None) -> Session:
-    """Load, read the prompts, choose the batch size, compute the directions and score the original model."""
+    """Load, read the prompts, open the study, then take the batch size, the directions and the original's
+    refusals from the study when a worker of it has computed them, else compute them and store them there."""
     loaded = loaded or load(settings)
     arch = build_architecture_map(loaded.model)
     console.print(f"Architecture: {arch.num_layers} layers; {arch.summary()}")
@@ -124,9 +128,12 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
     engine.response_prefix = detect_thinking_prefix(settings, engine, prompt_sets)
     if engine.response_prefix:
         console.print(f"Responses open a thinking block; prefilling {engine.response_prefix!r}")
+    location = checkpoint_location(settings, loaded, prompt_sets, engine.response_prefix)
+    study = open_study(settings, location, interactive)
 
-    engine.batch_size = pick_batch_size(settings, engine, loaded, prompt_sets)
-    directions = compute_directions(settings, engine, loaded, prompt_sets)
+    engine.batch_size = pick_batch_size(settings, engine, prompt_sets, study, location.shared)
+    study.set_user_attr("batch_size", engine.batch_size)  # reused by joining workers and resumed searches
+    directions = shared_directions(settings, engine, loaded, prompt_sets, study)
 
     ablator = Ablator(loaded.model, arch, settings.row_normalization.value, settings.full_normalization_rank, settings.seed)
     judge = make_judge(settings, engine, ablator)
@@ -138,7 +145,7 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
         settings.max_response_length,
         settings.stop_on_verdict,
     )
-    base_refusals, base_verdicts = score_original(evaluator)
+    base_refusals, base_verdicts = score_original(evaluator, study)
     return Session(
         settings,
         loaded,
@@ -152,29 +159,48 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
         base_refusals,
         base_verdicts,
         interactive,
+        study,
+        location,
     )
 
 
-def score_original(evaluator: Evaluator) -> tuple[int, list[bool]]:
-    """(refusals, verdict per harmful prompt) of the original model; also stores its KL reference distributions."""
+def score_original(evaluator: Evaluator, study: optuna.Study | None = None) -> tuple[int, list[bool]]:
+    """(refusals, verdict per harmful prompt) of the original model, read from the study when stored
+    there; its KL reference distributions are always measured (one forward pass: too large to store)."""
+    stored = study.user_attrs if study is not None else {}
+    verdicts = stored.get("baseline_verdicts")
     with ProgressBars() as bars:
         evaluator.progress = bars
         evaluator.measure_base()
-        base = evaluator.count_refusals()
-    console.print(f"Original model: [bold]{base.refusals}[/]/{len(evaluator.harmful)} refusals")
-    return base.refusals, base.verdicts
+        if isinstance(verdicts, list) and len(verdicts) == len(evaluator.harmful):
+            refusals, verdicts, origin = int(stored["baseline_refusals"]), [bool(v) for v in verdicts], " (stored in the study)"
+        else:
+            base = evaluator.count_refusals()
+            refusals, verdicts, origin = base.refusals, base.verdicts, ""
+    if study is not None and not origin:
+        study.set_user_attr("baseline_verdicts", verdicts)
+        study.set_user_attr("baseline_refusals", refusals)
+    console.print(f"Original model: [bold]{refusals}[/]/{len(evaluator.harmful)} refusals{origin}")
+    return refusals, verdicts
 
 
-def pick_batch_size(settings: Settings, engine: Engine, loaded: LoadedModel, prompt_sets: dict[str, list[Prompt]]) -> int:
-    """--batch-size if given; else the batch size of the search this run resumes; else the fastest, measured."""
+def pick_batch_size(
+    settings: Settings, engine: Engine, prompt_sets: dict[str, list[Prompt]], study: optuna.Study, shared: bool = False
+) -> int:
+    """--batch-size if given; else the batch size stored in the study (its trials ran with it); else the
+    fastest, measured. A worker joining a shared study with another --batch-size is refused."""
+    stored = study.user_attrs.get("batch_size")
+    stored = stored if isinstance(stored, int) and stored > 0 else None
     if settings.batch_size:
+        if shared and stored is not None and stored != settings.batch_size:
+            raise HereticError(
+                f"This worker's --batch-size {settings.batch_size} differs from the batch size {stored} the study's trials "
+                f"run with (it changes their scores); pass --batch-size {stored} or leave it out."
+            )
         return settings.batch_size
-    if settings.resume != ResumePolicy.restart:
-        _, digest, path = checkpoint_location(settings, loaded, prompt_sets, engine.response_prefix)
-        resumed = checkpoint.stored_batch_size(path, digest)
-        if resumed is not None:
-            console.print(f"Batch size [bold]{resumed}[/] (the one the checkpoint's trials ran with; --batch-size overrides it)")
-            return resumed
+    if stored is not None:
+        console.print(f"Batch size [bold]{stored}[/] (the one the study's trials run with; --batch-size overrides it)")
+        return stored
     useful = max(len(prompt_sets["harmful_eval"]), len(prompt_sets["harmless_eval"]))
     with console.status("Choosing the batch size..."):
         batch_size, measurements = choose_batch_size(engine, min(settings.max_batch_size, useful))
@@ -184,6 +210,19 @@ def pick_batch_size(settings: Settings, engine: Engine, loaded: LoadedModel, pro
     )
     console.print(f"Batch size [bold]{batch_size}[/] (tokens/s by batch size: {rates})")
     return batch_size
+
+
+def shared_directions(
+    settings: Settings, engine: Engine, loaded: LoadedModel, prompt_sets: dict[str, list[Prompt]], study: optuna.Study
+) -> torch.Tensor:
+    """The refusal directions stored in the study (checked against their hash), else computed and stored."""
+    directions = workers.stored_directions(study)
+    if directions is not None:
+        console.print(f"Refusal directions for {directions.shape[0]} residual positions (stored in the study)")
+        return directions
+    directions = compute_directions(settings, engine, loaded, prompt_sets)
+    workers.store_directions(study, directions)
+    return directions
 
 
 def compute_directions(
@@ -206,14 +245,10 @@ def compute_directions(
     return directions
 
 
-def open_session_study(session: Session) -> tuple[optuna.Study, Path]:
-    """(study, journal path) of the search of this session, with its baseline and batch size stored."""
-    settings = session.settings
-    location = checkpoint_location(settings, session.loaded, session.prompt_sets, session.engine.response_prefix)
-    study = open_study(settings, location, session.interactive)
-    study.set_user_attr("baseline_refusals", session.base_refusals)
-    study.set_user_attr("batch_size", session.engine.batch_size)  # reused when the search is resumed
-    return study, location[2]
+def open_session_study(session: Session) -> tuple[optuna.Study, Location]:
+    """(study, where it is kept) of the search of this session (opened by `prepare`)."""
+    assert session.study is not None and session.location is not None
+    return session.study, session.location
 
 
 def search_setup(session: Session) -> SearchSetup:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import zlib
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from ..ablation.adapters import Ablator
 from ..scoring.evaluator import Evaluator, ProgressFactory
 from .pareto import TrialResult, is_dominated, trial_results
 from .space import suggest_parameters
+from .workers import Liveness
 
 
 @dataclass
@@ -32,10 +34,13 @@ class SearchSetup:
     sampler_kl_floor: float
 
 
-def make_sampler(seed: int, completed: int, n_startup_trials: int, n_ei_candidates: int, multivariate: bool) -> TPESampler:
+def make_sampler(
+    seed: int, completed: int, n_startup_trials: int, n_ei_candidates: int, multivariate: bool, worker: str = ""
+) -> TPESampler:
     """A sampler seeded by the number of finished trials: a resumed search samples exactly what an
-    uninterrupted one would have."""
-    trial_seed = zlib.crc32(f"{seed}:{completed}".encode())
+    uninterrupted one would have. Workers sharing a study add their own name to the seed: two of them
+    asking after the same number of finished trials would otherwise sample the same parameters."""
+    trial_seed = zlib.crc32(f"{seed}:{completed}".encode() + (f":{worker}".encode() if worker else b""))
     return TPESampler(
         n_startup_trials=n_startup_trials, n_ei_candidates=n_ei_candidates, multivariate=multivariate, seed=trial_seed
     )
@@ -54,11 +59,20 @@ def completed_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
-def run_trial(setup: SearchSetup, study: optuna.Study, progress: ProgressFactory | None = None) -> TrialResult:
+def run_trial(
+    setup: SearchSetup, study: optuna.Study, progress: ProgressFactory | None = None, liveness: Liveness | None = None
+) -> TrialResult:
     """Run one trial to completion and record it in the study."""
     done = completed_trials(study)
-    study.sampler = make_sampler(setup.seed, done, setup.n_startup_trials, setup.n_ei_candidates, setup.multivariate_tpe)
+    worker = liveness.token if liveness is not None and not liveness.exclusive else ""
+    study.sampler = make_sampler(setup.seed, done, setup.n_startup_trials, setup.n_ei_candidates, setup.multivariate_tpe, worker)
     trial = study.ask()
+    with liveness.running(trial) if liveness is not None else contextlib.nullcontext():
+        return _measure(setup, study, trial, progress)
+
+
+def _measure(setup: SearchSetup, study: optuna.Study, trial: optuna.Trial, progress: ProgressFactory | None) -> TrialResult:
+    """Ablate with the trial's parameters, score it and tell the study (a failure is told as FAIL)."""
     try:
         started = time.perf_counter()
         parameters = suggest_parameters(trial, setup.num_layers, setup.components)
