@@ -243,11 +243,24 @@ def redacted(url: str) -> str:
         return url.split("://", 1)[0] + "://..."
 
 
+def with_driver(url: str) -> str:
+    """A postgresql:// URL names the driver SQLAlchemy would pick (psycopg2); when only psycopg 3 (the
+    one `heretic[postgres]` installs) is there, name it instead."""
+    import importlib.util
+
+    scheme, rest = url.split("://", 1)
+    postgres = scheme in ("postgresql", "postgres")
+    if postgres and importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg") is not None:
+        return f"postgresql+psycopg://{rest}"
+    return url
+
+
 def open_database(url: str, heartbeat_interval: int) -> optuna.storages.RDBStorage:
     """The database at `url`, with Optuna's heartbeat: a trial whose worker misses two heartbeats is
     failed by the next worker that looks and queued again with the same parameters (retried 3 times)."""
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
+    url = with_driver(url)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # experimental-API warnings of the heartbeat
         try:

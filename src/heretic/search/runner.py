@@ -60,15 +60,34 @@ def completed_trials(study: optuna.Study) -> int:
 
 
 def run_trial(
-    setup: SearchSetup, study: optuna.Study, progress: ProgressFactory | None = None, liveness: Liveness | None = None
-) -> TrialResult:
-    """Run one trial to completion and record it in the study."""
+    setup: SearchSetup,
+    study: optuna.Study,
+    progress: ProgressFactory | None = None,
+    liveness: Liveness | None = None,
+    limit: int | None = None,
+) -> TrialResult | None:
+    """Run one trial to completion and record it in the study.
+
+    `limit` (workers sharing the study): the study's target. A trial asked for when the finished ones
+    and those running with lower numbers already reach it (another worker asked at the same moment)
+    is given up at once, as FAIL marked `surplus`, and None is returned."""
     done = completed_trials(study)
     worker = liveness.token if liveness is not None and not liveness.exclusive else ""
     study.sampler = make_sampler(setup.seed, done, setup.n_startup_trials, setup.n_ei_candidates, setup.multivariate_tpe, worker)
     trial = study.ask()
+    if limit is not None and surplus(study, trial.number, limit):
+        trial.set_user_attr("surplus", True)
+        study.tell(trial, state=TrialState.FAIL)
+        return None
     with liveness.running(trial) if liveness is not None else contextlib.nullcontext():
         return _measure(setup, study, trial, progress)
+
+
+def surplus(study: optuna.Study, number: int, limit: int) -> bool:
+    """Whether the finished trials and the running ones numbered below `number` already make `limit`."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+    ahead = sum(1 for t in trials if t.state == TrialState.COMPLETE or t.number < number)
+    return ahead >= limit
 
 
 def _measure(setup: SearchSetup, study: optuna.Study, trial: optuna.Trial, progress: ProgressFactory | None) -> TrialResult:

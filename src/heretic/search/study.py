@@ -212,8 +212,8 @@ def search_step(
     if done >= target:
         return True
     if not shared or waiting or done + running < target:
-        run_trial(setup, study, progress=bars, liveness=liveness)
-        reporter.report()
+        if run_trial(setup, study, progress=bars, liveness=liveness, limit=target if shared else None) is not None:
+            reporter.report()
     else:
         reporter.waiting(running)
         time.sleep(POLL_SECONDS)
