@@ -199,7 +199,7 @@ def pick_batch_size(
             )
         return settings.batch_size
     if stored is not None:
-        console.print(f"Batch size [bold]{stored}[/] (the one the study's trials run with; --batch-size overrides it)")
+        console.print(f"Batch size [bold]{stored}[/] (the one the checkpoint's trials ran with; --batch-size overrides it)")
         return stored
     useful = max(len(prompt_sets["harmful_eval"]), len(prompt_sets["harmless_eval"]))
     with console.status("Choosing the batch size..."):
