@@ -178,8 +178,10 @@ def test_killed_worker_trial_runs_again_and_other_settings_are_refused(
     runs it again with the same parameters, and completes the study. A worker with other settings
     meanwhile is refused with one sentence."""
     model = tiny_models["qwen2"]
-    common = ["--storage", postgres_url, "--n-trials", "6", "--search-only", "--heartbeat-interval", "1"]
-    victim = worker(model, tmp_path, *common, "--max-response-length", "16", log=tmp_path / "victim.log")
+    # Trials long enough to be caught running: whole responses, every prompt counted.
+    slow = ["--max-response-length", "32", "--no-stop-on-verdict", "--no-cut-hopeless-trials"]
+    common = ["--storage", postgres_url, "--n-trials", "6", "--search-only", "--heartbeat-interval", "1", *slow]
+    victim = worker(model, tmp_path, *common, log=tmp_path / "victim.log")
     killed = None
     deadline = time.monotonic() + 300
     while killed is None and time.monotonic() < deadline and victim.poll() is None:
@@ -189,11 +191,10 @@ def test_killed_worker_trial_runs_again_and_other_settings_are_refused(
             if running:
                 victim.send_signal(signal.SIGKILL)
                 killed = running[0]
-        time.sleep(0.05)
     assert killed is not None, (tmp_path / "victim.log").read_text()[-3000:]
     victim.wait()
     refused = subprocess.run(
-        [sys.executable, "-m", "heretic", str(model), *FLAGS, *common, "--max-response-length", "16", "--seed", "7"],
+        [sys.executable, "-m", "heretic", str(model), *FLAGS, *common, "--seed", "7"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -202,7 +203,7 @@ def test_killed_worker_trial_runs_again_and_other_settings_are_refused(
     message = " ".join(refused.stderr.split())
     assert refused.returncode == 2 and "Traceback" not in message, refused.stdout + refused.stderr
     assert re.search(r"holds an unfinished search of this model .* with other settings \(seed\); start this worker", message)
-    survivor = worker(model, tmp_path, *common, "--max-response-length", "16", log=tmp_path / "survivor.log")
+    survivor = worker(model, tmp_path, *common, log=tmp_path / "survivor.log")
     assert survivor.wait(timeout=600) == 0, (tmp_path / "survivor.log").read_text()[-3000:]
     study = the_study(postgres_url)
     assert study is not None

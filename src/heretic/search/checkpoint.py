@@ -322,6 +322,9 @@ def load_or_create(
         raise HereticError(f"The checkpoint {where} cannot be read ({error}); move it away to start a new search.") from None
     stored = study.user_attrs.get("fingerprint")
     if stored is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # experimental API: names the objectives in optuna-dashboard
+            study.set_metric_names(["refusals", "KL (as the sampler sees it)"])
         study.set_user_attr("fingerprint", study_fingerprint)
         study.set_user_attr("settings", settings_summary)
     elif stored != study_fingerprint:
