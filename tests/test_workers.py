@@ -235,3 +235,43 @@ def test_workers_flag_runs_two_processes_on_one_journal(tiny_models: dict[str, P
     (log,) = (tmp_path / "checkpoints").glob("*-workers/worker-1.log")
     assert "This worker's part of the search is done" in log.read_text()
     assert front_numbers(result.stdout) == {r.number for r in pareto_front(trial_results(study))}
+
+
+@pytest.mark.slow
+def test_more_trials_from_the_menu_run_in_the_same_study(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After the search, the menu's "Run more trials" asks how many, runs them in the same study
+    (no restart of the command) and shows the front again."""
+    import questionary
+
+    from heretic import ui
+    from heretic.actions import MORE
+    from heretic.cli import main
+
+    answers = iter([MORE, None])  # "Run more trials", then "Quit"
+    asked: list[str] = []
+
+    class Answer:
+        def __init__(self, value: object) -> None:
+            self.value = value
+
+        def ask(self) -> object:
+            return self.value
+
+    def select(question: str, choices: list[questionary.Choice]) -> Answer:
+        asked.append(question)
+        assert any(choice.value == MORE for choice in choices)
+        return Answer(next(answers))
+
+    monkeypatch.setattr(questionary, "select", select)
+    monkeypatch.setattr(questionary, "text", lambda question, **_: Answer("2"))
+    monkeypatch.setattr(ui, "is_interactive", lambda: True)
+    flags = [flag for flag in FLAGS if flag != "--headless"]
+    main([str(tiny_models["llama"]), *flags, "--n-trials", "2"])
+    text = capsys.readouterr().out
+    (journal,) = Path("checkpoints").glob("*.jsonl")
+    study = the_study(journal)
+    assert study is not None
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 4
+    assert text.count("Pareto front") == 2 and "(4/4)" in text and asked == ["Which trial?", "Which trial?"]
