@@ -205,7 +205,7 @@ def tiny_gguf(path: Path) -> Path:
 # (id, argv after the model, regex of the sentence). All exit 2 and fail before the model loads.
 SETTINGS_CASES = [
     ("n_trials word", ["--n-trials", "many"], r"Invalid setting 'n_trials'.*--n-trials"),
-    ("n_trials zero", ["--n-trials", "0"], r"Invalid setting 'n_trials'.*greater than"),
+    ("n_trials negative", ["--n-trials", "-1"], r"Invalid setting 'n_trials'.*greater than or equal"),
     ("n_trials fraction", ["--n-trials", "1.5"], r"Invalid setting 'n_trials'"),
     ("n_startup_trials negative", ["--n-startup-trials", "-1"], r"Invalid setting 'n_startup_trials'.*greater than or equal"),
     ("n_ei_candidates zero", ["--n-ei-candidates", "0"], r"Invalid setting 'n_ei_candidates'"),

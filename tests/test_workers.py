@@ -111,8 +111,9 @@ def worker(model: Path, cwd: Path, *extra: str, log: Path) -> subprocess.Popen[b
 _storages: dict[str, optuna.storages.BaseStorage] = {}
 
 
-def the_study(storage: str | Path) -> optuna.Study | None:
-    """The one study in `storage` (None before it is created); one connection pool per database."""
+def the_study(storage: str | Path, prefix: str = "") -> optuna.Study | None:
+    """The study in `storage` whose name starts with `prefix` (None before it is created); one
+    connection pool per database."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if checkpoint.is_database(storage):
@@ -121,7 +122,8 @@ def the_study(storage: str | Path) -> optuna.Study | None:
             backend = _storages[str(storage)]
         else:
             backend = checkpoint.open_storage(Path(storage))
-        names = optuna.get_all_study_names(backend)
+        names = [name for name in optuna.get_all_study_names(backend) if name.startswith(prefix)]
+        assert len(names) <= 1, names
         return optuna.load_study(study_name=names[0], storage=backend) if names else None
 
 
@@ -152,7 +154,7 @@ def test_two_workers_share_one_study_on_postgres(postgres_url: str, tiny_models:
     processes = [worker(model, tmp_path, *common, log=log) for log in logs]
     for process, log in zip(processes, logs):
         assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
-    study = the_study(postgres_url)
+    study = the_study(postgres_url, "llama-")
     assert study is not None
     finished = check_study(study, 6)
     assert {t.user_attrs["worker"].split("-")[-1] for t in finished} == {str(p.pid) for p in processes}
@@ -174,23 +176,24 @@ def test_two_workers_share_one_study_on_postgres(postgres_url: str, tiny_models:
 def test_killed_worker_trial_runs_again_and_other_settings_are_refused(
     postgres_url: str, tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
-    """kill -9 a worker while it runs a trial: its heartbeat stops, the other worker fails the trial,
-    runs it again with the same parameters, and completes the study. A worker with other settings
-    meanwhile is refused with one sentence."""
+    """kill -9 a worker while it runs a trial: its heartbeat stops; a worker with other settings is
+    refused with one sentence (the study is unfinished); the other worker fails the killed trial,
+    runs it again with the same parameters, and completes the study."""
     model = tiny_models["qwen2"]
     # Trials long enough to be caught running: whole responses, every prompt counted.
     slow = ["--max-response-length", "32", "--no-stop-on-verdict", "--no-cut-hopeless-trials"]
-    common = ["--storage", postgres_url, "--n-trials", "6", "--search-only", "--heartbeat-interval", "1", *slow]
+    common = ["--storage", postgres_url, "--n-trials", "8", "--search-only", "--heartbeat-interval", "1", *slow]
     victim = worker(model, tmp_path, *common, log=tmp_path / "victim.log")
     killed = None
     deadline = time.monotonic() + 300
     while killed is None and time.monotonic() < deadline and victim.poll() is None:
-        shared = the_study(postgres_url)
+        shared = the_study(postgres_url, "qwen2-")
         if shared is not None:
-            running = [t for t in shared.get_trials(states=(TrialState.RUNNING,)) if "worker" in t.user_attrs]
-            if running:
+            running = shared.get_trials(states=(TrialState.RUNNING,))
+            mine = [t for t in running if str(t.user_attrs.get("worker", "")).endswith(f"-{victim.pid}")]
+            if mine:
                 victim.send_signal(signal.SIGKILL)
-                killed = running[0]
+                killed = mine[0]
     assert killed is not None, (tmp_path / "victim.log").read_text()[-3000:]
     victim.wait()
     refused = subprocess.run(
@@ -203,15 +206,17 @@ def test_killed_worker_trial_runs_again_and_other_settings_are_refused(
     message = " ".join(refused.stderr.split())
     assert refused.returncode == 2 and "Traceback" not in message, refused.stdout + refused.stderr
     assert re.search(r"holds an unfinished search of this model .* with other settings \(seed\); start this worker", message)
+    # The other worker joins the unfinished study, runs the killed trial again and completes the study.
     survivor = worker(model, tmp_path, *common, log=tmp_path / "survivor.log")
     assert survivor.wait(timeout=600) == 0, (tmp_path / "survivor.log").read_text()[-3000:]
-    study = the_study(postgres_url)
+    study = the_study(postgres_url, "qwen2-")
     assert study is not None
-    check_study(study, 6)
+    check_study(study, 8)
     retried = [t for t in study.get_trials(states=(TrialState.COMPLETE,)) if t.system_attrs.get("failed_trial") == killed.number]
     failed = study.get_trials()[killed.number]
     assert failed.state == TrialState.FAIL and len(retried) == 1
     assert failed.params.items() <= retried[0].params.items()  # the parameters it had drawn when killed are kept
+    assert retried[0].user_attrs["worker"].endswith(f"-{survivor.pid}")
 
 
 @pytest.mark.slow

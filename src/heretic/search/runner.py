@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import zlib
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from ..scoring.evaluator import Evaluator, ProgressFactory
 from .pareto import TrialResult, is_dominated, trial_results
 from .space import suggest_parameters
 from .workers import Liveness
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -108,8 +111,14 @@ def _measure(setup: SearchSetup, study: optuna.Study, trial: optuna.Trial, progr
         trial.set_user_attr("cut", not count.complete)
         trial.set_user_attr("seconds", seconds)
         n_prompts = len(setup.evaluator.harmful)
-        study.tell(trial, sampler_values(count.refusals, kl, n_prompts, setup.sampler_kl_floor))
+        # skip_if_finished: a worker whose heartbeat stopped long enough (a paused machine) finds its
+        # trial failed and queued again by another worker; its result is then dropped, not an error.
+        told = study.tell(trial, sampler_values(count.refusals, kl, n_prompts, setup.sampler_kl_floor), skip_if_finished=True)
+        if told.state != TrialState.COMPLETE:
+            log.warning(
+                "Trial %d was taken over by another worker (its heartbeat had stopped); its result is dropped", trial.number
+            )
     except BaseException:
-        study.tell(trial, state=TrialState.FAIL)
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         raise
     return TrialResult(trial.number, count.refusals, kl, not count.complete, seconds, parameters.to_dict())

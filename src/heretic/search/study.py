@@ -185,7 +185,7 @@ def run_search(setup: SearchSetup, study: optuna.Study, n_trials: int, liveness:
     shared = liveness is not None and not liveness.exclusive
     others = " with the other workers of this study" if shared else ""
     console.print(f"Searching: {target - done} trials{others} (Ctrl+C stops the search and keeps every finished trial)")
-    reporter = Reporter(study, len(setup.evaluator.harmful), target)
+    reporter = Reporter(study, len(setup.evaluator.harmful), target, shared)
     started = time.perf_counter()
     finished = False
     try:
@@ -223,8 +223,8 @@ def search_step(
 class Reporter:
     """Prints one line per finished trial of the study, whichever worker ran it (once each)."""
 
-    def __init__(self, study: optuna.Study, n_prompts: int, target: int) -> None:
-        self.study, self.n_prompts, self.target = study, n_prompts, target
+    def __init__(self, study: optuna.Study, n_prompts: int, target: int, shared: bool = False) -> None:
+        self.study, self.n_prompts, self.target, self.shared = study, n_prompts, target, shared
         self.shown = {r.number for r in trial_results(study)}
         self.lock = threading.Lock()
         self.told_waiting = False
@@ -238,9 +238,11 @@ class Reporter:
                 if result.number in self.shown:
                     continue
                 self.shown.add(result.number)
-                workers = len({t.user_attrs.get(WORKER_ATTR) for t in trials.values() if t.state == TrialState.COMPLETE})
+                # Workers seen among the last 20 finished trials share the remaining ones (shared studies).
+                recent = sorted(trials)[-20:]
+                workers = len({trials[n].user_attrs.get(WORKER_ATTR) for n in recent}) if self.shared else 1
                 eta = eta_seconds(self.study, self.target - done) / max(1, min(workers, self.target - done or 1))
-                worker = trials[result.number].user_attrs.get(WORKER_ATTR) if workers > 1 else None
+                worker = trials[result.number].user_attrs.get(WORKER_ATTR) if self.shared else None
                 console.print(trial_line(result, self.n_prompts, done, self.target, eta, worker))
 
     def waiting(self, running: int) -> None:

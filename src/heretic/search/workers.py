@@ -75,7 +75,9 @@ class Liveness:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # experimental-API warnings
                 optuna.storages.fail_stale_trials(self.study)  # the heartbeat's verdict, then the retry callback
-            return max(0, counts(self.study)[2] - before)
+            # A worker that died between asking for a trial and its first heartbeat left no heartbeat.
+            unnamed = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if _unclaimed(t)]
+            return max(0, counts(self.study)[2] - before) + sum(retry(self.study, t) for t in unnamed)
         found = 0
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if self._dead(trial):
@@ -85,8 +87,7 @@ class Liveness:
     def _dead(self, trial: FrozenTrial) -> bool:
         owner = trial.user_attrs.get(WORKER_ATTR)
         if owner is None:
-            started = trial.datetime_start or dt.datetime.now()
-            return dt.datetime.now() - started > UNCLAIMED_GRACE
+            return _unclaimed(trial)
         if owner == self.token:
             return False
         path = self._lock_path(str(owner))
@@ -108,14 +109,24 @@ class Liveness:
     @contextlib.contextmanager
     def running(self, trial: optuna.Trial) -> Iterator[None]:
         """While a trial runs: its worker is recorded and, in a database, its heartbeat kept."""
-        trial.set_user_attr(WORKER_ATTR, self.token)
         if self.journal is not None:
+            trial.set_user_attr(WORKER_ATTR, self.token)
             yield
             return
-        from optuna.storages._heartbeat import get_heartbeat_thread
+        from optuna.storages._heartbeat import BaseHeartbeat, get_heartbeat_thread
 
-        with get_heartbeat_thread(trial._trial_id, self.study._storage):  # noqa: SLF001 - what Study.optimize does
+        storage = self.study._storage  # noqa: SLF001 - the storage's heartbeat API, as Study.optimize uses it
+        if isinstance(storage, BaseHeartbeat):
+            storage.record_heartbeat(trial._trial_id)  # before the worker is named: a named trial has a heartbeat
+        trial.set_user_attr(WORKER_ATTR, self.token)
+        with get_heartbeat_thread(trial._trial_id, storage):
             yield
+
+
+def _unclaimed(trial: FrozenTrial) -> bool:
+    """A RUNNING trial that no worker named itself on for a minute: its worker died right after asking."""
+    started = trial.datetime_start or dt.datetime.now()
+    return WORKER_ATTR not in trial.user_attrs and dt.datetime.now() - started > UNCLAIMED_GRACE
 
 
 def _hold(path: Path) -> int:
