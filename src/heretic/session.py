@@ -23,7 +23,7 @@ from .scoring.judges import make_judge as build_judge
 from .scoring.refusals import RefusalJudge
 from .search import workers
 from .search.runner import SearchSetup
-from .search.study import Location, checkpoint_location, open_study
+from .search.study import Location, checkpoint_location, find_study, open_study
 from .ui import ProgressBars, console
 
 # The engine's batch size before the batch size is chosen, and for reproduction records without one.
@@ -129,11 +129,10 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
     if engine.response_prefix:
         console.print(f"Responses open a thinking block; prefilling {engine.response_prefix!r}")
     location = checkpoint_location(settings, loaded, prompt_sets, engine.response_prefix)
-    study = open_study(settings, location, interactive)
+    existing = find_study(settings, location)  # a search to resume or join: its setup is reused
 
-    engine.batch_size = pick_batch_size(settings, engine, prompt_sets, study, location.shared)
-    study.set_user_attr("batch_size", engine.batch_size)  # reused by joining workers and resumed searches
-    directions = shared_directions(settings, engine, loaded, prompt_sets, study)
+    engine.batch_size = pick_batch_size(settings, engine, prompt_sets, existing, location.shared)
+    directions = shared_directions(settings, engine, loaded, prompt_sets, existing)
 
     ablator = Ablator(loaded.model, arch, settings.row_normalization.value, settings.full_normalization_rank, settings.seed)
     judge = make_judge(settings, engine, ablator)
@@ -145,7 +144,10 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
         settings.max_response_length,
         settings.stop_on_verdict,
     )
-    base_refusals, base_verdicts = score_original(evaluator, study)
+    base_refusals, base_verdicts = score_original(evaluator, existing)
+    # The study is created (or resumed) only now: a run that fails before writes no checkpoint.
+    study = open_study(settings, location, interactive)
+    store_setup(study, engine.batch_size, directions, base_refusals, base_verdicts)
     return Session(
         settings,
         loaded,
@@ -164,6 +166,18 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
     )
 
 
+def store_setup(study: optuna.Study, batch_size: int, directions: torch.Tensor, refusals: int, verdicts: list[bool]) -> None:
+    """Keep what joining workers and resumed searches reuse in the study (what is there already stays)."""
+    attrs = study.user_attrs
+    if attrs.get("batch_size") != batch_size:
+        study.set_user_attr("batch_size", batch_size)
+    if workers.stored_directions(study) is None:
+        workers.store_directions(study, directions)
+    if attrs.get("baseline_verdicts") != verdicts or attrs.get("baseline_refusals") != refusals:
+        study.set_user_attr("baseline_verdicts", verdicts)
+        study.set_user_attr("baseline_refusals", refusals)
+
+
 def score_original(evaluator: Evaluator, study: optuna.Study | None = None) -> tuple[int, list[bool]]:
     """(refusals, verdict per harmful prompt) of the original model, read from the study when stored
     there; its KL reference distributions are always measured (one forward pass: too large to store)."""
@@ -177,19 +191,16 @@ def score_original(evaluator: Evaluator, study: optuna.Study | None = None) -> t
         else:
             base = evaluator.count_refusals()
             refusals, verdicts, origin = base.refusals, base.verdicts, ""
-    if study is not None and not origin:
-        study.set_user_attr("baseline_verdicts", verdicts)
-        study.set_user_attr("baseline_refusals", refusals)
     console.print(f"Original model: [bold]{refusals}[/]/{len(evaluator.harmful)} refusals{origin}")
     return refusals, verdicts
 
 
 def pick_batch_size(
-    settings: Settings, engine: Engine, prompt_sets: dict[str, list[Prompt]], study: optuna.Study, shared: bool = False
+    settings: Settings, engine: Engine, prompt_sets: dict[str, list[Prompt]], study: optuna.Study | None, shared: bool = False
 ) -> int:
     """--batch-size if given; else the batch size stored in the study (its trials ran with it); else the
     fastest, measured. A worker joining a shared study with another --batch-size is refused."""
-    stored = study.user_attrs.get("batch_size")
+    stored = study.user_attrs.get("batch_size") if study is not None else None
     stored = stored if isinstance(stored, int) and stored > 0 else None
     if settings.batch_size:
         if shared and stored is not None and stored != settings.batch_size:
@@ -213,16 +224,14 @@ def pick_batch_size(
 
 
 def shared_directions(
-    settings: Settings, engine: Engine, loaded: LoadedModel, prompt_sets: dict[str, list[Prompt]], study: optuna.Study
+    settings: Settings, engine: Engine, loaded: LoadedModel, prompt_sets: dict[str, list[Prompt]], study: optuna.Study | None
 ) -> torch.Tensor:
-    """The refusal directions stored in the study (checked against their hash), else computed and stored."""
-    directions = workers.stored_directions(study)
+    """The refusal directions stored in the study (checked against their hash), else computed."""
+    directions = workers.stored_directions(study) if study is not None else None
     if directions is not None:
         console.print(f"Refusal directions for {directions.shape[0]} residual positions (stored in the study)")
         return directions
-    directions = compute_directions(settings, engine, loaded, prompt_sets)
-    workers.store_directions(study, directions)
-    return directions
+    return compute_directions(settings, engine, loaded, prompt_sets)
 
 
 def compute_directions(

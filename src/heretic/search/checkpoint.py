@@ -264,12 +264,14 @@ def open_database(url: str, heartbeat_interval: int) -> optuna.storages.RDBStora
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # experimental-API warnings of the heartbeat
         try:
-            return RDBStorage(
-                url,
-                heartbeat_interval=heartbeat_interval,
-                grace_period=2 * heartbeat_interval,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
-                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+            return _retrying(
+                lambda: RDBStorage(
+                    url,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=2 * heartbeat_interval,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+                    engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+                )
             )
         except ImportError as error:
             raise HereticError(
@@ -281,6 +283,45 @@ def open_database(url: str, heartbeat_interval: int) -> optuna.storages.RDBStora
             raise HereticError(
                 f"Cannot open the storage {redacted(url)} ({reason}); check the URL and that the server runs."
             ) from None
+
+
+def _retrying(make: Any, attempts: int = 5) -> Any:
+    """`make()`, tried again after a second when it fails: workers started at the same moment on a fresh
+    database race to create Optuna's tables, and all but one fail once."""
+    for attempt in range(attempts):
+        try:
+            return make()
+        except ImportError:
+            raise
+        except Exception:  # noqa: BLE001 - the race above; a real failure fails every attempt
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1.0)
+    raise AssertionError("unreachable")
+
+
+def find_study(
+    path: Path | str, study_fingerprint: str, *, study_name: str = STUDY_NAME, shared: bool = False, heartbeat_interval: int = 30
+) -> optuna.Study | None:
+    """The existing study of these settings in the storage, or None (nothing is created)."""
+    if is_database(path):
+        storage: optuna.storages.BaseStorage = open_database(str(path), heartbeat_interval)
+    else:
+        path = Path(path)
+        if not (path.exists() and path.stat().st_size > 0):
+            return None
+        claim(path, shared)
+        try:
+            storage = open_storage(path)
+        except Exception:  # noqa: BLE001 - a damaged journal is reported when the search opens it
+            return None
+    try:
+        if study_name not in optuna.get_all_study_names(storage):
+            return None
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except Exception:  # noqa: BLE001 - a damaged journal is reported when the search opens it
+        return None
+    return study if study.user_attrs.get("fingerprint") == study_fingerprint else None
 
 
 def load_or_create(

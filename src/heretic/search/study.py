@@ -130,6 +130,19 @@ def open_study(settings: Settings, location: Location, interactive: bool) -> opt
     return study
 
 
+def find_study(settings: Settings, location: Location) -> optuna.Study | None:
+    """The study these settings would resume or join, if it exists (None with --resume restart)."""
+    if settings.resume == ResumePolicy.restart:
+        return None
+    return checkpoint.find_study(
+        location.storage,
+        location.digest,
+        study_name=location.study_name,
+        shared=location.shared,
+        heartbeat_interval=settings.heartbeat_interval,
+    )
+
+
 def _load(settings: Settings, location: Location) -> tuple[optuna.Study, bool]:
     return checkpoint.load_or_create(
         location.storage,
