@@ -69,11 +69,19 @@ class Plan:
             return {"CUDA_VISIBLE_DEVICES": ",".join(self.gpus[index])}
         return {"OMP_NUM_THREADS": str(len(self.cores[index]))}
 
-    def pin(self, index: int) -> None:
-        """Restrict this process to worker `index`'s share (before anything uses a GPU or threads)."""
-        os.environ.update(self.environment(index))
+    def pin_gpus(self, index: int) -> None:
+        """Give this process worker `index`'s GPUs (before anything uses CUDA)."""
+        if self.gpus:
+            os.environ.update(self.environment(index))
+
+    def pin_cores(self, index: int) -> None:
+        """Give this process worker `index`'s CPU cores (when the search starts: the serial setup before
+        it, directions and the original's refusals, runs on every core)."""
         if self.cores and hasattr(os, "sched_setaffinity"):
+            import torch
+
             os.sched_setaffinity(0, {int(core) for core in self.cores[index]})
+            torch.set_num_threads(len(self.cores[index]))
 
     def unpin(self) -> None:
         """After the search: this process's CPU threads on every core again (for the actions)."""
@@ -82,7 +90,6 @@ class Plan:
 
             every = {int(core) for share in self.cores for core in share}
             os.sched_setaffinity(0, every)
-            os.environ.pop("OMP_NUM_THREADS", None)
             torch.set_num_threads(len(every))
 
 
@@ -96,11 +103,12 @@ def plan(workers: int) -> Plan:
 
 
 def pin_this_process(settings: Settings) -> Plan | None:
-    """With --workers N (and not a worker itself): give this process worker 0's share, and return the plan."""
+    """With --workers N (and not a worker itself): give this process worker 0's GPUs, and return the plan
+    (its CPU cores are narrowed to worker 0's share when the search starts)."""
     if settings.workers <= 1 or settings.search_only:
         return None
     shares = plan(settings.workers)
-    shares.pin(0)
+    shares.pin_gpus(0)
     return shares
 
 
@@ -142,6 +150,8 @@ class Search:
     def run(self) -> None:
         """Run the search up to the study's target: with the other workers when there are any."""
         target = int(self.study.user_attrs.get("target_trials", self.session.settings.n_trials))
+        if self.shares is not None:
+            self.shares.pin_cores(0)
         children = self.start_workers(target)
         finished = False
         try:
