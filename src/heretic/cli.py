@@ -263,7 +263,8 @@ def run(settings: Settings, argv: Sequence[str] | None = None) -> None:
     shares = pin_this_process(settings)  # --workers N: this process is worker 0, on its share of the devices
     session = prepare(settings, is_interactive() and not settings.headless)
     study, location = open_session_study(session)
-    log_dir = Path(settings.checkpoint_dir).expanduser() / f"{location.study_name}-workers"
+    name = location.journal.stem if location.journal is not None and settings.storage is None else location.study_name
+    log_dir = Path(settings.checkpoint_dir).expanduser() / f"{name}-workers"
     search = Search(session, study, list(sys.argv[1:] if argv is None else argv), shares, log_dir)
     search.run()
     if settings.search_only:
