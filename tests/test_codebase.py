@@ -21,12 +21,18 @@ LAYERS = [
     ("heretic.directions",),
     ("heretic.ablation",),
     ("heretic.scoring",),
-    ("heretic.search.pareto", "heretic.search.space", "heretic.search.checkpoint", "heretic.search.runner"),
+    (
+        "heretic.search.pareto",
+        "heretic.search.space",
+        "heretic.search.checkpoint",
+        "heretic.search.runner",
+        "heretic.search.workers",
+    ),
     ("heretic.ui",),
     ("heretic.search.study",),
     ("heretic.session",),
     ("heretic.export", "heretic.report", "heretic.chat", "heretic.demo"),
-    ("heretic.actions", "heretic.evaluate"),
+    ("heretic.actions", "heretic.evaluate", "heretic.parallel"),
     ("heretic.cli", "heretic.__main__"),
 ]
 

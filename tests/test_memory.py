@@ -28,7 +28,8 @@ def test_the_process_peak_follows_an_allocation_and_resets() -> None:
     assert during.used - before.used >= 60 * 2**20
     assert after.peak >= during.used - 8 * 2**20  # the peak keeps the freed block (the kernel's counters lag a little)
     memory.reset_peaks()
-    assert memory.process_memory().peak < during.peak or not memory.CLEAR_REFS.exists()
+    reset = memory.process_memory()  # the peak starts again from what the process holds now
+    assert reset.peak <= reset.used + 8 * 2**20 or not memory.CLEAR_REFS.exists()
 
 
 def test_every_cuda_device_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -52,9 +52,24 @@ def default_output_dir(session: Session) -> Path:
     return Path(f"{session.loaded.source.display_name}-heretic")
 
 
-def choose_and_act(session: Session, study: optuna.Study) -> None:
-    """Print the front; then act on the headless choice, or let the user choose and act."""
+MoreTrials = Callable[[int], None]  # runs that many more trials in the study
+
+
+def show_front(session: Session, study: optuna.Study) -> list[TrialResult]:
+    """Print the Pareto front of the study's finished trials; return it."""
     front = front_of(study)
+    n_prompts = len(session.evaluator.harmful)
+    if front:
+        original = "".join(f", {name} {objective_text(value)}" for name, value in session.base_objectives.items())
+        title = f"Pareto front (original: {session.base_refusals}/{n_prompts} refusals, KL 0{original})"
+        console.print(front_table(front, n_prompts, title=title, directions=study_directions(study)))
+    return front
+
+
+def choose_and_act(session: Session, study: optuna.Study, more_trials: MoreTrials | None = None) -> None:
+    """Print the front; then act on the headless choice, or let the user choose and act (and run more
+    trials, when `more_trials` is given)."""
+    front = show_front(session, study)
     n_prompts = len(session.evaluator.harmful)
     if not front:
         if session.settings.n_trials == 0:
@@ -64,9 +79,6 @@ def choose_and_act(session: Session, study: optuna.Study) -> None:
             )
         console.print("No finished trial yet; rerun the command to continue the search.")
         return
-    original = "".join(f", {name} {objective_text(value)}" for name, value in session.base_objectives.items())
-    title = f"Pareto front (original: {session.base_refusals}/{n_prompts} refusals, KL 0{original})"
-    console.print(front_table(front, n_prompts, title=title, directions=study_directions(study)))
     if not session.interactive:
         result = choose_headless(session, study)
         parameters = restore(session, result)
@@ -78,11 +90,16 @@ def choose_and_act(session: Session, study: optuna.Study) -> None:
         for action in session.settings.action:
             perform(session, action, result, parameters)
         return
-    interactive_loop(session, front)
+    interactive_loop(session, front, study, more_trials)
 
 
-def interactive_loop(session: Session, front: list[TrialResult]) -> None:
-    """Ask for a trial of the front, then for actions on it, until the user quits."""
+MORE = "more"  # the menu's "Run more trials" choice
+
+
+def interactive_loop(
+    session: Session, front: list[TrialResult], study: optuna.Study | None = None, more_trials: MoreTrials | None = None
+) -> None:
+    """Ask for a trial of the front (or for more trials), then for actions on it, until the user quits."""
     import questionary
 
     n_prompts = len(session.evaluator.harmful)
@@ -92,10 +109,15 @@ def interactive_loop(session: Session, front: list[TrialResult]) -> None:
                 f"Trial {r.number:>3}: refusals {r.refusals_text:>3}/{n_prompts}, KL {r.kl:.4f}{objectives_text(r)}", r
             )
             for r in front
-        ] + [questionary.Choice("Quit", None)]
-        result = questionary.select("Which trial?", choices=choices).ask()
+        ]
+        if more_trials is not None and study is not None:
+            choices.append(questionary.Choice("Run more trials", MORE))
+        result = questionary.select("Which trial?", choices=[*choices, questionary.Choice("Quit", None)]).ask()
         if result is None:
             return
+        if result == MORE and study is not None and more_trials is not None:
+            front = run_more(session, study, more_trials) or front
+            continue
         parameters = restore(session, result)
         console.print(f"Trial {result.number} restored ({describe(parameters)})")
         show_heldout(session, result, parameters)
@@ -115,6 +137,25 @@ def show_heldout(session: Session, result: TrialResult, parameters: AblationPara
         f"({count.refusals / count.n_prompts:.0%}; original {count.original}/{count.n_prompts}); "
         f"in the search: {result.refusals_text}/{n_prompts} ({in_search:.0%})"
     )
+
+
+def ask_count(question: str, default: int) -> int | None:
+    """A positive whole number from the user (None: cancelled)."""
+    import questionary
+
+    answer = questionary.text(
+        question, default=str(default), validate=lambda text: text.strip().isdigit() and int(text) > 0 or "A whole number > 0"
+    ).ask()
+    return None if answer is None else int(answer.strip())
+
+
+def run_more(session: Session, study: optuna.Study, more_trials: MoreTrials) -> list[TrialResult]:
+    """Ask how many more trials, run them in the same study, and show the new front."""
+    count = ask_count("How many more trials?", max(1, min(session.settings.n_trials, 50)))
+    if count is None:
+        return []
+    more_trials(count)
+    return show_front(session, study)
 
 
 def act_interactively(session: Session, result: TrialResult, parameters: AblationParameters) -> bool:

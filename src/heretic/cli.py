@@ -253,7 +253,7 @@ def describe_unexpected(error: BaseException) -> str | None:
     return f"The operating system refused an operation on{where or ' a file'} ({reason}); check the path and rerun."
 
 
-def run(settings: Settings) -> None:
+def run(settings: Settings, argv: Sequence[str] | None = None) -> None:
     """The pipeline: load -> prompts -> directions -> search -> choose -> act (or --demo, --reproduce, --evaluate-model).
 
     Its modules are imported here, not at the top, so that `heretic --help` stays fast."""
@@ -284,17 +284,26 @@ def run(settings: Settings) -> None:
         evaluate_model(settings)
         return
     from .actions import choose_and_act
-    from .search.study import run_search
-    from .session import open_session_study, prepare, search_setup
+    from .parallel import Search, pin_this_process
+    from .session import open_session_study, prepare
 
+    shares = pin_this_process(settings)  # --workers N: this process is worker 0, on its share of the devices
     session = prepare(settings, is_interactive() and not settings.headless)
     if settings.print_residual_geometry or settings.plot_residuals:
         from .report.terminal import research_views
 
         research_views(session)
-    study, _ = open_session_study(session)
-    run_search(search_setup(session), study, settings.n_trials)
-    choose_and_act(session, study)
+    study, location = open_session_study(session)
+    name = location.journal.stem if location.journal is not None and settings.storage is None else location.study_name
+    log_dir = Path(settings.checkpoint_dir).expanduser() / f"{name}-workers"
+    search = Search(session, study, list(sys.argv[1:] if argv is None else argv), shares, log_dir)
+    search.run()
+    if settings.search_only:
+        from .ui import console
+
+        console.print("This worker's part of the search is done; the command that chooses shows the front.")
+        return
+    choose_and_act(session, study, more_trials=search.more)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -305,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
-        run(settings)
+        run(settings, argv)
     except HereticError as error:
         fail(str(error))
     except KeyboardInterrupt:

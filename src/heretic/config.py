@@ -564,8 +564,8 @@ class Settings(BaseSettings):
     n_trials: int = Field(
         default=200,
         ge=0,
-        description="Trials of the search (0: run none, choose from and act on the finished trials of the checkpoint, "
-        "e.g. --n-trials 0 --action report).",
+        description="Trials of the search: the study's total, whichever workers run them (0 on a finished search: "
+        "only choose and act, e.g. --n-trials 0 --action report).",
         json_schema_extra=tags(Role.run, section="Search"),
     )
     n_startup_trials: int = Field(
@@ -612,6 +612,34 @@ class Settings(BaseSettings):
         default=ResumePolicy.ask,
         description="When a checkpoint exists: ask, continue (up to n_trials), restart (discard it) or add "
         "(n_trials more). Headless runs treat ask as continue.",
+        json_schema_extra=tags(Role.run),
+    )
+
+    storage: str | None = Field(
+        default=None,
+        description="Where the search's trials are kept, for every worker that joins the search: a database URL "
+        "(postgresql://user:password@host/db, or any SQLAlchemy URL Optuna supports) or a journal file path "
+        "(several processes on one machine); default: one journal file per model and settings in --checkpoint-dir.",
+        json_schema_extra=tags(Role.run),
+    )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        description="Worker processes this command runs the search with on this machine (itself included), each on its "
+        "own share of the GPUs in CUDA_VISIBLE_DEVICES or of the CPU cores; one progress display, one choice at the end.",
+        json_schema_extra=tags(Role.run),
+    )
+    search_only: bool = Field(
+        default=False,
+        description="Run trials until the study has --n-trials finished ones, then exit without choosing or acting "
+        "(a worker joining a search that another command chooses from).",
+        json_schema_extra=tags(Role.run),
+    )
+    heartbeat_interval: int = Field(
+        default=30,
+        ge=1,
+        description="Seconds between a worker's heartbeats in a database storage; a trial whose worker misses two "
+        "(a killed process, a lost machine) is run again by another worker.",
         json_schema_extra=tags(Role.run),
     )
 

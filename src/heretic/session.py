@@ -10,8 +10,9 @@ import torch
 
 from .ablation.adapters import Ablator
 from .ablation.parameters import AblationParameters
-from .config import ResumePolicy, Role, Settings, fields_with
+from .config import Role, Settings, fields_with
 from .directions import refusal_directions, winsorize
+from .errors import HereticError
 from .model.architecture import ArchitectureMap, build_architecture_map, find_layers, text_config
 from .model.batching import choose_batch_size
 from .model.generation import Engine
@@ -23,10 +24,10 @@ from .scoring.evaluator import Evaluator, detect_response_prefix
 from .scoring.judges import make_judge as build_judge
 from .scoring.objectives import LoadedObjective, load_objectives, score_objectives, setup_objectives
 from .scoring.refusals import RefusalJudge
-from .search import checkpoint
+from .search import workers
 from .search.pareto import objective_text
 from .search.runner import SearchSetup
-from .search.study import checkpoint_location, open_study
+from .search.study import Location, checkpoint_location, find_study, open_study
 from .ui import ProgressBars, console
 
 # The engine's batch size before the batch size is chosen, and for reproduction records without one.
@@ -55,7 +56,8 @@ class Session:
     heldout: dict[int | None, int] = field(default_factory=dict)  # refusals on the held-out prompts by trial (None: original)
     heldout_evaluator: Evaluator | None = None  # built on first use
 
-    study: optuna.Study | None = None  # the search's study, once opened (the report reads it)
+    study: optuna.Study | None = None  # the search's study (opened by `prepare`, which may take its setup from it)
+    location: Location | None = None  # where the study is kept
     last_report: tuple[int, Path] | None = None  # (trial, file) of the last report written
 
 
@@ -163,7 +165,9 @@ def print_architecture(arch: ArchitectureMap) -> None:
 
 
 def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = None) -> Session:
-    """Load, read the prompts, choose the batch size, compute the directions and score the original model."""
+    """Load, read the prompts, then take the batch size, the directions and the original's refusals from
+    the study when a worker of it (or an earlier run) has computed them, else compute them and store
+    them there; open the study."""
     objectives = load_objectives(settings)  # before the model: a mistake in a table is reported at once
     loaded = loaded or load(settings)
     arch = build_architecture_map(loaded.model)
@@ -175,11 +179,13 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
     if line:
         console.print(line)
 
+    location = checkpoint_location(settings, loaded, prompt_sets, engine.response_prefix, objectives)
+    existing = find_study(settings, location)  # a search to resume or join: its setup is reused
+
     with stage("choosing the batch size"):
-        engine.batch_size = pick_batch_size(settings, engine, loaded, prompt_sets, objectives)
+        engine.batch_size = pick_batch_size(settings, engine, prompt_sets, existing, location.shared)
     with stage("computing the refusal directions"):
-        residuals = collect_residuals(settings, engine, loaded, prompt_sets)
-        directions = compute_directions(settings, engine, loaded, prompt_sets, residuals)
+        directions, residuals = shared_directions(settings, engine, loaded, prompt_sets, existing)
 
     ablator = Ablator(loaded.model, arch, settings.row_normalization.value, settings.full_normalization_rank, settings.seed)
     judge = make_judge(settings, engine, ablator)
@@ -193,7 +199,11 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
     )
     attach_objectives(settings, evaluator, objectives)
     with stage("scoring the original model"):
-        base_refusals, base_verdicts, base_objectives = score_original(evaluator)
+        base_refusals, base_verdicts, base_objectives = score_original(evaluator, existing)
+    # The study is created (or resumed) only now: a run that fails before writes no checkpoint.
+    directions_by_name = {objective.name: objective.direction for objective in objectives}
+    study = open_study(settings, location, interactive, directions_by_name)
+    store_setup(study, engine.batch_size, directions, base_refusals, base_verdicts)
     return Session(
         settings,
         loaded,
@@ -209,7 +219,21 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
         interactive,
         residuals,
         base_objectives=base_objectives,
+        study=study,
+        location=location,
     )
+
+
+def store_setup(study: optuna.Study, batch_size: int, directions: torch.Tensor, refusals: int, verdicts: list[bool]) -> None:
+    """Keep what joining workers and resumed searches reuse in the study (what is there already stays)."""
+    attrs = study.user_attrs
+    if attrs.get("batch_size") != batch_size:
+        study.set_user_attr("batch_size", batch_size)
+    if workers.stored_directions(study) is None:
+        workers.store_directions(study, directions)
+    if attrs.get("baseline_verdicts") != verdicts or attrs.get("baseline_refusals") != refusals:
+        study.set_user_attr("baseline_verdicts", verdicts)
+        study.set_user_attr("baseline_refusals", refusals)
 
 
 def count_heldout(session: Session, number: int, parameters: AblationParameters) -> HeldOutCount | None:
@@ -267,35 +291,50 @@ def keep_whole(evaluator: Evaluator, objectives: list[LoadedObjective]) -> None:
         evaluator.stop_on_verdict = False
 
 
-def score_original(evaluator: Evaluator) -> tuple[int, list[bool], dict[str, float]]:
-    """(refusals, verdict per harmful prompt, further objectives) of the original model; also stores its KL
-    reference distributions."""
+def score_original(evaluator: Evaluator, study: optuna.Study | None = None) -> tuple[int, list[bool], dict[str, float]]:
+    """(refusals, verdict per harmful prompt, further objectives) of the original model; the refusals are read
+    from the study when stored there and no further objective needs the responses. Its KL reference
+    distributions are always measured (one forward pass: too large to store)."""
+    stored = study.user_attrs if study is not None else {}
+    found = stored.get("baseline_verdicts")
+    stored_verdicts: list[object] = found if isinstance(found, list) else []
+    reuse = len(stored_verdicts) == len(evaluator.harmful) > 0 and not evaluator.objectives
+    values: dict[str, float] = {}
     with ProgressBars() as bars:
         evaluator.progress = bars
         evaluator.measure_base()
-        base = evaluator.count_refusals()
-        values = score_objectives(evaluator.objectives, evaluator, base, 0.0)
+        if reuse:
+            refusals, verdicts, origin = (
+                int(stored["baseline_refusals"]),
+                [bool(v) for v in stored_verdicts],
+                " (stored in the study)",
+            )
+        else:
+            base = evaluator.count_refusals()
+            refusals, verdicts, origin = base.refusals, base.verdicts, ""
+            values = score_objectives(evaluator.objectives, evaluator, base, 0.0)
     shown = "".join(f", {name} [bold]{objective_text(value)}[/]" for name, value in values.items())
-    console.print(f"Original model: [bold]{base.refusals}[/]/{len(evaluator.harmful)} refusals{shown}")
-    return base.refusals, base.verdicts, values
+    console.print(f"Original model: [bold]{refusals}[/]/{len(evaluator.harmful)} refusals{shown}{origin}")
+    return refusals, verdicts, values
 
 
 def pick_batch_size(
-    settings: Settings,
-    engine: Engine,
-    loaded: LoadedModel,
-    prompt_sets: dict[str, list[Prompt]],
-    objectives: list[LoadedObjective] | None = None,
+    settings: Settings, engine: Engine, prompt_sets: dict[str, list[Prompt]], study: optuna.Study | None, shared: bool = False
 ) -> int:
-    """--batch-size if given; else the batch size of the search this run resumes; else the fastest, measured."""
+    """--batch-size if given; else the batch size stored in the study (its trials ran with it); else the
+    fastest, measured. A worker joining a shared study with another --batch-size is refused."""
+    stored = study.user_attrs.get("batch_size") if study is not None else None
+    stored = stored if isinstance(stored, int) and stored > 0 else None
     if settings.batch_size:
+        if shared and stored is not None and stored != settings.batch_size:
+            raise HereticError(
+                f"This worker's --batch-size {settings.batch_size} differs from the batch size {stored} the study's trials "
+                f"run with (it changes their scores); pass --batch-size {stored} or leave it out."
+            )
         return settings.batch_size
-    if settings.resume != ResumePolicy.restart:
-        _, digest, path = checkpoint_location(settings, loaded, prompt_sets, engine.response_prefix, objectives)
-        resumed = checkpoint.stored_batch_size(path, digest)
-        if resumed is not None:
-            console.print(f"Batch size [bold]{resumed}[/] (the one the checkpoint's trials ran with; --batch-size overrides it)")
-            return resumed
+    if stored is not None:
+        console.print(f"Batch size [bold]{stored}[/] (the one the checkpoint's trials ran with; --batch-size overrides it)")
+        return stored
     useful = max(len(prompt_sets["harmful_eval"]), len(prompt_sets["harmless_eval"]))
     with console.status("Choosing the batch size..."):
         batch_size, measurements = choose_batch_size(engine, min(settings.max_batch_size, useful))
@@ -305,6 +344,19 @@ def pick_batch_size(
     )
     console.print(f"Batch size [bold]{batch_size}[/] (tokens/s by batch size: {rates})")
     return batch_size
+
+
+def shared_directions(
+    settings: Settings, engine: Engine, loaded: LoadedModel, prompt_sets: dict[str, list[Prompt]], study: optuna.Study | None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """(directions, residuals): the refusal directions stored in the study (checked against their hash;
+    no residuals: a report computes them again), else computed from the residuals."""
+    directions = workers.stored_directions(study) if study is not None else None
+    if directions is not None:
+        console.print(f"Refusal directions for {directions.shape[0]} residual positions (stored in the study)")
+        return directions, None
+    residuals = collect_residuals(settings, engine, loaded, prompt_sets)
+    return compute_directions(settings, engine, loaded, prompt_sets, residuals), residuals
 
 
 def collect_residuals(
@@ -341,17 +393,10 @@ def compute_directions(
     return directions
 
 
-def open_session_study(session: Session) -> tuple[optuna.Study, Path]:
-    """(study, journal path) of the search of this session, with its baseline and batch size stored."""
-    settings = session.settings
-    objectives = session.evaluator.objectives
-    location = checkpoint_location(settings, session.loaded, session.prompt_sets, session.engine.response_prefix, objectives)
-    directions = {objective.name: objective.direction for objective in objectives}
-    study = open_study(settings, location, session.interactive, directions)
-    study.set_user_attr("baseline_refusals", session.base_refusals)
-    study.set_user_attr("batch_size", session.engine.batch_size)  # reused when the search is resumed
-    session.study = study
-    return study, location[2]
+def open_session_study(session: Session) -> tuple[optuna.Study, Location]:
+    """(study, where it is kept) of the search of this session (opened by `prepare`)."""
+    assert session.study is not None and session.location is not None
+    return session.study, session.location
 
 
 def search_setup(session: Session) -> SearchSetup:

@@ -77,40 +77,55 @@ def open_storage(path: Path) -> JournalStorage:
 
 # --- One run per checkpoint --------------------------------------------------------------------
 
-_run_locks: dict[str, int] = {}
+_run_locks: dict[str, tuple[int, bool]] = {}  # journal -> (descriptor, no other holder when claimed)
 
 
-def claim(path: Path) -> None:
-    """Hold an exclusive lock on `<journal>.run.lock` for the rest of this process.
+def claim(path: Path, shared: bool = False) -> bool:
+    """Hold a lock on `<journal>.run.lock` for the rest of this process; True when no other process held it.
 
-    A second process on the same checkpoint is refused with one sentence. The kernel releases the
-    lock when the process ends, however it ends (kill -9 included), so it can never go stale. While
-    it is held no other Heretic run writes this journal, so a journal write lock (`<journal>.lock`)
-    found now was left by a killed process and is removed at once."""
+    A single run (the default) holds it exclusively: a second process on the same checkpoint is
+    refused with one sentence. Workers that share a search on purpose (--storage, --workers) hold it
+    shared: they admit each other, and a single run refuses them (and they it). The kernel releases
+    the lock when the process ends, however it ends (kill -9 included), so it can never go stale.
+    A journal write lock (`<journal>.lock`) found while no other process holds the run lock was
+    left by a killed process and is removed at once; with other holders alive it may be theirs, and
+    Optuna's own grace period (30 s) recovers it if not."""
     import fcntl
 
     key = str(Path(path).expanduser().resolve())
     if key in _run_locks:
-        return
+        return _run_locks[key][1] and not shared
     lock_path = Path(key + ".run.lock")
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as error:
         raise HereticError(_write_problem(Path(key), error)) from None
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    alone = _try_flock(descriptor, fcntl.LOCK_EX)
+    if alone and shared:
+        alone = _try_flock(descriptor, fcntl.LOCK_SH)  # converted: other workers may now join
+    elif not alone and not (shared and _try_flock(descriptor, fcntl.LOCK_SH)):
         os.close(descriptor)
         raise HereticError(
             f"Another Heretic run is using the checkpoint {key}; wait for it to finish, stop it, or choose "
-            "another --checkpoint-dir."
+            "another --checkpoint-dir (workers that share a search on purpose all pass --storage)."
         ) from None
-    _run_locks[key] = descriptor
+    _run_locks[key] = (descriptor, alone)
     stale = Path(key + ".lock")
-    if stale.exists() or stale.is_symlink():
+    if alone and (stale.exists() or stale.is_symlink()):
         log.info("Removing the journal lock %s left by a killed run", stale)
         stale.unlink(missing_ok=True)
+    return alone
+
+
+def _try_flock(descriptor: int, mode: int) -> bool:
+    import fcntl
+
+    try:
+        fcntl.flock(descriptor, mode | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
 
 
 # --- Journal recovery --------------------------------------------------------------------------
@@ -206,62 +221,201 @@ def _umask() -> int:
     return mask
 
 
-def prepare(path: Path) -> str | None:
-    """Before a run opens its journal: claim the checkpoint, then recover a cut-short last line."""
-    claim(path)
-    return repair_journal(path)
+def prepare(path: Path, shared: bool = False) -> str | None:
+    """Before a run opens its journal: claim the checkpoint, then recover a cut-short last line
+    (only when no other worker holds it: a line another worker is appending looks cut short)."""
+    alone = claim(path, shared)
+    return repair_journal(path) if alone else None
+
+
+def is_database(storage: str | Path) -> bool:
+    """A database URL (postgresql://..., sqlite:///...) rather than a journal file path."""
+    return "://" in str(storage)
+
+
+def redacted(url: str) -> str:
+    """The URL with its password hidden (for messages and logs)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy can read: show only its scheme
+        return url.split("://", 1)[0] + "://..."
+
+
+def with_driver(url: str) -> str:
+    """A postgresql:// URL names the driver SQLAlchemy would pick (psycopg2); when only psycopg 3 (the
+    one `heretic[postgres]` installs) is there, name it instead."""
+    import importlib.util
+
+    scheme, rest = url.split("://", 1)
+    postgres = scheme in ("postgresql", "postgres")
+    if postgres and importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg") is not None:
+        return f"postgresql+psycopg://{rest}"
+    return url
+
+
+def open_database(url: str, heartbeat_interval: int) -> optuna.storages.RDBStorage:
+    """The database at `url`, with Optuna's heartbeat: a trial whose worker misses two heartbeats is
+    failed by the next worker that looks and queued again with the same parameters (retried 3 times)."""
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    url = with_driver(url)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # experimental-API warnings of the heartbeat
+        try:
+            return _retrying(
+                lambda: RDBStorage(
+                    url,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=2 * heartbeat_interval,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+                    engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+                )
+            )
+        except ImportError as error:
+            raise HereticError(
+                f"The storage {redacted(url)} needs the database driver {error.name or error}; install it "
+                "(for PostgreSQL: pip install 'heretic[postgres]')."
+            ) from None
+        except Exception as error:  # noqa: BLE001 - a server that cannot be reached, a refused login
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise HereticError(
+                f"Cannot open the storage {redacted(url)} ({reason}); check the URL and that the server runs."
+            ) from None
+
+
+def _retrying(make: Any, attempts: int = 5) -> Any:
+    """`make()`, tried again after a second when it fails: workers started at the same moment on a fresh
+    database race to create Optuna's tables, and all but one fail once."""
+    for attempt in range(attempts):
+        try:
+            return make()
+        except ImportError:
+            raise
+        except Exception:  # noqa: BLE001 - the race above; a real failure fails every attempt
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1.0)
+    raise AssertionError("unreachable")
+
+
+def find_study(
+    path: Path | str, study_fingerprint: str, *, study_name: str = STUDY_NAME, shared: bool = False, heartbeat_interval: int = 30
+) -> optuna.Study | None:
+    """The existing study of these settings in the storage, or None (nothing is created)."""
+    if is_database(path):
+        storage: optuna.storages.BaseStorage = open_database(str(path), heartbeat_interval)
+    else:
+        path = Path(path)
+        if not (path.exists() and path.stat().st_size > 0):
+            return None
+        claim(path, shared)
+        try:
+            storage = open_storage(path)
+        except Exception:  # noqa: BLE001 - a damaged journal is reported when the search opens it
+            return None
+    try:
+        if study_name not in optuna.get_all_study_names(storage):
+            return None
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except Exception:  # noqa: BLE001 - a damaged journal is reported when the search opens it
+        return None
+    return study if study.user_attrs.get("fingerprint") == study_fingerprint else None
 
 
 def load_or_create(
-    path: Path, study_fingerprint: str, settings_summary: dict[str, Any], directions: list[str] | None = None
+    path: Path | str,
+    study_fingerprint: str,
+    settings_summary: dict[str, Any],
+    *,
+    study_name: str = STUDY_NAME,
+    shared: bool = False,
+    heartbeat_interval: int = 30,
+    objectives: dict[str, str] | None = None,
 ) -> tuple[optuna.Study, bool]:
-    """(study, existed). A file whose stored fingerprint differs is never mixed with this run.
+    """(study, existed). A study whose stored fingerprint differs is never mixed with this run.
 
-    `directions`: the study's (default: minimize refusals and KL)."""
-    repaired = prepare(path)
-    if repaired:
-        from ..ui import console
+    `path` is a journal file (claimed and repaired first) or a database URL; `shared`: other workers
+    may use the same storage at the same time; `objectives`: the further optimized objectives' names and
+    directions, after refusals and KL (both minimized)."""
+    where = redacted(str(path)) if is_database(path) else str(path)
+    if is_database(path):
+        storage: optuna.storages.BaseStorage = open_database(str(path), heartbeat_interval)
+    else:
+        path = Path(path)
+        repaired = prepare(path, shared)
+        if repaired:
+            from ..ui import console
 
-        console.print(f"[yellow]{repaired}[/]")
-    existed = path.exists() and path.stat().st_size > 0
+            console.print(f"[yellow]{repaired}[/]")
+        storage = _open_journal(path)
     try:
-        storage = open_storage(path)
+        existed = study_name in optuna.get_all_study_names(storage)
+        if not existed and study_name != STUDY_NAME:
+            refuse_other_settings(storage, study_name, settings_summary, where)
         study = optuna.create_study(
-            study_name=STUDY_NAME, storage=storage, directions=directions or ["minimize", "minimize"], load_if_exists=True
+            study_name=study_name,
+            storage=storage,
+            directions=["minimize", "minimize", *(objectives or {}).values()],
+            load_if_exists=True,
         )
     except HereticError:
         raise
     except OSError as error:
-        raise HereticError(_write_problem(path, error)) from None
-    except Exception as error:  # noqa: BLE001 - a damaged journal
-        raise HereticError(f"The checkpoint {path} cannot be read ({error}); move it away to start a new search.") from None
+        raise HereticError(_write_problem(Path(where), error)) from None
+    except Exception as error:  # noqa: BLE001 - a damaged journal, a database that fails
+        raise HereticError(f"The checkpoint {where} cannot be read ({error}); move it away to start a new search.") from None
     stored = study.user_attrs.get("fingerprint")
     if stored is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # experimental API: names the objectives in optuna-dashboard
+            study.set_metric_names(["refusals", "KL (as the sampler sees it)", *(objectives or {})])
         study.set_user_attr("fingerprint", study_fingerprint)
         study.set_user_attr("settings", settings_summary)
     elif stored != study_fingerprint:
         raise HereticError(
-            f"The checkpoint {path} was written with different settings; choose another --checkpoint-dir or move the file away."
+            f"The checkpoint {where} was written with different settings; choose another --checkpoint-dir or move the file away."
         )
     return study, existed
 
 
-def stored_batch_size(path: Path, study_fingerprint: str) -> int | None:
-    """The batch size the trials of an existing search ran with, if there is such a search.
-
-    In bf16 the batch composition changes rounding (and the odd greedy verdict), so a resumed search
-    reuses it to score its remaining trials exactly as an uninterrupted run would have."""
-    if not (path.exists() and path.stat().st_size > 0):
-        return None
-    claim(path)
+def _open_journal(path: Path) -> JournalStorage:
     try:
-        study = optuna.load_study(study_name=STUDY_NAME, storage=open_storage(path))
-    except Exception:  # noqa: BLE001 - a damaged journal is reported when the search opens it
-        return None
-    if study.user_attrs.get("fingerprint") != study_fingerprint:
-        return None
-    value = study.user_attrs.get("batch_size")
-    return value if isinstance(value, int) and value > 0 else None
+        return open_storage(path)
+    except OSError as error:
+        raise HereticError(_write_problem(path, error)) from None
+
+
+def _text(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def study_name_for(model_name: str, study_fingerprint: str) -> str:
+    """The study's name in a shared storage: the model and the settings' fingerprint."""
+    return checkpoint_path(".", model_name, study_fingerprint).stem
+
+
+def refuse_other_settings(storage: optuna.storages.BaseStorage, study_name: str, summary: dict[str, Any], where: str) -> None:
+    """Refuse a worker whose settings differ from those of an unfinished search of the same model in
+    this storage: it would start a second search instead of joining the first."""
+    model = study_name.rsplit("-", 1)[0]
+    for other in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        attrs = other.user_attrs
+        if other.study_name == study_name or other.study_name.rsplit("-", 1)[0] != model or "fingerprint" not in attrs:
+            continue
+        trials = optuna.load_study(study_name=other.study_name, storage=storage).get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE,)
+        )
+        if len(trials) >= int(attrs.get("target_trials", 0)):
+            continue
+        theirs = attrs.get("settings", {})
+        differing = sorted(key for key in set(theirs) | set(summary) if _text(theirs.get(key)) != _text(summary.get(key)))
+        raise HereticError(
+            f"The storage {where} holds an unfinished search of this model ({other.study_name}) with other settings "
+            f"({', '.join(differing) or 'the search space'}); start this worker with the same settings, or delete that study "
+            f"(optuna delete-study --storage URL --study-name {other.study_name}) to start a new search."
+        )
 
 
 def fail_stale_trials(study: optuna.Study) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 import zlib
 from dataclasses import dataclass
@@ -17,6 +19,9 @@ from ..scoring.evaluator import Evaluator, ProgressFactory
 from ..scoring.objectives import score_objectives
 from .pareto import TrialResult, is_dominated, study_directions, trial_results
 from .space import suggest_parameters
+from .workers import Liveness
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,10 +39,13 @@ class SearchSetup:
     sampler_kl_floor: float
 
 
-def make_sampler(seed: int, completed: int, n_startup_trials: int, n_ei_candidates: int, multivariate: bool) -> TPESampler:
+def make_sampler(
+    seed: int, completed: int, n_startup_trials: int, n_ei_candidates: int, multivariate: bool, worker: str = ""
+) -> TPESampler:
     """A sampler seeded by the number of finished trials: a resumed search samples exactly what an
-    uninterrupted one would have."""
-    trial_seed = zlib.crc32(f"{seed}:{completed}".encode())
+    uninterrupted one would have. Workers sharing a study add their own name to the seed: two of them
+    asking after the same number of finished trials would otherwise sample the same parameters."""
+    trial_seed = zlib.crc32(f"{seed}:{completed}".encode() + (f":{worker}".encode() if worker else b""))
     return TPESampler(
         n_startup_trials=n_startup_trials, n_ei_candidates=n_ei_candidates, multivariate=multivariate, seed=trial_seed
     )
@@ -61,16 +69,44 @@ def completed_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
-def run_trial(setup: SearchSetup, study: optuna.Study, progress: ProgressFactory | None = None) -> TrialResult:
-    """Run one trial to completion and record it in the study."""
+def run_trial(
+    setup: SearchSetup,
+    study: optuna.Study,
+    progress: ProgressFactory | None = None,
+    liveness: Liveness | None = None,
+    limit: int | None = None,
+) -> TrialResult | None:
+    """Run one trial to completion and record it in the study.
+
+    `limit` (workers sharing the study): the study's target. A trial asked for when the finished ones
+    and those running with lower numbers already reach it (another worker asked at the same moment)
+    is given up at once, as FAIL marked `surplus`, and None is returned."""
     done = completed_trials(study)
-    study.sampler = make_sampler(setup.seed, done, setup.n_startup_trials, setup.n_ei_candidates, setup.multivariate_tpe)
+    worker = liveness.token if liveness is not None and not liveness.exclusive else ""
+    study.sampler = make_sampler(setup.seed, done, setup.n_startup_trials, setup.n_ei_candidates, setup.multivariate_tpe, worker)
     trial = study.ask()
+    if limit is not None and surplus(study, trial.number, limit):
+        trial.set_user_attr("surplus", True)
+        study.tell(trial, state=TrialState.FAIL)
+        return None
+    with liveness.running(trial) if liveness is not None else contextlib.nullcontext():
+        return _measure(setup, study, trial, progress)
+
+
+def surplus(study: optuna.Study, number: int, limit: int) -> bool:
+    """Whether the finished trials and the running ones numbered below `number` already make `limit`."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+    ahead = sum(1 for t in trials if t.state == TrialState.COMPLETE or t.number < number)
+    return ahead >= limit
+
+
+def _measure(setup: SearchSetup, study: optuna.Study, trial: optuna.Trial, progress: ProgressFactory | None) -> TrialResult:
+    """Ablate with the trial's parameters, score it and tell the study (a failure is told as FAIL)."""
     try:
         with stage(f"running trial {trial.number}"):
             return _evaluate(setup, study, trial, progress)
     except BaseException:
-        study.tell(trial, state=TrialState.FAIL)
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         raise
 
 
@@ -97,5 +133,9 @@ def _evaluate(setup: SearchSetup, study: optuna.Study, trial: optuna.Trial, prog
         trial.set_user_attr("objectives", objectives)
     n_prompts = len(setup.evaluator.harmful)
     values = sampler_values(count.refusals, kl, n_prompts, setup.sampler_kl_floor)
-    study.tell(trial, values + objective_values(objectives, study_directions(study)))
+    # skip_if_finished: a worker whose heartbeat stopped long enough (a paused machine) finds its
+    # trial failed and queued again by another worker; its result is then dropped, not an error.
+    told = study.tell(trial, values + objective_values(objectives, study_directions(study)), skip_if_finished=True)
+    if told.state != TrialState.COMPLETE:
+        log.warning("Trial %d was taken over by another worker (its heartbeat had stopped); its result is dropped", trial.number)
     return TrialResult(trial.number, count.refusals, kl, not count.complete, seconds, parameters.to_dict(), objectives)

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
+import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+from optuna.trial import TrialState
 
 from ..ablation.parameters import AblationParameters
 from ..config import ResumePolicy, Role, Settings, fields_with, fingerprint_entry, plain
+from ..errors import HereticError
 from ..model.loading import LoadedModel
 from ..prompts import Prompt, prompts_digest
 from ..scoring.judges import judge_identity
@@ -20,11 +26,28 @@ from . import checkpoint
 from .pareto import TrialResult, objective_text, trial_results
 from .runner import SearchSetup, completed_trials, run_trial
 from .space import describe
+from .workers import WORKER_ATTR, Liveness, counts
 
 log = logging.getLogger(__name__)
+POLL_SECONDS = 2.0  # how often a worker with nothing to run looks at the study again
 
-# (fingerprinted values, fingerprint, journal path) of a search.
-Location = tuple[dict[str, object], str, Path]
+
+@dataclass(frozen=True)
+class Location:
+    """Where the trials of a search are kept."""
+
+    values: dict[str, object]  # the fingerprinted settings
+    digest: str  # their fingerprint
+    storage: Path | str  # a journal file, or a database URL
+    study_name: str
+    shared: bool  # workers may join (--storage, --workers, --search-only): no run holds it alone
+
+    @property
+    def journal(self) -> Path | None:
+        return None if checkpoint.is_database(self.storage) else Path(self.storage)
+
+    def shown(self) -> str:
+        return checkpoint.redacted(str(self.storage)) if self.journal is None else str(self.storage)
 
 
 def study_fingerprint(
@@ -99,10 +122,17 @@ def checkpoint_location(
     response_prefix: str,
     objectives: list[LoadedObjective] | None = None,
 ) -> Location:
-    """(fingerprinted values, fingerprint, journal path) of the search these settings run."""
+    """Where the search these settings run is kept: --storage (a study named by the model and the
+    settings' fingerprint), else a journal file of its own in --checkpoint-dir."""
     values = study_fingerprint(settings, loaded, prompt_sets, response_prefix, objectives)
     digest = checkpoint.fingerprint(values)
-    return values, digest, checkpoint.checkpoint_path(settings.checkpoint_dir, loaded.source.display_name, digest)
+    shared = settings.storage is not None or settings.workers > 1 or settings.search_only
+    name = loaded.source.display_name
+    if settings.storage is None:
+        path = checkpoint.checkpoint_path(settings.checkpoint_dir, name, digest)
+        return Location(values, digest, path, checkpoint.STUDY_NAME, shared)
+    storage: Path | str = settings.storage if checkpoint.is_database(settings.storage) else Path(settings.storage).expanduser()
+    return Location(values, digest, storage, checkpoint.study_name_for(name, digest), shared)
 
 
 def open_study(
@@ -110,15 +140,16 @@ def open_study(
 ) -> optuna.Study:
     """The study at `location`: created, or resumed, added to or restarted as --resume (or the user) says.
 
-    Its `target_trials` attribute is the number of finished trials the search runs up to; its
-    `objective_directions` are the further objectives' (the optimized ones are study directions too)."""
-    values, digest, path = location
+    Its `target_trials` attribute is the number of finished trials the search runs up to (in a shared
+    study: the largest any of its workers asked for); its `objective_directions` are the further
+    objectives' (the optimized ones are study directions too)."""
     extra = objective_directions or {}
-    directions = ["minimize", "minimize"] + [direction for direction in extra.values() if direction != "report"]
-    study, existed = checkpoint.load_or_create(path, digest, values, directions)
-    stale = checkpoint.fail_stale_trials(study)
-    if stale:
-        log.info("%d interrupted trial(s) of an earlier run marked as failed", stale)
+    optimized = {name: direction for name, direction in extra.items() if direction != "report"}
+    study, existed = _load(settings, location, optimized)
+    if not location.shared:
+        stale = checkpoint.fail_stale_trials(study)
+        if stale:
+            log.info("%d interrupted trial(s) of an earlier run marked as failed", stale)
     done = completed_trials(study)
     target = settings.n_trials
     if existed and done > 0:
@@ -126,19 +157,55 @@ def open_study(
         if policy == ResumePolicy.ask:
             policy = ask_resume(done, settings.n_trials) if interactive else ResumePolicy.continue_
         if policy == ResumePolicy.restart:
-            moved = checkpoint.archive(path)
-            console.print(f"Earlier search moved to {moved}")
-            study, _ = checkpoint.load_or_create(path, digest, values, directions)
-            done = 0
+            study, done = _restart(settings, location, optimized), 0
         elif policy == ResumePolicy.add:
             target = done + settings.n_trials
-        console.print(f"Checkpoint {path}: {done} finished trials; running up to {max(target, done)}")
+        elif location.shared:
+            target = max(target, int(study.user_attrs.get("target_trials", 0)))
+        console.print(f"Study {location.shown()}: {done} finished trials; running up to {max(target, done)}")
     else:
-        console.print(f"Checkpoint: {path}")
+        console.print(f"Checkpoint: {location.shown()}" + (f" (study {location.study_name})" if settings.storage else ""))
     study.set_user_attr("target_trials", max(target, done))
     if extra:
         study.set_user_attr("objective_directions", extra)
     return study
+
+
+def find_study(settings: Settings, location: Location) -> optuna.Study | None:
+    """The study these settings would resume or join, if it exists (None with --resume restart)."""
+    if settings.resume == ResumePolicy.restart:
+        return None
+    return checkpoint.find_study(
+        location.storage,
+        location.digest,
+        study_name=location.study_name,
+        shared=location.shared,
+        heartbeat_interval=settings.heartbeat_interval,
+    )
+
+
+def _load(settings: Settings, location: Location, objectives: dict[str, str]) -> tuple[optuna.Study, bool]:
+    return checkpoint.load_or_create(
+        location.storage,
+        location.digest,
+        location.values,
+        study_name=location.study_name,
+        shared=location.shared,
+        heartbeat_interval=settings.heartbeat_interval,
+        objectives=objectives,
+    )
+
+
+def _restart(settings: Settings, location: Location, objectives: dict[str, str]) -> optuna.Study:
+    """A new study in place of the old one, which is kept aside (a journal file is renamed)."""
+    if location.journal is None or location.study_name != checkpoint.STUDY_NAME:
+        raise HereticError(
+            f"--resume restart cannot set the study {location.study_name} in {location.shown()} aside; delete it "
+            f"(optuna delete-study --storage URL --study-name {location.study_name}) or use another --storage."
+        )
+    moved = checkpoint.archive(location.journal)
+    console.print(f"Earlier search moved to {moved}")
+    return _load(settings, location, objectives)[0]
 
 
 def ask_resume(done: int, n_trials: int) -> ResumePolicy:
@@ -158,27 +225,107 @@ def ask_resume(done: int, n_trials: int) -> ResumePolicy:
     return ResumePolicy(answer)
 
 
-def run_search(setup: SearchSetup, study: optuna.Study, n_trials: int) -> None:
-    """Run trials until the study has its `target_trials` finished ones (default `n_trials`); Ctrl+C stops early."""
+def run_search(setup: SearchSetup, study: optuna.Study, n_trials: int, liveness: Liveness | None = None) -> bool:
+    """Run trials until the study has its `target_trials` finished ones (default `n_trials`); Ctrl+C stops
+    early (False is returned then).
+
+    With other workers on the study (`liveness` not exclusive) a worker starts a trial only while the
+    finished and running trials together are fewer than the target (or a trial of a dead worker waits
+    to be run again), and otherwise waits for the others, so that the study ends with the target, or
+    a few more when workers ask at the same moment (at most one per worker)."""
     target = int(study.user_attrs.get("target_trials", n_trials))
-    done = completed_trials(study)
-    remaining = target - done
-    if remaining <= 0:
-        return
-    n_prompts = len(setup.evaluator.harmful)
-    console.print(f"Searching: {remaining} trials (Ctrl+C stops the search and keeps every finished trial)")
+    done, _, _ = counts(study)
+    if done >= target:
+        return True
+    shared = liveness is not None and not liveness.exclusive
+    others = " with the other workers of this study" if shared else ""
+    console.print(f"Searching: {target - done} trials{others} (Ctrl+C stops the search and keeps every finished trial)")
+    reporter = Reporter(study, len(setup.evaluator.harmful), target, shared)
     started = time.perf_counter()
+    finished = False
     try:
-        with ProgressBars() as bars:
-            for index in range(1, remaining + 1):
-                result = run_trial(setup, study, progress=bars)
-                eta = eta_seconds(study, remaining - index)
-                console.print(trial_line(result, n_prompts, done + index, target, eta))
+        with ProgressBars() as bars, reporter.polling(shared):
+            while not search_step(setup, study, target, bars, liveness, reporter):
+                pass
+        finished = True
     except KeyboardInterrupt:
         console.print("[yellow]Search interrupted[/]; rerun the same command to continue it.")
     finally:
         setup.ablator.reset()
     console.print(f"Search time: {format_duration(time.perf_counter() - started)}")
+    return finished
+
+
+def search_step(
+    setup: SearchSetup, study: optuna.Study, target: int, bars: ProgressBars, liveness: Liveness | None, reporter: Reporter
+) -> bool:
+    """Run one trial, or wait for the other workers; True once the study has `target` finished trials."""
+    shared = liveness is not None and not liveness.exclusive
+    if shared and liveness is not None and liveness.reap():
+        console.print("[yellow]A trial of a worker that stopped is queued to run again[/]")
+    done, running, waiting = counts(study)
+    if done >= target:
+        return True
+    if not shared or waiting or done + running < target:
+        if run_trial(setup, study, progress=bars, liveness=liveness, limit=target if shared else None) is not None:
+            reporter.report()
+    else:
+        reporter.waiting(running)
+        time.sleep(POLL_SECONDS)
+    return False
+
+
+class Reporter:
+    """Prints one line per finished trial of the study, whichever worker ran it (once each)."""
+
+    def __init__(self, study: optuna.Study, n_prompts: int, target: int, shared: bool = False) -> None:
+        self.study, self.n_prompts, self.target, self.shared = study, n_prompts, target, shared
+        self.shown = {r.number for r in trial_results(study)}
+        self.lock = threading.Lock()
+        self.told_waiting = False
+
+    def report(self) -> None:
+        with self.lock:
+            trials = {t.number: t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+            results = trial_results(self.study)
+            done = len(results)
+            for result in results:
+                if result.number in self.shown:
+                    continue
+                self.shown.add(result.number)
+                # Workers seen among the last 20 finished trials share the remaining ones (shared studies).
+                recent = sorted(trials)[-20:]
+                workers = len({trials[n].user_attrs.get(WORKER_ATTR) for n in recent}) if self.shared else 1
+                eta = eta_seconds(self.study, self.target - done) / max(1, min(workers, self.target - done or 1))
+                worker = trials[result.number].user_attrs.get(WORKER_ATTR) if self.shared else None
+                console.print(trial_line(result, self.n_prompts, done, self.target, eta, worker))
+
+    def waiting(self, running: int) -> None:
+        if not self.told_waiting:
+            console.print(f"Waiting for {running} trial{'s' if running != 1 else ''} of other workers to finish")
+            self.told_waiting = True
+
+    @contextlib.contextmanager
+    def polling(self, enabled: bool) -> Iterator[None]:
+        """While the search runs: report the other workers' trials as they finish (every few seconds)."""
+        if not enabled:
+            yield
+            return
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.wait(POLL_SECONDS):
+                with contextlib.suppress(Exception):  # a storage hiccup: the next poll reports it
+                    self.report()
+
+        thread = threading.Thread(target=poll, name="heretic-progress", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            self.report()
 
 
 def eta_seconds(study: optuna.Study, remaining: int) -> float:
@@ -187,13 +334,14 @@ def eta_seconds(study: optuna.Study, remaining: int) -> float:
     return statistics.median(times) * remaining if times else 0.0
 
 
-def trial_line(result: TrialResult, n_prompts: int, index: int, total: int, eta: float) -> str:
-    """The console line of a finished trial: refusals, KL, time, eta and parameters."""
+def trial_line(result: TrialResult, n_prompts: int, index: int, total: int, eta: float, worker: object = None) -> str:
+    """The console line of a finished trial: refusals, KL, time, eta and parameters (and its worker)."""
     parameters = describe(AblationParameters.from_dict(result.parameters))
     cut = " [dim](cut: dominated)[/]" if result.cut else ""
     objectives = "".join(f"{name} [bold]{objective_text(value)}[/]  " for name, value in result.objectives.items())
+    by = f" [dim]by {worker}[/]" if worker else ""
     return (
         f"Trial {result.number:>3} ({index}/{total})  refusals [bold]{result.refusals_text:>3}[/]/{n_prompts}{cut}  "
         f"KL [bold]{result.kl:.4f}[/]  {objectives}{format_duration(result.seconds)}  eta {format_duration(eta)}  "
-        f"[dim]{parameters}[/]"
+        f"[dim]{parameters}[/]{by}"
     )
