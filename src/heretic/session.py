@@ -46,6 +46,7 @@ class Session:
     base_verdicts: list[bool]  # the original model's verdict on each harmful evaluation prompt (True: refusal)
     interactive: bool
     last_saved: Path | None = None  # the folder the last save action wrote (the upload action reuses it)
+    last_adapter: Path | None = None  # the folder the last save-adapter action wrote (upload-adapter reuses it)
 
 
 def load(settings: Settings, name: str | None = None) -> LoadedModel:
