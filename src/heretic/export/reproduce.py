@@ -47,8 +47,8 @@ def locate_record(spec: str) -> Path:
     if file.exists():
         return file / record.RECORD_FILE if file.is_dir() else file
     repo = hub_repo(spec)
-    if repo is None:
-        return file
+    if repo is None or (file.suffix == ".json" and not spec.startswith(("http://", "https://"))):
+        return file  # a path that does not exist (a repository id never ends in .json)
     repo_id, revision = repo
     from huggingface_hub import hf_hub_download
 
@@ -141,15 +141,15 @@ def rebuilt_settings(settings: Settings, data: dict[str, Any]) -> Settings:
     recorded.update(reproduce=None, evaluate_model=None, demo=False, action=[])
     if "dtypes" not in explicit and data["model"].get("dtype"):
         recorded["dtypes"] = [data["model"]["dtype"]]  # the dtype the trial was computed in, not a new measurement
-    recorded["model"] = recorded_model(settings, data)
     try:
-        return Settings.model_validate(recorded)
+        checked = Settings.model_validate(recorded)
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         raise HereticError(
             f"The reproduction record's setting {where!r} is invalid ({first['msg']}); use the heretic.json saved with the model."
         ) from None
+    return checked.model_copy(update={"model": recorded_model(settings, data)})
 
 
 def recorded_model(settings: Settings, data: dict[str, Any]) -> str:
