@@ -279,3 +279,31 @@ def test_benchmark_with_a_local_task(tiny_models: dict[str, Path], tmp_path: Pat
     run(settings(tiny_models["llama"], tmp_path, action=["benchmark"], benchmark_tasks=[str(task)], n_trials=1))
     out = " ".join(capsys.readouterr().out.split())
     assert "heretic_tiny_sums" in out and "acc" in out and "original" in out and "ablated" in out
+
+
+def test_upload_adapter_sends_the_adapter_its_card_and_record(
+    tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    commits = []
+
+    class FakeApi:
+        def __init__(self, token):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            pass
+
+        def create_commit(self, repo_id, operations, **kwargs):
+            commits.append((repo_id, {op.path_in_repo: op.path_or_fileobj for op in operations}))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    run(settings(tiny_models["llama"], tmp_path, action=["upload-adapter"], upload_repo="someone/adapter", n_trials=1))
+    [(repo, files)] = commits
+    assert repo == "someone/adapter"
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "heretic.json"} <= set(files)
+    assert not any(name.endswith("model.safetensors") and name != "adapter_model.safetensors" for name in files)
+    card = Path(files["README.md"]).read_text()
+    assert "library_name: peft" in card and "a LoRA adapter" in card and str(tmp_path) not in card
