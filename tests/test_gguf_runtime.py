@@ -62,7 +62,7 @@ DEMO_PARAMETERS = {
         "mlp": {"max_weight": 1.311, "max_weight_position": 20.966, "min_weight": 0.739, "min_weight_distance": 12.12},
     },
 }
-DEMO_HARMFUL = "bundled:harmful_test[:16]"
+DEMO_HARMFUL = "bundled:harmful_test[:64]"  # the demo's evaluation prompts
 DEMO_RESPONSE_TOKENS = 48
 MEASURED: list[str] = []
 
@@ -402,7 +402,8 @@ def test_demo_full_conversion(llama_cpp, demo: Demo, out_type: str, tmp_path: Pa
 
 def test_demo_abliterated_gguf_answers_what_transformers_answers(llama_cpp, demo: Demo, tmp_path: Path) -> None:
     """The export a user of the demo gets (its GGUF input copied, the ablated tensors rewritten) answers in
-    llama.cpp every harmful prompt the ablated model answers in transformers (the markers judge)."""
+    llama.cpp every harmful prompt, among those the original refuses, that the ablated model answers in
+    transformers (the markers judge, greedy responses)."""
     from heretic.prompts import load_prompts
     from heretic.scoring.judges import make_judge
 
@@ -411,26 +412,25 @@ def test_demo_abliterated_gguf_answers_what_transformers_answers(llama_cpp, demo
         path = export_gguf(
             merged, tokenizer, tmp_path / "demo.q8_0.gguf", "q8_0", source_gguf=demo.source, changed_parameters=changed
         )
-    prompts = load_prompts(demo.settings.prompt_sets()["harmful_eval"], demo.settings.system_prompt)
-    ids = demo.engine.encode(prompts)
     judge = make_judge(demo.settings)
+    candidates = load_prompts(demo.settings.prompt_sets()["harmful_eval"], demo.settings.system_prompt)
     demo.ablator.reset()
-    original = [demo.engine.decode(r) for r in demo.engine.generate(ids, DEMO_RESPONSE_TOKENS)]
+    original = [demo.engine.decode(r) for r in demo.engine.generate(demo.engine.encode(candidates), DEMO_RESPONSE_TOKENS)]
+    prompts = [p for p, refused in zip(candidates, judge.judge(candidates, original)) if refused]
+    ids = demo.engine.encode(prompts)
     demo.ablator.apply(demo.parameters, demo.directions)
     ablated = [demo.engine.decode(r) for r in demo.engine.generate(ids, DEMO_RESPONSE_TOKENS)]
     llm = open_gguf(llama_cpp, path)
     try:
-        stop = set(demo.engine.eos_ids)
-        exported = [demo.engine.decode(greedy(llm, x, DEMO_RESPONSE_TOKENS, stop)) for x in ids]
+        exported = [demo.engine.decode(greedy(llm, x, DEMO_RESPONSE_TOKENS, set(demo.engine.eos_ids))) for x in ids]
     finally:
         llm.close()
-    verdicts = {
-        name: judge.judge(prompts, texts) for name, texts in (("original", original), ("ablated", ablated), ("gguf", exported))
-    }
-    lost = [p.user for p, t, g in zip(prompts, verdicts["ablated"], verdicts["gguf"]) if not t and g]
+    in_transformers, in_llama_cpp = judge.judge(prompts, ablated), judge.judge(prompts, exported)
+    lost = [p.user for p, t, g in zip(prompts, in_transformers, in_llama_cpp) if not t and g]
     report(
-        f"qwen2  demo copy path q8_0: refusals of {len(prompts)} harmful prompts: original {sum(verdicts['original'])}, "
-        f"ablated in transformers {sum(verdicts['ablated'])}, its GGUF in llama.cpp {sum(verdicts['gguf'])}"
+        f"qwen2  demo copy path q8_0: of the {len(prompts)} (of {len(candidates)}) harmful prompts the original refuses, "
+        f"the ablated model refuses {sum(in_transformers)} in transformers and its GGUF {sum(in_llama_cpp)} in llama.cpp"
     )
-    assert sum(verdicts["ablated"]) < sum(verdicts["original"])  # the ablation does something here...
-    assert not lost, f"the GGUF refuses what transformers answers: {lost}"  # ...and the GGUF keeps it
+    assert len(prompts) >= 8  # enough refusals to test on...
+    assert sum(in_transformers) <= len(prompts) // 2  # ...most of which the ablation removes...
+    assert not lost, f"the GGUF refuses what transformers answers: {lost}"  # ...and so does its GGUF
