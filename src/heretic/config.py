@@ -46,7 +46,7 @@ class SelectRule(str, Enum):
 
 
 # The names of the actions (export/actions.py registers what each does, in this order).
-Action = Literal["save", "save-adapter", "gguf", "upload", "chat", "benchmark", "examples", "report"]
+Action = Literal["save", "save-adapter", "gguf", "upload", "upload-adapter", "chat", "benchmark", "examples", "report"]
 # The prompt sets by name; the setting of each is `<name>_prompts`.
 PROMPT_SETS = ("harmful", "harmless", "harmful_eval", "harmless_eval")
 
@@ -700,6 +700,12 @@ class Settings(BaseSettings):
     upload_private: bool = Field(
         default=True, description="Create the uploaded repository as private.", json_schema_extra=tags(Role.run)
     )
+    upload_record: bool = Field(
+        default=True,
+        description="Upload the reproduction record (heretic.json: settings, prompt sets, parameters, weight hashes) "
+        "with the model; off keeps it local and leaves the card's reproduce section out.",
+        json_schema_extra=tags(Role.run),
+    )
     benchmark_tasks: list[str] = Field(
         default=["mmlu_high_school_computer_science"],
         description="lm-evaluation-harness tasks (names, or paths of task YAML files) for the benchmark action.",
@@ -743,8 +749,16 @@ class Settings(BaseSettings):
     )
     reproduce: str | None = Field(
         default=None,
-        description="Rebuild a saved model from its reproduction record (heretic.json) without a search.",
+        description="Rebuild a saved model from its reproduction record without a search, and check the weights "
+        "against the SHA-256 it records: a heretic.json, a folder holding one, or a Hugging Face repository "
+        "(user/name or its URL).",
         json_schema_extra=tags(Role.run),
+    )
+    ignore_mismatches: bool = Field(
+        default=False,
+        description="With --reproduce, keep a rebuild whose weight files differ from the record's SHA-256 "
+        "(reported either way) instead of failing.",
+        json_schema_extra=tags(Role.run, Role.override),
     )
 
     # --- Diagnostics ----------------------------------------------------------------------

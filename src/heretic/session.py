@@ -59,6 +59,7 @@ class Session:
     study: optuna.Study | None = None  # the search's study (opened by `prepare`, which may take its setup from it)
     location: Location | None = None  # where the study is kept
     last_report: tuple[int, Path] | None = None  # (trial, file) of the last report written
+    last_adapter: Path | None = None  # the folder the last save-adapter action wrote (upload-adapter reuses it)
 
 
 @dataclass(frozen=True)

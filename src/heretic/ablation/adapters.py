@@ -65,10 +65,12 @@ class Ablator:
     # --- Writing adapters ---------------------------------------------------------------------
 
     def reset(self) -> None:
-        """The unmodified model: every adapter's B set to zero."""
+        """The unmodified model: every adapter's B set to zero, and A too (PEFT initializes A at random, which
+        a saved adapter would otherwise carry for the weights a trial leaves alone: not reproducible)."""
         with torch.no_grad():
             for lora in self._lora_layers.values():
                 lora.lora_B[ADAPTER].weight.zero_()
+                lora.lora_A[ADAPTER].weight.zero_()
 
     def factors(
         self, parameters: AblationParameters, directions: torch.Tensor

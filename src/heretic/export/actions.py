@@ -22,7 +22,8 @@ from ..ui import console
 from . import card, record
 from .benchmark import run_benchmarks
 from .merged import merged_model
-from .save import ConfirmFn, save_adapter, save_merged
+from .provenance import base_model, original_card
+from .save import ConfirmFn, ExtraFiles, save_adapter, save_merged
 from .upload import upload_folder
 
 
@@ -68,13 +69,17 @@ def _size(path: Path) -> str:
     return f"{folder_size(path) / 2**20:,.0f} MiB"
 
 
-def result_files(session: Session, result: TrialResult, parameters: AblationParameters) -> dict[str, str]:
-    """README.md (model card) and heretic.json (reproduction record) written with every saved result."""
+def result_files(session: Session, result: TrialResult, parameters: AblationParameters, kind: str) -> ExtraFiles:
+    """README.md (model card) and heretic.json (reproduction record) written with every saved result;
+    the record holds the SHA-256 and size of each weight file beside it (`kind`: merged or adapter)."""
     data = record.build_record(session, result, parameters)
-    return {
-        "README.md": card.render_card(data, card.original_license(session.loaded.source)),
-        record.RECORD_FILE: record.dumps(data),
-    }
+    original = original_card(session.loaded.source)
+
+    def files(weights: dict[str, dict[str, Any]]) -> dict[str, str]:
+        saved = dict(data, saved={"kind": kind, "weights": weights})
+        return {"README.md": card.render_card(saved, original), record.RECORD_FILE: record.dumps(saved)}
+
+    return files
 
 
 @action("save", "Save the merged model")
@@ -93,7 +98,7 @@ def save_model(
             dtype=session.settings.save_dtype,
             overwrite=session.settings.overwrite,
             confirm=confirm,
-            extra_files=result_files(session, result, parameters),
+            extra_files=result_files(session, result, parameters, "merged"),
         )
     console.print(f"Merged model saved to [bold]{path.resolve()}[/] ({_size(path)}, {time.perf_counter() - started:.1f} s)")
     session.last_saved = path
@@ -124,11 +129,12 @@ def save_adapter_only(
             parameters,
             session.directions,
             target,
-            base_model_name=session.loaded.source.name,
+            base_model_name=base_model(session.loaded.source).hub_id or session.loaded.source.name,
             overwrite=session.settings.overwrite,
             confirm=confirm,
-            extra_files=result_files(session, result, parameters),
+            extra_files=result_files(session, result, parameters, "adapter"),
         )
+    session.last_adapter = path
     console.print(f"Adapter saved to [bold]{path.resolve()}[/] ({_size(path)}, {time.perf_counter() - started:.1f} s)")
     return path
 
@@ -172,14 +178,26 @@ def export_gguf_file(
     return target
 
 
-@action("upload", "Upload to the Hugging Face Hub")
+@action("upload", "Upload the merged model to the Hugging Face Hub")
 def upload(
     session: Session, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path
 ) -> None:
     folder = session.last_saved
     if folder is None or not folder.is_dir():
         folder = save_model(session, result, parameters, confirm=confirm, output_dir=output_dir)
-    upload_folder(folder, session.settings.upload_repo, session.settings.upload_private, interactive=session.interactive)
+    settings = session.settings
+    upload_folder(folder, settings.upload_repo, settings.upload_private, session.interactive, settings.upload_record)
+
+
+@action("upload-adapter", "Upload the adapter only to the Hugging Face Hub")
+def upload_adapter(
+    session: Session, result: TrialResult, parameters: AblationParameters, *, confirm: ConfirmFn | None, output_dir: Path
+) -> None:
+    folder = session.last_adapter
+    if folder is None or not folder.is_dir():
+        folder = save_adapter_only(session, result, parameters, confirm=confirm, output_dir=output_dir)
+    settings = session.settings
+    upload_folder(folder, settings.upload_repo, settings.upload_private, session.interactive, settings.upload_record)
 
 
 @action("chat", "Chat with the model")

@@ -2,78 +2,66 @@
 
 from __future__ import annotations
 
-import logging
-import re
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
 from ..config import PromptSet
 from ..prompts import prompt_set_title
+from .provenance import OriginalCard
 
-log = logging.getLogger(__name__)
 TAGS = ["heretic", "abliterated", "uncensored", "decensored"]
+# Heretic is installed from its repository (pyproject.toml, [project.urls]); it is not published on PyPI.
+REPOSITORY = "https://github.com/heretic-project/heretic"
+INSTALL = f"pip install git+{REPOSITORY}"
 
 
-def original_license(source: Any) -> str | None:
-    """The licence of the original model: its card's front matter, or a GGUF file's general.license."""
-    try:
-        if source.gguf_file is not None:
-            from gguf import GGUFReader
-
-            field = GGUFReader(str(source.gguf_file)).get_field("general.license")
-            if field is not None:
-                return bytes(field.parts[field.data[0]]).decode("utf-8")
-            return None
-        if source.kind == "local":
-            readme = Path(source.path) / "README.md"
-            return _license_from_card(readme.read_text(encoding="utf-8")) if readme.is_file() else None
-        from huggingface_hub import ModelCard
-
-        return ModelCard.load(source.name).data.get("license")
-    except Exception as error:  # noqa: BLE001 - offline hub, unreadable card: no licence then
-        log.info("No licence found for %s (%s)", source.name, error)
-        return None
-
-
-def _license_from_card(text: str) -> str | None:
-    match = re.search(r"^---\s*\n(.*?)\n---", text, re.DOTALL)
-    if not match:
-        return None
-    found = re.search(r"^license:\s*(\S+)", match.group(1), re.MULTILINE)
-    return found.group(1).strip("'\"") if found else None
-
-
-def render_card(record: dict[str, Any], license_name: str | None) -> str:
-    """The model card (README.md) of a saved result, from its reproduction record."""
+def render_card(record: dict[str, Any], original: OriginalCard | None = None, with_record: bool = True) -> str:
+    """The model card (README.md) of a saved result, from its reproduction record, with the original
+    model's card (its licence in the front matter, its text at the end)."""
+    original = original or OriginalCard()
     sections = [
-        _front_matter(record, license_name),
+        _front_matter(record, original),
         _introduction(record),
         _results(record),
         _parameters(record),
         _prompt_sets(record),
-        CLOSING,
+        _reproduce(with_record),
+        CAUTION,
+        _original_text(record, original),
     ]
     return "\n".join(line for section in sections for line in section)
 
 
-def _front_matter(record: dict[str, Any], license_name: str | None) -> list[str]:
+def _front_matter(record: dict[str, Any], original: OriginalCard) -> list[str]:
     model = record["model"]
-    base = model["name"]
-    front = ["---", f"base_model: {base}" if model["kind"] == "hub" else f"# base model: {base}"]
-    if license_name:
-        front.append(f"license: {license_name}")
-    return front + ["library_name: transformers", "tags:"] + [f"- {tag}" for tag in TAGS] + ["---", ""]
+    adapter = record.get("saved", {}).get("kind") == "adapter"
+    front = ["---"]
+    if model.get("hub_id"):
+        front.append(f"base_model: {model['hub_id']}")
+    front += [f"{key}: {value}" for key, value in original.license.items()]
+    front.append(f"library_name: {'peft' if adapter else 'transformers'}")
+    return front + ["tags:"] + [f"- {tag}" for tag in TAGS] + ["---", ""]
+
+
+def base_link(model: dict[str, Any]) -> str:
+    """The base model's name, linked to its Hub page when its id is known."""
+    name = model["name"]
+    return f"[{name}](https://huggingface.co/{model['hub_id']})" if model.get("hub_id") else f"**{name}**"
 
 
 def _introduction(record: dict[str, Any]) -> list[str]:
-    base = record["model"]["name"]
+    model = record["model"]
+    what = "a LoRA adapter that turns" if record.get("saved", {}).get("kind") == "adapter" else "a copy of"
+    file = f" (from the GGUF file `{model['file']}`)" if model.get("file") else ""
+    parents = [f"[{p['name']}]({p['url']})" if p.get("url") else p["name"] for p in model.get("base_models", [])]
+    built_on = f" It is itself built on {', '.join(parents)}." if parents else ""
     return [
-        f"# {Path(base).name} (abliterated with Heretic)",
+        f"# {model['name'].split('/')[-1]} (abliterated with Heretic)",
         "",
-        f'This is **{base}** with its refusal behaviour removed by directional ablation ("abliteration"), '
-        f"made automatically by [Heretic](https://pypi.org/project/heretic/) {__version__}. No training was done: "
-        "the weights that write into the residual stream were orthogonalized against a refusal direction, with "
+        f"This is {what} {base_link(model)}{file} with its refusal behaviour removed by directional ablation "
+        f'("abliteration"), made automatically by [Heretic]({REPOSITORY}) {__version__}.{built_on} No training was '
+        "done: the weights that write into the residual stream were orthogonalized against a refusal direction, with "
         "the ablation's parameters chosen by an Optuna search that co-minimizes refusals on harmful prompts "
         "and the KL divergence from the original model on harmless prompts.",
         "",
@@ -167,20 +155,35 @@ def _prompt_sets(record: dict[str, Any]) -> list[str]:
     return lines
 
 
-CLOSING = [
-    "",
-    "## Reproduce",
-    "",
-    "The file `heretic.json` beside this card records the tool and library versions, every setting, the "
-    "prompt sets' content hashes and the chosen parameters. To rebuild these weights without a search:",
-    "",
-    "```",
-    "pip install heretic",
-    "heretic --reproduce heretic.json --output-dir rebuilt/",
-    "```",
+def _reproduce(with_record: bool) -> list[str]:
+    if not with_record:
+        return []
+    return [
+        "",
+        "## Reproduce",
+        "",
+        "The file `heretic.json` beside this card records the tool and library versions, every setting, the "
+        "prompt sets' content hashes, the chosen parameters and the SHA-256 of every weight file. To rebuild "
+        "these weights without a search, and check them against those hashes:",
+        "",
+        "```",
+        INSTALL,
+        "heretic --reproduce heretic.json --output-dir rebuilt/",
+        "```",
+    ]
+
+
+CAUTION = [
     "",
     "## Caution",
     "",
     "This model answers requests that its original refused. You are responsible for how you use it.",
     "",
 ]
+
+
+def _original_text(record: dict[str, Any], original: OriginalCard) -> list[str]:
+    """The original card's text under ours, so its licence terms and documentation travel with the model."""
+    if not original.text:
+        return []
+    return ["## Original model card", "", f"The card of {base_link(record['model'])}, as published:", "", original.text, ""]

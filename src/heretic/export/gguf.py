@@ -2,7 +2,7 @@
 
 Two ways to a file:
 
-* a full conversion of an in-memory llama, qwen2 or gemma3 model: hyper-parameters, tokenizer and
+* a full conversion of an in-memory llama, mistral, qwen2, qwen3, phi3 or gemma3 model: hyper-parameters, tokenizer and
   every tensor, laid out the way llama.cpp reads them;
 * a copy of the GGUF the model was loaded from, byte for byte, with only the edited tensors replaced,
   so the untouched tensors keep their original (often smaller, k-quant) encoding.
@@ -56,10 +56,13 @@ class _Family:
 _FAMILIES: dict[str, _Family] = {
     "llama": _Family(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
     "qwen2": _Family(gguf.MODEL_ARCH.QWEN2),
+    "qwen3": _Family(gguf.MODEL_ARCH.QWEN3),
+    "mistral": _Family(gguf.MODEL_ARCH.LLAMA, permute_qk=True),  # llama.cpp runs Mistral as a llama
+    "phi3": _Family(gguf.MODEL_ARCH.PHI3),
     "gemma3_text": _Family(gguf.MODEL_ARCH.GEMMA3, norm_offset=True),
     "gemma3": _Family(gguf.MODEL_ARCH.GEMMA3, norm_offset=True),  # the language model of Gemma3ForConditionalGeneration
 }
-_SUPPORTED_NAMES = "llama, qwen2 and gemma3"
+_SUPPORTED_NAMES = "llama, mistral, qwen2, qwen3, phi3 and gemma3"
 
 # Copy from a source GGUF: the GGUF architectures whose tensors transformers loads with, at most, the
 # two transforms above (so that reversing those gives back llama.cpp's layout). Others are refused.
@@ -351,7 +354,7 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, family: _Family, config: Any, 
     _add_rope_scaling(writer, family, full)
     if family.arch == gguf.MODEL_ARCH.GEMMA3:
         _add_gemma3(writer, config, sliding)
-    elif getattr(config, "use_sliding_window", False):
+    elif getattr(config, "use_sliding_window", getattr(config, "sliding_window", None)):
         log.warning("GGUF: llama.cpp runs %s with full attention; the model's sliding window is not kept.", config.model_type)
 
 
@@ -410,9 +413,7 @@ def _add_gemma3(writer: gguf.GGUFWriter, config: Any, sliding: dict[str, Any] | 
         writer.add_rope_freq_base_swa(float(sliding["rope_theta"]))
         if (sliding.get("rope_type") or "default") != "default":
             raise HereticError("GGUF export cannot express rotary scaling on Gemma 3's sliding-window layers for llama.cpp.")
-    scalar = getattr(config, "query_pre_attn_scalar", None)
-    if scalar and scalar != _head_dim(config):
-        writer.add_attention_scale(float(scalar) ** -0.5)  # the query scale, where it is not 1/sqrt(head_dim)
+    _check_gemma3_query_scale(config)
     if getattr(config, "final_logit_softcapping", None):
         writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
     if getattr(config, "attn_logit_softcapping", None):
@@ -420,6 +421,19 @@ def _add_gemma3(writer: gguf.GGUFWriter, config: Any, sliding: dict[str, Any] | 
     layer_types = getattr(config, "layer_types", None) or []
     if layer_types and any((kind == "full_attention") != ((i + 1) % 6 == 0) for i, kind in enumerate(layer_types)):
         log.warning("GGUF: llama.cpp assumes every sixth Gemma 3 layer is global; this model's layer pattern differs.")
+
+
+def _check_gemma3_query_scale(config: Any) -> None:
+    """llama.cpp scales Gemma 3 queries by 1/sqrt(head_dim), or by 1/sqrt(hidden_size / heads) for its
+    62-layer (27B) model, and ignores attention.scale; a model with another query_pre_attn_scalar would
+    run with the wrong attention there."""
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    expected = config.hidden_size // config.num_attention_heads if config.num_hidden_layers == 62 else _head_dim(config)
+    if scalar and scalar != expected:
+        raise HereticError(
+            f"GGUF export cannot write this Gemma 3 model for llama.cpp: its query_pre_attn_scalar is {scalar}, but "
+            f"llama.cpp scales queries by 1/sqrt({expected}) for this shape; save it as a transformers model instead."
+        )
 
 
 # --------------------------------------------------------------------------------------------------

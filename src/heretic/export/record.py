@@ -7,6 +7,7 @@ import json
 import platform
 import sys
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,10 +18,14 @@ from ..model.hardware import dtype_name
 from ..prompts import prompts_digest
 from ..search.pareto import TrialResult
 from ..session import Session
+from .provenance import base_model
 
 RECORD_FILE = "heretic.json"
 RECORD_VERSION = 1
 LIBRARIES = ("torch", "transformers", "peft", "optuna", "accelerate", "safetensors", "numpy")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+# Settings that name places on this machine: not recorded (a reproduction uses its own).
+LOCAL_SETTINGS = ("output_dir", "checkpoint_dir", "cache_dir", "reproduce", "evaluate_model")
 
 
 def environment() -> dict[str, Any]:
@@ -49,18 +54,14 @@ def build_record(session: Session, result: TrialResult, parameters: AblationPara
     settings = session.settings
     source = session.loaded.source
     specs = settings.prompt_sets()
-    record = {
+    base = base_model(source)
+    record: dict[str, Any] = {
         "record_version": RECORD_VERSION,
         "tool": {"name": "heretic", "version": __version__},
         "environment": environment(),
-        "model": {
-            "name": source.name,
-            "kind": source.kind,
-            "gguf_file": str(source.gguf_file) if source.gguf_file else None,
-            "revision": settings.model_revision,
-            "dtype": dtype_name(session.loaded.dtype),
-        },
-        "settings": json.loads(settings.model_dump_json()),
+        "model": base.to_dict()
+        | {"kind": source.kind, "revision": settings.model_revision, "dtype": dtype_name(session.loaded.dtype)},
+        "settings": public_settings(json.loads(settings.model_dump_json()), base.hub_id or base.name),
         "prompt_sets": {
             name: {
                 "spec": spec.model_dump(mode="json"),
@@ -101,6 +102,29 @@ def heldout_entry(session: Session, number: int) -> dict[str, Any] | None:
         "refusals": session.heldout[number],
         "original_refusals": session.heldout[None],
     }
+
+
+def public_settings(settings: dict[str, Any], model: str) -> dict[str, Any]:
+    """The settings as recorded: the model by its public name, and no path of this machine."""
+    public = {key: value for key, value in settings.items() if key not in LOCAL_SETTINGS}
+    public["model"] = model
+    judge_model = public.get("judge_model")
+    if isinstance(judge_model, str) and Path(judge_model).expanduser().exists():
+        public["judge_model"] = Path(judge_model).name
+    return public
+
+
+def weight_digests(folder: Path) -> dict[str, dict[str, Any]]:
+    """SHA-256 and size of every weight file in `folder` (safetensors shards, adapter weights)."""
+    digests = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
+            digest = hashlib.sha256()
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(block)
+            digests[path.name] = {"sha256": digest.hexdigest(), "size": path.stat().st_size}
+    return digests
 
 
 def dumps(record: dict[str, Any]) -> str:

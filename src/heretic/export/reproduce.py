@@ -14,19 +14,19 @@ from .. import __version__
 from ..ablation.adapters import Ablator
 from ..ablation.parameters import AblationParameters
 from ..config import Role, Settings, fields_with
-from ..errors import HereticError
+from ..demo import DEMO_NAME, demo_model_file
+from ..errors import HereticError, first_line
 from ..model.architecture import build_architecture_map
 from ..prompts import prompt_set_title, prompts_digest
 from ..session import FALLBACK_BATCH_SIZE, compute_directions, load, load_prompt_sets, make_engine
 from ..ui import console
 from . import card, record
-from .save import save_merged
+from .provenance import hub_repo, original_card
+from .save import save_adapter, save_merged
 
 
 def read_record(path: str) -> dict[str, Any]:
-    file = Path(path).expanduser()
-    if file.is_dir():
-        file = file / record.RECORD_FILE
+    file = locate_record(path)
     if not file.is_file():
         raise HereticError(f"The reproduction record {file} does not exist; it is the heretic.json saved beside a model.")
     try:
@@ -39,6 +39,26 @@ def read_record(path: str) -> dict[str, Any]:
     if problem:
         raise HereticError(f"The reproduction record {file} is damaged: {problem}; use the heretic.json saved with the model.")
     return data
+
+
+def locate_record(spec: str) -> Path:
+    """The record's local path: `spec` itself, the heretic.json in a folder, or one downloaded from a Hub repository."""
+    file = Path(spec).expanduser()
+    if file.exists():
+        return file / record.RECORD_FILE if file.is_dir() else file
+    repo = hub_repo(spec)
+    if repo is None or (file.suffix == ".json" and not spec.startswith(("http://", "https://"))):
+        return file  # a path that does not exist (a repository id never ends in .json)
+    repo_id, revision = repo
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, record.RECORD_FILE, revision=revision))
+    except Exception as error:  # noqa: BLE001 - offline, missing repository or file: all end the same way
+        raise HereticError(
+            f"Could not download heretic.json from the Hugging Face repository {repo_id} ({first_line(error, 160)}); "
+            "check the name, or download the file and give its path."
+        ) from None
 
 
 # (path of a field, the types it may have); the fields reproduce() reads.
@@ -121,20 +141,36 @@ def rebuilt_settings(settings: Settings, data: dict[str, Any]) -> Settings:
     recorded.update(reproduce=None, evaluate_model=None, demo=False, action=[])
     if "dtypes" not in explicit and data["model"].get("dtype"):
         recorded["dtypes"] = [data["model"]["dtype"]]  # the dtype the trial was computed in, not a new measurement
-    if data["model"].get("gguf_file") and "model" not in explicit:
-        recorded["model"] = data["model"]["gguf_file"]
     try:
-        return Settings.model_validate(recorded)
+        checked = Settings.model_validate(recorded)
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         raise HereticError(
             f"The reproduction record's setting {where!r} is invalid ({first['msg']}); use the heretic.json saved with the model."
         ) from None
+    return checked.model_copy(update={"model": recorded_model(settings, data)})
+
+
+def recorded_model(settings: Settings, data: dict[str, Any]) -> str:
+    """The model to rebuild from: --model when given, else the recorded Hub model, else the demo's file."""
+    if "model" in settings.model_fields_set and settings.model:
+        return settings.model
+    model = data["model"]
+    if model.get("kind") == "hub":
+        return str(model.get("hub_id") or model["name"])
+    if model.get("file") == DEMO_NAME:
+        return str(demo_model_file(settings.cache_dir))
+    for old in (model.get("gguf_file"), model.get("name")):  # records of earlier versions held the local path
+        if old and Path(old).expanduser().exists():
+            return str(old)
+    where = f"the file {model['file']}" if model.get("file") else "a local folder"
+    raise HereticError(f"The record's model {model['name']} was loaded from {where}; give your copy with --model PATH.")
 
 
 def reproduce(settings: Settings) -> Path:
-    """Rebuild the recorded trial's merged model: same settings, prompts and directions (each checked), no search."""
+    """Rebuild the recorded trial's model: same settings, prompts and directions (each checked), no search;
+    then check the weight files against the record's SHA-256."""
     data = read_record(str(settings.reproduce))
     print_environment(data)
     rebuilt = rebuilt_settings(settings, data)
@@ -154,22 +190,82 @@ def reproduce(settings: Settings) -> Path:
     parameters = AblationParameters.from_dict(data["trial"]["parameters"])
     output = Path(rebuilt.output_dir or f"{loaded.source.display_name}-heretic-reproduced")
     new_record = dict(data, environment=record.environment(), directions_sha256=record.tensor_digest(directions))
+    kind = data.get("saved", {}).get("kind", "merged")
+    original = original_card(loaded.source)
+
+    def files(weights: dict[str, dict[str, Any]]) -> dict[str, str]:
+        saved = dict(new_record, saved={"kind": kind, "weights": weights})
+        return {"README.md": card.render_card(saved, original), record.RECORD_FILE: record.dumps(saved)}
+
     started = time.perf_counter()
-    path = save_merged(
-        loaded,
-        ablator,
-        parameters,
-        directions,
-        output,
-        max_shard_size=rebuilt.max_shard_size,
-        dtype=rebuilt.save_dtype,
-        overwrite=rebuilt.overwrite,
-        extra_files={
-            "README.md": card.render_card(new_record, card.original_license(loaded.source)),
-            record.RECORD_FILE: record.dumps(new_record),
-        },
-    )
+    if kind == "adapter":
+        base_name = str(data["model"].get("hub_id") or data["model"]["name"])
+        path = save_adapter(
+            loaded,
+            ablator,
+            parameters,
+            directions,
+            output,
+            base_model_name=base_name,
+            overwrite=rebuilt.overwrite,
+            extra_files=files,
+        )
+    else:
+        path = save_merged(
+            loaded,
+            ablator,
+            parameters,
+            directions,
+            output,
+            max_shard_size=rebuilt.max_shard_size,
+            dtype=rebuilt.save_dtype,
+            overwrite=rebuilt.overwrite,
+            extra_files=files,
+        )
     console.print(
         f"Rebuilt trial {data['trial']['number']} into [bold]{path.resolve()}[/] ({time.perf_counter() - started:.1f} s)"
     )
+    check_weights(data, path, settings.ignore_mismatches)
     return path
+
+
+def weight_mismatches(recorded: dict[str, Any], rebuilt: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(file, recorded, rebuilt) for each weight file whose SHA-256 or size differs, or that one side lacks."""
+    rows = []
+    for name in sorted(recorded.keys() | rebuilt.keys()):
+        old, new = recorded.get(name), rebuilt.get(name)
+        if old is None or new is None or old.get("sha256") != new["sha256"] or old.get("size") != new["size"]:
+            rows.append((name, _describe_file(old), _describe_file(new)))
+    return rows
+
+
+def _describe_file(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return "missing"
+    return f"{int(entry.get('size', 0)):,} bytes, sha256 {str(entry.get('sha256', ''))[:16]}..."
+
+
+def check_weights(data: dict[str, Any], folder: Path, ignore_mismatches: bool) -> None:
+    """Compare the rebuilt weight files with the record's; a difference is an error unless ignored."""
+    recorded = data.get("saved", {}).get("weights")
+    if not isinstance(recorded, dict) or not recorded:
+        console.print("[yellow]The record holds no weight hashes (an older record); the rebuilt weights are not checked.[/]")
+        return
+    mismatches = weight_mismatches(recorded, record.weight_digests(folder))
+    if not mismatches:
+        console.print(f"All {len(recorded)} weight files match the record (SHA-256).")
+        return
+    table = Table(title="Weight files that differ from the record", title_justify="left")
+    for column in ("file", "recorded", "rebuilt"):
+        table.add_column(column)
+    for row in mismatches:
+        table.add_row(*row)
+    console.print(table)
+    name, old, new = mismatches[0]
+    message = (
+        f"{len(mismatches)} of the rebuilt weight files differ from the record ({name}: recorded {old}, rebuilt {new}); "
+        f"the rebuild stays in {folder}"
+    )
+    if not ignore_mismatches:
+        raise HereticError(message + "; pass --ignore-mismatches to accept it.")
+    console.print(f"[yellow]{message} (accepted: --ignore-mismatches).[/]")

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers.utils.hub import convert_file_size_to_int
@@ -21,12 +22,15 @@ from ..ablation.parameters import AblationParameters
 from ..errors import HereticError, write_failure
 from ..model.hardware import dtype_name
 from ..model.loading import DTYPES, LoadedModel
+from .record import weight_digests
 from .shards import Entry, LayoutMismatch, checkpoint_entries, merge_plan, merge_transform, output_dtypes, write_shards
 
 log = logging.getLogger(__name__)
 
 # Asked when the target exists and is not empty: returns True to replace it.
 ConfirmFn = Callable[[Path], bool]
+# Files written beside the weights: fixed texts, or made from the weight files' digests (name -> sha256, size).
+ExtraFiles = dict[str, str] | Callable[[dict[str, dict[str, Any]]], dict[str, str]]
 
 
 def is_nonempty(path: Path) -> bool:
@@ -103,7 +107,7 @@ def save_merged(
     dtype: str = "original",
     overwrite: bool = False,
     confirm: ConfirmFn | None = None,
-    extra_files: dict[str, str] | None = None,
+    extra_files: ExtraFiles | None = None,
     method: str = "auto",
 ) -> Path:
     """The ablation merged into the weights: a plain transformers model folder (config, generation
@@ -161,7 +165,7 @@ def _write_folder(
     target: Path,
     overwrite: bool,
     confirm: ConfirmFn | None,
-    extra_files: dict[str, str] | None,
+    extra_files: ExtraFiles | None,
     storage: torch.dtype,
     write_weights: Callable[[Path], object],
 ) -> Path:
@@ -178,8 +182,7 @@ def _write_folder(
         loaded.tokenizer.save_pretrained(staging)
         if loaded.processor is not None:
             loaded.processor.save_pretrained(staging)
-        for name, content in (extra_files or {}).items():
-            (staging / name).write_text(content, encoding="utf-8")
+        write_extra_files(staging, extra_files)
     return target
 
 
@@ -273,7 +276,7 @@ def save_adapter(
     base_model_name: str,
     overwrite: bool = False,
     confirm: ConfirmFn | None = None,
-    extra_files: dict[str, str] | None = None,
+    extra_files: ExtraFiles | None = None,
 ) -> Path:
     """A PEFT LoRA adapter folder: `PeftModel.from_pretrained(original, folder)` gives the ablated model."""
     ablator.apply(parameters, directions)
@@ -281,6 +284,12 @@ def save_adapter(
         peft_model = ablator.peft_model
         peft_model.peft_config["default"].base_model_name_or_path = base_model_name
         peft_model.save_pretrained(staging)
-        for name, content in (extra_files or {}).items():
-            (staging / name).write_text(content, encoding="utf-8")
+        write_extra_files(staging, extra_files)
     return target
+
+
+def write_extra_files(folder: Path, extra_files: ExtraFiles | None) -> None:
+    """Write the card and record beside the weights (a callable gets the digests of the weight files)."""
+    files = extra_files(weight_digests(folder)) if callable(extra_files) else (extra_files or {})
+    for name, content in files.items():
+        (folder / name).write_text(content, encoding="utf-8")

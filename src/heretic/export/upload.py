@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import HereticError, first_line
 from ..ui import console
+from .record import RECORD_FILE
 
 
 def resolve_token(interactive: bool) -> str:
@@ -25,8 +26,10 @@ def resolve_token(interactive: bool) -> str:
     return token
 
 
-def upload_folder(folder: Path, repo_id: str | None, private: bool, interactive: bool) -> str:
-    from huggingface_hub import HfApi
+def upload_folder(folder: Path, repo_id: str | None, private: bool, interactive: bool, include_record: bool = True) -> str:
+    """Upload a saved folder in one commit; without `include_record`, heretic.json stays local and the card
+    loses its section on reproducing (which refers to it)."""
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     if not repo_id and interactive:
         import questionary
@@ -36,14 +39,15 @@ def upload_folder(folder: Path, repo_id: str | None, private: bool, interactive:
         raise HereticError("Name the repository to upload to as user/name with --upload-repo.")
     token = resolve_token(interactive)
     api = HfApi(token=token)
+    operations = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=content)
+        for name, content in upload_files(folder, include_record).items()
+    ]
     try:
         with console.status(f"Uploading {folder} to {repo_id}..."):
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-            api.upload_folder(
-                folder_path=str(folder),
-                repo_id=repo_id,
-                repo_type="model",
-                commit_message="Upload model abliterated with Heretic",
+            api.create_commit(
+                repo_id=repo_id, repo_type="model", operations=operations, commit_message="Upload model abliterated with Heretic"
             )
     except Exception as error:  # noqa: BLE001 - offline, auth, HTTP errors: all end the same way
         raise HereticError(
@@ -52,3 +56,30 @@ def upload_folder(folder: Path, repo_id: str | None, private: bool, interactive:
     url = f"https://huggingface.co/{repo_id}"
     console.print(f"Uploaded to [bold]{url}[/] ({'private' if private else 'public'})")
     return url
+
+
+def upload_files(folder: Path, include_record: bool) -> dict[str, str | bytes]:
+    """Path in the repository -> local file path (or, for an edited card, its bytes)."""
+    files: dict[str, str | bytes] = {
+        path.relative_to(folder).as_posix(): str(path) for path in sorted(folder.rglob("*")) if path.is_file()
+    }
+    if not include_record:
+        files.pop(RECORD_FILE, None)
+        if "README.md" in files:
+            files["README.md"] = without_section((folder / "README.md").read_text(encoding="utf-8"), "## Reproduce").encode()
+    return files
+
+
+def without_section(markdown: str, heading: str) -> str:
+    """`markdown` less the section that starts with the line `heading` (up to the next heading of its level)."""
+    lines, kept, skipping = markdown.splitlines(keepends=True), [], False
+    level = heading.split()[0] + " "
+    for line in lines:
+        if line.rstrip() == heading:
+            skipping = True
+            continue
+        if skipping and line.startswith(level):
+            skipping = False
+        if not skipping:
+            kept.append(line)
+    return "".join(kept)
