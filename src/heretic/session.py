@@ -11,7 +11,7 @@ import torch
 from .ablation.adapters import Ablator
 from .ablation.parameters import AblationParameters
 from .config import ResumePolicy, Role, Settings, fields_with
-from .directions import refusal_directions, winsorize
+from .directions import refusal_directions, subspace_bases, winsorize
 from .model.architecture import ArchitectureMap, build_architecture_map, find_layers, text_config
 from .model.batching import choose_batch_size
 from .model.generation import Engine
@@ -149,7 +149,7 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
     residuals = collect_residuals(settings, engine, loaded, prompt_sets)
     directions = compute_directions(settings, engine, loaded, prompt_sets, residuals)
 
-    ablator = Ablator(loaded.model, arch, settings.row_normalization.value, settings.full_normalization_rank, settings.seed)
+    ablator = make_ablator(settings, loaded, arch, residuals, directions)
     judge = make_judge(settings, engine, ablator)
     evaluator = Evaluator(
         engine,
@@ -159,6 +159,7 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
         settings.max_response_length,
         settings.stop_on_verdict,
     )
+    evaluator.kl_tokens = settings.kl_tokens
     attach_objectives(settings, evaluator, objectives)
     base_refusals, base_verdicts, base_objectives = score_original(evaluator)
     return Session(
@@ -277,8 +278,9 @@ def pick_batch_size(
 def collect_residuals(
     settings: Settings, engine: Engine, loaded: LoadedModel, prompt_sets: dict[str, list[Prompt]]
 ) -> dict[str, torch.Tensor]:
-    """Residuals of the harmful and harmless prompts at the last prompt position, winsorized as the
-    settings say: {"harmful": (n1, layers + 1, hidden), "harmless": (n2, layers + 1, hidden)}, float32.
+    """Residuals of the harmful and harmless prompts at the prompt positions of --direction-positions
+    (each winsorized as the settings say, then averaged over the positions):
+    {"harmful": (n1, layers + 1, hidden), "harmless": (n2, layers + 1, hidden)}, float32.
     The model is run as it is (with whatever ablation is applied to it)."""
     config = text_config(loaded.model.config)
     _, layers = find_layers(loaded.model, int(config.num_hidden_layers))
@@ -287,9 +289,13 @@ def collect_residuals(
         for name in ("harmful", "harmless"):
             ids = engine.encode(prompt_sets[name])
             handle = bars(f"Residuals ({name})", len(ids))
-            residuals[name] = winsorize(
-                engine.residuals(ids, list(layers), progress=handle.advance), settings.winsorization_quantile
-            )
+            if settings.direction_positions == [-1]:
+                residuals[name] = winsorize(
+                    engine.residuals(ids, list(layers), progress=handle.advance), settings.winsorization_quantile
+                )
+            else:
+                read = engine.position_residuals(ids, list(layers), settings.direction_positions, handle.advance)
+                residuals[name] = winsorize(read, settings.winsorization_quantile).mean(dim=1)  # over the positions
             handle.close()
     return residuals
 
@@ -306,6 +312,17 @@ def compute_directions(
     directions = refusal_directions(residuals["harmful"], residuals["harmless"], settings.orthogonalize_direction)
     console.print(f"Refusal directions computed for {directions.shape[0]} residual positions")
     return directions
+
+
+def make_ablator(
+    settings: Settings, loaded: LoadedModel, arch: ArchitectureMap, residuals: dict[str, torch.Tensor], directions: torch.Tensor
+) -> Ablator:
+    """The model's adapters; with --subspace-rank k > 1 they ablate k-dimensional subspaces around the directions."""
+    rank = settings.subspace_rank
+    ablator = Ablator(loaded.model, arch, settings.row_normalization.value, settings.full_normalization_rank, settings.seed, rank)
+    if rank > 1:
+        ablator.subspace = subspace_bases(residuals["harmful"], residuals["harmless"], directions, rank)
+    return ablator
 
 
 def open_session_study(session: Session) -> tuple[optuna.Study, Path]:

@@ -31,6 +31,7 @@ class SearchSetup:
     multivariate_tpe: bool
     cut_hopeless_trials: bool
     sampler_kl_floor: float
+    search_mlp_off: bool = False
 
 
 def make_sampler(seed: int, completed: int, n_startup_trials: int, n_ei_candidates: int, multivariate: bool) -> TPESampler:
@@ -67,7 +68,7 @@ def run_trial(setup: SearchSetup, study: optuna.Study, progress: ProgressFactory
     trial = study.ask()
     try:
         started = time.perf_counter()
-        parameters = suggest_parameters(trial, setup.num_layers, setup.components)
+        parameters = suggest_parameters(trial, setup.num_layers, setup.components, setup.search_mlp_off)
         setup.ablator.apply(parameters, setup.directions)
         setup.evaluator.progress = progress or setup.evaluator.progress
         kl = setup.evaluator.kl()
