@@ -112,7 +112,11 @@ def main() -> None:
     parser.add_argument("--sets", type=int, default=len(PARAMETER_SETS), help="parameter sets to score (first N)")
     parser.add_argument("--heldout", type=int, default=64, help="held-out harmful prompts counted")
     parser.add_argument("--kl-tokens", type=int, default=4)
+    parser.add_argument("--print-table", action="store_true", help="measure nothing: print the table of the JSON")
     args = parser.parse_args()
+    if args.print_table:
+        print(table(json.loads((RESULTS / "directions_ablation.json").read_text())))
+        return
     torch.manual_seed(0)
     settings = apply_demo_preset(Settings.model_validate({"demo": True, "judge": "markers", "batch_size": 64}))
     loaded = load(settings)
