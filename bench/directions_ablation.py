@@ -81,7 +81,7 @@ def without_mlp(parameters: AblationParameters) -> AblationParameters:
 
 
 def variant_directions(
-    engine: Any, loaded: Any, prompt_sets: dict, settings: Settings
+    engine: Any, loaded: Any, prompt_sets: dict, settings: Settings, chosen: dict[str, tuple[list[int], int, bool]]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(directions, bases or None-like empty) per variant, from two residual passes."""
     config = text_config(loaded.model.config)
@@ -91,11 +91,12 @@ def variant_directions(
     for name in ("harmful", "harmless"):
         ids = engine.encode(prompt_sets[name])
         last[name] = engine.residuals(ids, list(layers))  # what the session computes by default (prefix shared)
-        positions[name] = engine.position_residuals(ids, list(layers), offsets)  # (n, 5, layers + 1, hidden)
+        if any(read != [-1] for read, _, _ in chosen.values()):
+            positions[name] = engine.position_residuals(ids, list(layers), offsets)  # (n, 5, layers + 1, hidden)
     example = engine.encode(prompt_sets["harmful"][:1])[0]
     print("read positions -5..-1 are the tokens", [engine.tokenizer.decode([t]) for t in example[-5:]])
     result = {}
-    for variant, (read, rank, _) in VARIANTS.items():
+    for variant, (read, rank, _) in chosen.items():
         if read == [-1]:
             harmful, harmless = last["harmful"], last["harmless"]
         else:
@@ -109,13 +110,16 @@ def variant_directions(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sets", type=int, default=len(PARAMETER_SETS), help="parameter sets to score (first N)")
+    parser.add_argument("--trials", default=",".join(str(t) for t, _ in PARAMETER_SETS), help="parameter sets to score, in order")
     parser.add_argument("--heldout", type=int, default=64, help="held-out harmful prompts counted")
     parser.add_argument("--kl-tokens", type=int, default=4)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variant names (default: all)")
+    parser.add_argument("--output", type=Path, default=RESULTS / "directions_ablation.json")
+    parser.add_argument("--skip-original", action="store_true", help="do not score the original model")
     parser.add_argument("--print-table", action="store_true", help="measure nothing: print the table of the JSON")
     args = parser.parse_args()
     if args.print_table:
-        print(table(json.loads((RESULTS / "directions_ablation.json").read_text())))
+        print(table(json.loads(args.output.read_text())))
         return
     torch.manual_seed(0)
     settings = apply_demo_preset(Settings.model_validate({"demo": True, "judge": "markers", "batch_size": 64}))
@@ -125,7 +129,8 @@ def main() -> None:
     engine = make_engine(settings, loaded, settings.batch_size)
     engine.response_prefix = detect_thinking_prefix(settings, engine, prompt_sets)
     started = time.perf_counter()
-    variants = variant_directions(engine, loaded, prompt_sets, settings)
+    chosen = {name: VARIANTS[name] for name in args.variants.split(",")}
+    variants = variant_directions(engine, loaded, prompt_sets, settings, chosen)
     directions_s = time.perf_counter() - started
     # One set of adapters wide enough for k = 3 (the first rows of a k = 1 ablation are the same factors).
     mode, rank = settings.row_normalization.value, settings.full_normalization_rank
@@ -142,7 +147,11 @@ def main() -> None:
     ablator.reset()
     evaluator.measure_base()
     long_kl.measure_base()
-    base = {"refusals": evaluator.count_refusals().refusals, "heldout_refusals": heldout.count_refusals().refusals}
+    base = (
+        {}
+        if args.skip_original
+        else {"refusals": evaluator.count_refusals().refusals, "heldout_refusals": heldout.count_refusals().refusals}
+    )
     print("original model:", base)
     results: dict[str, Any] = {
         "date": dt.date.today().isoformat(),
@@ -157,7 +166,9 @@ def main() -> None:
         "original": base,
         "rows": [],
     }
-    for trial, text in PARAMETER_SETS[: args.sets]:
+    by_trial = dict(PARAMETER_SETS)
+    for trial in map(int, args.trials.split(",")):
+        text = by_trial[trial]
         parameters = parse_parameters(text)
         for variant, (directions, bases) in variants.items():
             _, rank, mlp = VARIANTS[variant]
@@ -167,7 +178,7 @@ def main() -> None:
             row.update({"trial": trial, "parameters": text, "variant": variant})
             results["rows"].append(row)
             print(json.dumps(row, ensure_ascii=False))
-            (RESULTS / "directions_ablation.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+            args.output.write_text(json.dumps(results, indent=2, ensure_ascii=False))
     print(table(results))
 
 
