@@ -459,7 +459,7 @@ class Settings(BaseSettings):
         min_length=1,
         description="Prompt positions the refusal directions are read at, counted from the end (-1: the last token; "
         "-5 -4 -3 -2 -1: the mean of the chat template's last five tokens after the user's message).",
-        json_schema_extra=tags(Role.score),
+        json_schema_extra=tags(Role.score, fingerprint="judge"),
     )
     subspace_rank: int = Field(
         default=1,
@@ -467,7 +467,7 @@ class Settings(BaseSettings):
         le=8,
         description="Directions ablated together (k): the refusal direction plus the top k - 1 principal components of "
         "the per-prompt harmful - harmless residual differences orthogonal to it, at the same layer.",
-        json_schema_extra=tags(Role.score),
+        json_schema_extra=tags(Role.score, fingerprint="judge"),
     )
 
     # --- Ablation -------------------------------------------------------------------------
@@ -591,7 +591,7 @@ class Settings(BaseSettings):
     search_mlp_off: bool = Field(
         default=False,
         description="Let the search also switch the MLP's ablation off (a categorical parameter per trial).",
-        json_schema_extra=tags(Role.score, Role.search),
+        json_schema_extra=tags(Role.score, Role.search, fingerprint="judge"),
     )
     kl_tokens: int = Field(
         default=1,
@@ -600,7 +600,7 @@ class Settings(BaseSettings):
         description="Response tokens the KL divergence is measured over: the first N tokens of the original model's "
         "greedy responses to the harmless prompts, teacher-forced (1: the first token only; N costs N - 1 more "
         "positions per prompt in the KL pass).",
-        json_schema_extra=tags(Role.score),
+        json_schema_extra=tags(Role.score, fingerprint="judge"),
     )
     cut_hopeless_trials: bool = Field(
         default=True,
