@@ -116,10 +116,12 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variant names (default: all)")
     parser.add_argument("--output", type=Path, default=RESULTS / "directions_ablation.json")
     parser.add_argument("--skip-original", action="store_true", help="do not score the original model")
-    parser.add_argument("--print-table", action="store_true", help="measure nothing: print the table of the JSON")
+    parser.add_argument(
+        "--print-table", action="store_true", help="measure nothing: print the table of bench/results/directions_ablation*.json"
+    )
     args = parser.parse_args()
     if args.print_table:
-        print(table(json.loads(args.output.read_text())))
+        print(table(merged_results()))
         return
     torch.manual_seed(0)
     settings = apply_demo_preset(Settings.model_validate({"demo": True, "judge": "markers", "batch_size": 64}))
@@ -203,6 +205,15 @@ def score(evaluator: Evaluator, long_kl: Evaluator, heldout: Evaluator) -> dict[
         "kl_n_s": round(t3 - t2, 1),
         "heldout_s": round(t4 - t3, 1),
     }
+
+
+def merged_results() -> dict[str, Any]:
+    """The results of every run (directions_ablation*.json; runs split by --variants), rows ordered by trial."""
+    runs = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("directions_ablation*.json"))]
+    merged = dict(runs[0], rows=[row for run in runs for row in run["rows"]])
+    order = list(VARIANTS)
+    merged["rows"].sort(key=lambda row: ([t for t, _ in PARAMETER_SETS].index(row["trial"]), order.index(row["variant"])))
+    return merged
 
 
 def table(results: dict[str, Any]) -> str:
