@@ -154,3 +154,11 @@ def test_every_action_name_has_one_registered_handler() -> None:
 
     assert tuple(ACTIONS) == get_args(Action)  # the same names, in the same (menu) order
     assert all(action.label and callable(action.handler) for action in ACTIONS.values())
+
+
+def test_direction_positions_are_distinct_negative_offsets(capsys: pytest.CaptureFixture[str]) -> None:
+    assert settings_from_argv(["--direction-positions", "[-5, -1]"]).direction_positions == [-5, -1]
+    for bad in ("[0]", "[-1, -1]", "[2, -1]"):
+        with pytest.raises(SystemExit):
+            settings_from_argv(["--direction-positions", bad])
+        assert "direction" in capsys.readouterr().err

@@ -11,12 +11,13 @@ from heretic.ablation.kernels import (
     ablated_matrices,
     ablation_factors,
     interpolate_direction,
+    interpolate_subspace,
     kernel_weight,
     low_rank_approximation,
 )
 from heretic.ablation.parameters import AblationParameters, ComponentKernel
-from heretic.directions import refusal_directions, winsorize
-from heretic.scoring.kl import kl_divergence
+from heretic.directions import orthonormal_rows, refusal_directions, subspace_bases, winsorize
+from heretic.scoring.kl import kl_divergence, kl_over_tokens
 from heretic.search.pareto import TrialResult, dominates, hypervolume, is_dominated, pareto_front, select
 from heretic.search.runner import sampler_values
 
@@ -208,3 +209,77 @@ def test_hypervolume() -> None:
     assert hypervolume([(1, 5), (2, 3)], (10, 10)) == pytest.approx(61.0)
     assert hypervolume([(11, 1)], (10, 10)) == 0.0
     assert hypervolume([(1, 5), (1, 5), (3, 6)], (10, 10)) == pytest.approx(45.0)
+
+
+# --- Subspaces, read positions, KL over several tokens --------------------------------------------
+
+
+def test_orthonormal_rows_keep_the_first_direction() -> None:
+    vectors = torch.tensor([[2.0, 0.0, 0.0], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    basis = orthonormal_rows(vectors)
+    torch.testing.assert_close(basis, torch.eye(3))  # Gram-Schmidt of a triangular set: the standard basis
+
+
+def test_subspace_ablation_removes_every_basis_direction(matrices: torch.Tensor) -> None:
+    basis = orthonormal_rows(torch.randn(2, 16, generator=torch.Generator().manual_seed(1)))  # (k, out)
+    for mode in ("none", "pre"):
+        b, a = ablation_factors(matrices, basis, 1.0, mode)
+        assert b.shape == (3, 16, 2) and a.shape == (3, 2, 24)  # rank k = 2, exact
+        torch.testing.assert_close(matrices + b @ a, ablated_matrices(matrices, basis, 1.0, mode), atol=1e-5, rtol=1e-5)
+    ablated = ablated_matrices(matrices, basis, 1.0, "none")
+    torch.testing.assert_close(basis @ ablated, torch.zeros(3, 2, 24), atol=1e-5, rtol=0)  # V M' = 0 at w = 1
+    # M - w V^T V M with V = [v1; v2] equals ablating v1, then v2 (orthogonal directions commute)
+    one = ablated_matrices(ablated_matrices(matrices, basis[0], 0.7, "none"), basis[1], 0.7, "none")
+    torch.testing.assert_close(ablated_matrices(matrices, basis, 0.7, "none"), one, atol=1e-5, rtol=1e-5)
+
+
+def test_subspace_of_rank_one_is_the_single_direction(matrices: torch.Tensor) -> None:
+    v = unit(torch.randn(16, generator=torch.Generator().manual_seed(2)))
+    for mode in ("none", "pre", "full"):
+        single = ablated_matrices(matrices, v, 1.2, mode)
+        torch.testing.assert_close(ablated_matrices(matrices, v.unsqueeze(0), 1.2, mode), single, atol=1e-6, rtol=1e-6)
+
+
+def test_subspace_bases_start_with_the_direction_and_find_the_second_axis() -> None:
+    generator = torch.Generator().manual_seed(3)
+    hidden, n = 8, 200
+    # Paired differences along e0 (constant) and e1 (varying, zero mean): the basis is [e0, +-e1].
+    harmless = torch.randn(n, 1, hidden, generator=generator) * 0.01
+    spread = torch.randn(n, generator=generator)
+    harmful = harmless.clone()
+    harmful[:, 0, 0] += 3.0
+    harmful[:, 0, 1] += spread - spread.mean()
+    directions = refusal_directions(harmful, harmless, orthogonalize=False)
+    bases = subspace_bases(harmful, harmless, directions, 2)
+    assert bases.shape == (1, 2, hidden)
+    torch.testing.assert_close(bases[0, 0], directions[0])
+    assert abs(float(bases[0, 1, 1])) > 0.99
+    torch.testing.assert_close(bases[0] @ bases[0].T, torch.eye(2), atol=1e-5, rtol=0)
+    assert subspace_bases(harmful, harmless, directions, 1).shape == (1, 1, hidden)
+
+
+def test_interpolated_subspace_is_orthonormal_and_exact_at_integers() -> None:
+    bases = torch.stack([orthonormal_rows(torch.randn(3, 10, generator=torch.Generator().manual_seed(s))) for s in range(4)])
+    torch.testing.assert_close(interpolate_subspace(bases, 2.0), bases[2], atol=1e-6, rtol=1e-6)
+    mixed = interpolate_subspace(bases, 1.4)
+    torch.testing.assert_close(mixed @ mixed.T, torch.eye(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed[0], interpolate_direction(bases[:, 0], 1.4), atol=1e-6, rtol=1e-6)
+
+
+def test_parameters_pick_a_basis_per_layer() -> None:
+    bases = torch.stack([orthonormal_rows(torch.randn(2, 6, generator=torch.Generator().manual_seed(s))) for s in range(5)])
+    assert torch.equal(AblationParameters("per-layer", 0.0).direction_for(bases, 1), bases[2])
+    torch.testing.assert_close(AblationParameters("global", 2.0).direction_for(bases, 0), bases[3], atol=1e-6, rtol=1e-6)
+
+
+def test_kl_over_tokens_averages_response_positions_only() -> None:
+    vocab = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]]))  # 3 positions
+    reference = vocab.unsqueeze(0).repeat(2, 1, 1)  # (prompts 2, N 3, vocab 2)
+    moved = reference.clone()
+    moved[:, 2] = torch.log(torch.tensor([0.5, 0.5]))  # only the last position differs
+    last_kl = 0.2 * math.log(0.2 / 0.5) + 0.8 * math.log(0.8 / 0.5)
+    # prompt 0: 3 response positions -> last_kl / 3; prompt 1: continuation ended at once, 1 position -> last_kl
+    value = kl_over_tokens(reference, moved, torch.tensor([3, 1]))
+    assert value == pytest.approx((last_kl / 3 + last_kl) / 2, rel=1e-5)
+    first = kl_divergence(reference[:, 2], moved[:, 2])
+    assert kl_over_tokens(reference[:, 2:], moved[:, 2:], torch.tensor([1, 1])) == pytest.approx(first, rel=1e-6)

@@ -272,3 +272,32 @@ def test_cpu_allocation_failures_count_as_out_of_memory() -> None:
     message = "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate 34850471936 bytes."
     assert is_out_of_memory(RuntimeError(message))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_position_residuals_read_each_offset_of_a_manual_forward_pass(tiny_models: dict[str, Path]) -> None:
+    engine = _engine("llama", tiny_models)
+    ids = engine.encode(PROMPTS)
+    _, layers = find_layers(engine.model, text_config(engine.model.config).num_hidden_layers)
+    read = engine.position_residuals(ids, list(layers), [-3, -1])
+    assert read.shape == (len(PROMPTS), 2, len(layers) + 1, 64)
+    assert engine.share_prefix  # switched off for the pass only
+    last = engine.residuals(ids, list(layers))
+    torch.testing.assert_close(read[:, 1], last, atol=2e-5, rtol=1e-4)
+    for index, row in enumerate(ids):
+        with torch.no_grad():
+            output = engine.model(torch.tensor([row]), output_hidden_states=True)
+        torch.testing.assert_close(read[index, 0, 0], output.hidden_states[0][0, -3], atol=2e-5, rtol=1e-4)
+    with pytest.raises(HereticError, match="shorter"):
+        engine.position_residuals(ids, list(layers), [-10_000])
+
+
+def test_last_logprobs_equal_teacher_forced_logits(tiny_models: dict[str, Path]) -> None:
+    engine = _engine("llama", tiny_models)
+    ids = [row + [5, 6, 7] for row in engine.encode(PROMPTS)]
+    logprobs = engine.last_logprobs(ids, 4)
+    assert logprobs.shape[:2] == (len(PROMPTS), 4)
+    for index, row in enumerate(ids):
+        with torch.no_grad():
+            logits = engine.model(torch.tensor([row])).logits[0, -4:]
+        torch.testing.assert_close(logprobs[index], torch.log_softmax(logits.float(), -1), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(engine.last_logprobs(ids, 1)[:, 0], engine.first_logprobs(ids), atol=2e-5, rtol=1e-4)

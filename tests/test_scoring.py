@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from heretic.config import DEFAULT_REFUSAL_MARKERS, DEFAULT_THINKING_TAGS
 from heretic.errors import HereticError
@@ -148,3 +149,22 @@ def test_thinking_block_is_prefilled(tiny_models: dict[str, Path]) -> None:
         pytest.skip("random model has no common opening")
     assert detect_response_prefix(engine, PROMPTS[:2], [(opening, "</end>")]) == f"{opening}\n\n</end>\n\n"
     assert detect_response_prefix(engine, PROMPTS[:2], DEFAULT_THINKING_TAGS) == ""
+
+
+def test_kl_over_first_tokens_reads_the_originals_greedy_continuation(tiny_models: dict[str, Path]) -> None:
+    engine = _engine(tiny_models)
+    evaluator = Evaluator(engine, MarkerJudge(["a"]), [], PROMPTS, 16)
+    evaluator.kl_tokens = 3
+    evaluator.measure_base()
+    continuations = engine.generate(engine.encode(PROMPTS), 2)
+    assert evaluator.kl_ids == [ids + tokens for ids, tokens in zip(engine.encode(PROMPTS), continuations)]
+    assert evaluator.kl_counts.tolist() == [len(tokens) + 1 for tokens in continuations]
+    assert evaluator.base_logprobs is not None and evaluator.base_logprobs.shape[:2] == (len(PROMPTS), 3)
+    assert evaluator.kl() == pytest.approx(0.0, abs=1e-6)  # the unchanged model
+    first = Evaluator(engine, MarkerJudge(["a"]), [], PROMPTS, 16)
+    first.measure_base()
+    assert first.base_logprobs is not None and first.base_logprobs.dim() == 2
+    # with a whole continuation (3 positions), the first kept position is the first response position
+    whole = evaluator.kl_counts == 3
+    assert whole.any()
+    torch.testing.assert_close(evaluator.base_logprobs[whole, 0], first.base_logprobs[whole], atol=2e-5, rtol=1e-4)

@@ -18,6 +18,7 @@ from tiny import PROMPT_FLAGS, make_model
 from heretic.ablation.adapters import Ablator
 from heretic.ablation.kernels import ablated_matrices
 from heretic.ablation.parameters import AblationParameters, ComponentKernel
+from heretic.directions import orthonormal_rows
 from heretic.model.architecture import as_matrices, build_architecture_map
 from heretic.search.checkpoint import open_storage
 from heretic.search.runner import make_sampler
@@ -281,3 +282,48 @@ def test_tpe_mode_is_deterministic_and_reaches_the_sampler() -> None:
     assert joint == joint_again and separate == _proposals(False)
     assert joint[:6] == separate[:6]
     assert joint[6:] != separate[6:]
+
+
+@pytest.mark.parametrize("mode", ["none", "pre", "full"])
+def test_adapters_reproduce_the_explicit_subspace_ablation(mode: str) -> None:
+    """With a k = 2 subspace per layer, M + BA = M - w V^T V M (row-normalized variants alike)."""
+    model = make_model("llama")
+    arch = build_architecture_map(model)
+    originals = {
+        t.name: as_matrices(getattr(model.get_submodule(t.module), t.parameter), t).clone() for _, _, t in arch.targets()
+    }
+    generator = torch.Generator().manual_seed(0)
+    bases = torch.stack([orthonormal_rows(torch.randn(2, 64, generator=generator)) for _ in range(arch.num_layers + 1)])
+    parameters = AblationParameters("per-layer", 0.0, {"attn": ComponentKernel(1.0, 2.0, 0.5, 2.0)})
+    ablator = Ablator(model, arch, mode, rank=64, seed=0, subspace_rank=2)
+    ablator.subspace = bases
+    merged = ablator.merged_state_dict(parameters, bases[:, 0])
+    for layer, component, target in arch.targets():
+        weight = parameters.weight(component, layer)
+        original = originals[target.name]
+        expected = ablated_matrices(original, bases[layer + 1], weight, mode) if weight else original
+        torch.testing.assert_close(as_matrices(merged[target.name], target), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_search_can_switch_the_mlp_off() -> None:
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), directions=["minimize", "minimize"])
+    weights = []
+    for _ in range(40):
+        trial = study.ask()
+        parameters = suggest_parameters(trial, 24, ["attn", "mlp"], mlp_off=True)
+        weights.append(parameters.kernels["mlp"].max_weight)
+        assert (parameters.kernels["mlp"].max_weight == 0.0) == (trial.params["mlp.ablate"] is False)
+        study.tell(trial, [0.0, 0.0])
+    assert 0.0 in weights and any(weight > 0 for weight in weights)
+    trial = study.ask()
+    suggest_parameters(trial, 24, ["attn", "mlp"])  # the option off: no such parameter, the space of before
+    assert "mlp.ablate" not in trial.params
+
+
+def test_subspace_positions_and_kl_tokens_run_end_to_end(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    extra = ["--n-trials", "2", "--subspace-rank", "2", "--kl-tokens", "3", "--direction-positions", "[-3, -1]"]
+    run(heretic_command(tiny_models["llama"], checkpoints, *extra, "--search-mlp-off"), tmp_path)
+    trials = current_study(checkpoints).trials
+    assert len(trials) == 2 and all(t.values is not None and t.values[1] >= 0 for t in trials)
+    assert all("mlp.ablate" in t.params for t in trials)

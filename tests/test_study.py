@@ -73,5 +73,18 @@ def test_reproduction_overrides_are_the_override_settings() -> None:
         "cache_dir",
         "output_dir",
         "overwrite",
+        "ignore_mismatches",
         "log_level",
     ]
+
+
+def test_direction_and_component_options_enter_the_fingerprint_only_when_changed() -> None:
+    default = checkpoint.fingerprint(study_fingerprint(Settings(), fake_loaded(), PROMPT_SETS, ""))
+    same = Settings(direction_positions=[-1], subspace_rank=1, kl_tokens=1, search_mlp_off=False)
+    assert checkpoint.fingerprint(study_fingerprint(same, fake_loaded(), PROMPT_SETS, "")) == default
+    seen = {default}
+    for change in ({"direction_positions": [-2, -1]}, {"subspace_rank": 2}, {"kl_tokens": 4}, {"search_mlp_off": True}):
+        values = study_fingerprint(Settings(**change), fake_loaded(), PROMPT_SETS, "")
+        assert values["judge"]["variant"] == change  # type: ignore[index]
+        seen.add(checkpoint.fingerprint(values))
+    assert len(seen) == 5

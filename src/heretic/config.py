@@ -464,6 +464,21 @@ class Settings(BaseSettings):
         description="Clamp each residual component to this quantile of its absolute values before averaging (1.0 = off).",
         json_schema_extra=tags(Role.score),
     )
+    direction_positions: list[int] = Field(
+        default=[-1],
+        min_length=1,
+        description="Prompt positions the refusal directions are read at, counted from the end (-1: the last token; "
+        "-5 -4 -3 -2 -1: the mean of the chat template's last five tokens after the user's message).",
+        json_schema_extra=tags(Role.score, fingerprint="judge"),
+    )
+    subspace_rank: int = Field(
+        default=1,
+        ge=1,
+        le=8,
+        description="Directions ablated together (k): the refusal direction plus the top k - 1 principal components of "
+        "the per-prompt harmful - harmless residual differences orthogonal to it, at the same layer.",
+        json_schema_extra=tags(Role.score, fingerprint="judge"),
+    )
 
     # --- Ablation -------------------------------------------------------------------------
     row_normalization: RowNormalization = Field(
@@ -595,6 +610,20 @@ class Settings(BaseSettings):
         "ranks them by refusals alone, so the search does not dwell on ablations that change almost nothing "
         "(recorded scores are unchanged; 0 = off).",
         json_schema_extra=tags(Role.score, Role.search),
+    )
+    search_mlp_off: bool = Field(
+        default=False,
+        description="Let the search also switch the MLP's ablation off (a categorical parameter per trial).",
+        json_schema_extra=tags(Role.score, Role.search, fingerprint="judge"),
+    )
+    kl_tokens: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Response tokens the KL divergence is measured over: the first N tokens of the original model's "
+        "greedy responses to the harmless prompts, teacher-forced (1: the first token only; N costs N - 1 more "
+        "positions per prompt in the KL pass).",
+        json_schema_extra=tags(Role.score, fingerprint="judge"),
     )
     cut_hopeless_trials: bool = Field(
         default=True,
@@ -795,6 +824,13 @@ class Settings(BaseSettings):
         for dtype in value:
             if dtype not in known | {"fastest"}:
                 raise ValueError(f"unknown dtype {dtype!r}; use fastest, or any of {sorted(known)}")
+        return value
+
+    @field_validator("direction_positions")
+    @classmethod
+    def _negative_positions(cls, value: list[int]) -> list[int]:
+        if any(offset >= 0 for offset in value) or len(set(value)) != len(value):
+            raise ValueError("give distinct negative offsets from the end of the prompt, e.g. -1 (the last token) or -3 -2 -1")
         return value
 
     @field_validator("max_shard_size")

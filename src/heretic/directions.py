@@ -35,6 +35,36 @@ def refusal_directions(harmful: Tensor, harmless: Tensor, orthogonalize: bool = 
     return directions.float()
 
 
+def subspace_bases(harmful: Tensor, harmless: Tensor, directions: Tensor, rank: int) -> Tensor:
+    """Per-position orthonormal bases (positions, rank, hidden) whose first rows are the `directions`.
+
+    With paired per-prompt differences d_i = h_i - b_i (i < min(n1, n2)) at position j, and their parts
+    orthogonal to r_j, d_i' = d_i - (d_i . r_j) r_j, the further rows are the top rank - 1 right singular
+    vectors of D' = [d_1'; ...; d_n'] (the directions along which the differences vary most besides r_j),
+    made orthonormal to r_j and each other by Gram-Schmidt. harmful: (n1, positions, hidden),
+    harmless: (n2, positions, hidden), directions: (positions, hidden) unit rows.
+    """
+    if rank <= 1:
+        return directions.unsqueeze(1)
+    n = min(harmful.shape[0], harmless.shape[0])
+    differences = (harmful[:n] - harmless[:n]).double().transpose(0, 1)  # (positions, n, hidden)
+    r = directions.double().unsqueeze(1)  # (positions, 1, hidden)
+    rest = differences - (differences * r).sum(dim=-1, keepdim=True) * r  # d - (d.r) r
+    _, _, vh = torch.linalg.svd(rest, full_matrices=False)  # vh: (positions, min(n, hidden), hidden)
+    extra = vh[:, : rank - 1, :]
+    return torch.stack([orthonormal_rows(torch.cat([r[j], extra[j]])) for j in range(directions.shape[0])])
+
+
+def orthonormal_rows(vectors: Tensor) -> Tensor:
+    """Gram-Schmidt on the rows (k, hidden): u_i = normalize(x_i - sum_{j<i} (x_i . u_j) u_j); float32."""
+    basis: list[Tensor] = []
+    for vector in vectors.double():
+        for unit in basis:
+            vector = vector - (vector @ unit) * unit
+        basis.append(vector / vector.norm().clamp_min(1e-12))
+    return torch.stack(basis).float()
+
+
 def _normalize(vectors: Tensor) -> Tensor:
     unit: Tensor = vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return unit

@@ -11,7 +11,7 @@ import torch
 from .ablation.adapters import Ablator
 from .ablation.parameters import AblationParameters
 from .config import Role, Settings, fields_with
-from .directions import refusal_directions, winsorize
+from .directions import refusal_directions, subspace_bases, winsorize
 from .errors import HereticError
 from .model.architecture import ArchitectureMap, build_architecture_map, find_layers, text_config
 from .model.batching import choose_batch_size
@@ -188,7 +188,7 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
     with stage("computing the refusal directions"):
         directions, residuals = shared_directions(settings, engine, loaded, prompt_sets, existing)
 
-    ablator = Ablator(loaded.model, arch, settings.row_normalization.value, settings.full_normalization_rank, settings.seed)
+    ablator = make_ablator(settings, loaded, arch, residuals, directions)
     judge = make_judge(settings, engine, ablator)
     evaluator = Evaluator(
         engine,
@@ -198,6 +198,7 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
         settings.max_response_length,
         settings.stop_on_verdict,
     )
+    evaluator.kl_tokens = settings.kl_tokens
     attach_objectives(settings, evaluator, objectives)
     with stage("scoring the original model"):
         base_refusals, base_verdicts, base_objectives = score_original(evaluator, existing)
@@ -355,7 +356,9 @@ def shared_directions(
     directions = workers.stored_directions(study) if study is not None else None
     if directions is not None:
         console.print(f"Refusal directions for {directions.shape[0]} residual positions (stored in the study)")
-        return directions, None
+        # Subspaces (--subspace-rank > 1) are built around the directions from the residuals.
+        residuals = collect_residuals(settings, engine, loaded, prompt_sets) if settings.subspace_rank > 1 else None
+        return directions, residuals
     residuals = collect_residuals(settings, engine, loaded, prompt_sets)
     return compute_directions(settings, engine, loaded, prompt_sets, residuals), residuals
 
@@ -363,8 +366,9 @@ def shared_directions(
 def collect_residuals(
     settings: Settings, engine: Engine, loaded: LoadedModel, prompt_sets: dict[str, list[Prompt]]
 ) -> dict[str, torch.Tensor]:
-    """Residuals of the harmful and harmless prompts at the last prompt position, winsorized as the
-    settings say: {"harmful": (n1, layers + 1, hidden), "harmless": (n2, layers + 1, hidden)}, float32.
+    """Residuals of the harmful and harmless prompts at the prompt positions of --direction-positions
+    (each winsorized as the settings say, then averaged over the positions):
+    {"harmful": (n1, layers + 1, hidden), "harmless": (n2, layers + 1, hidden)}, float32.
     The model is run as it is (with whatever ablation is applied to it)."""
     config = text_config(loaded.model.config)
     _, layers = find_layers(loaded.model, int(config.num_hidden_layers))
@@ -373,9 +377,13 @@ def collect_residuals(
         for name in ("harmful", "harmless"):
             ids = engine.encode(prompt_sets[name])
             handle = bars(f"Residuals ({name})", len(ids))
-            residuals[name] = winsorize(
-                engine.residuals(ids, list(layers), progress=handle.advance), settings.winsorization_quantile
-            )
+            if settings.direction_positions == [-1]:
+                residuals[name] = winsorize(
+                    engine.residuals(ids, list(layers), progress=handle.advance), settings.winsorization_quantile
+                )
+            else:
+                read = engine.position_residuals(ids, list(layers), settings.direction_positions, handle.advance)
+                residuals[name] = winsorize(read, settings.winsorization_quantile).mean(dim=1)  # over the positions
             handle.close()
     return residuals
 
@@ -392,6 +400,22 @@ def compute_directions(
     directions = refusal_directions(residuals["harmful"], residuals["harmless"], settings.orthogonalize_direction)
     console.print(f"Refusal directions computed for {directions.shape[0]} residual positions")
     return directions
+
+
+def make_ablator(
+    settings: Settings,
+    loaded: LoadedModel,
+    arch: ArchitectureMap,
+    residuals: dict[str, torch.Tensor] | None,
+    directions: torch.Tensor,
+) -> Ablator:
+    """The model's adapters; with --subspace-rank k > 1 they ablate k-dimensional subspaces around the directions."""
+    rank = settings.subspace_rank
+    ablator = Ablator(loaded.model, arch, settings.row_normalization.value, settings.full_normalization_rank, settings.seed, rank)
+    if rank > 1:
+        assert residuals is not None
+        ablator.subspace = subspace_bases(residuals["harmful"], residuals["harmless"], directions, rank)
+    return ablator
 
 
 def open_session_study(session: Session) -> tuple[optuna.Study, Location]:

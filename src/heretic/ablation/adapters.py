@@ -24,11 +24,17 @@ ADAPTER = "default"
 class Ablator:
     """Owns the LoRA adapters of a model and writes trials into them."""
 
-    def __init__(self, model: nn.Module, arch: ArchitectureMap, mode: str, rank: int, seed: int) -> None:
+    def __init__(self, model: nn.Module, arch: ArchitectureMap, mode: str, rank: int, seed: int, subspace_rank: int = 1) -> None:
         self.arch = arch
         self.mode = mode
-        self.rank = rank if mode == "full" else 1
+        # A k-dimensional subspace needs rank k (none, pre); a full ablation's approximation gets k - 1 more.
+        self.full_rank = rank
+        self.subspace_rank = subspace_rank
+        self.rank = rank + subspace_rank - 1 if mode == "full" else subspace_rank
         self.seed = seed
+        # (layers + 1, k, hidden) orthonormal bases whose first rows are the directions; when set (k > 1)
+        # they are ablated in place of the directions passed to apply / factors / merged_state_dict.
+        self.subspace: torch.Tensor | None = None
         self.base_model = model
         # Original parameters, by their original names (shared storage, no copy), captured before wrapping.
         self.original_state = dict(model.state_dict(keep_vars=False))
@@ -94,9 +100,11 @@ class Ablator:
         """(B, A) of one target, computed from `matrices` (experts, hidden, in): the model's weight, or
         the same weight read again in full precision (a quantized model's merge)."""
         weight = parameters.weight(component, layer)
-        direction = parameters.direction_for(directions, layer).to(matrices.device)
+        source = self.subspace if self.subspace is not None else directions
+        direction = parameters.direction_for(source, layer).to(matrices.device)
         seed = zlib.crc32(f"{self.seed}:{target.name}".encode())
-        return ablation_factors(matrices, direction, weight, self.mode, self.rank, seed)
+        extra = direction.shape[0] - 1 if direction.dim() == 2 else 0  # a k-dimensional subspace: k - 1
+        return ablation_factors(matrices, direction, weight, self.mode, self.full_rank + extra, seed)
 
     def changed_parameters(self, parameters: AblationParameters) -> set[str]:
         """State-dict names of the weights this ablation changes (non-zero kernel weight)."""

@@ -3,6 +3,8 @@
 A matrix M (out x in, out = hidden size) writes into the residual stream; v is a unit direction
 there. Ablation with weight w: M' = M - w v (v^T M), stored as a low-rank update B A
 (B: out x r, A: r x in) on top of the frozen M. Matrices come batched as (experts, out, in).
+A subspace with orthonormal basis V (k x out, rows v_1..v_k) generalizes v v^T to the projector
+V^T V: M' = M - w V^T (V M), of rank k; k = 1 is the single-direction case, computed by the same code.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from ..directions import orthonormal_rows
 
 
 def kernel_weight(
@@ -36,6 +40,21 @@ def interpolate_direction(directions: Tensor, index: float) -> Tensor:
     return unit
 
 
+def interpolate_subspace(bases: Tensor, index: float) -> Tensor:
+    """Orthonormalized row-wise interpolation of bases (positions, k, hidden) at a fractional index:
+    orthonormal_rows((1-f) V_k + f V_{k+1}) with k = floor(index), f = index - k. (k, hidden)."""
+    rows = [interpolate_direction(bases[:, i, :], index) for i in range(bases.shape[1])]
+    return orthonormal_rows(torch.stack(rows))
+
+
+def projection(matrices: Tensor, direction: Tensor) -> Tensor:
+    """v v^T M for a direction v (out,), V^T V M for an orthonormal basis V (k, out). matrices: (experts, out, in)."""
+    v = direction.to(matrices)
+    if v.dim() == 1:
+        return torch.einsum("o,ei->eoi", v, torch.einsum("o,eoi->ei", v, matrices))
+    return torch.einsum("ko,eki->eoi", v, torch.einsum("ko,eoi->eki", v, matrices))
+
+
 def row_norms(matrices: Tensor) -> Tensor:
     """Norms of the rows (one per output dimension): (experts, out)."""
     norms: Tensor = matrices.norm(dim=-1)
@@ -45,16 +64,16 @@ def row_norms(matrices: Tensor) -> Tensor:
 def ablated_matrices(matrices: Tensor, direction: Tensor, weight: float, mode: str) -> Tensor:
     """The explicitly ablated matrices (reference implementation; float32).
 
-    none: M - w v v^T M
-    pre:  diag(n) (M^ - w v v^T M^), M^ = diag(1/n) M   (ablation of the row-normalized matrix)
-    full: diag(n / n') (M^ - w v v^T M^), n' = row norms of the ablated M^   (every row keeps its norm)
+    none: M - w V^T V M   (V: (k, out) orthonormal rows; k = 1: M - w v v^T M)
+    pre:  diag(n) (M^ - w V^T V M^), M^ = diag(1/n) M   (ablation of the row-normalized matrix)
+    full: diag(n / n') (M^ - w V^T V M^), n' = row norms of the ablated M^   (every row keeps its norm)
+    direction: (out,) or (k, out).
     """
-    v = direction.to(matrices)
     if mode == "none":
-        return matrices - weight * torch.einsum("o,ei->eoi", v, torch.einsum("o,eoi->ei", v, matrices))
+        return matrices - weight * projection(matrices, direction)
     norms = row_norms(matrices).clamp_min(1e-12).unsqueeze(-1)  # (experts, out, 1)
     unit = matrices / norms
-    ablated = unit - weight * torch.einsum("o,ei->eoi", v, torch.einsum("o,eoi->ei", v, unit))
+    ablated = unit - weight * projection(unit, direction)
     if mode == "pre":
         return ablated * norms
     if mode == "full":
@@ -69,8 +88,16 @@ def ablation_factors(
     """Low-rank factors (B: experts x out x r, A: experts x r x in) with M + B A = the ablated matrix.
 
     Exact (r = 1) for none and pre; for full the difference is not rank-1 and B A is its best rank-r
-    approximation (randomized SVD, deterministic for a given seed).
+    approximation (randomized SVD, deterministic for a given seed). A basis (k, out) gives exact rank-k
+    factors for none and pre: B = -w V^T (times diag(n) for pre), A = V M (V M^ for pre).
     """
+    if direction.dim() == 2 and mode in ("none", "pre"):
+        v = direction.to(matrices)  # (k, out)
+        unit = matrices if mode == "none" else matrices / row_norms(matrices).clamp_min(1e-12).unsqueeze(-1)
+        a = torch.einsum("ko,eoi->eki", v, unit)  # V M (or V M^): (experts, k, in)
+        scale = torch.ones_like(unit[:, :, 0]) if mode == "none" else row_norms(matrices).clamp_min(1e-12)  # (experts, out)
+        b = -weight * torch.einsum("ko,eo->eok", v, scale)  # -w diag(n) V^T: (experts, out, k)
+        return b.contiguous(), a
     v = direction.to(matrices)
     if mode == "none":
         a = torch.einsum("o,eoi->ei", v, matrices).unsqueeze(1)  # v^T M: (experts, 1, in)

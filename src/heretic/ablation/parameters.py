@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .kernels import interpolate_direction, kernel_weight
+from .kernels import interpolate_direction, interpolate_subspace, kernel_weight
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,12 @@ class AblationParameters:
     kernels: dict[str, ComponentKernel] = field(default_factory=dict)
 
     def direction_for(self, directions: torch.Tensor, layer: int) -> torch.Tensor:
-        """Direction ablated in `layer`. directions: (layers + 1, hidden); index j+1 is the output of layer j."""
+        """Direction ablated in `layer`. directions: (layers + 1, hidden); index j+1 is the output of layer j.
+        With bases (layers + 1, k, hidden) (a subspace per position), the (k, hidden) basis ablated in `layer`."""
         if self.direction_scope == "per-layer":
             return directions[layer + 1]
+        if directions.dim() == 3:
+            return interpolate_subspace(directions, self.direction_index + 1.0)
         return interpolate_direction(directions, self.direction_index + 1.0)
 
     def weight(self, component: str, layer: int) -> float:

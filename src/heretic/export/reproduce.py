@@ -11,14 +11,21 @@ from pydantic import ValidationError
 from rich.table import Table
 
 from .. import __version__
-from ..ablation.adapters import Ablator
 from ..ablation.parameters import AblationParameters
 from ..config import Role, Settings, fields_with
 from ..demo import DEMO_NAME, demo_model_file
 from ..errors import HereticError, first_line
 from ..model.architecture import build_architecture_map
 from ..prompts import prompt_set_title, prompts_digest
-from ..session import FALLBACK_BATCH_SIZE, compute_directions, load, load_prompt_sets, make_engine
+from ..session import (
+    FALLBACK_BATCH_SIZE,
+    collect_residuals,
+    compute_directions,
+    load,
+    load_prompt_sets,
+    make_ablator,
+    make_engine,
+)
 from ..ui import console
 from . import card, record
 from .provenance import hub_repo, original_card
@@ -183,10 +190,11 @@ def reproduce(settings: Settings) -> Path:
             console.print(f"[yellow]The {prompt_set_title(name)} prompts differ from the recorded ones (content hash).[/]")
     engine = make_engine(rebuilt, loaded, int(data.get("batch_size") or FALLBACK_BATCH_SIZE))
     engine.response_prefix = data.get("response_prefix", "")
-    directions = compute_directions(rebuilt, engine, loaded, prompt_sets)
+    residuals = collect_residuals(rebuilt, engine, loaded, prompt_sets)
+    directions = compute_directions(rebuilt, engine, loaded, prompt_sets, residuals)
     same = record.tensor_digest(directions) == data["directions_sha256"]
     console.print("Refusal directions match the record." if same else "[yellow]Refusal directions differ from the record.[/]")
-    ablator = Ablator(loaded.model, arch, rebuilt.row_normalization.value, rebuilt.full_normalization_rank, rebuilt.seed)
+    ablator = make_ablator(rebuilt, loaded, arch, residuals, directions)
     parameters = AblationParameters.from_dict(data["trial"]["parameters"])
     output = Path(rebuilt.output_dir or f"{loaded.source.display_name}-heretic-reproduced")
     new_record = dict(data, environment=record.environment(), directions_sha256=record.tensor_digest(directions))

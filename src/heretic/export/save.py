@@ -221,7 +221,9 @@ def reload_full_precision(loaded: LoadedModel, ablator: Ablator) -> tuple[Loaded
     model = _model_class(loaded.multimodal).from_pretrained(path, dtype=native).eval()
     full = dataclasses.replace(loaded, model=model, dtype=native, quantization="none")
     arch = build_architecture_map(model)
-    return full, Ablator(model, arch, ablator.mode, ablator.rank, ablator.seed)
+    full_ablator = Ablator(model, arch, ablator.mode, ablator.full_rank, ablator.seed, ablator.subspace_rank)
+    full_ablator.subspace = ablator.subspace
+    return full, full_ablator
 
 
 def parameter_count(config: object, multimodal: bool) -> int:

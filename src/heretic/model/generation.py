@@ -69,14 +69,15 @@ class Engine:
         self.sliding_window = sliding_window(model)
         self.max_prompt_tokens = prompt_token_limit(model)
 
-    def _forward(self, cache: object | None, **inputs: object) -> tuple[torch.Tensor, object]:
-        """One forward pass keeping the last position's logits; returns (logits (rows, vocab), cache)."""
+    def _forward(self, cache: object | None, keep: int = 1, **inputs: object) -> tuple[torch.Tensor, object]:
+        """One forward pass keeping the last position's logits; returns (logits (rows, vocab), cache).
+        With keep > 1, the last `keep` positions' logits: (rows, keep, vocab)."""
         inputs[self._cache_argument] = cache
-        output = self.model(use_cache=True, logits_to_keep=1, **inputs)
+        output = self.model(use_cache=True, logits_to_keep=keep, **inputs)
         new_cache = getattr(output, "cache", None)
         if new_cache is None:
             new_cache = output.past_key_values
-        return output.logits[:, -1, :], new_cache
+        return (output.logits[:, -1, :] if keep == 1 else output.logits[:, -keep:, :]), new_cache
 
     @property
     def device(self) -> torch.device:
@@ -115,8 +116,9 @@ class Engine:
 
     # --- Forward passes -----------------------------------------------------------------------
 
-    def _prefill(self, batch: Batch) -> tuple[torch.Tensor, object, torch.Tensor, torch.Tensor]:
-        """Run prefix + suffixes; return (last-position logits, cache, attention mask, last positions)."""
+    def _prefill(self, batch: Batch, keep: int = 1) -> tuple[torch.Tensor, object, torch.Tensor, torch.Tensor]:
+        """Run prefix + suffixes; return (last-position logits, cache, attention mask, last positions).
+        With keep > 1 the logits are the last `keep` positions': (rows, keep, vocab)."""
         device = self.device
         rows = len(batch.suffixes)
         cache = None
@@ -136,6 +138,7 @@ class Engine:
         mask = torch.cat([torch.ones((rows, prefix_length), dtype=torch.long), suffix_mask], dim=1)
         logits, cache = self._forward(
             cache,
+            keep,
             input_ids=input_ids.to(device),
             attention_mask=mask.to(device),
             position_ids=positions.to(device),
@@ -156,6 +159,23 @@ class Engine:
         return torch.stack(result)  # type: ignore[arg-type]
 
     @torch.inference_mode()
+    def last_logprobs(self, ids: list[list[int]], keep: int, progress: ProgressFn | None = None) -> torch.Tensor:
+        """log-softmax of the last `keep` positions' raw logits, (prompts, keep, vocab), float32, on CPU.
+        The kept positions must lie in the suffix pass: a batch whose shortest suffix is shorter runs unshared."""
+        result: list[torch.Tensor | None] = [None] * len(ids)
+        for batch in self.batches(ids):
+            if min(map(len, batch.suffixes)) < keep:
+                batch = Batch(batch.indices, [], [batch.prefix + suffix for suffix in batch.suffixes])
+            logits, _, _, _ = self._prefill(batch, keep)
+            logits = logits.unsqueeze(1) if keep == 1 else logits  # (rows, keep, vocab)
+            logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+            for row, index in enumerate(batch.indices):
+                result[index] = logprobs[row]
+            if progress:
+                progress(len(batch.indices))
+        return torch.stack(result)  # type: ignore[arg-type]
+
+    @torch.inference_mode()
     def residuals(
         self, ids: list[list[int]], layers: Sequence[torch.nn.Module], progress: ProgressFn | None = None
     ) -> torch.Tensor:
@@ -163,29 +183,52 @@ class Engine:
 
         Index 0 is the input of the first layer (the embedding output), index i+1 the output of layer i.
         """
+        return self.position_residuals(ids, layers, (-1,), progress)[:, 0]
+
+    @torch.inference_mode()
+    def position_residuals(
+        self,
+        ids: list[list[int]],
+        layers: Sequence[torch.nn.Module],
+        offsets: Sequence[int],
+        progress: ProgressFn | None = None,
+    ) -> torch.Tensor:
+        """Hidden states at the prompt positions `offsets` (negative, from the end: -1 is the last token):
+        (prompts, offsets, layers + 1, hidden), float32, on CPU. Layer indices as in `residuals`.
+
+        Offsets other than -1 read the chat template's last tokens, which a shared prefix could hold for
+        very short prompts, so prefix sharing is off for them."""
         captured: list[torch.Tensor] = []
+        index = torch.tensor(list(offsets))
 
         def keep_input(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]
-            captured.append(hidden[:, -1, :].float().cpu())
+            captured.append(hidden[:, index, :].float().cpu())
 
         def keep_output(_module: torch.nn.Module, _args: tuple, output: object) -> None:
             hidden = output[0] if isinstance(output, (tuple, list)) else output
-            captured.append(hidden[:, -1, :].float().cpu())  # type: ignore[index]
+            captured.append(hidden[:, index, :].float().cpu())  # type: ignore[index]
 
+        if min(offsets) < -min(map(len, ids)):
+            raise HereticError(
+                f"A prompt is shorter than the {-min(offsets)} tokens --direction-positions reads; use smaller offsets."
+            )
+        share_prefix = self.share_prefix
+        self.share_prefix = share_prefix and list(offsets) == [-1]
         handles = [layers[0].register_forward_pre_hook(keep_input, with_kwargs=True)]
         handles += [layer.register_forward_hook(keep_output) for layer in layers]
         result: list[torch.Tensor | None] = [None] * len(ids)
         try:
             for batch in self.batches(ids):
                 self._prefill(batch)  # a prefix pass fires the hooks too; the suffix pass comes last
-                stacked = torch.stack(captured[-(len(layers) + 1) :], dim=1)  # (rows, layers + 1, hidden)
+                stacked = torch.stack(captured[-(len(layers) + 1) :], dim=2)  # (rows, offsets, layers + 1, hidden)
                 captured.clear()
-                for row, index in enumerate(batch.indices):
-                    result[index] = stacked[row]
+                for row, position in enumerate(batch.indices):
+                    result[position] = stacked[row]
                 if progress:
                     progress(len(batch.indices))
         finally:
+            self.share_prefix = share_prefix
             for handle in handles:
                 handle.remove()
         return torch.stack(result)  # type: ignore[arg-type]

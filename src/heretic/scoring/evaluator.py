@@ -10,7 +10,7 @@ import torch
 
 from ..model.generation import Engine, common_prefix_length
 from ..prompts import Prompt
-from .kl import kl_divergence
+from .kl import kl_divergence, kl_over_tokens
 from .refusals import RefusalJudge
 
 if TYPE_CHECKING:
@@ -65,22 +65,37 @@ class Evaluator:
         self.harmful_ids = engine.encode(harmful)
         self.harmless_ids = engine.encode(harmless)
         self.base_logprobs: torch.Tensor | None = None
+        self.kl_tokens = 1  # response tokens the KL divergence reads (> 1: teacher-forced greedy continuations)
+        self.kl_ids: list[list[int]] = []  # harmless prompts + the original's continuations (kl_tokens > 1)
+        self.kl_counts = torch.ones(0, dtype=torch.long)  # response positions per prompt (continuations end at EOS)
         self.objectives: list[LoadedObjective] = []  # scored after each refusal count (scoring/objectives.py)
         self.stop_on_refusal_only = False  # early stopping only for certain refusals: compliant responses stay whole
 
     def measure_base(self) -> None:
-        """The original model's first-position distributions (computed once, with adapters at zero)."""
+        """The original model's first-position distributions (computed once, with adapters at zero).
+        With kl_tokens N > 1, first its greedy continuations of N - 1 tokens, which every KL then reads
+        under teacher forcing (the distributions of the first N response tokens)."""
+        if self.kl_tokens > 1:
+            continuations = self.engine.generate(self.harmless_ids, self.kl_tokens - 1)
+            assert continuations is not None
+            self.kl_ids = [ids + tokens for ids, tokens in zip(self.harmless_ids, continuations)]
+            self.kl_counts = torch.tensor([len(tokens) + 1 for tokens in continuations])
         self.base_logprobs = self.logprobs()
 
     def logprobs(self) -> torch.Tensor:
+        """(prompts, vocab) first-position log-probabilities; (prompts, N, vocab) with kl_tokens N > 1."""
         handle = self.progress("KL divergence", len(self.harmless_ids))
         try:
+            if self.kl_tokens > 1 and self.kl_ids:
+                return self.engine.last_logprobs(self.kl_ids, self.kl_tokens, progress=handle.advance)
             return self.engine.first_logprobs(self.harmless_ids, progress=handle.advance)
         finally:
             handle.close()
 
     def kl(self) -> float:
         assert self.base_logprobs is not None, "measure_base() first"
+        if self.base_logprobs.dim() == 3:
+            return kl_over_tokens(self.base_logprobs, self.logprobs(), self.kl_counts)
         return kl_divergence(self.base_logprobs, self.logprobs())
 
     def count_refusals(self, cutoff: Cutoff | None = None) -> RefusalCount:

@@ -17,3 +17,18 @@ def kl_per_prompt(reference_logprobs: Tensor, logprobs: Tensor) -> Tensor:
 def kl_divergence(reference_logprobs: Tensor, logprobs: Tensor) -> float:
     """Mean over prompts of KL(P_reference || P)."""
     return float(kl_per_prompt(reference_logprobs, logprobs).mean())
+
+
+def kl_over_tokens(reference_logprobs: Tensor, logprobs: Tensor, counts: Tensor) -> float:
+    """Mean over prompts i of the mean over their c_i response positions of KL(P_reference,t || P_t):
+    (1/n) sum_i (1/c_i) sum_{t >= N - c_i} KL_{i,t}.
+
+    Both log-probabilities (prompts, N, vocab) are of the last N positions of a prompt plus the original
+    model's greedy continuation; prompt i's continuation ended early when c_i < N, so only its last c_i
+    positions are response positions. counts: (prompts,) integers in [1, N].
+    """
+    per_position = kl_per_prompt(reference_logprobs, logprobs)  # (prompts, N)
+    positions = torch.arange(per_position.shape[1])
+    valid = positions.unsqueeze(0) >= per_position.shape[1] - counts.unsqueeze(1)  # (prompts, N)
+    per_prompt = (per_position * valid).sum(dim=1) / counts.clamp_min(1)
+    return float(per_prompt.mean())

@@ -37,6 +37,7 @@ class SearchSetup:
     multivariate_tpe: bool
     cut_hopeless_trials: bool
     sampler_kl_floor: float
+    search_mlp_off: bool = False
 
 
 def make_sampler(
@@ -113,7 +114,7 @@ def _measure(setup: SearchSetup, study: optuna.Study, trial: optuna.Trial, progr
 def _evaluate(setup: SearchSetup, study: optuna.Study, trial: optuna.Trial, progress: ProgressFactory | None) -> TrialResult:
     """Score the trial's ablation and tell the study."""
     started = time.perf_counter()
-    parameters = suggest_parameters(trial, setup.num_layers, setup.components)
+    parameters = suggest_parameters(trial, setup.num_layers, setup.components, setup.search_mlp_off)
     setup.ablator.apply(parameters, setup.directions)
     setup.evaluator.progress = progress or setup.evaluator.progress
     kl = setup.evaluator.kl()

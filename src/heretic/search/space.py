@@ -12,9 +12,10 @@ MIN_MAX_WEIGHT = 0.8
 MAX_MAX_WEIGHT = 1.5
 
 
-def suggest_parameters(trial: optuna.Trial, num_layers: int, components: list[str]) -> AblationParameters:
+def suggest_parameters(trial: optuna.Trial, num_layers: int, components: list[str], mlp_off: bool = False) -> AblationParameters:
     """Sample one ablation. Ranges in layers: direction index in [0.4, 0.9] of the stack, peak in the
-    last 40%, reach D in [1, 0.6 (L-1)], Wmin a fraction of W."""
+    last 40%, reach D in [1, 0.6 (L-1)], Wmin a fraction of W. With `mlp_off`, a categorical "mlp.ablate"
+    can switch the MLP's kernel off (W = Wmin = 0; its other parameters are still sampled, then unused)."""
     last = num_layers - 1
     scope = trial.suggest_categorical("direction_scope", ["global", "per-layer"])
     index = trial.suggest_float("direction_index", 0.4 * last, 0.9 * last)
@@ -25,6 +26,8 @@ def suggest_parameters(trial: optuna.Trial, num_layers: int, components: list[st
         fraction = trial.suggest_float(f"{component}.min_weight_fraction", 0.0, 1.0)
         distance = trial.suggest_float(f"{component}.min_weight_distance", 1.0, max(1.0, 0.6 * last))
         kernels[component] = ComponentKernel(weight, position, fraction * weight, distance)
+    if mlp_off and "mlp" in kernels and not trial.suggest_categorical("mlp.ablate", [True, False]):
+        kernels["mlp"] = ComponentKernel(0.0, kernels["mlp"].max_weight_position, 0.0, kernels["mlp"].min_weight_distance)
     return AblationParameters(scope, index, kernels)
 
 

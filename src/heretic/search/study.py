@@ -99,14 +99,31 @@ def scoring_identity(settings: Settings, objectives: list[LoadedObjective] | Non
     prompts' digest and plug-in file's digest; the tables' values when they are not loaded). Without
     objectives: the judge alone, as it always was, so that existing checkpoints still resume."""
     judge = judge_identity(settings)
-    if not settings.objectives:
+    changed = changed_variant_settings(settings)
+    if not settings.objectives and not changed:
         return judge
-    if objectives is None:
-        return {
-            "judge": judge,
-            "objectives": {name: table.model_dump(mode="json") for name, table in settings.objectives.items()},
-        }
-    return {"judge": judge, "objectives": {objective.name: objective.identity() for objective in objectives}}
+    identity: dict[str, object] = {"judge": judge}
+    if changed:
+        identity["variant"] = changed
+    if settings.objectives and objectives is None:
+        identity["objectives"] = {name: table.model_dump(mode="json") for name, table in settings.objectives.items()}
+    elif settings.objectives:
+        identity["objectives"] = {objective.name: objective.identity() for objective in objectives or []}
+    return identity
+
+
+# Score settings added after checkpoints existed; they enter through the scoring identity (tagged
+# fingerprint="judge"), and only where they differ from their defaults, so that at their defaults a
+# fingerprint stays what it was before they existed and existing checkpoints still resume.
+VARIANT_SETTINGS = ("direction_positions", "subspace_rank", "search_mlp_off", "kl_tokens")
+
+
+def changed_variant_settings(settings: Settings) -> dict[str, object]:
+    """{name: value} of the VARIANT_SETTINGS that differ from their defaults."""
+    defaults = Settings.model_fields
+    return {
+        name: plain(getattr(settings, name)) for name in VARIANT_SETTINGS if getattr(settings, name) != defaults[name].default
+    }
 
 
 def _dtype_entry(loaded: LoadedModel) -> str:
