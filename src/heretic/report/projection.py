@@ -33,7 +33,7 @@ def pca_2d(points: Points) -> Points:
 
 def pacmap_2d(points: Points, seed: int = 0) -> Points:
     """PaCMAP embedding (Wang et al. 2021) of the points: local and global structure kept in 2-D."""
-    import pacmap  # type: ignore[import-not-found,unused-ignore]
+    import pacmap
 
     neighbors = max(2, min(10, len(points) - 2))
     embedding = pacmap.PaCMAP(n_components=2, n_neighbors=neighbors, random_state=seed)
