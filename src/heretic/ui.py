@@ -49,6 +49,7 @@ def setup_logging(level: str) -> None:
         # bitsandbytes, when installed, is imported by peft and warns about optional CPU kernels even
         # in runs that quantize nothing.
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        logging.getLogger("pacmap").setLevel(logging.ERROR)  # "random state is set" for every projection
         try:
             from huggingface_hub.utils import disable_progress_bars
 
