@@ -41,7 +41,7 @@ from heretic.directions import refusal_directions, subspace_bases
 from heretic.model.architecture import build_architecture_map, find_layers, text_config
 from heretic.prompts import load_prompts
 from heretic.scoring.evaluator import Evaluator
-from heretic.session import detect_thinking_prefix, load, load_prompt_sets, make_engine, make_judge
+from heretic.session import choose_response_prefix, load, load_prompt_sets, make_engine, make_judge
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_bench import RESULTS, machine  # noqa: E402
@@ -129,7 +129,7 @@ def main() -> None:
     arch = build_architecture_map(loaded.model)
     prompt_sets = load_prompt_sets(settings)
     engine = make_engine(settings, loaded, settings.batch_size)
-    engine.response_prefix = detect_thinking_prefix(settings, engine, prompt_sets)
+    engine.response_prefix = choose_response_prefix(settings, engine, prompt_sets)
     started = time.perf_counter()
     chosen = {name: VARIANTS[name] for name in args.variants.split(",")}
     variants = variant_directions(engine, loaded, prompt_sets, settings, chosen)
