@@ -149,7 +149,10 @@ def test_two_workers_share_one_study_on_postgres(postgres_url: str, tiny_models:
     trial runs once (no duplicate parameters), both took part, and the command that chooses
     afterwards (--n-trials 0) shows the front built from all trials."""
     model = tiny_models["llama"]
-    common = ["--storage", postgres_url, "--n-trials", "6", "--search-only"]
+    # Trials long enough (whole responses, every prompt counted) that the second worker has joined before
+    # the first could run all six alone.
+    slow = ["--max-response-length", "32", "--no-stop-on-verdict", "--no-cut-hopeless-trials"]
+    common = ["--storage", postgres_url, "--n-trials", "6", "--search-only", *slow]
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     processes = [worker(model, tmp_path, *common, log=log) for log in logs]
     for process, log in zip(processes, logs):
@@ -159,7 +162,7 @@ def test_two_workers_share_one_study_on_postgres(postgres_url: str, tiny_models:
     finished = check_study(study, 6)
     assert {t.user_attrs["worker"].split("-")[-1] for t in finished} == {str(p.pid) for p in processes}
     chooser = subprocess.run(
-        [sys.executable, "-m", "heretic", str(model), *FLAGS, "--storage", postgres_url, "--n-trials", "0"],
+        [sys.executable, "-m", "heretic", str(model), *FLAGS, "--storage", postgres_url, "--n-trials", "0", *slow],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -304,7 +304,8 @@ class Reporter:
     def report(self) -> None:
         with self.lock:
             trials = {t.number: t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
-            results = trial_results(self.study)
+            # Two reads of a shared storage: a trial another worker finishes between them waits for the next report.
+            results = [result for result in trial_results(self.study) if result.number in trials]
             done = len(results)
             for result in results:
                 if result.number in self.shown:
