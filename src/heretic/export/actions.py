@@ -185,8 +185,7 @@ def upload(
     folder = session.last_saved
     if folder is None or not folder.is_dir():
         folder = save_model(session, result, parameters, confirm=confirm, output_dir=output_dir)
-    settings = session.settings
-    upload_folder(folder, settings.upload_repo, settings.upload_private, session.interactive, settings.upload_record)
+    upload_saved(session, folder)
 
 
 @action("upload-adapter", "Upload the adapter only to the Hugging Face Hub")
@@ -196,6 +195,11 @@ def upload_adapter(
     folder = session.last_adapter
     if folder is None or not folder.is_dir():
         folder = save_adapter_only(session, result, parameters, confirm=confirm, output_dir=output_dir)
+    upload_saved(session, folder)
+
+
+def upload_saved(session: Session, folder: Path) -> None:
+    """Upload a saved folder (merged model or adapter) as the upload settings say."""
     settings = session.settings
     upload_folder(folder, settings.upload_repo, settings.upload_private, session.interactive, settings.upload_record)
 

@@ -28,7 +28,6 @@ import importlib
 import importlib.metadata
 import importlib.util
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ from ..errors import HereticError
 from ..model.generation import Engine
 from ..prompts import Prompt, load_prompts, prompts_digest
 from .evaluator import Evaluator, RefusalCount
-from .refusals import _takes_argument, normalize_response
+from .refusals import _takes_argument, import_file, normalize_response
 
 ENTRY_POINT_GROUP = "heretic.objectives"
 DIRECTIONS = ("minimize", "maximize", "report")
@@ -214,13 +213,8 @@ def import_location(location: str, spec: str) -> tuple[Any, Path | None]:
     path = Path(location).expanduser()
     if not path.is_file():
         raise HereticError(f"The objective file {path} does not exist.")
-    module_name = f"heretic_user_objective_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]}"
-    spec_obj = importlib.util.spec_from_file_location(module_name, path)
-    assert spec_obj is not None and spec_obj.loader is not None
-    module = importlib.util.module_from_spec(spec_obj)
-    sys.modules[module_name] = module
     try:
-        spec_obj.loader.exec_module(module)
+        module = import_file(path, "heretic_user_objective")
     except Exception as error:  # noqa: BLE001 - user code
         raise HereticError(f"Importing the objective file {path} failed: {type(error).__name__}: {error}.") from None
     return module, path

@@ -20,6 +20,7 @@ full-length responses.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -70,6 +71,18 @@ class MarkerJudge:
         return self._has_marker(normalize_response(partial_response))
 
 
+def import_file(path: Path, prefix: str) -> Any:
+    """The module of the Python file `path` (a user's plug-in), registered as `prefix`_<hash of its path>;
+    whatever the file raises while it runs is raised."""
+    module_name = f"{prefix}_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_judge(spec: str, settings: Any) -> RefusalJudge:
     """Import a user's judge from "path/to/file.py:Name" or "package.module:Name" and instantiate it."""
     location, _, attribute = spec.rpartition(":")
@@ -79,13 +92,8 @@ def load_judge(spec: str, settings: Any) -> RefusalJudge:
         path = Path(location).expanduser()
         if not path.is_file():
             raise HereticError(f"The refusal scorer file {path} does not exist.")
-        module_name = f"heretic_user_scorer_{abs(hash(str(path.resolve())))}"
-        spec_obj = importlib.util.spec_from_file_location(module_name, path)
-        assert spec_obj is not None and spec_obj.loader is not None
-        module = importlib.util.module_from_spec(spec_obj)
-        sys.modules[module_name] = module
         try:
-            spec_obj.loader.exec_module(module)
+            module = import_file(path, "heretic_user_scorer")
         except Exception as error:  # noqa: BLE001 - user code
             raise HereticError(f"Importing the refusal scorer {path} failed: {type(error).__name__}: {error}.") from None
     else:
