@@ -24,33 +24,29 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 setup: $(VENV)/.installed browser postgres-server
 
-# The headless browser the report's test renders pages in: Debian's chromium, installed when missing (as root;
-# apt waits for a lock another install holds, and is retried). Playwright drives it; no browser is downloaded.
+# A Debian package a test needs, installed when missing: $(call apt_install,PACKAGE,WHAT IT IS FOR). As root
+# only; apt waits for a lock another install holds, and the install is retried.
+apt_install = if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		for attempt in 1 2 3 4 5; do \
+			apt-get -o DPkg::Lock::Timeout=300 update -qq && \
+			DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq $(1) >/dev/null && break; \
+			echo "apt-get could not install $(1) (attempt $$attempt); retrying"; sleep 20; \
+		done; \
+	else \
+		echo "$(1) is missing; install it (Debian: apt-get install $(1)) to run $(2)"; \
+	fi
+
+# The headless browser the report's test renders pages in: Debian's chromium. Playwright drives it; no
+# browser is downloaded.
 browser:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
-		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			for attempt in 1 2 3 4 5; do \
-				apt-get -o DPkg::Lock::Timeout=300 update -qq && \
-				DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq chromium >/dev/null && break; \
-				echo "apt-get could not install chromium (attempt $$attempt); retrying"; sleep 20; \
-			done; \
-		else \
-			echo "chromium is missing; install it (Debian: apt-get install chromium) to run the report's browser test"; \
-		fi; }
+		$(call apt_install,chromium,the report's browser test); }
 
-# The PostgreSQL server the workers' tests start (as an unprivileged user) from Debian's postgresql package,
-# installed when missing (as root, like the browser).
+# The PostgreSQL server the workers' tests start (as an unprivileged user) from Debian's postgresql package.
 postgres-server:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { \
-		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			for attempt in 1 2 3 4 5; do \
-				apt-get -o DPkg::Lock::Timeout=300 update -qq && \
-				DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq postgresql >/dev/null && break; \
-				echo "apt-get could not install postgresql (attempt $$attempt); retrying"; sleep 20; \
-			done; \
-		else \
-			echo "the PostgreSQL server is missing; install it (Debian: apt-get install postgresql) to run the workers' tests"; \
-		fi; }
+		$(call apt_install,postgresql,the workers' tests); }
+
 # A screenshot of an HTML report in the headless browser: make report-screenshot REPORT=x.report.html PNG=x.png
 report-screenshot: setup
 	$(BIN)/python bench/report_screenshot.py $(REPORT) $(PNG)
