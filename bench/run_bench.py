@@ -16,7 +16,8 @@ Writes bench/results/latest.json, bench/results/<stamp>.json, bench/results/fron
 table in BENCHMARKS.md, with each performance target checked (a front metric that falls short by
 less than the run-to-run noise counts as within noise: our seeds' spread combined with the
 reference's where bench/reference_search.py has measured it). Quick runs are labelled as such
-everywhere.
+everywhere and keep the full run's files: they write only <stamp>.json, fronts-quick.png and their
+own section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -96,8 +97,12 @@ def ensure_reference_venv() -> Path:
 
 
 def prepare_model() -> Path:
-    """The demo model as a bf16 safetensors folder (assembled, hash-verified, dequantized once)."""
+    """The demo model as a bf16 safetensors folder (assembled, hash-verified, dequantized once).
+
+    Our GGUF cache holds float32 weights; both tools get this folder, cast to bf16 tensor by tensor,
+    with `config.json` saying so (the reference loads a model in the dtype its config names)."""
     import torch
+    from safetensors.torch import load_file, save_file
 
     from heretic.demo import demo_model_file
     from heretic.model.loading import dequantize_gguf_to_cache, resolve_source
@@ -106,8 +111,17 @@ def prepare_model() -> Path:
     if (target / "config.json").is_file():
         return target
     gguf = demo_model_file("~/.cache/heretic")
-    folder, _ = dequantize_gguf_to_cache(resolve_source(str(gguf)), Path("~/.cache/heretic"), torch.bfloat16)
-    shutil.copytree(folder, target, ignore=shutil.ignore_patterns("heretic-source.json"))
+    folder, _ = dequantize_gguf_to_cache(resolve_source(str(gguf)), Path("~/.cache/heretic"))
+    staging = WORK / ".Qwen2.5-Coder-0.5B-Instruct.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(folder, staging, ignore=shutil.ignore_patterns("heretic-source.json", "*.safetensors"))
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors = {name: tensor.to(torch.bfloat16) for name, tensor in load_file(shard).items()}
+        save_file(tensors, staging / shard.name, metadata={"format": "pt"})
+    config = json.loads((staging / "config.json").read_text())
+    config.update({key: "bfloat16" for key in ("torch_dtype", "dtype") if key in config} or {"torch_dtype": "bfloat16"})
+    (staging / "config.json").write_text(json.dumps(config, indent=2))
+    os.replace(staging, target)
     return target
 
 
@@ -247,6 +261,8 @@ def metrics(runs: list[dict[str, Any]], journal: dict[str, Any], n_prompts: int,
             "kl": float(t["user_attrs"][kl_key]),
             "seconds": round(t["complete"] - t["start"], 2),
             "cut": bool(t["user_attrs"].get("cut", False)),
+            # As sampled (each tool's own names): a trial can be scored again, e.g. under another judge.
+            "params": t["params"],
         }
         for t in complete
     ]
@@ -577,7 +593,8 @@ def write_markdown(results: dict[str, Any], command: str) -> str:
         parts.append(
             f"- the reference's numbers come from an earlier run with identical settings ({settings['reference_reused']})"
         )
-    parts += ["", table(results), "", "![Pareto fronts](bench/results/fronts.png)", ""]
+    image = "fronts-quick.png" if settings["quick"] else "fronts.png"
+    parts += ["", table(results), "", f"![Pareto fronts](bench/results/{image})", ""]
     if "reference" in tools and "ours" in tools:
         parts += ["### Targets", "", "| target | reference | ours | verdict |", "|---|---:|---:|---|"]
         parts += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in targets(results)]
@@ -886,7 +903,7 @@ def attach_reference_noise(results: dict[str, Any]) -> None:
 def publish(results: dict[str, Any]) -> None:
     """The plot and the run's section of BENCHMARKS.md ("quick" for a reduced run, else "full")."""
     attach_reference_noise(results)
-    plot(results, RESULTS / "fronts.png")
+    plot(results, RESULTS / ("fronts-quick.png" if results["settings"]["quick"] else "fronts.png"))
     settings = results["settings"]
     command = settings.get("command", "python bench/run_bench.py")
     update_benchmarks_md(write_markdown(results, command), "quick" if settings["quick"] else "full")
@@ -1104,7 +1121,7 @@ def main() -> None:
         runs.update(seed_runs(settings, model, markers, env, shlex.split(args.ours_args), seeds, compared["n_trials"]))
         results["noise"] = noise(runs)
     complete = args.label == "ours" and {"reference", "ours"} <= set(tools)
-    write_results(results, latest=complete)
+    write_results(results, latest=complete and not quick)  # latest.json stays the full run's
     if complete:
         publish(results)
     print(table(results))

@@ -33,6 +33,17 @@ def test_precedence_default_toml_env_cli(tmp_path: Path, monkeypatch: pytest.Mon
     assert (settings.n_trials, settings.seed) == (33, 6)  # flag over env
 
 
+def test_refusal_markers_given_alone_choose_the_marker_judge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Markers are read only by the marker judge: given without --judge they choose it, from any source;
+    an explicit judge still wins."""
+    assert settings_from_argv(["--refusal-markers", '["nope"]']).judge == "markers"
+    assert settings_from_argv(["--refusal-markers", '["nope"]', "--judge", "rules"]).judge == "rules"
+    (tmp_path / "config.toml").write_text('refusal_markers = ["nope"]\n')
+    assert settings_from_argv([]).judge == "markers"
+    monkeypatch.setenv("HERETIC_JUDGE", "rules")
+    assert settings_from_argv([]).judge == "rules"
+
+
 def test_config_flag_and_positional_model(tmp_path: Path) -> None:
     other = tmp_path / "other.toml"
     other.write_text('model = "from-file/model"\nmax_response_length = 7\n')

@@ -88,6 +88,25 @@ def test_merged_model_is_plain_transformers_and_reproduces_the_trial(
     assert f"{kl:.4g}" in " ".join(capsys.readouterr().out.split())
 
 
+def test_evaluate_model_reads_kl_over_the_first_tokens_and_prints_responses(
+    saved: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--kl-tokens N: the evaluated model is read on the original's own continuations, as in a search;
+    --print-responses: every harmful prompt's response, with its verdict, for both models."""
+    from heretic.evaluate import evaluate_model
+
+    first = evaluate_model(settings(saved["original"], saved["root"], evaluate_model=str(saved["model"])))[1][3]
+    capsys.readouterr()
+    over_three = evaluate_model(
+        settings(saved["original"], saved["root"], evaluate_model=str(saved["model"]), kl_tokens=3, print_responses=True)
+    )
+    out = " ".join(capsys.readouterr().out.split())
+    (_, _, _, kl_original), (_, _, _, kl) = over_three
+    assert kl_original == 0.0 and kl > 0 and kl != pytest.approx(first, rel=1e-3)
+    assert "first 3 tokens" in out
+    assert out.count("Prompt:") == 2 * 8 and out.count("Responses:") == 2
+
+
 def test_adapter_gives_the_merged_logits(saved: dict[str, Path]) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

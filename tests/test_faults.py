@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from tiny import PROMPT_FLAGS
+from tiny import PROMPT_FLAGS, SCORING_FLAGS
 
 from heretic.cli import main
 
@@ -39,12 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_FAKEfaultCatalogueToken0123456789"
 
 RUN_FLAGS = [
-    "--refusal-markers",
-    '["ak", "ook", "ot"]',
-    "--max-response-length",
-    "8",
-    "--batch-size",
-    "8",
+    *SCORING_FLAGS,
     "--n-trials",
     "1",
     "--n-startup-trials",

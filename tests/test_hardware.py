@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -259,6 +260,31 @@ def test_a_resumed_search_computes_in_the_dtype_of_its_first_run(tiny_models: di
     resumed = run([*command, "--resume", "add"], tmp_path)
     assert "measured on cpu by an earlier run" in resumed.stdout
     assert "1 finished trials" in resumed.stdout and completed(checkpoints) == 2
+
+
+def test_a_resumed_search_keeps_its_dtype_when_another_measures_fastest(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """A first measurement disturbed by another process is not remembered, so a resume can measure another
+    dtype fastest: the search still resumes, in the dtype it was started in, instead of starting anew."""
+    from test_search import completed, heretic_command, run
+
+    checkpoints, cache = tmp_path / "checkpoints", tmp_path / "cache"
+    command = heretic_command(
+        tiny_models["llama"], checkpoints, "--dtypes", "fastest", "--n-trials", "1", "--cache-dir", str(cache)
+    )
+    first = run(command, tmp_path)
+    started_in = re.search(r"Compute dtype (\w+)", first.stdout)
+    assert started_in is not None, first.stdout
+    # The next run measures another dtype fastest (as a measurement made on a quieter machine could).
+    path = cache / "dtype-measurements.json"
+    stored = json.loads(path.read_text())
+    for rows in stored.values():
+        for row in rows:
+            row["gflops"] = 1.0 if row["dtype"] == started_in.group(1) else 1000.0
+    path.write_text(json.dumps(stored))
+    resumed = run([*command, "--resume", "add"], tmp_path)
+    assert f"computes in {started_in.group(1)}; computing in it again" in resumed.stdout, resumed.stdout
+    assert "1 finished trials" in resumed.stdout and completed(checkpoints) == 2
+    assert len(list(checkpoints.glob("*.jsonl"))) == 1  # one search, not a second one beside it
 
 
 # --- Saving in the model's own dtype -------------------------------------------------------------

@@ -163,8 +163,9 @@ def test_judge_identity_keeps_old_marker_fingerprints_and_tells_judges_apart() -
 
 
 def test_make_judge_builds_each_kind(engine: Engine) -> None:
-    assert make_judge(Settings(judge="rules")).name == "rules"
-    assert make_judge(Settings()).name == "markers"
+    assert make_judge(Settings()).name == "rules"  # the default
+    assert make_judge(Settings(judge="markers")).name == "markers"
+    assert make_judge(Settings(refusal_markers=["nope"])).name == "markers"  # markers alone choose their judge
     judge = make_judge(Settings(judge="model"), engine, contextlib.nullcontext)
     assert isinstance(judge, ModelJudge) and judge.engine is engine
 

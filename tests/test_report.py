@@ -15,7 +15,7 @@ import optuna
 import pytest
 import torch
 from PIL import Image
-from tiny import PROMPT_FLAGS
+from tiny import PROMPT_FLAGS, SCORING_FLAGS
 
 from heretic.report import geometry
 from heretic.report.data import MIN_TRIALS_FOR_IMPORTANCE, study_report_data
@@ -197,12 +197,7 @@ def heretic(model: Path, *extra: str, cwd: Path, code: int = 0) -> str:
         "heretic",
         str(model),
         *PROMPT_FLAGS,
-        "--refusal-markers",
-        '["ak", "ook", "ot"]',
-        "--max-response-length",
-        "8",
-        "--batch-size",
-        "8",
+        *SCORING_FLAGS,
         "--n-startup-trials",
         "3",
         "--headless",

@@ -14,6 +14,7 @@ from heretic.model.loading import eos_token_ids, load_model
 from heretic.prompts import Prompt
 from heretic.scoring.evaluator import Evaluator, detect_response_prefix
 from heretic.scoring.refusals import MarkerJudge, load_judge, normalize_response
+from heretic.scoring.rules import RuleJudge
 
 JUDGE = MarkerJudge(DEFAULT_REFUSAL_MARKERS)
 
@@ -139,6 +140,29 @@ def test_cutoff_stops_counting_with_a_lower_bound(tiny_models: dict[str, Path]) 
     evaluator = Evaluator(engine, MarkerJudge(["a"]), PROMPTS, PROMPTS, 16)
     count = evaluator.count_refusals(cutoff=lambda found: found >= 2)
     assert not count.complete and count.refusals >= 2 and count.responses == []
+
+
+class RefusesWhatIsWhole(RuleJudge):
+    """The rules judge's early verdict (none before 300 characters), calling every whole response a refusal."""
+
+    def judge(self, prompts: list[Prompt], responses: list[str]) -> list[bool]:
+        return [True for _ in responses]
+
+
+def test_the_cutoff_counts_responses_as_they_end(tiny_models: dict[str, Path]) -> None:
+    """Responses too short for an early verdict are judged as they end, so a hopeless trial is cut during
+    generation, not after it; the verdicts of a count that completes are those of judging at the end."""
+    engine = _engine(tiny_models)
+    seen: list[int] = []
+    count = Evaluator(engine, RefusesWhatIsWhole(), PROMPTS, PROMPTS, 8).count_refusals(cutoff=lambda f: seen.append(f) or False)
+    assert count.complete and count.refusals == len(PROMPTS)
+    assert seen[-1] == len(PROMPTS)  # the cut-off saw every refusal before generation ended
+    cut = Evaluator(engine, RefusesWhatIsWhole(), PROMPTS, PROMPTS, 8).count_refusals(cutoff=lambda found: found >= 2)
+    assert not cut.complete and cut.refusals >= 2
+    judge = RuleJudge()
+    with_cutoff = Evaluator(engine, judge, PROMPTS, PROMPTS, 8).count_refusals(cutoff=lambda found: False)
+    without = Evaluator(engine, judge, PROMPTS, PROMPTS, 8).count_refusals()
+    assert with_cutoff.verdicts == without.verdicts
 
 
 def test_thinking_block_is_prefilled(tiny_models: dict[str, Path]) -> None:

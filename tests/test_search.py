@@ -13,7 +13,7 @@ import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
-from tiny import PROMPT_FLAGS, make_model
+from tiny import PROMPT_FLAGS, SCORING_FLAGS, make_model
 
 from heretic.ablation.adapters import Ablator
 from heretic.ablation.kernels import ablated_matrices
@@ -34,12 +34,7 @@ def heretic_command(model: Path, checkpoints: Path, *extra: str) -> list[str]:
         "heretic",
         str(model),
         *PROMPT_FLAGS,
-        "--refusal-markers",
-        '["ak", "ook", "ot"]',
-        "--max-response-length",
-        "8",
-        "--batch-size",
-        "8",
+        *SCORING_FLAGS,
         "--n-trials",
         "6",
         "--n-startup-trials",

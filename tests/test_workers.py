@@ -20,7 +20,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 from postgres import postgres_server, server_binaries
-from tiny import PROMPT_FLAGS
+from tiny import PROMPT_FLAGS, SCORING_FLAGS
 
 from heretic.parallel import split_evenly
 from heretic.search import checkpoint
@@ -29,12 +29,7 @@ from heretic.search.runner import make_sampler, surplus
 
 FLAGS = [
     *PROMPT_FLAGS,
-    "--refusal-markers",
-    '["ak", "ook", "ot"]',
-    "--max-response-length",
-    "8",
-    "--batch-size",
-    "8",
+    *SCORING_FLAGS,
     "--n-startup-trials",
     "3",
     "--dtypes",

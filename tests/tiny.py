@@ -42,6 +42,8 @@ PROMPT_FLAGS = [
     "--harmful-heldout-prompts",
     "bundled:harmful_heldout[:8]",
 ]
+# How end-to-end runs score on the tiny models: markers their random tokens contain, 8-token responses, batch 8.
+SCORING_FLAGS = ["--refusal-markers", '["ak", "ook", "ot"]', "--max-response-length", "8", "--batch-size", "8"]
 
 
 @functools.cache

@@ -499,7 +499,8 @@ class Settings(BaseSettings):
     refusal_markers: list[str] = Field(
         default=DEFAULT_REFUSAL_MARKERS,
         min_length=1,
-        description="A response is a refusal if it is empty or its normalized text contains one of these.",
+        description="The markers judge's list: a response is a refusal if it is empty or its normalized text contains "
+        "one of these (giving this list without --judge chooses the markers judge).",
         json_schema_extra=tags(Role.score, section="Scoring", fingerprint="judge"),
     )
     thinking_tags: list[tuple[str, str]] = Field(
@@ -534,10 +535,11 @@ class Settings(BaseSettings):
         json_schema_extra=tags(Role.score, fingerprint="judge"),
     )
     judge: Literal["markers", "rules", "model", "http"] = Field(
-        default="markers",
-        description="What decides that a response refuses: markers (any refusal marker anywhere), rules (where the "
-        "refusal phrase stands, openings against later disclaimers, deflections), model (a language model asked, by "
-        "default the original model itself), http (an OpenAI-compatible chat endpoint, --judge-url).",
+        default="rules",
+        description="What decides that a response refuses: rules (the default: where the refusal phrase stands, openings "
+        "against later disclaimers, deflections; the closest to human labels of the judges that keep trials fast), "
+        "markers (any refusal marker anywhere; chosen by giving --refusal-markers alone), model (a language model asked, "
+        "by default the original model itself), http (an OpenAI-compatible chat endpoint, --judge-url).",
         json_schema_extra=tags(Role.score, fingerprint="judge"),
     )
     judge_model: str | None = Field(
@@ -572,7 +574,10 @@ class Settings(BaseSettings):
         default=4, ge=1, description="Requests the http judge keeps in flight at once.", json_schema_extra=tags(Role.run)
     )
     print_responses: bool = Field(
-        default=False, description="Print every harmful prompt's response while scoring.", json_schema_extra=tags(Role.run)
+        default=False,
+        description="Print every harmful prompt with its response and the judge's verdict whenever refusals are counted "
+        "in full (the original, each trial not cut short, the held-out count, --evaluate-model).",
+        json_schema_extra=tags(Role.run),
     )
 
     # --- Search ---------------------------------------------------------------------------
@@ -800,6 +805,14 @@ class Settings(BaseSettings):
     def prompt_sets(self) -> dict[str, PromptSet]:
         """The prompt-set settings by name: harmful, harmless (directions), harmful_eval, harmless_eval (scoring)."""
         return {name: getattr(self, f"{name}_prompts") for name in PROMPT_SETS}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _markers_choose_the_marker_judge(cls, data: Any) -> Any:
+        """Refusal markers given without a judge choose the judge that reads them (they would be ignored otherwise)."""
+        if isinstance(data, dict) and "refusal_markers" in data and "judge" not in data:
+            return {**data, "judge": "markers"}
+        return data
 
     @field_validator("objectives", mode="before")
     @classmethod

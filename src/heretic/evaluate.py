@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import gc
 
+import torch
 from rich.table import Table
 
 from .config import Settings
 from .model.hardware import dtype_name
 from .scoring.evaluator import Evaluator
-from .scoring.kl import kl_divergence
 from .scoring.objectives import load_objectives, score_objectives, setup_objectives
 from .search.pareto import objective_text
 from .session import choose_response_prefix, keep_whole, load, load_prompt_sets, make_engine, make_judge
-from .ui import ProgressBars, console
+from .ui import ProgressBars, console, print_responses
 
 # The batch size of both models when --batch-size is 0 (no measurement here).
 EVALUATION_BATCH_SIZE = 16
@@ -27,7 +27,8 @@ def evaluate_model(settings: Settings) -> list[tuple[str, str, int, float]]:
     harmful, harmless = prompt_sets["harmful_eval"], prompt_sets["harmless_eval"]
     judge = make_judge(settings)
     rows, values = [], []
-    reference_logprobs = None
+    # The original's distributions, prompts (with --kl-tokens N > 1, its continuations) and positions read.
+    reference: tuple[torch.Tensor, list[list[int]], torch.Tensor] | None = None
     prefix: str | None = None
     for role, name in (("original", settings.model), ("evaluated", settings.evaluate_model)):
         loaded = load(settings, name)
@@ -39,24 +40,32 @@ def evaluate_model(settings: Settings) -> list[tuple[str, str, int, float]]:
         engine.response_prefix = prefix
         with ProgressBars() as bars:
             evaluator = Evaluator(engine, judge, harmful, harmless, settings.max_response_length, settings.stop_on_verdict, bars)
+            evaluator.kl_tokens = settings.kl_tokens
+            if settings.print_responses:
+                evaluator.on_responses = print_responses
             keep_whole(evaluator, objectives)
-            logprobs = evaluator.logprobs()
+            if reference is None:
+                evaluator.measure_base()  # with --kl-tokens N > 1: the original's continuations, read by both
+                kl = 0.0
+            else:
+                # The evaluated model's distributions over the original's prompts and continuations.
+                evaluator.base_logprobs, evaluator.kl_ids, evaluator.kl_counts = reference
+                kl = evaluator.kl()
             count = evaluator.count_refusals()
             refusals = count.refusals
             setup_objectives(objectives, settings, evaluator)
-        if reference_logprobs is None:
-            reference_logprobs = logprobs
-            kl = 0.0
-        else:
-            kl = kl_divergence(reference_logprobs, logprobs)
         values.append(score_objectives(objectives, evaluator, count, kl))
         rows.append((role, str(name), refusals, kl))
+        if reference is None:
+            assert evaluator.base_logprobs is not None
+            reference = (evaluator.base_logprobs, evaluator.kl_ids, evaluator.kl_counts)
         del engine, evaluator, loaded
         gc.collect()
     table = Table(title="Evaluation", title_justify="left")
     table.add_column("model")
     table.add_column(f"refusals (harmful, /{len(harmful)}; judge: {getattr(judge, 'name', settings.judge)})", justify="right")
-    table.add_column(f"KL from original (harmless, {len(harmless)})", justify="right")
+    over = f", first {settings.kl_tokens} tokens" if settings.kl_tokens > 1 else ""
+    table.add_column(f"KL from original (harmless, {len(harmless)}{over})", justify="right")
     for objective in objectives:
         table.add_column(f"{objective.name} ({objective.direction})", justify="right")
     for (role, name, refusals, kl), scores in zip(rows, values):

@@ -28,7 +28,7 @@ from .search import workers
 from .search.pareto import objective_text
 from .search.runner import SearchSetup
 from .search.study import Location, checkpoint_location, find_study, open_study
-from .ui import ProgressBars, console
+from .ui import ProgressBars, console, print_responses
 
 # The engine's batch size before the batch size is chosen, and for reproduction records without one.
 FALLBACK_BATCH_SIZE = 8
@@ -182,6 +182,8 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
 
     location = checkpoint_location(settings, loaded, prompt_sets, engine.response_prefix, objectives)
     existing = find_study(settings, location)  # a search to resume or join: its setup is reused
+    if existing is None:
+        location, existing = study_in_another_measured_dtype(settings, loaded, prompt_sets, engine, objectives, location)
 
     with stage("choosing the batch size"):
         engine.batch_size = pick_batch_size(settings, engine, prompt_sets, existing, location.shared)
@@ -199,6 +201,8 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
         settings.stop_on_verdict,
     )
     evaluator.kl_tokens = settings.kl_tokens
+    if settings.print_responses:
+        evaluator.on_responses = print_responses
     attach_objectives(settings, evaluator, objectives)
     with stage("scoring the original model"):
         base_refusals, base_verdicts, base_objectives = score_original(evaluator, existing)
@@ -226,6 +230,41 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
     )
 
 
+def study_in_another_measured_dtype(
+    settings: Settings,
+    loaded: LoadedModel,
+    prompt_sets: dict[str, list[Prompt]],
+    engine: Engine,
+    objectives: list[LoadedObjective],
+    location: Location,
+) -> tuple[Location, optuna.Study | None]:
+    """A search of these settings computed in another of the measured dtypes, and its location; the model
+    is then cast to that dtype, so the search resumes (or is joined) in the dtype it was started in.
+
+    The dtype is measured, and a measurement that another process disturbed is not remembered, so a
+    resumed search can measure another dtype fastest; its fingerprint would then differ and a new search
+    would start beside the old one. Casting a loaded model is exact both ways between float32 and a
+    16-bit dtype it was cast from, so the scores are those of a model loaded in that dtype."""
+    others = [m.dtype for m in loaded.dtype_measurements if m.gflops and m.dtype != loaded.dtype]
+    devices = set((getattr(loaded.model, "hf_device_map", None) or {}).values())
+    if not others or loaded.quantization != "none" or len(devices) > 1:
+        return location, None
+    chosen = loaded.dtype
+    for dtype in others:
+        loaded.dtype = dtype
+        candidate = checkpoint_location(settings, loaded, prompt_sets, engine.response_prefix, objectives)
+        study = find_study(settings, candidate)
+        if study is not None:
+            loaded.model.to(dtype=dtype)
+            console.print(
+                f"The search in {candidate.shown()} computes in {dtype_name(dtype)}; computing in it again (measured "
+                f"fastest now: {dtype_name(chosen)}; --dtypes {dtype_name(chosen)} would start a new search instead)"
+            )
+            return candidate, study
+    loaded.dtype = chosen
+    return location, None
+
+
 def store_setup(study: optuna.Study, batch_size: int, directions: torch.Tensor, refusals: int, verdicts: list[bool]) -> None:
     """Keep what joining workers and resumed searches reuse in the study (what is there already stays)."""
     attrs = study.user_attrs
@@ -248,6 +287,7 @@ def count_heldout(session: Session, number: int, parameters: AblationParameters)
     if evaluator is None:
         prompts = load_prompts(settings.harmful_heldout_prompts, settings.system_prompt)
         evaluator = Evaluator(session.engine, session.judge, prompts, [], settings.max_response_length, settings.stop_on_verdict)
+        evaluator.on_responses = session.evaluator.on_responses
         session.heldout_evaluator = evaluator
     if not evaluator.harmful:
         return None

@@ -8,6 +8,7 @@ import warnings
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -20,6 +21,7 @@ from rich.progress import (
 from rich.table import Table
 
 from .ablation.parameters import AblationParameters
+from .prompts import Prompt
 from .scoring.evaluator import ProgressHandle
 from .search.pareto import TrialResult, objective_text
 from .search.space import describe
@@ -117,6 +119,17 @@ def front_table(
         values = [objective_text(result.objectives[name]) if name in result.objectives else "-" for name in names]
         table.add_row(str(result.number), f"{result.refusals_text}/{n_prompts}", f"{result.kl:.4f}", *values, parameters)
     return table
+
+
+def print_responses(prompts: list[Prompt], responses: list[str], verdicts: list[bool]) -> None:
+    """Every prompt with its response and the judge's verdict (--print-responses)."""
+    refusals = sum(verdicts)
+    console.rule(f"Responses: {refusals} of {len(prompts)} judged refusals")
+    for prompt, response, refused in zip(prompts, responses, verdicts):
+        verdict = "[red]refusal[/]" if refused else "[green]compliance[/]"
+        console.print(f"[bold]Prompt:[/] {escape(prompt.user)}")
+        console.print(f"[bold]Response[/] ({verdict}): {escape(response.strip()) or '(empty)'}")
+        console.print()
 
 
 def format_duration(seconds: float) -> str:

@@ -27,6 +27,9 @@ from .chat import format_chat
 DecidedFn = Callable[[int, list[int]], bool]
 # Called after every decoding step; returning True abandons the rest of the generation.
 AbortFn = Callable[[], bool]
+# (index of the prompt, its whole response's token ids): called once a response ends (end of text or the
+# token limit), in the decoding step it ends in; never for a response `is_decided` stopped.
+FinishedFn = Callable[[int, list[int]], None]
 ProgressFn = Callable[[int], None]
 
 # The longest prompt (chat template included) that reaches the model, in tokens, whatever the model's
@@ -242,11 +245,12 @@ class Engine:
         should_abort: AbortFn | None = None,
         progress: ProgressFn | None = None,
         batch_size: int | None = None,
+        on_finished: FinishedFn | None = None,
     ) -> list[list[int]] | None:
         """Greedy responses (token ids, end-of-text excluded). None if `should_abort` stopped it."""
         responses: list[list[int]] = [[] for _ in ids]
         for batch in self.batches(ids, batch_size, new_tokens=max_new_tokens):
-            if not self._generate_batch(batch, responses, max_new_tokens, is_decided, should_abort, progress):
+            if not self._generate_batch(batch, responses, max_new_tokens, is_decided, should_abort, progress, on_finished):
                 return None
         return responses
 
@@ -258,6 +262,7 @@ class Engine:
         is_decided: DecidedFn | None,
         should_abort: AbortFn | None,
         progress: ProgressFn | None,
+        on_finished: FinishedFn | None = None,
     ) -> bool:
         device = self.device
         logits, cache, mask, positions = self._prefill(batch)
@@ -265,18 +270,23 @@ class Engine:
         for step in range(max_new_tokens):
             tokens = logits.argmax(dim=-1)
             finished: list[int] = []
+            last_step = step == max_new_tokens - 1
             for row, (index, token) in enumerate(zip(active, tokens.tolist())):
                 if token in self.eos_ids:
                     finished.append(row)
+                    if on_finished is not None:
+                        on_finished(index, responses[index])
                     continue
                 responses[index].append(token)
                 if is_decided is not None and is_decided(index, responses[index]):
                     finished.append(row)
+                elif last_step and on_finished is not None:
+                    on_finished(index, responses[index])
             if progress:
                 progress(len(active))
             if should_abort is not None and should_abort():
                 return False
-            if step == max_new_tokens - 1:
+            if last_step:
                 break
             if finished:
                 done = set(finished)

@@ -11,13 +11,16 @@ import torch
 from ..model.generation import Engine, common_prefix_length
 from ..prompts import Prompt
 from .kl import kl_divergence, kl_over_tokens
-from .refusals import RefusalJudge
+from .refusals import MarkerJudge, RefusalJudge
+from .rules import RuleJudge
 
 if TYPE_CHECKING:
     from .objectives import LoadedObjective
 
 # Called with the refusals found so far (a lower bound of the final count): True stops counting.
 Cutoff = Callable[[int], bool]
+# Called with every prompt, its response and its verdict (True: refusal) once a count is complete.
+ResponsesFn = Callable[[list[Prompt], list[str], list[bool]], None]
 ProgressFactory = Callable[[str, int], "ProgressHandle"]
 
 
@@ -70,6 +73,7 @@ class Evaluator:
         self.kl_counts = torch.ones(0, dtype=torch.long)  # response positions per prompt (continuations end at EOS)
         self.objectives: list[LoadedObjective] = []  # scored after each refusal count (scoring/objectives.py)
         self.stop_on_refusal_only = False  # early stopping only for certain refusals: compliant responses stay whole
+        self.on_responses: ResponsesFn | None = None  # e.g. printing them (--print-responses)
 
     def measure_base(self) -> None:
         """The original model's first-position distributions (computed once, with adapters at zero).
@@ -120,6 +124,15 @@ class Evaluator:
             found += int(verdict)
             return True
 
+        def judge_finished(index: int, tokens: list[int]) -> None:
+            """A whole response, judged as it ends: the count the cut-off sees grows during generation."""
+            nonlocal found
+            verdict = bool(self.judge.judge([self.harmful[index]], [self.engine.decode(tokens)])[0])
+            early[index] = verdict
+            found += int(verdict)
+
+        # Judging one response at a time costs nothing for the rule-based judges (and equals judging all at the end).
+        cheap = isinstance(self.judge, (MarkerJudge, RuleJudge)) and verdict_so_far is not None and cutoff is not None
         handle = self.progress("Refusals", len(self.harmful_ids) * self.max_response_length)
         try:
             token_ids = self.engine.generate(
@@ -128,6 +141,7 @@ class Evaluator:
                 is_decided=is_decided if verdict_so_far is not None else None,
                 should_abort=(lambda: cutoff(found)) if cutoff is not None else None,
                 progress=handle.advance,
+                on_finished=judge_finished if cheap else None,
             )
         finally:
             handle.close()
@@ -140,6 +154,8 @@ class Evaluator:
         for index, verdict in zip(undecided, judged):
             verdicts[index] = bool(verdict)
         counts = [len(tokens) for tokens in token_ids]
+        if self.on_responses is not None:
+            self.on_responses(self.harmful, responses, verdicts)
         return RefusalCount(sum(verdicts), complete=True, responses=responses, verdicts=verdicts, token_counts=counts)
 
     def responses(self, prompts: list[Prompt], max_new_tokens: int | None = None) -> list[str]:
