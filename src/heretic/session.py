@@ -255,7 +255,7 @@ def study_in_another_measured_dtype(
         candidate = checkpoint_location(settings, loaded, prompt_sets, engine.response_prefix, objectives)
         study = find_study(settings, candidate)
         if study is not None:
-            loaded.model.to(dtype=dtype)
+            loaded.model.to(dtype=dtype)  # type: ignore[call-arg]  # transformers wraps `to`; casting is what we want
             console.print(
                 f"The search in {candidate.shown()} computes in {dtype_name(dtype)}; computing in it again (measured "
                 f"fastest now: {dtype_name(chosen)}; --dtypes {dtype_name(chosen)} would start a new search instead)"
