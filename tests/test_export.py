@@ -89,11 +89,14 @@ def test_merged_model_is_plain_transformers_and_reproduces_the_trial(
 
 
 def test_evaluate_model_reads_kl_over_the_first_tokens_and_prints_responses(
-    saved: dict[str, Path], capsys: pytest.CaptureFixture[str]
+    saved: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """--kl-tokens N: the evaluated model is read on the original's own continuations, as in a search;
     --print-responses: every harmful prompt's response, with its verdict, for both models."""
     from heretic.evaluate import evaluate_model
+    from heretic.ui import console
+
+    monkeypatch.setattr(console, "width", 300)  # the table's headers on one line each, whatever the terminal
 
     first = evaluate_model(settings(saved["original"], saved["root"], evaluate_model=str(saved["model"])))[1][3]
     capsys.readouterr()

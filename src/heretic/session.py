@@ -180,10 +180,7 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
     if line:
         console.print(line)
 
-    location = checkpoint_location(settings, loaded, prompt_sets, engine.response_prefix, objectives)
-    existing = find_study(settings, location)  # a search to resume or join: its setup is reused
-    if existing is None:
-        location, existing = study_in_another_measured_dtype(settings, loaded, prompt_sets, engine, objectives, location)
+    location, existing = search_to_continue(settings, loaded, prompt_sets, engine, objectives)  # its setup is reused
 
     with stage("choosing the batch size"):
         engine.batch_size = pick_batch_size(settings, engine, prompt_sets, existing, location.shared)
@@ -228,6 +225,22 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
         study=study,
         location=location,
     )
+
+
+def search_to_continue(
+    settings: Settings,
+    loaded: LoadedModel,
+    prompt_sets: dict[str, list[Prompt]],
+    engine: Engine,
+    objectives: list[LoadedObjective],
+) -> tuple[Location, optuna.Study | None]:
+    """Where these settings' search is kept, and the study there to resume or join, if there is one (in the
+    compute dtype it was started in, when that differs from the one measured fastest now)."""
+    location = checkpoint_location(settings, loaded, prompt_sets, engine.response_prefix, objectives)
+    existing = find_study(settings, location)
+    if existing is None:
+        return study_in_another_measured_dtype(settings, loaded, prompt_sets, engine, objectives, location)
+    return location, existing
 
 
 def study_in_another_measured_dtype(
