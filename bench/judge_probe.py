@@ -72,11 +72,6 @@ def folds_of(groups: list[str]) -> list[torch.Tensor]:
     return [torch.tensor([i for i, g in enumerate(groups) if fold_of[g] == k]) for k in range(FOLDS)]
 
 
-def f1(y: torch.Tensor, verdicts: torch.Tensor) -> float:
-    tp, wrong = int((y & verdicts).sum()), int((y ^ verdicts).sum())
-    return 2 * tp / (2 * tp + wrong) if tp else 0.0
-
-
 def choose(features: torch.Tensor, y: torch.Tensor, groups: list[str]) -> tuple[int, float, float]:
     """(layer, λ, cross-validated F1) with the best cross-validated F1 on the development half."""
     best = (-1.0, 0, 0.0)
@@ -88,7 +83,7 @@ def choose(features: torch.Tensor, y: torch.Tensor, groups: list[str]) -> tuple[
                 train = torch.ones(len(y), dtype=torch.bool)
                 train[validation] = False
                 out[validation] = logits(fit_logistic(features[train, layer], y[train], l2), features[validation, layer])
-            score = f1(y, out > 0)
+            score = scores(y.tolist(), (out > 0).tolist())["f1"]
             if score > best[0]:
                 best = (score, layer, l2)
     return best[1], best[2], best[0]

@@ -114,22 +114,22 @@ class Evaluator:
         if verdict_so_far is not None and self.stop_on_refusal_only:
             verdict_so_far = refusal_only(verdict_so_far)
 
-        def is_decided(index: int, tokens: list[int]) -> bool:
+        def record(index: int, verdict: bool) -> None:
             nonlocal found
+            early[index] = verdict
+            found += int(verdict)
+
+        def is_decided(index: int, tokens: list[int]) -> bool:
             assert verdict_so_far is not None
             verdict = verdict_so_far(self.engine.decode(tokens))
             if verdict is None:
                 return False
-            early[index] = verdict
-            found += int(verdict)
+            record(index, verdict)
             return True
 
         def judge_finished(index: int, tokens: list[int]) -> None:
             """A whole response, judged as it ends: the count the cut-off sees grows during generation."""
-            nonlocal found
-            verdict = bool(self.judge.judge([self.harmful[index]], [self.engine.decode(tokens)])[0])
-            early[index] = verdict
-            found += int(verdict)
+            record(index, bool(self.judge.judge([self.harmful[index]], [self.engine.decode(tokens)])[0]))
 
         # Judging one response at a time costs nothing for the rule-based judges (and equals judging all at the end).
         cheap = isinstance(self.judge, (MarkerJudge, RuleJudge)) and verdict_so_far is not None and cutoff is not None
