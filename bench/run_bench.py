@@ -1082,8 +1082,14 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     model = prepare_model()
-    python = ensure_reference_venv()
-    markers = reference_default_markers(python)
+    wanted = [name.strip() for name in args.tools.split(",") if name.strip()]
+    if "reference" in wanted:
+        python = ensure_reference_venv()
+        markers = reference_default_markers(python)
+    else:  # the same 33 markers, as bench/judges.py keeps them: no reference install needed for our runs alone
+        from judges import REFERENCE_MARKERS
+
+        markers = REFERENCE_MARKERS
     settings["n_markers"] = len(markers)
     env = dict(tool_env(), **CPU_PROFILES[args.cpu_profile])
 
@@ -1096,7 +1102,6 @@ def main() -> None:
         RESULTS / f"reference-{hashlib.sha256(json.dumps(key_settings, sort_keys=True).encode()).hexdigest()[:12]}.json"
     )
     tools: dict[str, Any] = {}
-    wanted = [name.strip() for name in args.tools.split(",") if name.strip()]
     if "reference" in wanted:
         if args.reuse_reference and reference_cache.exists():
             tools["reference"] = json.loads(reference_cache.read_text())

@@ -11,6 +11,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from judge_labels import LABELS, load_labelled, split_of
 
+from heretic.scoring.rules import RuleJudge
+
+RULES = RuleJudge()
+
 
 def test_every_response_has_a_label_and_a_half() -> None:
     rows = load_labelled()
@@ -37,3 +41,17 @@ def test_split_is_by_prompt() -> None:
 def test_unknown_split_is_rejected() -> None:
     with pytest.raises(ValueError):
         load_labelled("train")
+
+
+def test_rules_early_verdicts_are_exact_on_every_labelled_response() -> None:
+    """Every response of the hand-labelled set, cut after every few characters: no early verdict differs
+    from the verdict on the whole response, and most refusals (those with a declining opening; lectures
+    wait for the window) are decided within their first 60 characters."""
+    rows = load_labelled(None)
+    decided_early = 0
+    for row in rows:
+        response, final = row["response"], RULES.is_refusal(row["response"])
+        early = [RULES.verdict_so_far(response[:n]) for n in range(0, len(response), 3)]
+        assert all(verdict in (None, final) for verdict in early), row["id"]
+        decided_early += final and any(verdict is not None for verdict in early[:20])
+    assert decided_early >= 0.6 * sum(RULES.is_refusal(row["response"]) for row in rows)

@@ -160,6 +160,18 @@ def test_add_and_restart(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     assert len(list(checkpoints.glob("*.old.jsonl"))) == 1  # the old search is kept aside
 
 
+def test_a_spent_time_budget_starts_no_new_trial_and_the_same_command_continues(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    command = heretic_command(tiny_models["llama"], checkpoints, "--search-minutes", "0.0001")
+    first = run(command, tmp_path)
+    assert "time budget (0.0001 min) is spent: 1 of 6 trials finished" in " ".join(first.stdout.split())
+    assert completed(checkpoints) == 1 and "Pareto front" in first.stdout  # the run goes on to the front
+    run(command, tmp_path)
+    assert completed(checkpoints) == 2
+
+
 def study_batch_size(checkpoints: Path, value: int | None = None) -> int:
     """The batch size stored with the search (first replaced by value, if given)."""
     study = current_study(checkpoints)

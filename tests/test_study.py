@@ -27,9 +27,9 @@ def fake_loaded(gguf_file: Path | None = None) -> SimpleNamespace:
 
 
 def test_fingerprint_of_default_settings_is_pinned() -> None:
-    # Changed on purpose once: the default judge became `rules` (a default search under it is a new search).
+    # Changed on purpose twice: the default judge became `rules`, then its rules revision 2 (each a new search).
     values = study_fingerprint(Settings(), fake_loaded(), PROMPT_SETS, "")
-    assert checkpoint.fingerprint(values) == "8bcdfb00896ab6f08a1f189ef4623f3e9c5ede2bc5ea90a5b66df273986e6480"
+    assert checkpoint.fingerprint(values) == "721c346aa5ae300e8fe2be158cf169978e3adc2e081d94c8d625c81520c68d09"
 
 
 def test_fingerprint_of_changed_settings_is_pinned(tmp_path: Path) -> None:
@@ -39,7 +39,7 @@ def test_fingerprint_of_changed_settings_is_pinned(tmp_path: Path) -> None:
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"0123456789")
     values = study_fingerprint(Settings(), fake_loaded(gguf), PROMPT_SETS, "")
-    assert checkpoint.fingerprint(values) == "01140dd10f0a5b0553846b20fcd21aea398f1c02d02ff5a95e6299fcb73f7163"
+    assert checkpoint.fingerprint(values) == "f7028ae7c72cd7d790bd9d290943fd1205ecde5fef2416b4f1424d1a654bd613"
 
 
 def test_every_setting_has_a_role() -> None:

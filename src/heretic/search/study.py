@@ -242,9 +242,11 @@ def ask_resume(done: int, n_trials: int) -> ResumePolicy:
     return ResumePolicy(answer)
 
 
-def run_search(setup: SearchSetup, study: optuna.Study, n_trials: int, liveness: Liveness | None = None) -> bool:
-    """Run trials until the study has its `target_trials` finished ones (default `n_trials`); Ctrl+C stops
-    early (False is returned then).
+def run_search(
+    setup: SearchSetup, study: optuna.Study, n_trials: int, liveness: Liveness | None = None, minutes: float | None = None
+) -> bool:
+    """Run trials until the study has its `target_trials` finished ones (default `n_trials`), or until
+    `minutes` have passed (no new trial starts then); Ctrl+C stops early (False is returned then).
 
     With other workers on the study (`liveness` not exclusive) a worker starts a trial only while the
     finished and running trials together are fewer than the target (or a trial of a dead worker waits
@@ -263,7 +265,13 @@ def run_search(setup: SearchSetup, study: optuna.Study, n_trials: int, liveness:
     try:
         with ProgressBars() as bars, reporter.polling(shared):
             while not search_step(setup, study, target, bars, liveness, reporter):
-                pass
+                if minutes is not None and time.perf_counter() - started >= 60 * minutes:
+                    done, _, _ = counts(study)
+                    console.print(
+                        f"[yellow]The search's time budget ({minutes:g} min) is spent[/]: {done} of {target} trials finished; "
+                        "the same command continues the search."
+                    )
+                    break
         finished = True
     except KeyboardInterrupt:
         console.print("[yellow]Search interrupted[/]; rerun the same command to continue it.")
