@@ -120,12 +120,18 @@ def low_rank_approximation(
     """Rank-r factors (B, A) of a batch of matrices by randomized SVD with power iterations.
 
     matrices: (batch, m, n). Returns B (batch, m, r) = U sqrt(S), A (batch, r, n) = sqrt(S) V^T.
+
+    Computed in float64 and returned in the input's dtype: in float32, CPU BLAS results change in the
+    last bits with the memory alignment of the inputs, and an adapter rebuilt from its record must be
+    bit-identical; float64 rounded to float32 is.
     """
+    dtype = matrices.dtype
+    matrices = matrices.double()
     batch, rows, cols = matrices.shape
     rank = min(rank, rows, cols)
     width = min(rank + oversample, rows, cols)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    probe = torch.randn((batch, cols, width), generator=generator, dtype=matrices.dtype).to(matrices.device)
+    probe = torch.randn((batch, cols, width), generator=generator, dtype=dtype).to(matrices)  # drawn as before: same sketch
     basis, _ = torch.linalg.qr(matrices @ probe)  # range finder: (batch, m, width)
     for _ in range(iterations):  # power iterations sharpen the spectrum
         basis, _ = torch.linalg.qr(matrices.transpose(1, 2) @ basis)
@@ -135,4 +141,4 @@ def low_rank_approximation(
     root = s[:, :rank].sqrt()
     b = (basis @ u[:, :, :rank]) * root.unsqueeze(1)
     a = root.unsqueeze(-1) * vh[:, :rank, :]
-    return b, a
+    return b.to(dtype), a.to(dtype)
