@@ -280,8 +280,8 @@ def plot(data: dict[str, Any], path: Path) -> None:
         axes.set_xlabel(f"refusals (of {data['n_prompts']} harmful prompts)")
         axes.set_yscale("log")
         axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
     panels[0].set_ylabel("KL divergence from the original")
-    panels[0].legend()
     figure.tight_layout()
     figure.savefig(path, dpi=130)
 

@@ -146,7 +146,7 @@ def test_two_workers_share_one_study_on_postgres(postgres_url: str, tiny_models:
     model = tiny_models["llama"]
     # Trials long enough (whole responses, every prompt counted) that the second worker has joined before
     # the first could run all six alone.
-    slow = ["--max-response-length", "32", "--no-stop-on-verdict", "--no-cut-hopeless-trials"]
+    slow = ["--max-response-length", "160", "--no-stop-on-verdict", "--no-cut-hopeless-trials"]
     common = ["--storage", postgres_url, "--n-trials", "6", "--search-only", *slow]
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     processes = [worker(model, tmp_path, *common, log=log) for log in logs]
@@ -179,7 +179,7 @@ def test_killed_worker_trial_runs_again_and_other_settings_are_refused(
     runs it again with the same parameters, and completes the study."""
     model = tiny_models["qwen2"]
     # Trials long enough to be caught running: whole responses, every prompt counted.
-    slow = ["--max-response-length", "32", "--no-stop-on-verdict", "--no-cut-hopeless-trials"]
+    slow = ["--max-response-length", "160", "--no-stop-on-verdict", "--no-cut-hopeless-trials"]
     common = ["--storage", postgres_url, "--n-trials", "8", "--search-only", "--heartbeat-interval", "1", *slow]
     victim = worker(model, tmp_path, *common, log=tmp_path / "victim.log")
     killed = None
