@@ -43,6 +43,7 @@ from heretic.session import Session, prepare
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from judges import REFERENCE_MARKERS  # noqa: E402
+from replay_reference import COMPONENTS  # noqa: E402  (the reference's module names -> our roles)
 from run_bench import (
     KL_CAP,
     REFUSAL_CAPS,
@@ -57,8 +58,6 @@ from run_bench import (
 )  # noqa: E402
 
 REFERENCE_LOGS = [RESULTS / "reference-full-run" / "output.log", RESULTS / "reference-full-run" / "output-2.log"]
-# The reference names components by module; ours by role.
-COMPONENTS = {"attn.o_proj": "attn", "mlp.down_proj": "mlp"}
 JUDGES = ("markers", "rules")  # markers: the reference's 33, as in the side-by-side benchmark; rules: our default
 
 
