@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -168,6 +169,7 @@ def test_a_spent_time_budget_starts_no_new_trial_and_the_same_command_continues(
     first = run(command, tmp_path)
     assert "time budget (0.0001 min) is spent: 1 of 6 trials finished" in " ".join(first.stdout.split())
     assert completed(checkpoints) == 1 and "Pareto front" in first.stdout  # the run goes on to the front
+    assert re.search(r"Trial +0 .* eta 0s ", first.stdout), first.stdout  # the estimate counts with the budget
     run(command, tmp_path)
     assert completed(checkpoints) == 2
 

@@ -450,6 +450,12 @@ class Settings(BaseSettings):
         description="Compute the chat-template prefix that all prompts share once per batch instead of once per prompt.",
         json_schema_extra=tags(Role.run),
     )
+    reuse_unchanged_layers: bool = Field(
+        default=True,
+        description="Record the original model's passes over the evaluation prompts once, and start each trial's prompt "
+        "passes at the first layer its ablation changes. Exact; costs up to 1 GiB of memory.",
+        json_schema_extra=tags(Role.run),
+    )
 
     # --- Directions -----------------------------------------------------------------------
     orthogonalize_direction: bool = Field(

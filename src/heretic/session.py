@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from .model.generation import Engine
 from .model.hardware import busy_warning, configure_threads, describe_choice, dtype_name
 from .model.loading import LoadedModel, eos_token_ids, load_model
 from .model.memory import stage
+from .model.reuse import LayerReuse
 from .prompts import Prompt, load_prompts, prompt_set_title
 from .scoring.evaluator import Evaluator, detect_response_prefix
 from .scoring.judges import make_judge as build_judge
@@ -188,6 +190,9 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
         directions, residuals = shared_directions(settings, engine, loaded, prompt_sets, existing)
 
     ablator = make_ablator(settings, loaded, arch, residuals, directions)
+    if settings.reuse_unchanged_layers:
+        _, layers = find_layers(loaded.model, arch.num_layers)
+        engine.reuse = LayerReuse(list(layers), lambda: ablator.unchanged_layers)
     judge = make_judge(settings, engine, ablator)
     evaluator = Evaluator(
         engine,
@@ -355,10 +360,13 @@ def score_original(evaluator: Evaluator, study: optuna.Study | None = None) -> t
     stored_verdicts: list[object] = found if isinstance(found, list) else []
     reuse = len(stored_verdicts) == len(evaluator.harmful) > 0 and not evaluator.objectives
     values: dict[str, float] = {}
-    with ProgressBars() as bars:
+    recording = evaluator.engine.reuse.recording_original() if evaluator.engine.reuse is not None else nullcontext()
+    with ProgressBars() as bars, recording:
         evaluator.progress = bars
         evaluator.measure_base()
         if reuse:
+            if evaluator.engine.reuse is not None:  # the prefill of the harmful prompts, recorded for the trials
+                evaluator.engine.generate(evaluator.harmful_ids, 1)
             refusals, verdicts, origin = (
                 int(stored["baseline_refusals"]),
                 [bool(v) for v in stored_verdicts],

@@ -73,6 +73,7 @@ class Ablator:
     def reset(self) -> None:
         """The unmodified model: every adapter's B set to zero, and A too (PEFT initializes A at random, which
         a saved adapter would otherwise carry for the weights a trial leaves alone: not reproducible)."""
+        self.unchanged_layers = self.arch.num_layers
         with torch.no_grad():
             for lora in self._lora_layers.values():
                 lora.lora_B[ADAPTER].weight.zero_()
@@ -116,8 +117,10 @@ class Ablator:
     @torch.no_grad()
     def apply(self, parameters: AblationParameters, directions: torch.Tensor) -> None:
         self.reset()
+        self.unchanged_layers = 0  # unknown until every adapter is written
         for target, b, a in self.factors(parameters, directions):
             self._write(target, b, a)
+        self.unchanged_layers = first_changed_layer(parameters, self.arch)
 
     def _write(self, target: Target, b: torch.Tensor, a: torch.Tensor) -> None:
         lora = self._lora_layers[target.name]
@@ -150,3 +153,10 @@ class Ablator:
             else:
                 state[target.name] = merged[0].contiguous()
         return state
+
+
+def first_changed_layer(parameters: AblationParameters, arch: ArchitectureMap) -> int:
+    """The lowest layer with a non-zero kernel weight: the layers below it are the original's (the number
+    of layers when the ablation changes none)."""
+    changed = [layer for layer, component, _ in arch.targets() if parameters.weight(component, layer) != 0.0]
+    return min(changed, default=arch.num_layers)

@@ -12,6 +12,7 @@ floating-point reassociation, which the tests bound).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..errors import HereticError
 from ..prompts import Prompt
 from .chat import format_chat
+from .reuse import LayerReuse
 
 # (index of the prompt, generated token ids so far) -> True once the response needs no more tokens.
 DecidedFn = Callable[[int, list[int]], bool]
@@ -71,6 +73,7 @@ class Engine:
         make_head_input_contiguous(model)
         self.sliding_window = sliding_window(model)
         self.max_prompt_tokens = prompt_token_limit(model)
+        self.reuse: LayerReuse | None = None  # the original's prompt passes, reused by trials (model/reuse.py)
 
     def _forward(self, cache: object | None, keep: int = 1, **inputs: object) -> tuple[torch.Tensor, object]:
         """One forward pass keeping the last position's logits; returns (logits (rows, vocab), cache).
@@ -130,6 +133,8 @@ class Engine:
             prefix = torch.tensor([batch.prefix], device=device)
             _, cache = self._forward(None, input_ids=prefix)
             cache.reorder_cache(torch.zeros(rows, dtype=torch.long, device=device))  # copy the prefix to each row
+        key = self.reuse.key(batch.prefix, batch.suffixes) if self.reuse is not None else None
+        pass_context = self._reused_pass(key, prefix_length)
         width = max(len(row) for row in batch.suffixes)
         input_ids = torch.full((rows, width), self.pad_id, dtype=torch.long)
         suffix_mask = torch.zeros((rows, width), dtype=torch.long)
@@ -139,14 +144,29 @@ class Engine:
         # Positions continue after the prefix, skipping the padding in between.
         positions = prefix_length + (suffix_mask.cumsum(dim=1) - 1).clamp(min=0)
         mask = torch.cat([torch.ones((rows, prefix_length), dtype=torch.long), suffix_mask], dim=1)
-        logits, cache = self._forward(
-            cache,
-            keep,
-            input_ids=input_ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=positions.to(device),
-        )
+        with pass_context as record:
+            logits, cache = self._forward(
+                cache,
+                keep,
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+            )
+            if record is not None:
+                record.cache = cache
         return logits, cache, mask.to(device), positions[:, -1].to(device)
+
+    def _reused_pass(self, key: tuple | None, cached_positions: int) -> contextlib.AbstractContextManager:
+        """The suffix pass's context: recording the original's pass, replaying a recorded one below the
+        first layer the adapters change, or nothing (see model/reuse.py)."""
+        if self.reuse is None or key is None:
+            return contextlib.nullcontext()
+        if self.reuse.should_record(key):
+            return self.reuse.record(key, cached_positions)
+        start = self.reuse.start_layer(key)
+        if start > 0:
+            return self.reuse.replay(key, start, self.device)
+        return contextlib.nullcontext()
 
     @torch.inference_mode()
     def first_logprobs(self, ids: list[list[int]], progress: ProgressFn | None = None) -> torch.Tensor:
@@ -216,8 +236,9 @@ class Engine:
             raise HereticError(
                 f"A prompt is shorter than the {-min(offsets)} tokens --direction-positions reads; use smaller offsets."
             )
-        share_prefix = self.share_prefix
+        share_prefix, reuse = self.share_prefix, self.reuse
         self.share_prefix = share_prefix and list(offsets) == [-1]
+        self.reuse = None  # every layer must run: the hooks read each one's output
         handles = [layers[0].register_forward_pre_hook(keep_input, with_kwargs=True)]
         handles += [layer.register_forward_hook(keep_output) for layer in layers]
         result: list[torch.Tensor | None] = [None] * len(ids)
@@ -231,7 +252,7 @@ class Engine:
                 if progress:
                     progress(len(batch.indices))
         finally:
-            self.share_prefix = share_prefix
+            self.share_prefix, self.reuse = share_prefix, reuse
             for handle in handles:
                 handle.remove()
         return torch.stack(result)  # type: ignore[arg-type]

@@ -259,8 +259,9 @@ def run_search(
     shared = liveness is not None and not liveness.exclusive
     others = " with the other workers of this study" if shared else ""
     console.print(f"Searching: {target - done} trials{others} (Ctrl+C stops the search and keeps every finished trial)")
-    reporter = Reporter(study, len(setup.evaluator.harmful), target, shared)
     started = time.perf_counter()
+    deadline = started + 60 * minutes if minutes is not None else None
+    reporter = Reporter(study, len(setup.evaluator.harmful), target, shared, deadline)
     finished = False
     try:
         with ProgressBars() as bars, reporter.polling(shared):
@@ -303,8 +304,11 @@ def search_step(
 class Reporter:
     """Prints one line per finished trial of the study, whichever worker ran it (once each)."""
 
-    def __init__(self, study: optuna.Study, n_prompts: int, target: int, shared: bool = False) -> None:
+    def __init__(
+        self, study: optuna.Study, n_prompts: int, target: int, shared: bool = False, deadline: float | None = None
+    ) -> None:
         self.study, self.n_prompts, self.target, self.shared = study, n_prompts, target, shared
+        self.deadline = deadline  # perf_counter() time at which the time budget stops the search, if any
         self.shown = {r.number for r in trial_results(study)}
         self.lock = threading.Lock()
         self.told_waiting = False
@@ -323,6 +327,8 @@ class Reporter:
                 recent = sorted(trials)[-20:]
                 workers = len({trials[n].user_attrs.get(WORKER_ATTR) for n in recent}) if self.shared else 1
                 eta = eta_seconds(self.study, self.target - done) / max(1, min(workers, self.target - done or 1))
+                if self.deadline is not None:  # no trial starts after the time budget
+                    eta = min(eta, max(0.0, self.deadline - time.perf_counter()))
                 worker = trials[result.number].user_attrs.get(WORKER_ATTR) if self.shared else None
                 console.print(trial_line(result, self.n_prompts, done, self.target, eta, worker))
 
