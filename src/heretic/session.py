@@ -189,10 +189,7 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
     with stage("computing the refusal directions"):
         directions, residuals = shared_directions(settings, engine, loaded, prompt_sets, existing)
 
-    ablator = make_ablator(settings, loaded, arch, residuals, directions)
-    if settings.reuse_unchanged_layers:
-        _, layers = find_layers(loaded.model, arch.num_layers)
-        engine.reuse = LayerReuse(list(layers), lambda: ablator.unchanged_layers)
+    ablator = make_ablator(settings, loaded, arch, residuals, directions, engine)
     judge = make_judge(settings, engine, ablator)
     evaluator = Evaluator(
         engine,
@@ -469,10 +466,15 @@ def make_ablator(
     arch: ArchitectureMap,
     residuals: dict[str, torch.Tensor] | None,
     directions: torch.Tensor,
+    engine: Engine | None = None,
 ) -> Ablator:
-    """The model's adapters; with --subspace-rank k > 1 they ablate k-dimensional subspaces around the directions."""
+    """The model's adapters; with --subspace-rank k > 1 they ablate k-dimensional subspaces around the directions.
+    With `engine` (and --reuse-unchanged-layers), its prompt passes skip the layers the adapters leave unchanged."""
     rank = settings.subspace_rank
     ablator = Ablator(loaded.model, arch, settings.row_normalization.value, settings.full_normalization_rank, settings.seed, rank)
+    if engine is not None and settings.reuse_unchanged_layers:
+        _, layers = find_layers(loaded.model, arch.num_layers)
+        engine.reuse = LayerReuse(list(layers), lambda: ablator.unchanged_layers)
     if rank > 1:
         assert residuals is not None
         ablator.subspace = subspace_bases(residuals["harmful"], residuals["harmless"], directions, rank)
