@@ -216,21 +216,25 @@ def markdown(summary: dict[str, Any]) -> str:
             f"{fewest if fewest is not None else 'none'}/100 (target ≤ {REFUSALS_TARGET}/100: "
             f"{'met' if fewest is not None and fewest <= REFUSALS_TARGET else 'missed'})."
         )
-    lines += [
-        "",
-        "The trial each run chose (default rule) and its refusals on the bundled held-out harmful prompts (never "
-        "used for directions or the search; an easier set: see the section above):",
-        "",
-        "| run | chosen trial | refusals in the search | KL | held-out refusals | difference |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for run in [*trials, *timed]:
+    runs_with_logs = [run for run in [*trials, *timed] if run["chosen"] is not None]
+    lines += (
+        []
+        if not runs_with_logs
+        else [
+            "",
+            "The trial each run chose (default rule) and its refusals on the bundled held-out harmful prompts (never "
+            "used for directions or the search; an easier set: see the section above):",
+            "",
+            "| run | chosen trial | refusals in the search | KL | held-out refusals | difference |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+    )
+    for run in runs_with_logs:
         chosen = run["chosen"]
-        if chosen is not None:
-            lines.append(
-                f"| {run['label']} | {chosen['trial']} | {chosen['refusals']}/100 | {chosen['kl']:.3f} | "
-                f"{chosen['heldout']}/100 (original {chosen['original_heldout']}) | {chosen['heldout'] - chosen['refusals']:+d} |"
-            )
+        lines.append(
+            f"| {run['label']} | {chosen['trial']} | {chosen['refusals']}/100 | {chosen['kl']:.3f} | "
+            f"{chosen['heldout']}/100 (original {chosen['original_heldout']}) | {chosen['heldout'] - chosen['refusals']:+d} |"
+        )
     lines += ["", "Reproduce: `python bench/seed_fronts.py " + summary["command"] + "`."]
     return "\n".join(lines)
 
