@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import KINDS, NO_SYSTEM, make_model, make_tokenizer, save_tiny
+from tiny import KINDS, NO_SYSTEM, PROMPTS, make_model, make_tokenizer, save_tiny
 
 from heretic.errors import HereticError
 from heretic.model import batching
@@ -16,18 +16,6 @@ from heretic.model.batching import choose_batch_size, is_out_of_memory
 from heretic.model.chat import format_chat
 from heretic.model.generation import Engine, common_prefix_length
 from heretic.model.loading import eos_token_ids, load_model, resolve_source
-from heretic.prompts import Prompt
-
-PROMPTS = [
-    Prompt("You are a helpful assistant.", text)
-    for text in (
-        "Write a haiku about rain.",
-        "Explain how a lighthouse works in two sentences.",
-        "List three prime numbers.",
-        "Why is the sky blue?",
-        "Translate good morning into French.",
-    )
-]
 
 
 def load(path: Path):

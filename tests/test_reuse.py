@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import PROMPTS
 
 from heretic.ablation.adapters import Ablator, first_changed_layer
 from heretic.ablation.parameters import AblationParameters, ComponentKernel
@@ -16,16 +17,6 @@ from heretic.model.loading import eos_token_ids, load_model
 from heretic.model.reuse import LayerReuse
 from heretic.prompts import Prompt
 
-PROMPTS = [
-    Prompt("You are a helpful assistant.", text)
-    for text in (
-        "Write a haiku about rain.",
-        "Explain how a lighthouse works in two sentences.",
-        "List three prime numbers.",
-        "Why is the sky blue?",
-        "Translate good morning into French.",
-    )
-]
 OTHER = [Prompt("You are a helpful assistant.", "Name a colour.")]
 
 # Kernels of 4-layer models that change layers 2 and 3 only (peak at 3, reach 1).

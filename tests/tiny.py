@@ -10,6 +10,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from heretic.prompts import Prompt
+
 CHATML = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -30,6 +32,18 @@ KINDS = ("llama", "qwen2", "gemma3", "qwen3_moe", "qwen2_moe", "gemma3_mm")
 
 
 # Small bundled prompt sets, as command-line flags, for end-to-end runs on the tiny models.
+# A few chat prompts for the forward-pass tests.
+PROMPTS = [
+    Prompt("You are a helpful assistant.", text)
+    for text in (
+        "Write a haiku about rain.",
+        "Explain how a lighthouse works in two sentences.",
+        "List three prime numbers.",
+        "Why is the sky blue?",
+        "Translate good morning into French.",
+    )
+]
+
 PROMPT_FLAGS = [
     "--harmful-prompts",
     "bundled:harmful_train[:12]",

@@ -133,8 +133,7 @@ class Engine:
             prefix = torch.tensor([batch.prefix], device=device)
             _, cache = self._forward(None, input_ids=prefix)
             cache.reorder_cache(torch.zeros(rows, dtype=torch.long, device=device))  # copy the prefix to each row
-        key = self.reuse.key(batch.prefix, batch.suffixes) if self.reuse is not None else None
-        pass_context = self._reused_pass(key, prefix_length)
+        pass_context = self._reused_pass(batch)
         width = max(len(row) for row in batch.suffixes)
         input_ids = torch.full((rows, width), self.pad_id, dtype=torch.long)
         suffix_mask = torch.zeros((rows, width), dtype=torch.long)
@@ -156,13 +155,14 @@ class Engine:
                 record.cache = cache
         return logits, cache, mask.to(device), positions[:, -1].to(device)
 
-    def _reused_pass(self, key: tuple | None, cached_positions: int) -> contextlib.AbstractContextManager:
+    def _reused_pass(self, batch: Batch) -> contextlib.AbstractContextManager:
         """The suffix pass's context: recording the original's pass, replaying a recorded one below the
         first layer the adapters change, or nothing (see model/reuse.py)."""
-        if self.reuse is None or key is None:
+        if self.reuse is None:
             return contextlib.nullcontext()
+        key = self.reuse.key(batch.prefix, batch.suffixes)
         if self.reuse.should_record(key):
-            return self.reuse.record(key, cached_positions)
+            return self.reuse.record(key, len(batch.prefix))  # the cache holds the prefix's positions first
         start = self.reuse.start_layer(key)
         if start > 0:
             return self.reuse.replay(key, start, self.device)

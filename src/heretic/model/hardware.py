@@ -227,19 +227,14 @@ def remember(path: Path, key: str, measurements: list[DtypeMeasurement]) -> None
         log.info("Could not store the dtype measurements in %s: %s", path, error)
 
 
-def measurement_key(native: torch.dtype, device: torch.device, hidden: int, intermediate: int) -> str:
-    """Where the measurements at these sizes on this device are stored: a digest of all they depend on."""
-    identity = {"sizes": [hidden, intermediate], "native": dtype_name(native), **device_signature(device)}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
-
-
 def measure_or_remember(
     path: Path, native: torch.dtype, device: torch.device, hidden: int, intermediate: int
 ) -> list[DtypeMeasurement]:
     """The candidate dtypes' speeds at these sizes on this device: measured once per machine, then
     remembered, so that every run (a resumed search too) computes in the same dtype. A measurement
     that another busy process disturbed is not remembered."""
-    key = measurement_key(native, device, hidden, intermediate)
+    identity = {"sizes": [hidden, intermediate], "native": dtype_name(native), **device_signature(device)}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
     earlier = remembered(path, key)
     if earlier is not None:
         return earlier

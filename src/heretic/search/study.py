@@ -266,7 +266,7 @@ def run_search(
     try:
         with ProgressBars() as bars, reporter.polling(shared):
             while not search_step(setup, study, target, bars, liveness, reporter):
-                if minutes is not None and time.perf_counter() - started >= 60 * minutes:
+                if deadline is not None and time.perf_counter() >= deadline:
                     done, _, _ = counts(study)
                     console.print(
                         f"[yellow]The search's time budget ({minutes:g} min) is spent[/]: {done} of {target} trials finished; "
