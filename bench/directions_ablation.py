@@ -134,9 +134,10 @@ def main() -> None:
     chosen = {name: VARIANTS[name] for name in args.variants.split(",")}
     variants = variant_directions(engine, loaded, prompt_sets, settings, chosen)
     directions_s = time.perf_counter() - started
-    # One set of adapters wide enough for k = 3 (the first rows of a k = 1 ablation are the same factors).
+    # One set of adapters wide enough for k = 3 (the first rows of a k = 1 ablation are the same factors); the
+    # full ablation's rank-r approximation, as when the screening was recorded.
     mode, rank = settings.row_normalization.value, settings.full_normalization_rank
-    ablator = Ablator(loaded.model, arch, mode, rank, settings.seed, subspace_rank=3)
+    ablator = Ablator(loaded.model, arch, mode, rank, settings.seed, subspace_rank=3, exact=False)
     judge = make_judge(settings, engine, ablator)
     length = settings.max_response_length
     evaluator = Evaluator(engine, judge, prompt_sets["harmful_eval"], prompt_sets["harmless_eval"], length)

@@ -96,8 +96,9 @@ def main() -> None:
     directions = refusal_directions(residuals["harmful"], residuals["harmless"], settings.orthogonalize_direction)
     print(f"directions {tuple(directions.shape)} in {time.perf_counter() - started:.0f}s", flush=True)
 
-    # The tool's default ablation (norm-preserving, rank 3), as when the trials were replayed and scored.
-    ablator = Ablator(loaded.model, arch, settings.row_normalization.value, settings.full_normalization_rank, settings.seed)
+    # The norm-preserving ablation stored as its rank-3 approximation, as when the labelled responses were generated.
+    mode, rank = settings.row_normalization.value, settings.full_normalization_rank
+    ablator = Ablator(loaded.model, arch, mode, rank, settings.seed, exact=False)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for config, kind, split, first in JOBS:

@@ -13,7 +13,7 @@ trials replayed and counted by the same judge (bench/rescore_fronts.py), and che
         --timed 20261202-164313.json
 
 Writes bench/results/seed-fronts.json, bench/results/fronts-seeds.png and the "seeds" section of
-BENCHMARKS.md. Our trials cut short as dominated have only a lower bound on their refusals and are
+BENCHMARKS.md (with --name NAME: seed-fronts-NAME.json, fronts-NAME.png and the NAME section). Our trials cut short as dominated have only a lower bound on their refusals and are
 left out of the fronts (they are dominated by trials that are in them).
 """
 
@@ -150,10 +150,10 @@ def summarize(trials: list[dict[str, Any]], timed: list[dict[str, Any]], referen
     }
 
 
-def markdown(summary: dict[str, Any]) -> str:
+def markdown(summary: dict[str, Any], title: str) -> str:
     trials, timed, caps = summary["trials"], summary["timed"], {row["cap"]: row for row in summary["caps"]}
     lines = [
-        "## The model we hand out: our search over three seeds, and with more time (default judge)",
+        f"## {title}",
         "",
         "Our search under the default judge (`--judge rules`) at the side-by-side benchmark's settings (demo model, "
         "100 + 100 evaluation prompts, 100-token responses, 10 random start-up trials), against the reference's 30 "
@@ -270,15 +270,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", nargs="+", required=True, help="results files of 30-trial runs (one per seed)")
     parser.add_argument("--timed", nargs="*", default=[], help="results files of runs with a time budget")
+    parser.add_argument(
+        "--name", default="seeds", help="names the outputs: seed-fronts.json for 'seeds', else seed-fronts-NAME.json"
+    )
+    parser.add_argument(
+        "--title",
+        default="The model we hand out: our search over three seeds, and with more time (default judge)",
+        help="the section's heading",
+    )
     args = parser.parse_args()
     trials = [our_run(RESULTS / name) for name in args.trials]
     timed = [our_run(RESULTS / name) for name in args.timed]
     summary = summarize(trials, timed, reference_points())
-    summary["command"] = " ".join(["--trials", *args.trials] + (["--timed", *args.timed] if args.timed else []))
-    (RESULTS / "seed-fronts.json").write_text(json.dumps(summary, indent=2))
-    plot(summary, RESULTS / "fronts-seeds.png")
-    section = markdown(summary)
-    update_benchmarks_md(section, "seeds")
+    named = [] if args.name == "seeds" else ["--name", args.name, "--title", f"'{args.title}'"]
+    summary["command"] = " ".join(["--trials", *args.trials] + (["--timed", *args.timed] if args.timed else []) + named)
+    suffix = "" if args.name == "seeds" else f"-{args.name}"
+    (RESULTS / f"seed-fronts{suffix}.json").write_text(json.dumps(summary, indent=2))
+    plot(summary, RESULTS / f"fronts-{args.name}.png")
+    section = markdown(summary, args.title)
+    update_benchmarks_md(section, args.name)
     print(section)
 
 

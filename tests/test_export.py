@@ -168,6 +168,18 @@ def test_card_holds_metrics_parameters_and_provenance(saved: dict[str, Path]) ->
     assert adapter_record["saved"]["kind"] == "adapter" and list(adapter_record["saved"]["weights"]) == [
         "adapter_model.safetensors"
     ]
+    # The default full ablation is exact: said in the record and the card; the adapter is a DoRA adapter.
+    assert record["trial"]["ablation"] == "full, exact" and "- row normalization: full, exact" in card
+    assert json.loads((saved["adapter"] / "adapter_config.json").read_text())["use_dora"] is True
+
+
+def test_a_record_from_before_the_exact_ablation_is_rebuilt_with_the_approximation() -> None:
+    from heretic.export.reproduce import rebuilt_settings
+
+    data = {"settings": {"model": "m", "row_normalization": "full", "full_normalization_rank": 3}, "model": {"name": "m"}}
+    assert rebuilt_settings(Settings(model="m"), data).full_normalization_exact is False
+    data["settings"]["full_normalization_exact"] = True
+    assert rebuilt_settings(Settings(model="m"), data).full_normalization_exact is True
 
 
 def test_heldout_count_is_in_the_record_and_the_card(saved: dict[str, Path]) -> None:

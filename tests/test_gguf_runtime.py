@@ -385,7 +385,7 @@ def demo_merged(demo: Demo):
 
     from heretic.export.merged import merged_model
 
-    return merged_model(SimpleNamespace(ablator=demo.ablator, directions=demo.directions), demo.parameters)
+    return merged_model(SimpleNamespace(ablator=demo.ablator, directions=demo.directions, loaded=demo.loaded), demo.parameters)
 
 
 @pytest.mark.parametrize("out_type", GGUF_TYPES)

@@ -14,6 +14,7 @@ from heretic.ablation.kernels import (
     interpolate_subspace,
     kernel_weight,
     low_rank_approximation,
+    norm_preserving_factors,
 )
 from heretic.ablation.parameters import AblationParameters, ComponentKernel
 from heretic.directions import orthonormal_rows, refusal_directions, subspace_bases, winsorize
@@ -136,6 +137,41 @@ def test_full_mode_keeps_row_norms_and_approximates_the_explicit_matrix(matrices
     torch.testing.assert_close(matrices + b_full @ a_full, explicit, atol=1e-4, rtol=1e-4)
     b_again, a_again = ablation_factors(matrices, direction, 1.0, "full", rank=3, seed=7)
     assert torch.equal(b, b_again) and torch.equal(a, a_again)
+
+
+@pytest.mark.parametrize("weight", [0.3, 1.0, 1.6])
+def test_exact_full_factors_are_the_explicit_matrix(matrices: torch.Tensor, direction: torch.Tensor, weight: float) -> None:
+    """diag(s) (M + B A) is the norm-preserving ablation itself (rank 1 and a scale, no approximation)."""
+    factors = norm_preserving_factors(matrices, direction, weight)
+    assert factors.b.shape == (3, 16, 1) and factors.a.shape == (3, 1, 24)
+    assert factors.scale is not None and factors.scale.shape == (3, 16) and factors.scale.dtype == torch.float32
+    explicit = ablated_matrices(matrices, direction, weight, "full")
+    torch.testing.assert_close(factors.merged(matrices), explicit, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(factors.merged(matrices).norm(dim=-1), matrices.norm(dim=-1), atol=1e-5, rtol=1e-5)
+    # At weight 0 nothing changes: B A = 0 and every scale is 1.
+    zero = norm_preserving_factors(matrices, direction, 0.0)
+    assert zero.scale is not None and torch.equal(zero.merged(matrices), matrices * zero.scale.unsqueeze(-1))
+    torch.testing.assert_close(zero.scale, torch.ones(3, 16), atol=1e-6, rtol=0)
+
+
+def test_exact_full_factors_of_a_subspace(matrices: torch.Tensor) -> None:
+    basis = orthonormal_rows(torch.randn(3, 16, generator=torch.Generator().manual_seed(5)))  # (k, out)
+    factors = norm_preserving_factors(matrices, basis, 0.8)
+    assert factors.b.shape == (3, 16, 3) and factors.a.shape == (3, 3, 24)
+    torch.testing.assert_close(factors.merged(matrices), ablated_matrices(matrices, basis, 0.8, "full"), atol=1e-5, rtol=1e-5)
+
+
+def test_exact_full_factors_do_not_depend_on_memory_alignment() -> None:
+    """A rebuilt adapter must match its record bit for bit: the scale is computed in float64."""
+    matrix = torch.randn(1, 64, 96, generator=torch.Generator().manual_seed(0))
+    v = unit(torch.randn(64, generator=torch.Generator().manual_seed(1)))
+    results = []
+    for offset in range(8):
+        buffer = torch.empty(matrix.numel() + offset)
+        shifted = buffer[offset : offset + matrix.numel()].view_as(matrix)
+        shifted.copy_(matrix)
+        results.append(norm_preserving_factors(shifted, v, 0.9))
+    assert all(all(torch.equal(x, y) for x, y in zip(result, results[0], strict=True)) for result in results)
 
 
 def test_low_rank_approximation_does_not_depend_on_memory_alignment() -> None:

@@ -194,12 +194,12 @@ def test_the_search_ablates_the_dequantized_weights(quantization: str, quantizab
     parameters = AblationParameters("per-layer", 0.0, {"attn": one, "mlp": one})
     directions = _directions()
     count = 0
-    for target, b, a in ablator.factors(parameters, directions):
+    for target, factors in ablator.factors(parameters, directions):
         layer = int(target.module.split(".")[2])
         dense = as_matrices(getattr(loaded.model.get_submodule(target.module), target.parameter), target)
         v = directions[layer + 1]
         assert torch.einsum("o,eoi->ei", v, dense).abs().max() > 1e-2  # quantized weights, dequantized
-        assert torch.einsum("o,eoi->ei", v, dense + b @ a).abs().max() < 1e-4
+        assert torch.einsum("o,eoi->ei", v, factors.merged(dense)).abs().max() < 1e-4
         count += 1
     assert count == 8
 

@@ -27,8 +27,12 @@ def fake_loaded(gguf_file: Path | None = None) -> SimpleNamespace:
 
 
 def test_fingerprint_of_default_settings_is_pinned() -> None:
-    # Changed on purpose twice: the default judge became `rules`, then its rules revision 2 (each a new search).
+    # Changed on purpose three times: the default judge became `rules`, then its rules revision 2, then the full
+    # ablation became exact (full_normalization_exact); each a new search.
     values = study_fingerprint(Settings(), fake_loaded(), PROMPT_SETS, "")
+    assert checkpoint.fingerprint(values) == "3036f24fcdabeee82f164f014a04a9794fb2feae89d204e3d893384dab93cfe3"
+    # The approximated full ablation keeps the fingerprint it had: searches started before still resume with it.
+    values = study_fingerprint(Settings(full_normalization_exact=False), fake_loaded(), PROMPT_SETS, "")
     assert checkpoint.fingerprint(values) == "721c346aa5ae300e8fe2be158cf169978e3adc2e081d94c8d625c81520c68d09"
 
 
@@ -39,7 +43,7 @@ def test_fingerprint_of_changed_settings_is_pinned(tmp_path: Path) -> None:
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"0123456789")
     values = study_fingerprint(Settings(), fake_loaded(gguf), PROMPT_SETS, "")
-    assert checkpoint.fingerprint(values) == "f7028ae7c72cd7d790bd9d290943fd1205ecde5fef2416b4f1424d1a654bd613"
+    assert checkpoint.fingerprint(values) == "4d3f18c518c430c13586d4bee97d9732a5a8569cd8237d64b52656e310d6340e"
 
 
 def test_every_setting_has_a_role() -> None:
@@ -86,6 +90,12 @@ def test_direction_and_component_options_enter_the_fingerprint_only_when_changed
     seen = {default}
     for change in ({"direction_positions": [-2, -1]}, {"subspace_rank": 2}, {"kl_tokens": 4}, {"search_mlp_off": True}):
         values = study_fingerprint(Settings(**change), fake_loaded(), PROMPT_SETS, "")
-        assert values["judge"]["variant"] == change  # type: ignore[index]
+        assert values["judge"]["variant"] == change | {"full_normalization_exact": True}  # type: ignore[index]
         seen.add(checkpoint.fingerprint(values))
     assert len(seen) == 5
+    # The exact full ablation enters as a change from what earlier searches had (the approximation), and only
+    # where the ablation is full.
+    approximated = study_fingerprint(Settings(full_normalization_exact=False), fake_loaded(), PROMPT_SETS, "")
+    assert "variant" not in str(approximated["judge"])
+    pre = study_fingerprint(Settings(row_normalization="pre"), fake_loaded(), PROMPT_SETS, "")
+    assert "full_normalization_exact" not in str(pre["judge"])

@@ -490,14 +490,20 @@ class Settings(BaseSettings):
     row_normalization: RowNormalization = Field(
         default=RowNormalization.full,
         description="none: plain rank-1 ablation; pre: ablation of the row-normalized matrix; "
-        "full: norm-preserving ablation (row norms kept), stored as a rank-r approximation.",
+        "full: norm-preserving ablation (every row keeps its norm).",
         json_schema_extra=tags(Role.score, section="Ablation"),
+    )
+    full_normalization_exact: bool = Field(
+        default=True,
+        description="Keep every row's norm exactly in a full ablation: a rank-k adapter and a per-row output scale "
+        "(a saved adapter is a DoRA adapter); off: a rank-r LoRA approximation, as fused MoE expert tensors always get.",
+        json_schema_extra=tags(Role.score, fingerprint="judge"),
     )
     full_normalization_rank: int = Field(
         default=3,
         ge=1,
         le=64,
-        description="Rank r of the adapter that stores a norm-preserving (full) ablation.",
+        description="Rank r of the LoRA approximation of a norm-preserving (full) ablation, where it is not exact.",
         json_schema_extra=tags(Role.score),
     )
 

@@ -471,7 +471,15 @@ def make_ablator(
     """The model's adapters; with --subspace-rank k > 1 they ablate k-dimensional subspaces around the directions.
     With `engine` (and --reuse-unchanged-layers), its prompt passes skip the layers the adapters leave unchanged."""
     rank = settings.subspace_rank
-    ablator = Ablator(loaded.model, arch, settings.row_normalization.value, settings.full_normalization_rank, settings.seed, rank)
+    ablator = Ablator(
+        loaded.model,
+        arch,
+        settings.row_normalization.value,
+        settings.full_normalization_rank,
+        settings.seed,
+        rank,
+        exact=settings.full_normalization_exact,
+    )
     if engine is not None and settings.reuse_unchanged_layers:
         _, layers = find_layers(loaded.model, arch.num_layers)
         engine.reuse = LayerReuse(list(layers), lambda: ablator.unchanged_layers)

@@ -1,21 +1,22 @@
 """Ablation applied to a model as PEFT LoRA adapters on the frozen weights.
 
 Every target weight of the architecture map gets a LoRA adapter (fused 3-D expert tensors through
-PEFT's `target_parameters`). A trial writes its factors B A into the adapters; resetting zeroes them,
-so the model is never reloaded between trials.
+PEFT's `target_parameters`). A trial writes its factors B A into the adapters, and for the exact
+norm-preserving ablation a per-row scale of each module's output; resetting zeroes them, so the model
+is never reloaded between trials.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from ..model.architecture import ArchitectureMap, Target, as_matrices
-from .kernels import ablation_factors
+from .kernels import Factors, ablation_factors, norm_preserving_factors, row_norms
 from .parameters import AblationParameters
 
 ADAPTER = "default"
@@ -24,13 +25,26 @@ ADAPTER = "default"
 class Ablator:
     """Owns the LoRA adapters of a model and writes trials into them."""
 
-    def __init__(self, model: nn.Module, arch: ArchitectureMap, mode: str, rank: int, seed: int, subspace_rank: int = 1) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        arch: ArchitectureMap,
+        mode: str,
+        rank: int,
+        seed: int,
+        subspace_rank: int = 1,
+        exact: bool = True,
+    ) -> None:
         self.arch = arch
         self.mode = mode
-        # A k-dimensional subspace needs rank k (none, pre); a full ablation's approximation gets k - 1 more.
+        # The full ablation is exact (rank k and a per-row output scale) unless asked otherwise or the model
+        # has fused expert tensors (their adapters cannot scale one expert's output): then a rank-r approximation.
+        fused_targets = any(target.fused for _, _, target in arch.targets())
+        self.exact = mode == "full" and exact and not fused_targets
+        # A k-dimensional subspace needs rank k (none, pre, exact full); an approximation gets k - 1 more.
         self.full_rank = rank
         self.subspace_rank = subspace_rank
-        self.rank = rank + subspace_rank - 1 if mode == "full" else subspace_rank
+        self.rank = rank + subspace_rank - 1 if mode == "full" and not self.exact else subspace_rank
         self.seed = seed
         # (layers + 1, k, hidden) orthonormal bases whose first rows are the directions; when set (k > 1)
         # they are ablated in place of the directions passed to apply / factors / merged_state_dict.
@@ -55,7 +69,26 @@ class Ablator:
         self.peft_model: PeftModel = get_peft_model(model, config, autocast_adapter_dtype=True)
         self.peft_model.eval()
         self._lora_layers = {target.name: self._find_lora(target) for _, _, target in arch.targets()}
+        # Per-row output scales of the exact full ablation, applied by a forward hook on each adapted module.
+        self._scales: dict[str, torch.Tensor] = {}
+        if self.exact:
+            for name, lora in self._lora_layers.items():
+                lora.register_forward_hook(self._scale_hook(name))
         self.reset()
+
+    def _scale_hook(self, name: str) -> Callable[[nn.Module, object, torch.Tensor], torch.Tensor]:
+        """y = diag(s) (M x + B A x): the adapted module's output scaled row by row (in float32, then back),
+        unless the trial leaves the module alone or the adapters are switched off."""
+
+        def hook(module: nn.Module, inputs: object, output: torch.Tensor) -> torch.Tensor:
+            scale = self._scales.get(name)
+            if scale is None or getattr(module, "disable_adapters", False):
+                return output
+            if scale.device != output.device:  # kept where the outputs are computed (offloaded layers)
+                scale = self._scales[name] = scale.to(output.device)
+            return (output * scale).to(output.dtype)  # float32 scale: the product is computed in float32
+
+        return hook
 
     def _find_lora(self, target: Target) -> nn.Module:
         if not target.fused:
@@ -74,20 +107,18 @@ class Ablator:
         """The unmodified model: every adapter's B set to zero, and A too (PEFT initializes A at random, which
         a saved adapter would otherwise carry for the weights a trial leaves alone: not reproducible)."""
         self.unchanged_layers = self.arch.num_layers
+        self._scales.clear()
         with torch.no_grad():
             for lora in self._lora_layers.values():
                 lora.lora_B[ADAPTER].weight.zero_()
                 lora.lora_A[ADAPTER].weight.zero_()
 
-    def factors(
-        self, parameters: AblationParameters, directions: torch.Tensor
-    ) -> Iterator[tuple[Target, torch.Tensor, torch.Tensor]]:
-        """(target, B (experts, out, r), A (experts, r, in)) for every target with a non-zero weight."""
+    def factors(self, parameters: AblationParameters, directions: torch.Tensor) -> Iterator[tuple[Target, Factors]]:
+        """(target, its factors) for every target with a non-zero weight."""
         for layer, component, target in self.arch.targets():
             if parameters.weight(component, layer) == 0.0:
                 continue
-            b, a = self.factors_for(self._dense(target), layer, component, target, parameters, directions)
-            yield target, b, a
+            yield target, self.factors_for(self._dense(target), layer, component, target, parameters, directions)
 
     def factors_for(
         self,
@@ -97,15 +128,17 @@ class Ablator:
         target: Target,
         parameters: AblationParameters,
         directions: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, A) of one target, computed from `matrices` (experts, hidden, in): the model's weight, or
+    ) -> Factors:
+        """The factors of one target, computed from `matrices` (experts, hidden, in): the model's weight, or
         the same weight read again in full precision (a quantized model's merge)."""
         weight = parameters.weight(component, layer)
         source = self.subspace if self.subspace is not None else directions
         direction = parameters.direction_for(source, layer).to(matrices.device)
+        if self.exact:
+            return norm_preserving_factors(matrices, direction, weight)
         seed = zlib.crc32(f"{self.seed}:{target.name}".encode())
         extra = direction.shape[0] - 1 if direction.dim() == 2 else 0  # a k-dimensional subspace: k - 1
-        return ablation_factors(matrices, direction, weight, self.mode, self.full_rank + extra, seed)
+        return Factors(*ablation_factors(matrices, direction, weight, self.mode, self.full_rank + extra, seed))
 
     def changed_parameters(self, parameters: AblationParameters) -> set[str]:
         """State-dict names of the weights this ablation changes (non-zero kernel weight)."""
@@ -118,8 +151,10 @@ class Ablator:
     def apply(self, parameters: AblationParameters, directions: torch.Tensor) -> None:
         self.reset()
         self.unchanged_layers = 0  # unknown until every adapter is written
-        for target, b, a in self.factors(parameters, directions):
-            self._write(target, b, a)
+        for target, factors in self.factors(parameters, directions):
+            self._write(target, factors.b, factors.a)
+            if factors.scale is not None:
+                self._scales[target.name] = factors.scale[0]
         self.unchanged_layers = first_changed_layer(parameters, self.arch)
 
     def _write(self, target: Target, b: torch.Tensor, a: torch.Tensor) -> None:
@@ -138,15 +173,26 @@ class Ablator:
         weight_a.copy_(padded_a.reshape(experts * self.rank, -1))
         weight_b.copy_(padded_b.permute(1, 2, 0).reshape(out, self.rank * experts))
 
+    def describe(self) -> str:
+        """How the ablation is stored, in words: "full, exact", "full, rank-3 approximation", "pre", "none"."""
+        if self.mode != "full":
+            return self.mode
+        return "full, exact" if self.exact else f"full, rank-{self.rank} approximation"
+
+    def dora_magnitudes(self) -> dict[str, torch.Tensor]:
+        """{module: its original row norms n (out,)}: the magnitudes of a DoRA adapter equal to the exact full
+        ablation, since DoRA computes W' = diag(m / row norms of (W + B A)) (W + B A) = diag(s) (W + B A)."""
+        return {target.module: row_norms(self._dense(target))[0] for _, _, target in self.arch.targets()}
+
     # --- Merged weights -----------------------------------------------------------------------
 
     @torch.no_grad()
     def merged_state_dict(self, parameters: AblationParameters, directions: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The original state dict with every ablated weight replaced by M + B A (in its own dtype and layout)."""
+        """The original state dict with every ablated weight replaced by its ablation (in its own dtype and layout)."""
         state = dict(self.original_state)
-        for target, b, a in self.factors(parameters, directions):
+        for target, factors in self.factors(parameters, directions):
             original = self._weights[target.name]
-            merged = (self._dense(target) + b @ a).to(original.dtype)
+            merged = factors.merged(self._dense(target)).to(original.dtype)
             if target.fused:
                 merged = merged if target.out_axis == 1 else merged.transpose(1, 2)
                 state[target.name] = merged.contiguous()

@@ -10,6 +10,7 @@ V^T V: M' = M - w V^T (V M), of rank k; k = 1 is the single-direction case, comp
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -80,6 +81,37 @@ def ablated_matrices(matrices: Tensor, direction: Tensor, weight: float, mode: s
         kept: Tensor = ablated * (norms / ablated.norm(dim=-1, keepdim=True).clamp_min(1e-12))
         return kept
     raise ValueError(f"unknown row normalization {mode!r}")
+
+
+class Factors(NamedTuple):
+    """An ablated matrix stored on top of the frozen M: M' = diag(s) (M + B A), or M + B A without a scale.
+
+    b: (experts, out, r), a: (experts, r, in), scale: (experts, out) or None."""
+
+    b: Tensor
+    a: Tensor
+    scale: Tensor | None = None
+
+    def merged(self, matrices: Tensor) -> Tensor:
+        """M' = diag(s) (M + B A) for matrices M (experts, out, in)."""
+        updated = matrices + self.b @ self.a
+        return updated if self.scale is None else updated * self.scale.unsqueeze(-1)
+
+
+def norm_preserving_factors(matrices: Tensor, direction: Tensor, weight: float) -> Factors:
+    """Exact factors of the norm-preserving (full) ablation: M' = diag(s) (M + B A).
+
+    With n the row norms of M and M^ = diag(1/n) M, the pre factors B = -w diag(n) V^T, A = V M^ give
+    M + B A = diag(n) (M^ - w V^T V M^); its rows scaled by s = n / (row norms of M + B A) are
+    diag(n / n') (M^ - w V^T V M^), the full ablation, with every row of M's norm. The scale is
+    computed in float64 (CPU reductions in float32 change in the last bits with memory alignment).
+    direction: (out,) or (k, out); B (experts, out, k), A (experts, k, in), s (experts, out).
+    """
+    b, a = ablation_factors(matrices, direction, weight, "pre")
+    wide = matrices.double()
+    updated = wide + b.double() @ a.double()  # M + B A: (experts, out, in)
+    scale = row_norms(wide) / row_norms(updated).clamp_min(1e-12)  # (experts, out)
+    return Factors(b, a, scale.to(matrices.dtype))
 
 
 def ablation_factors(

@@ -131,13 +131,13 @@ def judge_description(settings: dict[str, Any]) -> str:
 
 
 def _parameters(record: dict[str, Any]) -> list[str]:
-    parameters, settings = record["trial"]["parameters"], record["settings"]
+    parameters = record["trial"]["parameters"]
     index = f", index {parameters['direction_index']:.3f}" if parameters["direction_scope"] == "global" else ""
     lines = [
         "## Parameters",
         "",
         f"- direction: {parameters['direction_scope']}{index}",
-        f"- row normalization: {settings['row_normalization']} (rank {settings['full_normalization_rank']})",
+        f"- row normalization: {_row_normalization(record)}",
     ]
     for name, kernel in parameters["kernels"].items():
         lines.append(
@@ -145,6 +145,14 @@ def _parameters(record: dict[str, Any]) -> list[str]:
             f"min weight {kernel['min_weight']:.3f} at distance {kernel['min_weight_distance']:.2f}"
         )
     return lines
+
+
+def _row_normalization(record: dict[str, Any]) -> str:
+    """How the ablation was stored (records written before it was noted: a full ablation's approximation rank)."""
+    if "ablation" in record["trial"]:
+        return str(record["trial"]["ablation"])
+    settings = record["settings"]
+    return f"{settings['row_normalization']} (rank {settings['full_normalization_rank']})"
 
 
 def _prompt_sets(record: dict[str, Any]) -> list[str]:

@@ -79,6 +79,7 @@ def build_record(session: Session, result: TrialResult, parameters: AblationPara
             "refusals": result.refusals,
             "refusals_is_lower_bound": result.cut,
             "kl": result.kl,
+            "ablation": session.ablator.describe(),
         },
         "baseline": {"refusals": session.base_refusals, "n_prompts": len(session.evaluator.harmful)},
         "heldout": heldout_entry(session, result.number),

@@ -146,6 +146,7 @@ def rebuilt_settings(settings: Settings, data: dict[str, Any]) -> Settings:
         if key in explicit:
             recorded[key] = getattr(settings, key)
     recorded.update(reproduce=None, evaluate_model=None, demo=False, action=[])
+    recorded.setdefault("full_normalization_exact", False)  # records written before it existed: the approximation
     if "dtypes" not in explicit and data["model"].get("dtype"):
         recorded["dtypes"] = [data["model"]["dtype"]]  # the dtype the trial was computed in, not a new measurement
     try:

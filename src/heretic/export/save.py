@@ -221,7 +221,7 @@ def reload_full_precision(loaded: LoadedModel, ablator: Ablator) -> tuple[Loaded
     model = _model_class(loaded.multimodal).from_pretrained(path, dtype=native).eval()
     full = dataclasses.replace(loaded, model=model, dtype=native, quantization="none")
     arch = build_architecture_map(model)
-    full_ablator = Ablator(model, arch, ablator.mode, ablator.full_rank, ablator.seed, ablator.subspace_rank)
+    full_ablator = Ablator(model, arch, ablator.mode, ablator.full_rank, ablator.seed, ablator.subspace_rank, ablator.exact)
     full_ablator.subspace = ablator.subspace
     return full, full_ablator
 
@@ -280,14 +280,35 @@ def save_adapter(
     confirm: ConfirmFn | None = None,
     extra_files: ExtraFiles | None = None,
 ) -> Path:
-    """A PEFT LoRA adapter folder: `PeftModel.from_pretrained(original, folder)` gives the ablated model."""
+    """A PEFT adapter folder: `PeftModel.from_pretrained(original, folder)` gives the ablated model. An exact
+    full ablation is saved as a DoRA adapter (LoRA factors and magnitudes), the others as LoRA adapters."""
     ablator.apply(parameters, directions)
     with atomic_folder(target, overwrite, confirm, what="the adapter") as staging:
         peft_model = ablator.peft_model
         peft_model.peft_config["default"].base_model_name_or_path = base_model_name
         peft_model.save_pretrained(staging)
+        if ablator.exact:
+            _as_dora_adapter(staging, ablator.dora_magnitudes())
         write_extra_files(staging, extra_files)
     return target
+
+
+def _as_dora_adapter(folder: Path, magnitudes: dict[str, torch.Tensor]) -> None:
+    """Turn a saved LoRA adapter into the DoRA adapter with these magnitudes (one per adapted module)."""
+    from safetensors.torch import load_file, save_file
+
+    weights_file = folder / "adapter_model.safetensors"
+    tensors = load_file(weights_file)
+    for module, magnitude in magnitudes.items():
+        prefix = f"base_model.model.{module}"
+        if f"{prefix}.lora_A.weight" not in tensors:
+            raise RuntimeError(f"the saved adapter has no factors for {module}")
+        tensors[f"{prefix}.lora_magnitude_vector"] = magnitude.float().contiguous().cpu()
+    save_file(tensors, weights_file, metadata={"format": "pt"})
+    config_file = folder / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["use_dora"] = True
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def write_extra_files(folder: Path, extra_files: ExtraFiles | None) -> None:

@@ -256,7 +256,7 @@ def merge_transform(
     """The tensor to write for each checkpoint tensor.
 
     Unquantized model: the file's tensor cast to the compute dtype is the loaded weight (checked);
-    merged = (M + B A) in the compute dtype, exactly as the in-memory merge, then cast to `storage`.
+    merged = diag(s) (M + B A) in the compute dtype, exactly as the in-memory merge, then cast to `storage`.
     Quantized model: M is the file's tensor itself (full precision) and B A is computed from it."""
     exact = loaded.quantization == "none"
 
@@ -275,8 +275,8 @@ def merge_transform(
             if not torch.equal(tensor, weight.detach()):
                 raise LayoutMismatch(f"{entry.name} in the checkpoint is not the loaded weight")
         matrices = as_matrices(tensor, target)  # (experts, hidden, in), float32
-        b, a = ablator.factors_for(matrices, layer, component, target, parameters, directions)
-        merged = (matrices + b @ a).to(tensor.dtype if exact else storage)
+        factors = ablator.factors_for(matrices, layer, component, target, parameters, directions)
+        merged = factors.merged(matrices).to(tensor.dtype if exact else storage)
         if not target.fused:
             merged = merged[0]
         elif target.out_axis == 2:

@@ -15,7 +15,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..ablation.parameters import AblationParameters
-from ..config import ResumePolicy, Role, Settings, fields_with, fingerprint_entry, plain
+from ..config import ResumePolicy, Role, RowNormalization, Settings, fields_with, fingerprint_entry, plain
 from ..errors import HereticError
 from ..model.loading import LoadedModel
 from ..prompts import Prompt, prompts_digest
@@ -113,17 +113,25 @@ def scoring_identity(settings: Settings, objectives: list[LoadedObjective] | Non
 
 
 # Score settings added after checkpoints existed; they enter through the scoring identity (tagged
-# fingerprint="judge"), and only where they differ from their defaults, so that at their defaults a
-# fingerprint stays what it was before they existed and existing checkpoints still resume.
-VARIANT_SETTINGS = ("direction_positions", "subspace_rank", "search_mlp_off", "kl_tokens")
+# fingerprint="judge"), and only where they differ from the value every earlier search had (their
+# default, or the one in EARLIER_VALUES), so that at that value a fingerprint stays what it was before
+# they existed and existing checkpoints still resume.
+VARIANT_SETTINGS = ("direction_positions", "subspace_rank", "search_mlp_off", "kl_tokens", "full_normalization_exact")
+EARLIER_VALUES: dict[str, object] = {"full_normalization_exact": False}  # the full ablation was approximated
 
 
 def changed_variant_settings(settings: Settings) -> dict[str, object]:
-    """{name: value} of the VARIANT_SETTINGS that differ from their defaults."""
+    """{name: value} of the VARIANT_SETTINGS that differ from what earlier searches had (the exactness of
+    the full ablation only where the ablation is full)."""
     defaults = Settings.model_fields
-    return {
-        name: plain(getattr(settings, name)) for name in VARIANT_SETTINGS if getattr(settings, name) != defaults[name].default
+    changed = {
+        name: plain(getattr(settings, name))
+        for name in VARIANT_SETTINGS
+        if getattr(settings, name) != EARLIER_VALUES.get(name, defaults[name].default)
     }
+    if settings.row_normalization != RowNormalization.full:
+        changed.pop("full_normalization_exact", None)
+    return changed
 
 
 def _dtype_entry(loaded: LoadedModel) -> str:
