@@ -342,3 +342,30 @@ def test_subspace_positions_and_kl_tokens_run_end_to_end(tiny_models: dict[str, 
     trials = current_study(checkpoints).trials
     assert len(trials) == 2 and all(t.values is not None and t.values[1] >= 0 for t in trials)
     assert all("mlp.ablate" in t.params for t in trials)
+
+
+def test_an_interrupt_during_the_study_writes_waits_for_them() -> None:
+    """Ctrl+C or SIGTERM inside signals_deferred lets the block finish, then raises KeyboardInterrupt; the
+    handlers are restored."""
+    import time
+
+    from heretic.search.runner import signals_deferred
+
+    def terminate(signum: int, frame: object) -> None:  # as the command line's SIGTERM handler does
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            finished = False
+            with pytest.raises(KeyboardInterrupt), signals_deferred():
+                os.kill(os.getpid(), signum)
+                time.sleep(0.05)  # the signal is delivered here, and held
+                finished = True
+            assert finished
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            assert signal.getsignal(signal.SIGTERM) is terminate
+        with signals_deferred():  # nothing received: nothing raised
+            pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
+import threading
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import optuna
@@ -85,13 +88,36 @@ def run_trial(
     done = completed_trials(study)
     worker = liveness.token if liveness is not None and not liveness.exclusive else ""
     study.sampler = make_sampler(setup.seed, done, setup.n_startup_trials, setup.n_ei_candidates, setup.multivariate_tpe, worker)
-    trial = study.ask()
+    with signals_deferred():
+        trial = study.ask()
     if limit is not None and surplus(study, trial.number, limit):
         trial.set_user_attr("surplus", True)
         study.tell(trial, state=TrialState.FAIL)
         return None
     with liveness.running(trial) if liveness is not None else contextlib.nullcontext():
         return _measure(setup, study, trial, progress)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ctrl+C and SIGTERM held back until the block has run, then raised as KeyboardInterrupt.
+
+    For the study's writes: optuna's journal storage counts a record as read before it applies it, so an
+    interrupt between the two loses a finished trial from this run's view of the study (it stays in the
+    file) and the front shown after an interrupted search would miss it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum)) for signum in held}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 def surplus(study: optuna.Study, number: int, limit: int) -> bool:
@@ -125,18 +151,19 @@ def _evaluate(setup: SearchSetup, study: optuna.Study, trial: optuna.Trial, prog
     count = setup.evaluator.count_refusals(cutoff)
     objectives = score_objectives(setup.evaluator.objectives, setup.evaluator, count, kl)
     seconds = time.perf_counter() - started
-    trial.set_user_attr("parameters", parameters.to_dict())
-    trial.set_user_attr("kl", kl)
-    trial.set_user_attr("refusals", count.refusals)
-    trial.set_user_attr("cut", not count.complete)
-    trial.set_user_attr("seconds", seconds)
-    if objectives:
-        trial.set_user_attr("objectives", objectives)
     n_prompts = len(setup.evaluator.harmful)
     values = sampler_values(count.refusals, kl, n_prompts, setup.sampler_kl_floor)
-    # skip_if_finished: a worker whose heartbeat stopped long enough (a paused machine) finds its
-    # trial failed and queued again by another worker; its result is then dropped, not an error.
-    told = study.tell(trial, values + objective_values(objectives, study_directions(study)), skip_if_finished=True)
+    with signals_deferred():
+        trial.set_user_attr("parameters", parameters.to_dict())
+        trial.set_user_attr("kl", kl)
+        trial.set_user_attr("refusals", count.refusals)
+        trial.set_user_attr("cut", not count.complete)
+        trial.set_user_attr("seconds", seconds)
+        if objectives:
+            trial.set_user_attr("objectives", objectives)
+        # skip_if_finished: a worker whose heartbeat stopped long enough (a paused machine) finds its
+        # trial failed and queued again by another worker; its result is then dropped, not an error.
+        told = study.tell(trial, values + objective_values(objectives, study_directions(study)), skip_if_finished=True)
     if told.state != TrialState.COMPLETE:
         log.warning("Trial %d was taken over by another worker (its heartbeat had stopped); its result is dropped", trial.number)
     return TrialResult(trial.number, count.refusals, kl, not count.complete, seconds, parameters.to_dict(), objectives)
