@@ -182,6 +182,17 @@ def study_batch_size(checkpoints: Path, value: int | None = None) -> int:
     return study.user_attrs["batch_size"]
 
 
+def test_fused_experts_search_resumes_under_either_exactness_setting(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """Fused MoE experts keep the approximated full ablation whatever --full-normalization-exact says, so a
+    search started with the approximation (every search before the exact ablation existed) continues under
+    the default."""
+    checkpoints = tmp_path / "checkpoints"
+    model = tiny_models["qwen3_moe"]
+    run(heretic_command(model, checkpoints, "--n-trials", "1", "--no-full-normalization-exact"), tmp_path)
+    run(heretic_command(model, checkpoints, "--n-trials", "2", "--resume", "continue"), tmp_path)
+    assert len(list(checkpoints.glob("*.jsonl"))) == 1 and completed(checkpoints) == 2
+
+
 def test_resumed_search_reuses_its_batch_size(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     checkpoints = tmp_path / "checkpoints"
     auto = ("--batch-size", "0", "--max-batch-size", "4")

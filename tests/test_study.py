@@ -99,3 +99,6 @@ def test_direction_and_component_options_enter_the_fingerprint_only_when_changed
     assert "variant" not in str(approximated["judge"])
     pre = study_fingerprint(Settings(row_normalization="pre"), fake_loaded(), PROMPT_SETS, "")
     assert "full_normalization_exact" not in str(pre["judge"])
+    # Fused MoE experts keep the approximation whatever the setting says: their searches keep their fingerprint.
+    fused = study_fingerprint(Settings(), fake_loaded(), PROMPT_SETS, "", fused_experts=True)
+    assert fused == approximated

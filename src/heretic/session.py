@@ -182,7 +182,7 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
     if line:
         console.print(line)
 
-    location, existing = search_to_continue(settings, loaded, prompt_sets, engine, objectives)  # its setup is reused
+    location, existing = search_to_continue(settings, loaded, prompt_sets, engine, objectives, arch.fused_experts)
 
     with stage("choosing the batch size"):
         engine.batch_size = pick_batch_size(settings, engine, prompt_sets, existing, location.shared)
@@ -235,13 +235,15 @@ def search_to_continue(
     prompt_sets: dict[str, list[Prompt]],
     engine: Engine,
     objectives: list[LoadedObjective],
+    fused_experts: bool = False,
 ) -> tuple[Location, optuna.Study | None]:
-    """Where these settings' search is kept, and the study there to resume or join, if there is one (in the
-    compute dtype it was started in, when that differs from the one measured fastest now)."""
-    location = checkpoint_location(settings, loaded, prompt_sets, engine.response_prefix, objectives)
+    """Where these settings' search is kept, and the study there to resume or join, if there is one (its
+    setup is reused; in the compute dtype it was started in, when that differs from the one measured
+    fastest now). `fused_experts`: the model's MoE experts are fused tensors (the full ablation is approximated)."""
+    location = checkpoint_location(settings, loaded, prompt_sets, engine.response_prefix, objectives, fused_experts)
     existing = find_study(settings, location)
     if existing is None:
-        return study_in_another_measured_dtype(settings, loaded, prompt_sets, engine, objectives, location)
+        return study_in_another_measured_dtype(settings, loaded, prompt_sets, engine, objectives, location, fused_experts)
     return location, existing
 
 
@@ -252,6 +254,7 @@ def study_in_another_measured_dtype(
     engine: Engine,
     objectives: list[LoadedObjective],
     location: Location,
+    fused_experts: bool = False,
 ) -> tuple[Location, optuna.Study | None]:
     """A search of these settings computed in another of the measured dtypes, and its location; the model
     is then cast to that dtype, so the search resumes (or is joined) in the dtype it was started in.
@@ -267,7 +270,7 @@ def study_in_another_measured_dtype(
     chosen = loaded.dtype
     for dtype in others:
         loaded.dtype = dtype
-        candidate = checkpoint_location(settings, loaded, prompt_sets, engine.response_prefix, objectives)
+        candidate = checkpoint_location(settings, loaded, prompt_sets, engine.response_prefix, objectives, fused_experts)
         study = find_study(settings, candidate)
         if study is not None:
             loaded.model.to(dtype=dtype)  # type: ignore[call-arg]  # transformers wraps `to`; casting is what we want

@@ -39,8 +39,7 @@ class Ablator:
         self.mode = mode
         # The full ablation is exact (rank k and a per-row output scale) unless asked otherwise or the model
         # has fused expert tensors (their adapters cannot scale one expert's output): then a rank-r approximation.
-        fused_targets = any(target.fused for _, _, target in arch.targets())
-        self.exact = mode == "full" and exact and not fused_targets
+        self.exact = mode == "full" and exact and not arch.fused_experts
         # A k-dimensional subspace needs rank k (none, pre, exact full); an approximation gets k - 1 more.
         self.full_rank = rank
         self.subspace_rank = subspace_rank

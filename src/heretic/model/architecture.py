@@ -140,6 +140,11 @@ class ArchitectureMap:
             for target in layer.get(name, [])
         ]
 
+    @property
+    def fused_experts(self) -> bool:
+        """True when some MoE experts are one fused 3-D tensor (their adapters cannot scale one expert's output)."""
+        return any(target.fused for _, _, target in self.targets())
+
     def count(self, component: str) -> int:
         """Layers in which the component is present."""
         return sum(1 for layer in self.layers if layer.get(component))

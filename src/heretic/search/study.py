@@ -56,13 +56,14 @@ def study_fingerprint(
     prompt_sets: dict[str, list[Prompt]],
     response_prefix: str,
     objectives: list[LoadedObjective] | None = None,
+    fused_experts: bool = False,
 ) -> dict[str, object]:
     """Everything that changes what a trial measures: a search resumes only under identical values.
 
     One entry per setting tagged `score`: its value, or, for settings tagged with a `fingerprint` entry,
     what they produce (the model's identity, the loaded dtype, the prompts' digests, the prefilled
     response prefix, the judge and the further objectives)."""
-    derived = derived_entries(settings, loaded, prompt_sets, response_prefix, objectives)
+    derived = derived_entries(settings, loaded, prompt_sets, response_prefix, objectives, fused_experts)
     values: dict[str, object] = {}
     for name in fields_with(Role.score):
         entry = fingerprint_entry(name)
@@ -79,6 +80,7 @@ def derived_entries(
     prompt_sets: dict[str, list[Prompt]],
     response_prefix: str,
     objectives: list[LoadedObjective] | None = None,
+    fused_experts: bool = False,
 ) -> dict[str, object]:
     """The fingerprint entries of score settings that count through what they produce, not their value."""
     source = loaded.source
@@ -90,16 +92,16 @@ def derived_entries(
         "dtype": _dtype_entry(loaded),
         "prompts": {name: prompts_digest(prompts) for name, prompts in prompt_sets.items()},
         "response_prefix": response_prefix,
-        "judge": scoring_identity(settings, objectives),
+        "judge": scoring_identity(settings, objectives, fused_experts),
     }
 
 
-def scoring_identity(settings: Settings, objectives: list[LoadedObjective] | None) -> object:
+def scoring_identity(settings: Settings, objectives: list[LoadedObjective] | None, fused_experts: bool = False) -> object:
     """The judge and, when there are any, the further objectives (each as what it is, its direction, settings,
     prompts' digest and plug-in file's digest; the tables' values when they are not loaded). Without
     objectives: the judge alone, as it always was, so that existing checkpoints still resume."""
     judge = judge_identity(settings)
-    changed = changed_variant_settings(settings)
+    changed = changed_variant_settings(settings, fused_experts)
     if not settings.objectives and not changed:
         return judge
     identity: dict[str, object] = {"judge": judge}
@@ -120,16 +122,17 @@ VARIANT_SETTINGS = ("direction_positions", "subspace_rank", "search_mlp_off", "k
 EARLIER_VALUES: dict[str, object] = {"full_normalization_exact": False}  # the full ablation was approximated
 
 
-def changed_variant_settings(settings: Settings) -> dict[str, object]:
+def changed_variant_settings(settings: Settings, fused_experts: bool = False) -> dict[str, object]:
     """{name: value} of the VARIANT_SETTINGS that differ from what earlier searches had (the exactness of
-    the full ablation only where the ablation is full)."""
+    the full ablation only where the ablation is full and can be exact: not on fused MoE experts, which
+    keep the approximation whatever the setting says)."""
     defaults = Settings.model_fields
     changed = {
         name: plain(getattr(settings, name))
         for name in VARIANT_SETTINGS
         if getattr(settings, name) != EARLIER_VALUES.get(name, defaults[name].default)
     }
-    if settings.row_normalization != RowNormalization.full:
+    if settings.row_normalization != RowNormalization.full or fused_experts:
         changed.pop("full_normalization_exact", None)
     return changed
 
@@ -146,10 +149,11 @@ def checkpoint_location(
     prompt_sets: dict[str, list[Prompt]],
     response_prefix: str,
     objectives: list[LoadedObjective] | None = None,
+    fused_experts: bool = False,
 ) -> Location:
     """Where the search these settings run is kept: --storage (a study named by the model and the
     settings' fingerprint), else a journal file of its own in --checkpoint-dir."""
-    values = study_fingerprint(settings, loaded, prompt_sets, response_prefix, objectives)
+    values = study_fingerprint(settings, loaded, prompt_sets, response_prefix, objectives, fused_experts)
     digest = checkpoint.fingerprint(values)
     shared = settings.storage is not None or settings.workers > 1 or settings.search_only
     name = loaded.source.display_name
