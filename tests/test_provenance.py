@@ -57,6 +57,32 @@ def test_hub_repo(text: str, expected) -> None:
     assert hub_repo(text) == expected
 
 
+def test_gguf_metadata_is_read_once_per_file_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GGUF reader parses the whole header (seconds for a large vocabulary): the completeness check at load,
+    the card and the record share one read, and a rewritten file is read again."""
+    import os
+
+    from heretic.model import loading
+
+    path = write_gguf(tmp_path / "m.gguf", name="First")
+    reads: list[str] = []
+    real = gguf.GGUFReader
+
+    def counting(file: object, *args: object, **kwargs: object) -> gguf.GGUFReader:
+        reads.append(str(file))
+        return real(file, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting)
+    loading._read_gguf_general.cache_clear()
+    for _ in range(3):
+        assert base_model(source("gguf", str(path), gguf_file=path)).name == "First"
+    assert len(reads) == 1
+    write_gguf(path, name="Second")
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    assert base_model(source("gguf", str(path), gguf_file=path)).name == "Second"
+    assert len(reads) == 2
+
+
 def test_gguf_base_model_is_named_by_its_metadata_never_its_path(tmp_path: Path) -> None:
     demo_like = write_gguf(tmp_path / "home" / "x.gguf", name="Qwen2.5 Coder 0.5B Instruct AWQ", basename="Qwen2.5-Coder")
     named = base_model(source("gguf", str(demo_like), gguf_file=demo_like))

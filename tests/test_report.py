@@ -3,6 +3,7 @@ images, and end to end on a tiny study rendered in a real headless browser."""
 
 from __future__ import annotations
 
+import html
 import math
 import os
 import re
@@ -187,6 +188,49 @@ def test_plot_residuals_writes_a_png_per_layer_and_an_animation(tmp_path: Path) 
         assert first.size == (700, 550)
 
 
+# --- Example responses: generated once for the examples action and the report ----------------------
+
+
+def test_examples_are_generated_once_per_trial_and_smaller_sets_are_their_first_rows() -> None:
+    from types import SimpleNamespace
+
+    from heretic.ablation.parameters import AblationParameters
+    from heretic.prompts import Prompt
+    from heretic.report.research import examples
+
+    calls: list[int] = []
+
+    def responses(prompts: list[Prompt]) -> list[str]:
+        calls.append(len(prompts))
+        return [f"reply to {prompt.user} ({len(calls)})" for prompt in prompts]
+
+    harmful = [Prompt("", f"bad {i}") for i in range(5)]
+    evaluator = SimpleNamespace(harmful=harmful, harmless=[Prompt("", f"good {i}") for i in range(5)], responses=responses)
+    applied: list[object] = []
+    ablator = SimpleNamespace(reset=lambda: applied.append(None), apply=lambda parameters, directions: applied.append(parameters))
+    judge = SimpleNamespace(judge=lambda prompts, texts: [False] * len(texts))
+    session = SimpleNamespace(
+        evaluator=evaluator,
+        ablator=ablator,
+        judge=judge,
+        base_verdicts=[False, False, True, False, True],
+        directions=None,
+        examples={},
+    )
+    parameters = AblationParameters.from_dict({"direction_scope": "global", "direction_index": 1.0, "kernels": {}})
+    four = examples(session, parameters, 4)  # type: ignore[arg-type]
+    assert calls == [8, 8]  # before and after, once
+    assert [e.prompt for e in four if e.kind == "harmful"] == ["bad 2", "bad 4", "bad 0", "bad 1"]  # refused first
+    three = examples(session, parameters, 3)  # type: ignore[arg-type]  # the examples action after the report's
+    assert calls == [8, 8] and applied[-1] is parameters  # nothing generated again; the trial left applied
+    assert three == [e for e in four if e.kind == "harmful"][:3] + [e for e in four if e.kind == "harmless"][:3]
+    examples(session, parameters, 5)  # type: ignore[arg-type]  # more than were made: generated anew
+    assert calls == [8, 8, 10, 10]
+    other = AblationParameters.from_dict({"direction_scope": "global", "direction_index": 2.0, "kernels": {}})
+    examples(session, other, 2)  # type: ignore[arg-type]
+    assert calls == [8, 8, 10, 10, 4, 4]
+
+
 # --- End to end on a tiny study ----------------------------------------------------------------
 
 
@@ -225,7 +269,7 @@ def tiny_study(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFa
         "--n-trials",
         str(N_TRIALS),
         "--action",
-        "report",
+        "examples,report",
         "--output-dir",
         "out/model",
         "--print-residual-geometry",
@@ -248,6 +292,10 @@ def test_search_prints_the_geometry_draws_the_residuals_and_writes_the_report(ti
     for key, _ in SECTIONS:
         assert f"<section id='{key}'>" in page
     assert "id='geometry-table'" in page and "id='examples-table'" in page
+    # The examples action's responses are the report's (generated once): its first harmful row is on the page.
+    table = output[output.index("Harmful prompts, original vs trial") :]
+    first_row = table.splitlines()[4].split("│")  # title, border, header, rule, first row
+    assert html.escape(first_row[1].strip()) in page and html.escape(first_row[3].strip()) in page
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import optuna
 import torch
@@ -62,6 +63,9 @@ class Session:
     location: Location | None = None  # where the study is kept
     last_report: tuple[int, Path] | None = None  # (trial, file) of the last report written
     last_adapter: Path | None = None  # the folder the last save-adapter action wrote (upload-adapter reuses it)
+    # Example responses, original and ablated, by trial parameters: the examples action shows the report's,
+    # generated once (report.research.examples).
+    examples: dict[str, list[Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -228,20 +228,18 @@ def examples(
     output_dir: Path,
     count: int = 3,
 ) -> None:
-    """Harmful prompts answered before and after: the first ones the original refused."""
-    evaluator = session.evaluator
-    refused = [i for i, verdict in enumerate(session.base_verdicts) if verdict]
-    chosen = [evaluator.harmful[i] for i in (refused or list(range(len(evaluator.harmful))))[:count]]
-    session.ablator.reset()
-    before = evaluator.responses(chosen)
-    session.ablator.apply(parameters, session.directions)
-    after = evaluator.responses(chosen)
+    """Harmful prompts answered before and after: the first ones the original refused (the report's examples,
+    generated once for both)."""
+    from ..report.research import examples as example_responses
+
+    shown = example_responses(session, parameters, max(count, session.settings.report_examples))
+    harmful = [example for example in shown if example.kind == "harmful"][:count]
     table = Table(title=f"Harmful prompts, original vs trial {result.number}", show_lines=True, title_justify="left")
     table.add_column("prompt", ratio=2)
     table.add_column("original", ratio=3)
     table.add_column(f"trial {result.number}", ratio=3)
-    for prompt, old, new in zip(chosen, before, after):
-        table.add_row(prompt.user, old.strip() or "[italic](empty)[/]", new.strip() or "[italic](empty)[/]")
+    for example in harmful:
+        table.add_row(example.prompt, example.before or "[italic](empty)[/]", example.after or "[italic](empty)[/]")
     console.print(table)
 
 

@@ -102,11 +102,10 @@ def _gguf_parents(fields: dict[str, Any]) -> list[dict[str, str]]:
 
 def gguf_fields(path: Path) -> dict[str, Any]:
     """The general.* metadata of a GGUF file (empty if it cannot be read)."""
-    try:
-        from gguf import GGUFReader
+    from ..model.loading import gguf_general_fields  # (transformers and torch: only when a GGUF is read)
 
-        reader = GGUFReader(str(path))
-        return {name: f.contents() for name, f in reader.fields.items() if name.startswith("general.")}
+    try:
+        return gguf_general_fields(path)
     except Exception as error:  # noqa: BLE001 - an unreadable file names nothing
         log.info("Could not read the metadata of %s (%s)", path.name, error)
         return {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import optuna
 import torch
@@ -64,7 +66,20 @@ def original_projections(original: Residuals, method: str) -> list[np.ndarray]:
 
 def examples(session: Session, parameters: AblationParameters, count: int) -> list[Example]:
     """The first `count` harmful evaluation prompts (those the original refused first) and harmless ones,
-    answered by the original and by the ablated model, with the judge's verdicts."""
+    answered by the original and by the ablated model, with the judge's verdicts; generated once per session and
+    trial (the examples action and the report show the same responses). Leaves the trial applied."""
+    key = json.dumps(parameters.to_dict(), sort_keys=True)
+    evaluator = session.evaluator
+    wanted = {"harmful": min(count, len(evaluator.harmful)), "harmless": min(count, len(evaluator.harmless))}
+    made = session.examples.get(key, [])
+    if any(sum(example.kind == kind for example in made) < n for kind, n in wanted.items()):
+        made = session.examples[key] = generate_examples(session, parameters, count)
+    session.ablator.apply(parameters, session.directions)
+    # The first `count` of each kind: the prompts a smaller set has too (the refused ones first).
+    return [example for kind in wanted for example in [e for e in made if e.kind == kind][:count]]
+
+
+def generate_examples(session: Session, parameters: AblationParameters, count: int) -> list[Example]:
     evaluator = session.evaluator
     refused = [i for i, verdict in enumerate(session.base_verdicts) if verdict]
     harmful_rows = (refused + [i for i in range(len(evaluator.harmful)) if i not in refused])[:count]
