@@ -47,10 +47,25 @@ OUTPUT = RESULTS / "reference-search.json"
 KL_TARGET = 0.01  # the reference's kl_divergence_target (its default)
 
 
+# The reference's parameter space (1.4.0, main.py), in its order and under its names; `last` is the index of
+# the last layer.
+REFERENCE_SPACE = r"""
+def suggest(trial, last):
+    trial.suggest_categorical("direction_scope", ["global", "per layer"])
+    trial.suggest_float("direction_index", 0.4 * last, 0.9 * last)
+    for module in ("attn.o_proj", "mlp.down_proj"):
+        trial.suggest_float(module + ".max_weight", 0.8, 1.5)
+        trial.suggest_float(module + ".max_weight_position", 0.6 * last, 1.0 * last)
+        trial.suggest_float(module + ".min_weight", 0.0, 1.0)
+        trial.suggest_float(module + ".min_weight_distance", 1.0, 0.6 * last)
+"""
+
 # The reference's sampler, run by the reference's own Optuna (its version's TPE), as a small server:
 # it writes each trial's parameters as a JSON line and reads back the two objective values. The
 # parameter space is the reference's, sampled in its order under its names.
-SAMPLER_SERVER = r"""
+SAMPLER_SERVER = (
+    REFERENCE_SPACE
+    + r"""
 import json, sys, warnings
 warnings.simplefilter("ignore")
 import optuna
@@ -61,19 +76,14 @@ sampler = TPESampler(n_startup_trials=n_startup, n_ei_candidates=128, multivaria
 study = optuna.create_study(sampler=sampler, directions=["minimize", "minimize"])
 while True:
     trial = study.ask()
-    trial.suggest_categorical("direction_scope", ["global", "per layer"])
-    trial.suggest_float("direction_index", 0.4 * last, 0.9 * last)
-    for module in ("attn.o_proj", "mlp.down_proj"):
-        trial.suggest_float(module + ".max_weight", 0.8, 1.5)
-        trial.suggest_float(module + ".max_weight_position", 0.6 * last, 1.0 * last)
-        trial.suggest_float(module + ".min_weight", 0.0, 1.0)
-        trial.suggest_float(module + ".min_weight_distance", 1.0, 0.6 * last)
+    suggest(trial, last)
     print(json.dumps(trial.params), flush=True)
     line = sys.stdin.readline()
     if not line:
         break
     study.tell(trial, json.loads(line))
 """
+)
 
 
 def reference_objectives(refusals: int, kl: float, base_refusals: int) -> list[float]:
