@@ -117,6 +117,8 @@ def config(settings: dict[str, Any], model: Path) -> str:
     text = text.replace("batch_size = 0\n", f'batch_size = {BATCH_SIZE}\nresponse_prefix = ""\n')
     for name in ("harmless_train.txt", "harmful_train.txt"):
         text = text.replace(f'{name}"\nsplit = "[:{settings["train_prompts"]}]"', f'{name}"\nsplit = "[:{DIRECTION_PROMPTS}]"')
+    if f"batch_size = {BATCH_SIZE}\n" not in text or text.count(f'split = "[:{DIRECTION_PROMPTS}]"') != 2:
+        raise SystemExit("bench/run_bench.py's reference configuration changed its layout; update config() here.")
     return text
 
 
