@@ -174,12 +174,15 @@ def test_card_holds_metrics_parameters_and_provenance(saved: dict[str, Path]) ->
 
 
 def test_a_record_from_before_the_exact_ablation_is_rebuilt_with_the_approximation() -> None:
+    """... and one from before the read positions existed, with the last prompt token."""
     from heretic.export.reproduce import rebuilt_settings
 
     data = {"settings": {"model": "m", "row_normalization": "full", "full_normalization_rank": 3}, "model": {"name": "m"}}
-    assert rebuilt_settings(Settings(model="m"), data).full_normalization_exact is False
-    data["settings"]["full_normalization_exact"] = True
-    assert rebuilt_settings(Settings(model="m"), data).full_normalization_exact is True
+    rebuilt = rebuilt_settings(Settings(model="m"), data)
+    assert rebuilt.full_normalization_exact is False and rebuilt.direction_positions == [-1]
+    data["settings"].update(full_normalization_exact=True, direction_positions=[-5, -4, -3, -2, -1])
+    rebuilt = rebuilt_settings(Settings(model="m"), data)
+    assert rebuilt.full_normalization_exact is True and rebuilt.direction_positions == [-5, -4, -3, -2, -1]
 
 
 def test_heldout_count_is_in_the_record_and_the_card(saved: dict[str, Path]) -> None:
@@ -194,6 +197,37 @@ def test_heldout_count_is_in_the_record_and_the_card(saved: dict[str, Path]) -> 
         f"On 8 held-out harmful prompts, never used for the directions or the search, this model refused {heldout['refusals']} "
         in card
     )
+
+
+def test_a_continued_run_takes_the_heldout_counts_from_the_study(saved: dict[str, Path], tmp_path: Path) -> None:
+    """The held-out counts are kept in the study: a continued run shows the kept ones and counts none again
+    (the kept counts are changed here, and the new card and record show the changed ones)."""
+    import shutil
+
+    import optuna
+
+    from heretic.search.checkpoint import STUDY_NAME
+    from heretic.session import HELDOUT_ATTR
+
+    record = json.loads((saved["model"] / "heretic.json").read_text())
+    shutil.copytree(saved["root"] / "checkpoints", tmp_path / "checkpoints")
+    (journal,) = (tmp_path / "checkpoints").glob("*.jsonl")
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
+    ((key, counts),) = study.user_attrs[HELDOUT_ATTR].items()
+    assert key == record["heldout"]["sha256"]
+    assert counts == {
+        "original": record["heldout"]["original_refusals"],
+        str(record["trial"]["number"]): record["heldout"]["refusals"],
+    }
+    kept = {name: (count + 1) % 9 for name, count in counts.items()}
+    study.set_user_attr(HELDOUT_ATTR, {key: kept})
+
+    run(settings(saved["original"], tmp_path, action=["save"], resume="continue"))
+    rerun = json.loads((tmp_path / "out" / "model" / "heretic.json").read_text())
+    assert rerun["trial"]["number"] == record["trial"]["number"]
+    assert rerun["heldout"]["original_refusals"] == kept["original"]
+    assert rerun["heldout"]["refusals"] == kept[str(record["trial"]["number"])]
 
 
 def test_reproduce_gives_identical_weights(saved: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -333,3 +333,11 @@ def test_kl_over_tokens_averages_response_positions_only() -> None:
     assert value == pytest.approx((last_kl / 3 + last_kl) / 2, rel=1e-5)
     first = kl_divergence(reference[:, 2], moved[:, 2])
     assert kl_over_tokens(reference[:, 2:], moved[:, 2:], torch.tensor([1, 1])) == pytest.approx(first, rel=1e-6)
+
+
+def test_read_positions_are_named_in_words() -> None:
+    from heretic.directions import read_positions_text
+
+    assert read_positions_text([-1]) == "last prompt token"
+    assert read_positions_text([-5, -4, -3, -2, -1]) == "mean of the last 5 prompt tokens"
+    assert read_positions_text([-3, -1]) == "mean of prompt positions -3, -1"

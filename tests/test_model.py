@@ -277,6 +277,11 @@ def test_position_residuals_read_each_offset_of_a_manual_forward_pass(tiny_model
         torch.testing.assert_close(read[index, 0, 0], output.hidden_states[0][0, -3], atol=2e-5, rtol=1e-4)
     with pytest.raises(HereticError, match="shorter"):
         engine.position_residuals(ids, list(layers), [-10_000])
+    # mean=True: the mean over the offsets, taken batch by batch (engine batches of 2 here), the same numbers
+    engine.batch_size = 2
+    averaged = engine.position_residuals(ids, list(layers), [-3, -1], mean=True)
+    assert averaged.shape == (len(PROMPTS), len(layers) + 1, 64)
+    torch.testing.assert_close(averaged, read.mean(dim=1), atol=2e-5, rtol=1e-4)
 
 
 def test_last_logprobs_equal_teacher_forced_logits(tiny_models: dict[str, Path]) -> None:

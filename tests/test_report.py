@@ -284,6 +284,8 @@ def tiny_study(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFa
 def test_search_prints_the_geometry_draws_the_residuals_and_writes_the_report(tiny_study: dict[str, object]) -> None:
     folder, output = Path(str(tiny_study["folder"])), str(tiny_study["output"])
     assert "Residual geometry" in output and "S(g*,b*)" in output and "silhouette" in output
+    # Where the residuals are read (the default: the mean of the chat template's last five tokens), said in both.
+    assert "Residual geometry (mean of the last 5 prompt tokens" in " ".join(output.split())
     expected = {f"layer_{i:03d}.png" for i in range(4)} | {"animation.gif"}
     assert {path.name for path in (folder / "plots").iterdir()} == expected
     report = Path(str(tiny_study["report"]))
@@ -292,6 +294,7 @@ def test_search_prints_the_geometry_draws_the_residuals_and_writes_the_report(ti
     for key, _ in SECTIONS:
         assert f"<section id='{key}'>" in page
     assert "id='geometry-table'" in page and "id='examples-table'" in page
+    assert "The residuals (mean of the last 5 prompt tokens) of the direction prompts" in page
     # The examples action's responses are the report's (generated once): its first harmful row is on the page.
     table = output[output.index("Harmful prompts, original vs trial") :]
     first_row = table.splitlines()[4].split("│")  # title, border, header, rule, first row

@@ -27,22 +27,29 @@ def fake_loaded(gguf_file: Path | None = None) -> SimpleNamespace:
 
 
 def test_fingerprint_of_default_settings_is_pinned() -> None:
-    # Changed on purpose three times: the default judge became `rules`, then its rules revision 2, then the full
-    # ablation became exact (full_normalization_exact); each a new search.
+    # Changed on purpose four times: the default judge became `rules`, then its rules revision 2, then the full
+    # ablation became exact (full_normalization_exact), then the directions were read at the template's last five
+    # tokens (direction_positions); each a new search.
     values = study_fingerprint(Settings(), fake_loaded(), PROMPT_SETS, "")
+    assert checkpoint.fingerprint(values) == "fc2e46ad6813a0463a218b6853f7acb40c9eff8dc4ad2ee26e70d53c6df36f54"
+    # The earlier defaults keep the fingerprints they had: searches started under them still resume with them.
+    values = study_fingerprint(Settings(direction_positions=[-1]), fake_loaded(), PROMPT_SETS, "")
     assert checkpoint.fingerprint(values) == "3036f24fcdabeee82f164f014a04a9794fb2feae89d204e3d893384dab93cfe3"
-    # The approximated full ablation keeps the fingerprint it had: searches started before still resume with it.
-    values = study_fingerprint(Settings(full_normalization_exact=False), fake_loaded(), PROMPT_SETS, "")
+    values = study_fingerprint(Settings(full_normalization_exact=False, direction_positions=[-1]), fake_loaded(), PROMPT_SETS, "")
     assert checkpoint.fingerprint(values) == "721c346aa5ae300e8fe2be158cf169978e3adc2e081d94c8d625c81520c68d09"
 
 
 def test_fingerprint_of_changed_settings_is_pinned(tmp_path: Path) -> None:
-    settings = Settings(model_revision="abc", refusal_scorer="x.py:J", seed=7, row_normalization="pre", multivariate_tpe=True)
+    # With the read positions searches had before they became a setting: these fingerprints are those searches'.
+    earlier = {"direction_positions": [-1]}
+    settings = Settings(
+        model_revision="abc", refusal_scorer="x.py:J", seed=7, row_normalization="pre", multivariate_tpe=True, **earlier
+    )
     values = study_fingerprint(settings, fake_loaded(), PROMPT_SETS, "<think>\n\n</think>\n\n")
     assert checkpoint.fingerprint(values) == "5667b23aca2b3e2c67d2c6189f7a114c78a0cbbf0e3fee774d4d0764f7836b60"
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"0123456789")
-    values = study_fingerprint(Settings(), fake_loaded(gguf), PROMPT_SETS, "")
+    values = study_fingerprint(Settings(**earlier), fake_loaded(gguf), PROMPT_SETS, "")
     assert checkpoint.fingerprint(values) == "4d3f18c518c430c13586d4bee97d9732a5a8569cd8237d64b52656e310d6340e"
 
 
@@ -85,20 +92,22 @@ def test_reproduction_overrides_are_the_override_settings() -> None:
 
 def test_direction_and_component_options_enter_the_fingerprint_only_when_changed() -> None:
     default = checkpoint.fingerprint(study_fingerprint(Settings(), fake_loaded(), PROMPT_SETS, ""))
-    same = Settings(direction_positions=[-1], subspace_rank=1, kl_tokens=1, search_mlp_off=False)
+    same = Settings(direction_positions=[-5, -4, -3, -2, -1], subspace_rank=1, kl_tokens=1, search_mlp_off=False)
     assert checkpoint.fingerprint(study_fingerprint(same, fake_loaded(), PROMPT_SETS, "")) == default
     seen = {default}
+    defaults = {"full_normalization_exact": True, "direction_positions": [-5, -4, -3, -2, -1]}
     for change in ({"direction_positions": [-2, -1]}, {"subspace_rank": 2}, {"kl_tokens": 4}, {"search_mlp_off": True}):
         values = study_fingerprint(Settings(**change), fake_loaded(), PROMPT_SETS, "")
-        assert values["judge"]["variant"] == change | {"full_normalization_exact": True}  # type: ignore[index]
+        assert values["judge"]["variant"] == defaults | change  # type: ignore[index]
         seen.add(checkpoint.fingerprint(values))
     assert len(seen) == 5
     # The exact full ablation enters as a change from what earlier searches had (the approximation), and only
     # where the ablation is full.
-    approximated = study_fingerprint(Settings(full_normalization_exact=False), fake_loaded(), PROMPT_SETS, "")
-    assert "variant" not in str(approximated["judge"])
+    earliest = Settings(full_normalization_exact=False, direction_positions=[-1])
+    assert "variant" not in str(study_fingerprint(earliest, fake_loaded(), PROMPT_SETS, "")["judge"])
     pre = study_fingerprint(Settings(row_normalization="pre"), fake_loaded(), PROMPT_SETS, "")
     assert "full_normalization_exact" not in str(pre["judge"])
     # Fused MoE experts keep the approximation whatever the setting says: their searches keep their fingerprint.
+    approximated = study_fingerprint(Settings(full_normalization_exact=False), fake_loaded(), PROMPT_SETS, "")
     fused = study_fingerprint(Settings(), fake_loaded(), PROMPT_SETS, "", fused_experts=True)
     assert fused == approximated

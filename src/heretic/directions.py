@@ -6,6 +6,16 @@ import torch
 from torch import Tensor
 
 
+def read_positions_text(positions: list[int]) -> str:
+    """Where the residuals are read, in words: "last prompt token", "mean of the last 5 prompt tokens",
+    or "mean of prompt positions -3, -1" (offsets counted from the end of the prompt)."""
+    if positions == [-1]:
+        return "last prompt token"
+    if sorted(positions) == list(range(-len(positions), 0)):
+        return f"mean of the last {len(positions)} prompt tokens"
+    return "mean of prompt positions " + ", ".join(str(p) for p in positions)
+
+
 def winsorize(residuals: Tensor, quantile: float) -> Tensor:
     """Clamp each component to +-(the `quantile` of its prompt's and layer's absolute components).
 

@@ -22,7 +22,7 @@ from .model.hardware import busy_warning, configure_threads, describe_choice, dt
 from .model.loading import LoadedModel, eos_token_ids, load_model
 from .model.memory import stage
 from .model.reuse import LayerReuse
-from .prompts import Prompt, load_prompts, prompt_set_title
+from .prompts import Prompt, load_prompts, prompt_set_title, prompts_digest
 from .scoring.evaluator import Evaluator, detect_response_prefix
 from .scoring.judges import make_judge as build_judge
 from .scoring.objectives import LoadedObjective, load_objectives, score_objectives, setup_objectives
@@ -186,7 +186,7 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
     if line:
         console.print(line)
 
-    location, existing = search_to_continue(settings, loaded, prompt_sets, engine, objectives, arch.fused_experts)
+    location, existing = search_to_continue(settings, loaded, prompt_sets, engine, objectives, fused_experts=arch.fused_experts)
 
     with stage("choosing the batch size"):
         engine.batch_size = pick_batch_size(settings, engine, prompt_sets, existing, location.shared)
@@ -239,15 +239,18 @@ def search_to_continue(
     prompt_sets: dict[str, list[Prompt]],
     engine: Engine,
     objectives: list[LoadedObjective],
-    fused_experts: bool = False,
+    *,
+    fused_experts: bool,
 ) -> tuple[Location, optuna.Study | None]:
     """Where these settings' search is kept, and the study there to resume or join, if there is one (its
     setup is reused; in the compute dtype it was started in, when that differs from the one measured
     fastest now). `fused_experts`: the model's MoE experts are fused tensors (the full ablation is approximated)."""
-    location = checkpoint_location(settings, loaded, prompt_sets, engine.response_prefix, objectives, fused_experts)
+    location = checkpoint_location(settings, loaded, prompt_sets, engine.response_prefix, objectives, fused_experts=fused_experts)
     existing = find_study(settings, location)
     if existing is None:
-        return study_in_another_measured_dtype(settings, loaded, prompt_sets, engine, objectives, location, fused_experts)
+        return study_in_another_measured_dtype(
+            settings, loaded, prompt_sets, engine, objectives, location, fused_experts=fused_experts
+        )
     return location, existing
 
 
@@ -258,7 +261,8 @@ def study_in_another_measured_dtype(
     engine: Engine,
     objectives: list[LoadedObjective],
     location: Location,
-    fused_experts: bool = False,
+    *,
+    fused_experts: bool,
 ) -> tuple[Location, optuna.Study | None]:
     """A search of these settings computed in another of the measured dtypes, and its location; the model
     is then cast to that dtype, so the search resumes (or is joined) in the dtype it was started in.
@@ -274,7 +278,9 @@ def study_in_another_measured_dtype(
     chosen = loaded.dtype
     for dtype in others:
         loaded.dtype = dtype
-        candidate = checkpoint_location(settings, loaded, prompt_sets, engine.response_prefix, objectives, fused_experts)
+        candidate = checkpoint_location(
+            settings, loaded, prompt_sets, engine.response_prefix, objectives, fused_experts=fused_experts
+        )
         study = find_study(settings, candidate)
         if study is not None:
             loaded.model.to(dtype=dtype)  # type: ignore[call-arg]  # transformers wraps `to`; casting is what we want
@@ -313,17 +319,44 @@ def count_heldout(session: Session, number: int, parameters: AblationParameters)
         session.heldout_evaluator = evaluator
     if not evaluator.harmful:
         return None
-    with ProgressBars() as bars:
-        evaluator.progress = bars
-        if None not in session.heldout:
-            session.ablator.reset()
-            try:
-                session.heldout[None] = evaluator.count_refusals().refusals
-            finally:
-                session.ablator.apply(parameters, session.directions)
-        if number not in session.heldout:
-            session.heldout[number] = evaluator.count_refusals().refusals
+    key = prompts_digest(evaluator.harmful)
+    for name, count in stored_heldout(session.study, key).items():
+        session.heldout.setdefault(None if name == "original" else int(name), count)
+    if None not in session.heldout or number not in session.heldout:
+        with ProgressBars() as bars:
+            evaluator.progress = bars
+            if None not in session.heldout:
+                session.ablator.reset()
+                try:
+                    session.heldout[None] = evaluator.count_refusals().refusals
+                finally:
+                    session.ablator.apply(parameters, session.directions)
+            if number not in session.heldout:
+                session.heldout[number] = evaluator.count_refusals().refusals
+        store_heldout(session.study, key, session.heldout)
     return HeldOutCount(session.heldout[number], session.heldout[None], len(evaluator.harmful))
+
+
+# Study attribute with the held-out counts of a search, so a continued run does not count them again:
+# {digest of the held-out prompts: {"original" or a trial number: refusals}}. Everything else that changes
+# a count (model, dtype, judge, response length and prefix) is in the study's fingerprint.
+HELDOUT_ATTR = "heldout_refusals"
+
+
+def stored_heldout(study: optuna.Study | None, key: str) -> dict[str, int]:
+    """The held-out counts kept in the study for these held-out prompts ({} without a study)."""
+    if study is None:
+        return {}
+    return dict(study.user_attrs.get(HELDOUT_ATTR, {}).get(key, {}))
+
+
+def store_heldout(study: optuna.Study | None, key: str, counts: dict[int | None, int]) -> None:
+    """Keep the held-out counts in the study (another prompt set's counts stay)."""
+    if study is None:
+        return
+    kept = dict(study.user_attrs.get(HELDOUT_ATTR, {}))
+    kept[key] = {"original" if number is None else str(number): count for number, count in counts.items()}
+    study.set_user_attr(HELDOUT_ATTR, kept)
 
 
 def attach_objectives(settings: Settings, evaluator: Evaluator, objectives: list[LoadedObjective]) -> None:
@@ -442,12 +475,15 @@ def collect_residuals(
         for name in ("harmful", "harmless"):
             ids = engine.encode(prompt_sets[name])
             handle = bars(f"Residuals ({name})", len(ids))
-            if settings.direction_positions == [-1]:
+            positions = settings.direction_positions
+            if positions == [-1]:
                 residuals[name] = winsorize(
                     engine.residuals(ids, list(layers), progress=handle.advance), settings.winsorization_quantile
                 )
+            elif settings.winsorization_quantile >= 1.0:  # nothing to clamp: averaged batch by batch (less memory)
+                residuals[name] = engine.position_residuals(ids, list(layers), positions, handle.advance, mean=True)
             else:
-                read = engine.position_residuals(ids, list(layers), settings.direction_positions, handle.advance)
+                read = engine.position_residuals(ids, list(layers), positions, handle.advance)
                 residuals[name] = winsorize(read, settings.winsorization_quantile).mean(dim=1)  # over the positions
             handle.close()
     return residuals

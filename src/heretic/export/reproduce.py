@@ -146,7 +146,9 @@ def rebuilt_settings(settings: Settings, data: dict[str, Any]) -> Settings:
         if key in explicit:
             recorded[key] = getattr(settings, key)
     recorded.update(reproduce=None, evaluate_model=None, demo=False, action=[])
-    recorded.setdefault("full_normalization_exact", False)  # records written before it existed: the approximation
+    # Records written before these settings existed: what every search then had.
+    recorded.setdefault("full_normalization_exact", False)  # the approximation
+    recorded.setdefault("direction_positions", [-1])  # the last prompt token
     if "dtypes" not in explicit and data["model"].get("dtype"):
         recorded["dtypes"] = [data["model"]["dtype"]]  # the dtype the trial was computed in, not a new measurement
     try:

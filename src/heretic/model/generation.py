@@ -215,9 +215,11 @@ class Engine:
         layers: Sequence[torch.nn.Module],
         offsets: Sequence[int],
         progress: ProgressFn | None = None,
+        mean: bool = False,
     ) -> torch.Tensor:
         """Hidden states at the prompt positions `offsets` (negative, from the end: -1 is the last token):
-        (prompts, offsets, layers + 1, hidden), float32, on CPU. Layer indices as in `residuals`.
+        (prompts, offsets, layers + 1, hidden), float32, on CPU. Layer indices as in `residuals`. With `mean`,
+        their mean over the offsets, taken batch by batch: (prompts, layers + 1, hidden).
 
         Offsets other than -1 read the chat template's last tokens, which a shared prefix could hold for
         very short prompts, so prefix sharing is off for them."""
@@ -246,6 +248,7 @@ class Engine:
             for batch in self.batches(ids):
                 self._prefill(batch)  # a prefix pass fires the hooks too; the suffix pass comes last
                 stacked = torch.stack(captured[-(len(layers) + 1) :], dim=2)  # (rows, offsets, layers + 1, hidden)
+                stacked = stacked.mean(dim=1) if mean else stacked  # (rows, layers + 1, hidden)
                 captured.clear()
                 for row, position in enumerate(batch.indices):
                     result[position] = stacked[row]

@@ -85,6 +85,7 @@ class ReportData:
     similarities: list[list[float]] = field(default_factory=list)
     projections: list[LayerProjection] = field(default_factory=list)
     projection_method: str = "pca"
+    read_positions: str = "last prompt token"  # where the residuals were read (directions.read_positions_text)
     examples: list[Example] = field(default_factory=list)
     held_out: HeldOut | None = None
     notes: list[str] = field(default_factory=list)  # what could not be shown, and why

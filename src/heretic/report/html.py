@@ -167,7 +167,7 @@ def residuals_section(data: ReportData, render: _Figures) -> str:
     chosen = data.trial(data.chosen).parameters if data.chosen is not None else {}
     active = min(max(round(float(chosen.get("direction_index", 0.0))), 0), len(data.projections) - 1)
     text = (
-        f"The residuals (last prompt token) of the direction prompts at the output of each layer, projected to 2-D with "
+        f"The residuals ({data.read_positions}) of the direction prompts at the output of each layer, projected to 2-D with "
         f"{method}; the original model and the chosen trial share one projection per layer. Move the slider to change layer."
     )
     return _note(text) + render(figures.projection_figure(data, active), "residuals-plot")

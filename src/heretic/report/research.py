@@ -9,6 +9,7 @@ import optuna
 import torch
 
 from ..ablation.parameters import AblationParameters
+from ..directions import read_positions_text
 from ..prompts import prompt_set_title
 from ..search.pareto import TrialResult
 from ..session import Session, collect_residuals, count_heldout
@@ -131,6 +132,7 @@ def session_report_data(session: Session, study: optuna.Study, result: TrialResu
         data.difference_norms = difference_norms(original["harmful"], original["harmless"])
         data.similarities = direction_similarities(session.directions).tolist()
         data.projection_method = projection_method()
+        data.read_positions = read_positions_text(settings.direction_positions)
         data.projections = layer_projections(original, ablated, data.projection_method)
     with console.status("Report: example responses, original and ablated..."):
         data.examples = examples(session, parameters, settings.report_examples)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from ..directions import read_positions_text
 from ..session import Session
 from ..ui import console
 from .geometry import COLUMNS, LayerGeometry, residual_geometry
@@ -13,8 +14,8 @@ from .projection import projection_method
 from .research import MAX_PROJECTED_PROMPTS, original_projections, original_residuals
 
 
-def geometry_table(rows: list[LayerGeometry]) -> Table:
-    table = Table(title="Residual geometry (last prompt token, output of each layer)", title_justify="left")
+def geometry_table(rows: list[LayerGeometry], positions: str = "last prompt token") -> Table:
+    table = Table(title=f"Residual geometry ({positions}, output of each layer)", title_justify="left")
     table.add_column("layer", justify="right")
     for _, header, _ in COLUMNS:
         table.add_column(header, justify="right")
@@ -31,7 +32,7 @@ def print_residual_geometry(session: Session) -> None:
     residuals = original_residuals(session)
     with console.status("Computing the residual geometry..."):
         rows = residual_geometry(residuals["harmful"], residuals["harmless"])
-    console.print(geometry_table(rows))
+    console.print(geometry_table(rows, read_positions_text(session.settings.direction_positions)))
     console.print("g, b: means of the harmless and harmful residuals; g*, b*: their geometric medians; r = b - g, r* = b* - g*")
     for _, header, meaning in COLUMNS:
         console.print(f"  [bold]{header}[/]: {meaning}")

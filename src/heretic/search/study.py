@@ -119,7 +119,8 @@ def scoring_identity(settings: Settings, objectives: list[LoadedObjective] | Non
 # default, or the one in EARLIER_VALUES), so that at that value a fingerprint stays what it was before
 # they existed and existing checkpoints still resume.
 VARIANT_SETTINGS = ("direction_positions", "subspace_rank", "search_mlp_off", "kl_tokens", "full_normalization_exact")
-EARLIER_VALUES: dict[str, object] = {"full_normalization_exact": False}  # the full ablation was approximated
+# Earlier searches approximated the full ablation and read the directions at the last prompt token.
+EARLIER_VALUES: dict[str, object] = {"full_normalization_exact": False, "direction_positions": [-1]}
 
 
 def changed_variant_settings(settings: Settings, fused_experts: bool = False) -> dict[str, object]:
@@ -149,10 +150,12 @@ def checkpoint_location(
     prompt_sets: dict[str, list[Prompt]],
     response_prefix: str,
     objectives: list[LoadedObjective] | None = None,
-    fused_experts: bool = False,
+    *,
+    fused_experts: bool,
 ) -> Location:
     """Where the search these settings run is kept: --storage (a study named by the model and the
-    settings' fingerprint), else a journal file of its own in --checkpoint-dir."""
+    settings' fingerprint), else a journal file of its own in --checkpoint-dir. `fused_experts`: the
+    model's MoE experts are fused tensors (ArchitectureMap.fused_experts), which changes the fingerprint."""
     values = study_fingerprint(settings, loaded, prompt_sets, response_prefix, objectives, fused_experts)
     digest = checkpoint.fingerprint(values)
     shared = settings.storage is not None or settings.workers > 1 or settings.search_only
