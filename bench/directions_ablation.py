@@ -4,7 +4,7 @@ Loads the demo model (Qwen2.5-Coder-0.5B-Instruct Q4_K_M) with the demo's quick 
 the refusal directions once per variant, and scores a fixed set of good ablation parameters (trials of
 the reference's Pareto front on the side-by-side benchmark, which our tool scores alike) under each:
 
-- where the directions are read: the last prompt token (today), the "assistant" token (-2), the
+- where the directions are read: the last prompt token ("today": the default when it was recorded), the "assistant" token (-2), the
   end-of-turn token (-5), the mean of the chat template's last five tokens (-5..-1);
 - subspace ablation: k = 2, 3 directions (the direction plus principal components of the paired
   harmful - harmless differences);
@@ -90,7 +90,8 @@ def variant_directions(
     last, positions = {}, {}
     for name in ("harmful", "harmless"):
         ids = engine.encode(prompt_sets[name])
-        last[name] = engine.residuals(ids, list(layers))  # what the session computes by default (prefix shared)
+        # what the session computes with --direction-positions '[-1]' (prefix shared)
+        last[name] = engine.residuals(ids, list(layers))
         if any(read != [-1] for read, _, _ in chosen.values()):
             positions[name] = engine.position_residuals(ids, list(layers), offsets)  # (n, 5, layers + 1, hidden)
     example = engine.encode(prompt_sets["harmful"][:1])[0]
@@ -212,6 +213,7 @@ def merged_results() -> dict[str, Any]:
     """The results of every run (directions_ablation*.json; runs split by --variants), rows ordered by trial."""
     runs = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("directions_ablation*.json"))]
     merged = dict(runs[0], rows=[row for run in runs for row in run["rows"]])
+    merged["original"] = next((run["original"] for run in runs if run["original"]), {})  # runs with --skip-original have none
     order = list(VARIANTS)
     merged["rows"].sort(key=lambda row: ([t for t, _ in PARAMETER_SETS].index(row["trial"]), order.index(row["variant"])))
     return merged

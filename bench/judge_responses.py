@@ -86,7 +86,8 @@ def main() -> None:
     engine = Engine(loaded.model, loaded.tokenizer, eos_token_ids(loaded))
     engine.batch_size = args.batch_size
 
-    # Refusal directions as the tool computes them: last-position residuals of the training prompts.
+    # Refusal directions as the tool computed them when the labelled responses were generated: last-position
+    # residuals of the training prompts (`--direction-positions '[-1]'`; the default is now the mean of five).
     num_layers = int(text_config(loaded.model.config).num_hidden_layers)
     _, layers = find_layers(loaded.model, num_layers)
     residuals = {}
