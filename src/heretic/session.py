@@ -475,16 +475,13 @@ def collect_residuals(
         for name in ("harmful", "harmless"):
             ids = engine.encode(prompt_sets[name])
             handle = bars(f"Residuals ({name})", len(ids))
-            positions = settings.direction_positions
-            if positions == [-1]:
-                residuals[name] = winsorize(
-                    engine.residuals(ids, list(layers), progress=handle.advance), settings.winsorization_quantile
-                )
-            elif settings.winsorization_quantile >= 1.0:  # nothing to clamp: averaged batch by batch (less memory)
-                residuals[name] = engine.position_residuals(ids, list(layers), positions, handle.advance, mean=True)
+            positions, quantile = settings.direction_positions, settings.winsorization_quantile
+            if len(positions) == 1 or quantile >= 1.0:  # averaging first changes nothing: batch by batch, less memory
+                read = engine.position_residuals(ids, list(layers), positions, handle.advance, mean=True)
+                residuals[name] = winsorize(read, quantile)
             else:
                 read = engine.position_residuals(ids, list(layers), positions, handle.advance)
-                residuals[name] = winsorize(read, settings.winsorization_quantile).mean(dim=1)  # over the positions
+                residuals[name] = winsorize(read, quantile).mean(dim=1)  # clamped at each position, then averaged
             handle.close()
     return residuals
 

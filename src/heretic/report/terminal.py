@@ -14,7 +14,7 @@ from .projection import projection_method
 from .research import MAX_PROJECTED_PROMPTS, original_projections, original_residuals
 
 
-def geometry_table(rows: list[LayerGeometry], positions: str = "last prompt token") -> Table:
+def geometry_table(rows: list[LayerGeometry], positions: str) -> Table:
     table = Table(title=f"Residual geometry ({positions}, output of each layer)", title_justify="left")
     table.add_column("layer", justify="right")
     for _, header, _ in COLUMNS:
