@@ -11,6 +11,10 @@ from its Optuna checkpoint journal; ours are read from ours.
     python bench/run_bench.py --reuse-reference --noise-seeds 43,44,45   # ours again, plus three more seeds
     python bench/run_bench.py --add-noise-seeds 45   # one more seed of ours in the latest run's noise table
     python bench/run_bench.py --trials 4 --eval-prompts 20 --train-prompts 64   # a quick check
+    python bench/run_bench.py --tools ours --trials 1000 --label L "--ours-args=--judge rules --search-minutes 140"
+    python bench/run_bench.py --tools ours --trials 1000 --label L --resume-ours "--ours-args=--judge rules --search-minutes 120"
+                                                 # a run longer than one sitting, continued in the next
+                                                 # (each trial's one-sitting wall time is recorded: bench/seed_fronts.py --timed)
 
 Writes bench/results/latest.json, bench/results/<stamp>.json, bench/results/fronts.png and the
 table in BENCHMARKS.md, with each performance target checked (a front metric that falls short by
@@ -270,6 +274,8 @@ def metrics(runs: list[dict[str, Any]], journal: dict[str, Any], n_prompts: int,
         baseline = int(complete[0]["user_attrs"]["base_refusals"])
     else:
         baseline = int(journal["study_attrs"]["baseline_refusals"])
+    for trial, wall in zip(trials, one_sitting_wall(complete, journal["trials"], runs)):
+        trial["wall_s"] = wall
     first_start = min(t["start"] for t in journal["trials"])
     peaks = [run["peak_rss_mb"] for run in runs if run["peak_rss_mb"]]
     return {
@@ -281,6 +287,36 @@ def metrics(runs: list[dict[str, Any]], journal: dict[str, Any], n_prompts: int,
         "invocations": len(runs),
         **trial_metrics(trials, n_prompts),
     }
+
+
+def one_sitting_wall(
+    complete: list[dict[str, Any]], journal_trials: list[dict[str, Any]], runs: list[dict[str, Any]]
+) -> list[float]:
+    """For each completed trial, the wall time one uninterrupted run would have taken up to its end:
+    the first invocation's start-up, then each invocation's search span (from its first trial's start
+    to this trial's end, or to its last trial's end for the invocations before). A later sitting's
+    start-up and an earlier one's ending are left out: a run in one sitting has neither."""
+    starts = sorted(run["started"] for run in runs)
+
+    def sitting(time: float) -> int:
+        return max(i for i, started in enumerate(starts) if started <= time) if time >= starts[0] else 0
+
+    first_start: dict[int, float] = {}
+    last_end: dict[int, float] = {}
+    for t in journal_trials:
+        i = sitting(t["start"])
+        first_start[i] = min(first_start.get(i, t["start"]), t["start"])
+    for t in complete:
+        i = sitting(t["start"])
+        last_end[i] = max(last_end.get(i, t["complete"]), t["complete"])
+    first = min(first_start)
+    startup = first_start[first] - starts[first]
+    walls = []
+    for t in complete:
+        i = sitting(t["start"])
+        before = sum(last_end.get(j, first_start[j]) - first_start[j] for j in first_start if j < i)
+        walls.append(round(startup + before + t["complete"] - first_start[i], 1))
+    return walls
 
 
 def first_trials(data: dict[str, Any], n: int, n_prompts: int) -> dict[str, Any]:
@@ -412,17 +448,47 @@ def run_reference(
 
 
 def run_ours(
-    settings: dict[str, Any], model: Path, markers: list[str], env: dict[str, str], extra: list[str], label: str = "ours"
+    settings: dict[str, Any],
+    model: Path,
+    markers: list[str],
+    env: dict[str, str],
+    extra: list[str],
+    label: str = "ours",
+    resume: bool = False,
 ) -> dict[str, Any]:
+    """Run our tool in bench/work/LABEL; with `resume`, continue the study an earlier invocation with
+    the same command left there (a run longer than one sitting, e.g. the equal-time run)."""
     folder = WORK / label
-    shutil.rmtree(folder, ignore_errors=True)
     command = our_command(settings, model, markers, extra)
-    run = run_tool(label, command, folder, env, settings["timeout_s"], folder / "runs.json")
+    if resume:
+        if not list((folder / "checkpoints").glob("*.jsonl")) or not (folder / "runs.json").exists():
+            sys.exit(f"Nothing to resume in {folder}: run without --resume-ours first.")
+        if without_budget(json.loads((folder / "command.json").read_text())) != without_budget(command):
+            sys.exit(f"Our run in {folder} used other settings; resume it with the same options.")
+        invoked = [*command, "--resume", "continue"]
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        (folder / "command.json").write_text(json.dumps(command))
+        invoked = command
+    run_tool(label, invoked, folder, env, settings["timeout_s"], folder / "runs.json")
+    runs = json.loads((folder / "runs.json").read_text())
     (journal,) = (folder / "checkpoints").glob("*.jsonl")
-    data = metrics([run], read_journal(Path(sys.executable), journal), settings["eval_prompts"], "ours")
+    data = metrics(runs, read_journal(Path(sys.executable), journal), settings["eval_prompts"], "ours")
     data["command"] = shlex.join(command)
-    data["dtype"] = chosen_dtype(folder / run["log"])
+    data["dtype"] = chosen_dtype(folder / runs[-1]["log"])
     return data
+
+
+def without_budget(command: list[str]) -> list[str]:
+    """The command less its --search-minutes (each sitting of a long run has a budget of its own)."""
+    kept: list[str] = []
+    for arg in command:
+        if kept and kept[-1] == "--search-minutes":
+            kept.pop()
+        elif not arg.startswith("--search-minutes="):
+            kept.append(arg)
+    return kept
 
 
 def chosen_dtype(log_path: Path) -> str | None:
@@ -1010,6 +1076,12 @@ def main() -> None:
         help="continue the reference's unfinished study in bench/work/reference "
         "(a run that did not fit in one sitting) instead of starting it anew",
     )
+    parser.add_argument(
+        "--resume-ours",
+        action="store_true",
+        help="continue our unfinished study in bench/work/LABEL (started with the same options, e.g. a run with "
+        "--search-minutes that did not fit in one sitting) instead of starting it anew",
+    )
     parser.add_argument("--ours-args", default="", help="extra flags for our tool (e.g. to switch a speed-up off)")
     parser.add_argument("--label", default="ours", help="name of our run in the results (for lever measurements)")
     parser.add_argument("--timeout-hours", type=float, default=12.0)
@@ -1111,7 +1183,8 @@ def main() -> None:
             tools["reference"] = run_reference(settings, model, python, markers, env, resume=args.resume_reference)
             reference_cache.write_text(json.dumps(tools["reference"], indent=2))
     if "ours" in wanted:
-        tools[args.label] = run_ours(settings, model, markers, env, shlex.split(args.ours_args), args.label)
+        extra = shlex.split(args.ours_args)
+        tools[args.label] = run_ours(settings, model, markers, env, extra, args.label, resume=args.resume_ours)
         reference_trials = tools.get("reference", {}).get("n_trials")
         if args.label == "ours" and reference_trials and reference_trials < tools["ours"]["n_trials"]:
             log(f"the reference finished only {reference_trials} trials; comparing with our first {reference_trials} as well")

@@ -37,18 +37,28 @@ KL_TARGET, REFUSALS_TARGET = 0.10, 5
 REFERENCE_RESULTS = RESULTS / "reference-73baa3e6a27f.json"  # the reference's full run: its wall time
 
 
-def our_run(path: Path) -> dict[str, Any]:
-    """One run_bench results file of ours: seed, trials, wall time and the (refusals, KL) of its uncut trials."""
+def our_run(path: Path, budget_s: float | None = None) -> dict[str, Any]:
+    """One run_bench results file of ours: seed, trials, wall time and the (refusals, KL) of its uncut trials.
+
+    With `budget_s` (a timed run), only the trials that ended within that much wall time of one
+    uninterrupted run count (run_bench's per-trial `wall_s`: a run continued over several sittings is
+    timed as if it had run in one); results without per-trial times count whole."""
     data = json.loads(path.read_text())
     ((label, tool),) = data["tools"].items()
-    points = [(t["refusals"], t["kl"]) for t in tool["trials"] if not t.get("cut")]
+    trials, wall = tool["trials"], tool["wall_s"]
+    if budget_s is not None and all("wall_s" in t for t in trials):
+        wall = max(t["wall_s"] for t in trials)
+        trials = [t for t in trials if t["wall_s"] <= budget_s]
+        wall = min(wall, budget_s)
+    points = [(t["refusals"], t["kl"]) for t in trials if not t.get("cut")]
     return {
         "file": path.name,
         "label": label,
         "seed": data["settings"]["seed"],
-        "trials": tool["n_trials"],
-        "wall_s": tool["wall_s"],
-        "median_trial_s": tool["median_trial_s"],
+        "trials": len(trials),
+        "trials_run": tool["n_trials"],
+        "wall_s": wall,
+        "median_trial_s": statistics.median(t["seconds"] for t in trials),
         "chosen": chosen_trial(label),
         "command": tool["command"].split(" --refusal-markers")[0] + " ... " + tool["command"].split("--headless")[-1].strip(),
         "points": points,
@@ -56,8 +66,10 @@ def our_run(path: Path) -> dict[str, Any]:
 
 
 def chosen_trial(label: str) -> dict[str, Any] | None:
-    """The trial the run chose and its held-out refusals, from its log in bench/work (None without it)."""
-    path = WORK / label / "output.log"
+    """The trial the run chose and its held-out refusals, from its (last sitting's) log in bench/work
+    (None without it)."""
+    record = WORK / label / "runs.json"
+    path = WORK / label / (json.loads(record.read_text())[-1]["log"] if record.exists() else "output.log")
     if not path.exists():
         return None
     text = path.read_text(errors="replace")
@@ -209,12 +221,26 @@ def markdown(summary: dict[str, Any], title: str) -> str:
     ]
     for run in timed:
         fewest = run["fewest_refusals_at_kl_target"]
+        full = run["share_of_reference_wall"] >= 0.999
         lines.append(
-            f"- **Equal time, partly**: `{run['label']}` ran {run['trials']} trials in {run['wall_s'] / 60:.0f} min, "
-            f"{run['share_of_reference_wall']:.2f}× the reference's wall time for its 30 trials "
-            f"({summary['reference_wall_s'] / 3600:.1f} h). Fewest refusals at KL ≤ {KL_TARGET}: "
-            f"{fewest if fewest is not None else 'none'}/100 (target ≤ {REFUSALS_TARGET}/100: "
-            f"{'met' if fewest is not None and fewest <= REFUSALS_TARGET else 'missed'})."
+            f"- **Equal time{'' if full else ', partly'}**: `{run['label']}` (seed {run['seed']}) finished "
+            f"{run['trials']} trials in {run['wall_s'] / 60:.0f} min, {run['share_of_reference_wall']:.2f}× the "
+            f"reference's wall time for its 30 trials ({summary['reference_wall_s'] / 3600:.1f} h)"
+            + (
+                f"; the {run['trials_run'] - run['trials']} trials after that are left out"
+                if run["trials_run"] > run["trials"]
+                else ""
+            )
+            + f". Fewest refusals at KL ≤ {KL_TARGET}: {fewest if fewest is not None else 'none'}/100 (target ≤ "
+            f"{REFUSALS_TARGET}/100: {'met' if fewest is not None and fewest <= REFUSALS_TARGET else 'missed'})."
+        )
+    full_runs = [run for run in timed if run["share_of_reference_wall"] >= 0.999]
+    if len(full_runs) >= 3:
+        fewest_all = [run["fewest_refusals_at_kl_target"] for run in full_runs]
+        median = statistics.median(100 if value is None else value for value in fewest_all)
+        lines.append(
+            f"- **Equal time, median of {len(full_runs)} seeds**: {median:g}/100 refusals at KL ≤ {KL_TARGET} "
+            f"(target ≤ {REFUSALS_TARGET}/100: {'met' if median <= REFUSALS_TARGET else 'missed'})."
         )
     runs_with_logs = [run for run in [*trials, *timed] if run["chosen"] is not None]
     lines += (
@@ -280,7 +306,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     trials = [our_run(RESULTS / name) for name in args.trials]
-    timed = [our_run(RESULTS / name) for name in args.timed]
+    reference_wall = json.loads(REFERENCE_RESULTS.read_text())["wall_s"]
+    timed = [our_run(RESULTS / name, budget_s=reference_wall) for name in args.timed]
     summary = summarize(trials, timed, reference_points())
     named = [] if args.name == "seeds" else ["--name", args.name, "--title", f"'{args.title}'"]
     summary["command"] = " ".join(["--trials", *args.trials] + (["--timed", *args.timed] if args.timed else []) + named)

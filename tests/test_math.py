@@ -7,9 +7,12 @@ import math
 import pytest
 import torch
 
+from heretic.ablation import kernels
 from heretic.ablation.kernels import (
+    Factors,
     ablated_matrices,
     ablation_factors,
+    chunks,
     interpolate_direction,
     interpolate_subspace,
     kernel_weight,
@@ -186,6 +189,31 @@ def test_low_rank_approximation_does_not_depend_on_memory_alignment() -> None:
         results.append(low_rank_approximation(shifted, 3, seed=5))
     assert all(torch.equal(b, results[0][0]) and torch.equal(a, results[0][1]) for b, a in results)
     assert results[0][0].dtype == torch.float32
+
+
+def test_chunks_cover_the_range_in_bounded_pieces() -> None:
+    assert chunks(5, 10, limit=25) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert chunks(3, 100, limit=25) == [slice(0, 1), slice(1, 2), slice(2, 3)]  # at least one item per piece
+    assert chunks(4, 1, limit=100) == [slice(0, 4)]
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_factors_computed_in_pieces_are_bit_identical(
+    monkeypatch: pytest.MonkeyPatch, matrices: torch.Tensor, direction: torch.Tensor, exact: bool
+) -> None:
+    """A large matrix's float64 work is done in pieces of rows (exact) or of experts (full, approximated);
+    the factors are those of the whole, bit for bit (a rebuilt adapter must match its record)."""
+
+    def compute() -> Factors:
+        if exact:
+            return norm_preserving_factors(matrices, direction, 0.9)
+        return Factors(*ablation_factors(matrices, direction, 1.0, "full", rank=3, seed=7))
+
+    whole = compute()
+    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 30)  # (3, 16, 24): one row, or one expert, per piece
+    assert len(chunks(16, 3 * 24)) == 16 and len(chunks(3, 16 * 24)) == 3
+    pieces = compute()
+    assert all(torch.equal(x, y) for x, y in zip(whole, pieces, strict=True) if x is not None)
 
 
 def test_low_rank_approximation_is_exact_for_low_rank_input() -> None:

@@ -108,10 +108,25 @@ def norm_preserving_factors(matrices: Tensor, direction: Tensor, weight: float) 
     direction: (out,) or (k, out); B (experts, out, k), A (experts, k, in), s (experts, out).
     """
     b, a = ablation_factors(matrices, direction, weight, "pre")
-    wide = matrices.double()
-    updated = wide + b.double() @ a.double()  # M + B A: (experts, out, in)
-    scale = row_norms(wide) / row_norms(updated).clamp_min(1e-12)  # (experts, out)
+    scale = torch.empty(matrices.shape[:2], dtype=torch.float64, device=matrices.device)  # (experts, out)
+    a_wide = a.double()
+    for rows in chunks(matrices.shape[1], matrices.shape[0] * matrices.shape[2]):  # float64 in bounded pieces
+        wide = matrices[:, rows].double()
+        updated = wide + b[:, rows].double() @ a_wide  # M + B A: (experts, rows, in)
+        scale[:, rows] = row_norms(wide) / row_norms(updated).clamp_min(1e-12)
     return Factors(b, a, scale.to(matrices.dtype))
+
+
+# The most float64 elements a kernel holds at once per temporary (64 MiB): a large model's matrix
+# (e.g. 4096 x 14336, or 128 fused experts of 2048 x 768) is processed in pieces of rows or experts,
+# with the same result bit for bit.
+CHUNK_ELEMENTS = 1 << 23
+
+
+def chunks(length: int, elements_per_item: int, limit: int | None = None) -> list[slice]:
+    """Consecutive slices of range(length), each of at most max(1, limit // elements_per_item) items."""
+    size = max(1, (CHUNK_ELEMENTS if limit is None else limit) // max(1, elements_per_item))
+    return [slice(start, min(start + size, length)) for start in range(0, length, size)]
 
 
 def ablation_factors(
@@ -141,29 +156,43 @@ def ablation_factors(
         b = (-weight * v * norms).unsqueeze(-1)  # -w (n * v)
         return b, a
     if mode == "full":
-        difference = ablated_matrices(matrices, direction, weight, "full") - matrices
-        return low_rank_approximation(difference, rank, seed)
+        probe = sketch(matrices.shape, rank, seed, matrices.dtype)
+        parts = [
+            low_rank_approximation(ablated_matrices(piece, direction, weight, "full") - piece, rank, probe=probe[experts])
+            for experts in chunks(matrices.shape[0], matrices.shape[1] * matrices.shape[2])
+            for piece in (matrices[experts],)
+        ]
+        return torch.cat([b for b, _ in parts]), torch.cat([a for _, a in parts])
     raise ValueError(f"unknown row normalization {mode!r}")
 
 
+def sketch(shape: torch.Size | tuple[int, ...], rank: int, seed: int, dtype: torch.dtype, oversample: int = 8) -> Tensor:
+    """The random test matrices of a randomized SVD of a batch of (m, n) matrices: (batch, n, width),
+    width = min(rank + oversample, m, n), drawn on the CPU from `seed` (the same on every device)."""
+    batch, rows, cols = shape
+    width = min(min(rank, rows, cols) + oversample, rows, cols)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn((batch, cols, width), generator=generator, dtype=dtype)
+
+
 def low_rank_approximation(
-    matrices: Tensor, rank: int, seed: int = 0, oversample: int = 8, iterations: int = 4
+    matrices: Tensor, rank: int, seed: int = 0, iterations: int = 4, probe: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Rank-r factors (B, A) of a batch of matrices by randomized SVD with power iterations.
 
     matrices: (batch, m, n). Returns B (batch, m, r) = U sqrt(S), A (batch, r, n) = sqrt(S) V^T.
+    probe: the sketch's test matrices (batch, n, width), by default `sketch(matrices.shape, rank, seed)`.
 
     Computed in float64 and returned in the input's dtype: in float32, CPU BLAS results change in the
     last bits with the memory alignment of the inputs, and an adapter rebuilt from its record must be
     bit-identical; float64 rounded to float32 is.
     """
     dtype = matrices.dtype
+    if probe is None:
+        probe = sketch(matrices.shape, rank, seed, dtype)
     matrices = matrices.double()
-    batch, rows, cols = matrices.shape
-    rank = min(rank, rows, cols)
-    width = min(rank + oversample, rows, cols)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    probe = torch.randn((batch, cols, width), generator=generator, dtype=dtype).to(matrices)  # drawn as before: same sketch
+    rank = min(rank, *matrices.shape[1:])
+    probe = probe.to(matrices)
     basis, _ = torch.linalg.qr(matrices @ probe)  # range finder: (batch, m, width)
     for _ in range(iterations):  # power iterations sharpen the spectrum
         basis, _ = torch.linalg.qr(matrices.transpose(1, 2) @ basis)
