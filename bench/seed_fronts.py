@@ -47,9 +47,8 @@ def our_run(path: Path, budget_s: float | None = None) -> dict[str, Any]:
     ((label, tool),) = data["tools"].items()
     trials, wall = tool["trials"], tool["wall_s"]
     if budget_s is not None and all("wall_s" in t for t in trials):
-        wall = max(t["wall_s"] for t in trials)
+        wall = min(max(t["wall_s"] for t in trials), budget_s)
         trials = [t for t in trials if t["wall_s"] <= budget_s]
-        wall = min(wall, budget_s)
     points = [(t["refusals"], t["kl"]) for t in trials if not t.get("cut")]
     return {
         "file": path.name,
