@@ -167,6 +167,16 @@ def test_every_action_name_has_one_registered_handler() -> None:
     assert all(action.label and callable(action.handler) for action in ACTIONS.values())
 
 
+def test_layer_ranges_are_fractions_of_the_stack(capsys: pytest.CaptureFixture[str]) -> None:
+    settings = settings_from_argv(["--direction-index-range", "[0.4, 1]", "--peak-position-range", "[0.3, 1.0]"])
+    assert settings.direction_index_range == [0.4, 1.0] and settings.peak_position_range == [0.3, 1.0]
+    for option in ("--direction-index-range", "--peak-position-range"):
+        for bad in ("[0.9, 0.4]", "[0.5, 0.5]", "[-0.1, 0.9]", "[0.4, 1.2]", "[0.4]", "[0.1, 0.2, 0.3]"):
+            with pytest.raises(SystemExit):
+                settings_from_argv([option, bad])
+            assert "fractions of the last layer" in capsys.readouterr().err
+
+
 def test_direction_positions_are_distinct_negative_offsets(capsys: pytest.CaptureFixture[str]) -> None:
     assert settings_from_argv(["--direction-positions", "[-5, -1]"]).direction_positions == [-5, -1]
     for bad in ("[0]", "[-1, -1]", "[2, -1]"):

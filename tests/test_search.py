@@ -23,7 +23,7 @@ from heretic.directions import orthonormal_rows
 from heretic.model.architecture import as_matrices, build_architecture_map
 from heretic.search.checkpoint import open_storage
 from heretic.search.runner import make_sampler
-from heretic.search.space import suggest_parameters
+from heretic.search.space import LayerRanges, suggest_parameters
 
 pytestmark = pytest.mark.slow
 
@@ -270,21 +270,31 @@ def test_checkpoint_journal_is_readable_json(tiny_models: dict[str, Path], tmp_p
     assert lines and all(isinstance(line, dict) for line in lines)
 
 
-def test_sampled_kernels_stay_in_the_search_space() -> None:
+@pytest.mark.parametrize("ranges", [None, LayerRanges((0.4, 1.0), (0.3, 1.0))])
+def test_sampled_kernels_stay_in_the_search_space(ranges: LayerRanges | None) -> None:
     """Every component's peak weight lies in [0.8, 1.5], its floor in [0, peak], its peak position in
-    the last 40% of the stack and its reach in [1, 0.6 (L-1)] layers."""
+    the peak range of the stack (default: the last 40%) and its reach in [1, 0.6 (L-1)] layers; the
+    direction index lies in its range (default [0.4, 0.9] of L - 1). Both ranges are covered end to end."""
     num_layers, last = 24, 23
+    expected = ranges or LayerRanges((0.4, 0.9), (0.6, 1.0))  # the defaults
+    (index_low, index_high), (peak_low, peak_high) = expected.direction_index, expected.peak_position
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), directions=["minimize", "minimize"])
+    indices, peaks = [], []
     for _ in range(200):
         trial = study.ask()
-        parameters = suggest_parameters(trial, num_layers, ["attn", "mlp"])
-        assert 0.4 * last <= parameters.direction_index <= 0.9 * last
+        parameters = suggest_parameters(trial, num_layers, ["attn", "mlp"], ranges=ranges)
+        assert index_low * last <= parameters.direction_index <= index_high * last
+        indices.append(parameters.direction_index / last)
         for kernel in parameters.kernels.values():
             assert 0.8 <= kernel.max_weight <= 1.5
             assert 0.0 <= kernel.min_weight <= kernel.max_weight
-            assert 0.6 * last <= kernel.max_weight_position <= last
+            assert peak_low * last <= kernel.max_weight_position <= last * peak_high
             assert 1.0 <= kernel.min_weight_distance <= 0.6 * last
+            peaks.append(kernel.max_weight_position / last)
         study.tell(trial, [0.0, 0.0])
+    # 200 uniform draws reach within 5% of each end of their range.
+    assert min(indices) < index_low + 0.05 and max(indices) > index_high - 0.05
+    assert min(peaks) < peak_low + 0.05 and max(peaks) > peak_high - 0.05
 
 
 def _proposals(multivariate: bool) -> list[dict[str, object]]:
@@ -346,13 +356,16 @@ def test_search_can_switch_the_mlp_off() -> None:
     assert "mlp.ablate" not in trial.params
 
 
-def test_subspace_positions_and_kl_tokens_run_end_to_end(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+def test_subspace_positions_kl_tokens_and_ranges_run_end_to_end(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     checkpoints = tmp_path / "checkpoints"
     extra = ["--n-trials", "2", "--subspace-rank", "2", "--kl-tokens", "3", "--direction-positions", "[-3, -1]"]
-    run(heretic_command(tiny_models["llama"], checkpoints, *extra, "--search-mlp-off"), tmp_path)
+    ranges = ["--direction-index-range", "[0.95, 1.0]", "--peak-position-range", "[0.0, 0.05]"]
+    run(heretic_command(tiny_models["llama"], checkpoints, *extra, *ranges, "--search-mlp-off"), tmp_path)
     trials = current_study(checkpoints).trials
     assert len(trials) == 2 and all(t.values is not None and t.values[1] >= 0 for t in trials)
     assert all("mlp.ablate" in t.params for t in trials)
+    last = 3  # the tiny model's four layers
+    assert all(t.params["direction_index"] >= 0.95 * last and t.params["attn.max_weight_position"] <= 0.05 * last for t in trials)
 
 
 def test_an_interrupt_during_the_study_writes_waits_for_them() -> None:

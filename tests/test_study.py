@@ -92,15 +92,30 @@ def test_reproduction_overrides_are_the_override_settings() -> None:
 
 def test_direction_and_component_options_enter_the_fingerprint_only_when_changed() -> None:
     default = checkpoint.fingerprint(study_fingerprint(Settings(), fake_loaded(), PROMPT_SETS, ""))
-    same = Settings(direction_positions=[-5, -4, -3, -2, -1], subspace_rank=1, kl_tokens=1, search_mlp_off=False)
+    same = Settings(
+        direction_positions=[-5, -4, -3, -2, -1],
+        subspace_rank=1,
+        kl_tokens=1,
+        search_mlp_off=False,
+        direction_index_range=[0.4, 0.9],
+        peak_position_range=[0.6, 1.0],
+    )
     assert checkpoint.fingerprint(study_fingerprint(same, fake_loaded(), PROMPT_SETS, "")) == default
     seen = {default}
     defaults = {"full_normalization_exact": True, "direction_positions": [-5, -4, -3, -2, -1]}
-    for change in ({"direction_positions": [-2, -1]}, {"subspace_rank": 2}, {"kl_tokens": 4}, {"search_mlp_off": True}):
-        values = study_fingerprint(Settings(**change), fake_loaded(), PROMPT_SETS, "")
+    changes: list[dict[str, object]] = [
+        {"direction_positions": [-2, -1]},
+        {"subspace_rank": 2},
+        {"kl_tokens": 4},
+        {"search_mlp_off": True},
+        {"direction_index_range": [0.4, 1.0]},
+        {"peak_position_range": [0.4, 1.0]},
+    ]
+    for change in changes:
+        values = study_fingerprint(Settings(**change), fake_loaded(), PROMPT_SETS, "")  # type: ignore[arg-type]
         assert values["judge"]["variant"] == defaults | change  # type: ignore[index]
         seen.add(checkpoint.fingerprint(values))
-    assert len(seen) == 5
+    assert len(seen) == 7
     # The exact full ablation enters as a change from what earlier searches had (the approximation), and only
     # where the ablation is full.
     earliest = Settings(full_normalization_exact=False, direction_positions=[-1])

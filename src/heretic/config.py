@@ -642,6 +642,18 @@ class Settings(BaseSettings):
         description="Let the search also switch the MLP's ablation off (a categorical parameter per trial).",
         json_schema_extra=tags(Role.score, Role.search, fingerprint="judge"),
     )
+    direction_index_range: list[float] = Field(
+        default=[0.4, 0.9],
+        description="Where the search samples the global direction's (fractional) layer index: [low, high] as "
+        "fractions of the last layer's index (0: the first layer, 1: the last).",
+        json_schema_extra=tags(Role.score, Role.search, fingerprint="judge"),
+    )
+    peak_position_range: list[float] = Field(
+        default=[0.6, 1.0],
+        description="Where the search samples each component's peak layer (where its ablation weight is largest): "
+        "[low, high] as fractions of the last layer's index.",
+        json_schema_extra=tags(Role.score, Role.search, fingerprint="judge"),
+    )
     kl_tokens: int = Field(
         default=1,
         ge=1,
@@ -865,6 +877,15 @@ class Settings(BaseSettings):
     def _negative_positions(cls, value: list[int]) -> list[int]:
         if any(offset >= 0 for offset in value) or len(set(value)) != len(value):
             raise ValueError("give distinct negative offsets from the end of the prompt, e.g. -1 (the last token) or -3 -2 -1")
+        return value
+
+    @field_validator("direction_index_range", "peak_position_range")
+    @classmethod
+    def _layer_range(cls, value: list[float]) -> list[float]:
+        if len(value) != 2 or not 0.0 <= value[0] < value[1] <= 1.0:
+            raise ValueError(
+                "give [low, high] with 0 <= low < high <= 1, as fractions of the last layer's index, e.g. [0.4, 0.9]"
+            )
         return value
 
     @field_validator("max_shard_size")

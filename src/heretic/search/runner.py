@@ -21,7 +21,7 @@ from ..model.memory import stage
 from ..scoring.evaluator import Evaluator, ProgressFactory
 from ..scoring.objectives import score_objectives
 from .pareto import TrialResult, is_dominated, study_directions, trial_results
-from .space import suggest_parameters
+from .space import LayerRanges, suggest_parameters
 from .workers import Liveness
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,13 @@ class SearchSetup:
     multivariate_tpe: bool
     cut_hopeless_trials: bool
     sampler_kl_floor: float
+    direction_index_range: list[float]
+    peak_position_range: list[float]
     search_mlp_off: bool = False
+
+    @property
+    def ranges(self) -> LayerRanges:
+        return LayerRanges.of(self.direction_index_range, self.peak_position_range)
 
 
 def make_sampler(
@@ -140,7 +146,7 @@ def _measure(setup: SearchSetup, study: optuna.Study, trial: optuna.Trial, progr
 def _evaluate(setup: SearchSetup, study: optuna.Study, trial: optuna.Trial, progress: ProgressFactory | None) -> TrialResult:
     """Score the trial's ablation and tell the study."""
     started = time.perf_counter()
-    parameters = suggest_parameters(trial, setup.num_layers, setup.components, setup.search_mlp_off)
+    parameters = suggest_parameters(trial, setup.num_layers, setup.components, setup.search_mlp_off, setup.ranges)
     setup.ablator.apply(parameters, setup.directions)
     setup.evaluator.progress = progress or setup.evaluator.progress
     kl = setup.evaluator.kl()

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import optuna
 
 from ..ablation.parameters import AblationParameters, ComponentKernel
+from ..config import Settings
 
 # Range of the sampled max_weight, for every component. A lower MLP bound that lets the search switch
 # MLP ablation off (-0.25, clamped at 0) gave a lower mean hypervolume on the benchmark (BENCHMARKS.md).
@@ -12,17 +16,45 @@ MIN_MAX_WEIGHT = 0.8
 MAX_MAX_WEIGHT = 1.5
 
 
-def suggest_parameters(trial: optuna.Trial, num_layers: int, components: list[str], mlp_off: bool = False) -> AblationParameters:
-    """Sample one ablation. Ranges in layers: direction index in [0.4, 0.9] of the stack, peak in the
-    last 40%, reach D in [1, 0.6 (L-1)], Wmin a fraction of W. With `mlp_off`, a categorical "mlp.ablate"
-    can switch the MLP's kernel off (W = Wmin = 0; its other parameters are still sampled, then unused)."""
+@dataclass(frozen=True)
+class LayerRanges:
+    """Where the direction index and each component's peak are sampled: (low, high) as fractions of
+    the last layer's index L - 1 (--direction-index-range, --peak-position-range)."""
+
+    direction_index: tuple[float, float]
+    peak_position: tuple[float, float]
+
+    @classmethod
+    def of(cls, direction_index: Sequence[float], peak_position: Sequence[float]) -> LayerRanges:
+        """From the two settings' [low, high] lists."""
+        return cls((direction_index[0], direction_index[1]), (peak_position[0], peak_position[1]))
+
+    @classmethod
+    def default(cls) -> LayerRanges:
+        fields = Settings.model_fields
+        return cls.of(fields["direction_index_range"].default, fields["peak_position_range"].default)
+
+
+def suggest_parameters(
+    trial: optuna.Trial,
+    num_layers: int,
+    components: list[str],
+    mlp_off: bool = False,
+    ranges: LayerRanges | None = None,
+) -> AblationParameters:
+    """Sample one ablation. Ranges in layers: direction index and peak position in their `ranges` of the
+    stack (default [0.4, 0.9] and [0.6, 1.0] of L - 1), reach D in [1, 0.6 (L-1)], Wmin a fraction of W.
+    With `mlp_off`, a categorical "mlp.ablate" can switch the MLP's kernel off (W = Wmin = 0; its other
+    parameters are still sampled, then unused)."""
     last = num_layers - 1
+    ranges = ranges or LayerRanges.default()
+    (index_low, index_high), (peak_low, peak_high) = ranges.direction_index, ranges.peak_position
     scope = trial.suggest_categorical("direction_scope", ["global", "per-layer"])
-    index = trial.suggest_float("direction_index", 0.4 * last, 0.9 * last)
+    index = trial.suggest_float("direction_index", index_low * last, index_high * last)
     kernels: dict[str, ComponentKernel] = {}
     for component in components:
         weight = trial.suggest_float(f"{component}.max_weight", MIN_MAX_WEIGHT, MAX_MAX_WEIGHT)
-        position = trial.suggest_float(f"{component}.max_weight_position", 0.6 * last, float(last))
+        position = trial.suggest_float(f"{component}.max_weight_position", peak_low * last, peak_high * last)
         fraction = trial.suggest_float(f"{component}.min_weight_fraction", 0.0, 1.0)
         distance = trial.suggest_float(f"{component}.min_weight_distance", 1.0, max(1.0, 0.6 * last))
         kernels[component] = ComponentKernel(weight, position, fraction * weight, distance)

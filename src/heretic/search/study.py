@@ -118,7 +118,15 @@ def scoring_identity(settings: Settings, objectives: list[LoadedObjective] | Non
 # fingerprint="judge"), and only where they differ from the value every earlier search had (their
 # default, or the one in EARLIER_VALUES), so that at that value a fingerprint stays what it was before
 # they existed and existing checkpoints still resume.
-VARIANT_SETTINGS = ("direction_positions", "subspace_rank", "search_mlp_off", "kl_tokens", "full_normalization_exact")
+VARIANT_SETTINGS = (
+    "direction_positions",
+    "subspace_rank",
+    "search_mlp_off",
+    "kl_tokens",
+    "full_normalization_exact",
+    "direction_index_range",
+    "peak_position_range",
+)
 # Earlier searches approximated the full ablation and read the directions at the last prompt token.
 EARLIER_VALUES: dict[str, object] = {"full_normalization_exact": False, "direction_positions": [-1]}
 
