@@ -38,7 +38,7 @@ from heretic.prompts import load_prompts
 from heretic.scoring.evaluator import Evaluator
 from heretic.scoring.refusals import MarkerJudge, RefusalJudge
 from heretic.scoring.rules import RuleJudge
-from heretic.search.space import describe, suggest_parameters
+from heretic.search.space import LayerRanges, describe, suggest_parameters
 from heretic.session import Session, prepare
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -104,7 +104,13 @@ def reference_parameters(params: dict[str, str]) -> AblationParameters:
 def our_parameters(session: Session, params: dict[str, Any]) -> AblationParameters:
     """Our stored sampled values, turned into an ablation the way the search did."""
     arch = session.arch
-    return suggest_parameters(optuna.trial.FixedTrial(params), arch.num_layers, arch.components, session.settings.search_mlp_off)
+    return suggest_parameters(
+        optuna.trial.FixedTrial(params),
+        arch.num_layers,
+        arch.components,
+        session.settings.search_mlp_off,
+        LayerRanges.of_settings(session.settings),
+    )
 
 
 def verdict_counts(judges: dict[str, RefusalJudge], evaluator: Evaluator) -> dict[str, int]:

@@ -26,7 +26,7 @@ from typing import Any
 import optuna
 
 from heretic.cli import settings_from_argv
-from heretic.search.space import suggest_parameters
+from heretic.search.space import LayerRanges, suggest_parameters
 from heretic.session import Session, prepare
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -57,7 +57,9 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for position, trial in enumerate(tool["trials"][:: args.every]):
         fixed = optuna.trial.FixedTrial(trial["params"])
-        parameters = suggest_parameters(fixed, arch.num_layers, arch.components, session.settings.search_mlp_off)
+        parameters = suggest_parameters(
+            fixed, arch.num_layers, arch.components, session.settings.search_mlp_off, LayerRanges.of_settings(session.settings)
+        )
         session.ablator.apply(parameters, session.directions)
         results = {}
         for on in (True, False) if position % 2 == 0 else (False, True):

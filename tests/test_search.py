@@ -19,6 +19,7 @@ from tiny import PROMPT_FLAGS, SCORING_FLAGS, make_model
 from heretic.ablation.adapters import Ablator
 from heretic.ablation.kernels import ablated_matrices
 from heretic.ablation.parameters import AblationParameters, ComponentKernel
+from heretic.cli import settings_from_argv
 from heretic.directions import orthonormal_rows
 from heretic.model.architecture import as_matrices, build_architecture_map
 from heretic.search.checkpoint import open_storage
@@ -174,6 +175,26 @@ def test_a_spent_time_budget_starts_no_new_trial_and_the_same_command_continues(
     assert completed(checkpoints) == 2
 
 
+def test_a_time_budget_starts_no_trial_that_would_end_after_it() -> None:
+    """Once a trial of this run has finished, another starts only if it ends before the deadline at the
+    median time of the last trials; before that, only the deadline counts."""
+    import time
+
+    from heretic.search.study import budget_fits
+
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    for seconds in (30.0, 40.0, 50.0):
+        trial = study.ask()
+        for name, value in {"refusals": 1, "kl": 0.1, "seconds": seconds}.items():
+            trial.set_user_attr(name, value)
+        study.tell(trial, [1.0, 0.1])
+    now = time.perf_counter()
+    assert budget_fits(study, 2, now + 45.0)  # the median, 40 s, ends before the deadline
+    assert not budget_fits(study, 2, now + 35.0)  # it would end after it
+    assert budget_fits(study, 3, now + 5.0)  # no trial of this run yet: the deadline alone counts
+    assert not budget_fits(study, 3, now - 1.0)
+
+
 def study_batch_size(checkpoints: Path, value: int | None = None) -> int:
     """The batch size stored with the search (first replaced by value, if given)."""
     study = current_study(checkpoints)
@@ -297,6 +318,13 @@ def test_sampled_kernels_stay_in_the_search_space(ranges: LayerRanges | None) ->
     assert min(peaks) < peak_low + 0.05 and max(peaks) > peak_high - 0.05
 
 
+def test_layer_ranges_of_settings_are_the_options_given() -> None:
+    """A replayed trial samples in the ranges of the settings it is given; no option gives the defaults."""
+    settings = settings_from_argv(["--direction-index-range", "[0.4, 1]", "--peak-position-range", "[0.3, 1]"])
+    assert LayerRanges.of_settings(settings) == LayerRanges((0.4, 1.0), (0.3, 1.0))
+    assert LayerRanges.of_settings(settings_from_argv([])) == LayerRanges.default() == LayerRanges((0.4, 0.9), (0.6, 1.0))
+
+
 def _proposals(multivariate: bool) -> list[dict[str, object]]:
     """Twelve trials of the real search space on a toy two-objective problem, sampled as the search does."""
     study = optuna.create_study(directions=["minimize", "minimize"])
@@ -379,6 +407,7 @@ def test_an_interrupt_during_the_study_writes_waits_for_them() -> None:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, terminate)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # as Python sets it unless started ignoring it
     try:
         for signum in (signal.SIGINT, signal.SIGTERM):
             finished = False
@@ -393,3 +422,21 @@ def test_an_interrupt_during_the_study_writes_waits_for_them() -> None:
             pass
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
+
+
+def test_a_signal_the_process_ignores_stays_ignored_in_the_study_writes() -> None:
+    """Started with SIGINT ignored (`nohup`, a script's background job), a Ctrl+C inside signals_deferred
+    neither interrupts the run afterwards nor changes the disposition."""
+    import time
+
+    from heretic.search.runner import signals_deferred
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -604,9 +604,9 @@ class Settings(BaseSettings):
     search_minutes: float | None = Field(
         default=None,
         gt=0,
-        description="A time budget for the search, in minutes: once it is spent no new trial starts (the running one "
-        "finishes), and the run goes on to choose from the trials finished so far; the same command again "
-        "continues the search, with a budget of its own.",
+        description="A time budget for the search, in minutes: no new trial starts that would end after it (at the "
+        "median trial time; the run's first trial always starts), and the run goes on to choose from the trials "
+        "finished so far; the same command again continues the search, with a budget of its own.",
         json_schema_extra=tags(Role.run, section="Search"),
     )
     n_startup_trials: int = Field(

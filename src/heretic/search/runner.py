@@ -110,12 +110,13 @@ def signals_deferred() -> Iterator[None]:
 
     For the study's writes: optuna's journal storage counts a record as read before it applies it, so an
     interrupt between the two loses a finished trial from this run's view of the study (it stays in the
-    file) and the front shown after an interrupted search would miss it."""
+    file) and the front shown after an interrupted search would miss it. A signal the process ignores
+    (started with `nohup`, or in the background of a script) stays ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received: list[int] = []
-    held = (signal.SIGINT, signal.SIGTERM)
+    held = [signum for signum in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(signum) is not signal.SIG_IGN]
     previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum)) for signum in held}
     try:
         yield

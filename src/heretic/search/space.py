@@ -30,6 +30,11 @@ class LayerRanges:
         return cls((direction_index[0], direction_index[1]), (peak_position[0], peak_position[1]))
 
     @classmethod
+    def of_settings(cls, settings: Settings) -> LayerRanges:
+        """The ranges `settings` give (a replayed trial needs the ranges its search sampled in)."""
+        return cls.of(settings.direction_index_range, settings.peak_position_range)
+
+    @classmethod
     def default(cls) -> LayerRanges:
         fields = Settings.model_fields
         return cls.of(fields["direction_index_range"].default, fields["peak_position_range"].default)

@@ -269,7 +269,8 @@ def run_search(
     setup: SearchSetup, study: optuna.Study, n_trials: int, liveness: Liveness | None = None, minutes: float | None = None
 ) -> bool:
     """Run trials until the study has its `target_trials` finished ones (default `n_trials`), or until
-    `minutes` have passed (no new trial starts then); Ctrl+C stops early (False is returned then).
+    `minutes` are spent: after the run's first trial, none starts that would end past them by the median
+    trial time. Ctrl+C stops early (False is returned then).
 
     With other workers on the study (`liveness` not exclusive) a worker starts a trial only while the
     finished and running trials together are fewer than the target (or a trial of a dead worker waits
@@ -289,11 +290,10 @@ def run_search(
     try:
         with ProgressBars() as bars, reporter.polling(shared):
             while not search_step(setup, study, target, bars, liveness, reporter):
-                if deadline is not None and time.perf_counter() >= deadline:
-                    done, _, _ = counts(study)
+                if deadline is not None and not budget_fits(study, done, deadline):
                     console.print(
-                        f"[yellow]The search's time budget ({minutes:g} min) is spent[/]: {done} of {target} trials finished; "
-                        "the same command continues the search."
+                        f"[yellow]The search's time budget ({minutes:g} min) is spent[/]: {counts(study)[0]} of {target} "
+                        "trials finished; the same command continues the search."
                     )
                     break
         finished = True
@@ -303,6 +303,16 @@ def run_search(
         setup.ablator.reset()
     console.print(f"Search time: {format_duration(time.perf_counter() - started)}")
     return finished
+
+
+def budget_fits(study: optuna.Study, done_before: int, deadline: float) -> bool:
+    """Whether another trial fits before `deadline` (a perf_counter() time): it would end by then at the
+    median time of the last trials. Until a trial of this run has finished, only the deadline counts,
+    so that every run with a budget makes progress."""
+    now = time.perf_counter()
+    if counts(study)[0] <= done_before:
+        return now < deadline
+    return now + eta_seconds(study, 1) <= deadline
 
 
 def search_step(
