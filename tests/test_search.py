@@ -180,7 +180,7 @@ def test_a_time_budget_starts_no_trial_that_would_end_after_it() -> None:
     median time of the last trials; before that, only the deadline counts."""
     import time
 
-    from heretic.search.study import budget_fits
+    from heretic.search.study import budget_fits, budget_left
 
     study = optuna.create_study(directions=["minimize", "minimize"])
     for seconds in (30.0, 40.0, 50.0):
@@ -193,6 +193,9 @@ def test_a_time_budget_starts_no_trial_that_would_end_after_it() -> None:
     assert not budget_fits(study, 2, now + 35.0)  # it would end after it
     assert budget_fits(study, 3, now + 5.0)  # no trial of this run yet: the deadline alone counts
     assert not budget_fits(study, 3, now - 1.0)
+    # The estimate shown counts whole trials: 100 s left hold two of 40 s.
+    assert 79.0 < budget_left(study, time.perf_counter() + 100.0) <= 80.0
+    assert budget_left(study, time.perf_counter() + 35.0) == 0.0
 
 
 def study_batch_size(checkpoints: Path, value: int | None = None) -> int:

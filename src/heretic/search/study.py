@@ -315,6 +315,13 @@ def budget_fits(study: optuna.Study, done_before: int, deadline: float) -> bool:
     return now + eta_seconds(study, 1) <= deadline
 
 
+def budget_left(study: optuna.Study, deadline: float) -> float:
+    """The time the trials that still fit before `deadline` take: whole median trial times."""
+    median = eta_seconds(study, 1)
+    left = max(0.0, deadline - time.perf_counter())
+    return median * (left // median) if median > 0 else left
+
+
 def search_step(
     setup: SearchSetup, study: optuna.Study, target: int, bars: ProgressBars, liveness: Liveness | None, reporter: Reporter
 ) -> bool:
@@ -360,8 +367,8 @@ class Reporter:
                 recent = sorted(trials)[-20:]
                 workers = len({trials[n].user_attrs.get(WORKER_ATTR) for n in recent}) if self.shared else 1
                 eta = eta_seconds(self.study, self.target - done) / max(1, min(workers, self.target - done or 1))
-                if self.deadline is not None:  # no trial starts after the time budget
-                    eta = min(eta, max(0.0, self.deadline - time.perf_counter()))
+                if self.deadline is not None:  # only the trials that fit in the time budget start
+                    eta = min(eta, budget_left(self.study, self.deadline))
                 worker = trials[result.number].user_attrs.get(WORKER_ATTR) if self.shared else None
                 console.print(trial_line(result, self.n_prompts, done, self.target, eta, worker))
 
