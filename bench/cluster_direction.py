@@ -21,17 +21,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import optuna
 import torch
 
 from heretic.cli import settings_from_argv
 from heretic.directions import orthonormal_rows, refusal_directions
-from heretic.search.space import LayerRanges, suggest_parameters
 from heretic.session import Session, collect_residuals, prepare
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from judges import REFERENCE_MARKERS  # noqa: E402
-from run_bench import RESULTS, WORK, our_command, prepare_model  # noqa: E402
+from run_bench import RESULTS, WORK, our_command, prepare_model, stored_trial_parameters  # noqa: E402
 
 # Training prompts that ask for something to be built in software.
 CODE = re.compile(r"\b(script|program|code|software|malware|virus|botnet|hack\w*|website|app|algorithm|tool)\b", re.IGNORECASE)
@@ -39,11 +37,9 @@ CODE = re.compile(r"\b(script|program|code|software|malware|virus|botnet|hack\w*
 
 def score(session: Session, params: dict[str, Any], subspace: torch.Tensor) -> dict[str, Any]:
     """Refusals, KL and the refused prompts' indices of one trial, ablating `subspace` (positions, 2, hidden)."""
-    arch, evaluator = session.arch, session.evaluator
+    evaluator = session.evaluator
     session.ablator.subspace = subspace
-    ranges = LayerRanges.of_settings(session.settings)
-    parameters = suggest_parameters(optuna.trial.FixedTrial(params), arch.num_layers, arch.components, False, ranges)
-    session.ablator.apply(parameters, session.directions)
+    session.ablator.apply(stored_trial_parameters(session, params), session.directions)
     kl = evaluator.kl()
     count = evaluator.count_refusals()
     session.ablator.reset()

@@ -22,15 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import optuna
-
 from heretic.cli import settings_from_argv
-from heretic.search.space import LayerRanges, suggest_parameters
 from heretic.session import Session, prepare
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from judges import REFERENCE_MARKERS  # noqa: E402
-from run_bench import RESULTS, WORK, our_command, prepare_model  # noqa: E402
+from run_bench import RESULTS, WORK, our_command, prepare_model, stored_trial_parameters  # noqa: E402
 
 
 def measure(session: Session, parameters: Any) -> dict[str, float]:
@@ -55,15 +52,12 @@ def main() -> None:
     # Prepared with the approximation (LoRA rank 3); the exact variant's output scales are hooked in here,
     # so that one model serves both (the hooks do nothing while no scale is set).
     session = prepare(settings_from_argv([*argv[1:], "--judge", "rules", "--no-full-normalization-exact"]), interactive=False)
-    ablator, arch = session.ablator, session.arch
+    ablator = session.ablator
     for name, lora in ablator._lora_layers.items():
         lora.register_forward_hook(ablator._scale_hook(name))
     rows: list[dict[str, Any]] = []
     for position, trial in enumerate(tool["trials"][:: args.every]):
-        fixed = optuna.trial.FixedTrial(trial["params"])
-        parameters = suggest_parameters(
-            fixed, arch.num_layers, arch.components, session.settings.search_mlp_off, LayerRanges.of_settings(session.settings)
-        )
+        parameters = stored_trial_parameters(session, trial["params"])
         results = {}
         for exact in (True, False) if position % 2 == 0 else (False, True):
             ablator.exact = exact

@@ -30,15 +30,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import optuna
-
 from heretic.ablation.parameters import AblationParameters, ComponentKernel
 from heretic.cli import settings_from_argv
 from heretic.prompts import load_prompts
 from heretic.scoring.evaluator import Evaluator
 from heretic.scoring.refusals import MarkerJudge, RefusalJudge
 from heretic.scoring.rules import RuleJudge
-from heretic.search.space import LayerRanges, describe, suggest_parameters
+from heretic.search.space import describe
 from heretic.session import Session, prepare
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -54,6 +52,7 @@ from run_bench import (
     our_command,
     pareto,
     prepare_model,
+    stored_trial_parameters,
     update_benchmarks_md,
 )  # noqa: E402
 
@@ -99,18 +98,6 @@ def reference_parameters(params: dict[str, str]) -> AblationParameters:
     if index == "per layer":
         return AblationParameters("per-layer", 0.0, kernels)
     return AblationParameters("global", float(index), kernels)
-
-
-def our_parameters(session: Session, params: dict[str, Any]) -> AblationParameters:
-    """Our stored sampled values, turned into an ablation the way the search did."""
-    arch = session.arch
-    return suggest_parameters(
-        optuna.trial.FixedTrial(params),
-        arch.num_layers,
-        arch.components,
-        session.settings.search_mlp_off,
-        LayerRanges.of_settings(session.settings),
-    )
 
 
 def verdict_counts(judges: dict[str, RefusalJudge], evaluator: Evaluator) -> dict[str, int]:
@@ -328,7 +315,7 @@ def main() -> None:
     }
     plans = {
         "reference": [(f"{i + 1}", reference_parameters(t["params"]), t) for i, t in enumerate(reference)],
-        "ours": [(str(t["number"]), our_parameters(session, t["params"]), t) for t in our_trials],
+        "ours": [(str(t["number"]), stored_trial_parameters(session, t["params"]), t) for t in our_trials],
     }
     for tool, plan in plans.items():
         if tool == "ours" and not args.replay_ours:

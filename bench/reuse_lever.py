@@ -23,15 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import optuna
-
 from heretic.cli import settings_from_argv
-from heretic.search.space import LayerRanges, suggest_parameters
 from heretic.session import Session, prepare
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from judges import REFERENCE_MARKERS  # noqa: E402
-from run_bench import RESULTS, WORK, our_command, prepare_model  # noqa: E402
+from run_bench import RESULTS, WORK, our_command, prepare_model, stored_trial_parameters  # noqa: E402
 
 
 def score(session: Session) -> tuple[float, float, int]:
@@ -56,10 +53,7 @@ def main() -> None:
     assert reuse is not None and reuse.records, "the original's passes were not recorded"
     rows: list[dict[str, Any]] = []
     for position, trial in enumerate(tool["trials"][:: args.every]):
-        fixed = optuna.trial.FixedTrial(trial["params"])
-        parameters = suggest_parameters(
-            fixed, arch.num_layers, arch.components, session.settings.search_mlp_off, LayerRanges.of_settings(session.settings)
-        )
+        parameters = stored_trial_parameters(session, trial["params"])
         session.ablator.apply(parameters, session.directions)
         results = {}
         for on in (True, False) if position % 2 == 0 else (False, True):

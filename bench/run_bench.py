@@ -41,9 +41,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from heretic.search.pareto import hypervolume  # the same measure both tools are judged by
+
+if TYPE_CHECKING:
+    from heretic.ablation.parameters import AblationParameters
+    from heretic.session import Session
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
@@ -357,6 +361,18 @@ def reference_config(settings: dict[str, Any], model: Path, markers: list[str]) 
         spec("bad_evaluation_prompts", "harmful_test.txt", settings["eval_prompts"]),
     ]
     return "\n".join(lines) + "\n"
+
+
+def stored_trial_parameters(session: Session, params: dict[str, Any]) -> AblationParameters:
+    """A stored trial of our search (its sampled values), turned into an ablation the way the search did:
+    in the search space of `session`'s settings (give the searched run's own options)."""
+    import optuna
+
+    from heretic.search.space import LayerRanges, suggest_parameters
+
+    arch, settings = session.arch, session.settings
+    fixed = optuna.trial.FixedTrial(params)
+    return suggest_parameters(fixed, arch.num_layers, arch.components, settings.search_mlp_off, LayerRanges.of_settings(settings))
 
 
 def our_command(settings: dict[str, Any], model: Path, markers: list[str], extra: list[str]) -> list[str]:

@@ -20,15 +20,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import optuna
-
 from heretic.cli import settings_from_argv
-from heretic.search.space import LayerRanges, suggest_parameters
 from heretic.session import prepare
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from judges import REFERENCE_MARKERS  # noqa: E402
-from run_bench import RESULTS, WORK, our_command, prepare_model  # noqa: E402
+from run_bench import RESULTS, WORK, our_command, prepare_model, stored_trial_parameters  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +38,7 @@ def main() -> None:
     stored = {trial["number"]: trial for trial in tool["trials"]}
     argv = our_command(data["settings"], prepare_model(), REFERENCE_MARKERS, ["--checkpoint-dir", str(WORK / "responses")])
     session = prepare(settings_from_argv([*argv[1:], "--judge", "rules", *extra]), interactive=False)
-    evaluator, arch = session.evaluator, session.arch
+    evaluator = session.evaluator
     prompts = [prompt.user for prompt in evaluator.harmful]
     original = evaluator.count_refusals()
     runs: dict[str, Any] = {
@@ -49,14 +46,7 @@ def main() -> None:
     }
     for number in (int(n) for n in args.trials.split(",")):
         trial = stored[number]
-        parameters = suggest_parameters(
-            optuna.trial.FixedTrial(trial["params"]),
-            arch.num_layers,
-            arch.components,
-            session.settings.search_mlp_off,
-            LayerRanges.of_settings(session.settings),
-        )
-        session.ablator.apply(parameters, session.directions)
+        session.ablator.apply(stored_trial_parameters(session, trial["params"]), session.directions)
         kl = evaluator.kl()
         count = evaluator.count_refusals()
         session.ablator.reset()
