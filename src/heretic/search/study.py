@@ -309,10 +309,9 @@ def budget_fits(study: optuna.Study, done_before: int, deadline: float) -> bool:
     """Whether another trial fits before `deadline` (a perf_counter() time): it would end by then at the
     median time of the last trials. Until a trial of this run has finished, only the deadline counts,
     so that every run with a budget makes progress."""
-    now = time.perf_counter()
     if counts(study)[0] <= done_before:
-        return now < deadline
-    return now + eta_seconds(study, 1) <= deadline
+        return time.perf_counter() < deadline
+    return budget_left(study, deadline) > 0
 
 
 def budget_left(study: optuna.Study, deadline: float) -> float:
