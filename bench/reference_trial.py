@@ -187,8 +187,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--ours", type=Path, help="our run's results (bench/results/<time>.json) on the same profile")
     parser.add_argument("--reuse", action="store_true", help="compare the recorded reference timing, run nothing")
+    parser.add_argument("--output", type=Path, help="the results file (default: bench/results/reference-trial-PROFILE.json)")
     args = parser.parse_args()
-    output = RESULTS / f"reference-trial-{args.cpu_profile}.json"
+    output = args.output or RESULTS / f"reference-trial-{args.cpu_profile}.json"
     result = json.loads(output.read_text()) if args.reuse else run(args.cpu_profile, args.trials)
     if args.ours:
         compare(result, args.ours)

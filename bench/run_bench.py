@@ -46,6 +46,8 @@ from typing import TYPE_CHECKING, Any
 from heretic.search.pareto import hypervolume  # the same measure both tools are judged by
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from heretic.ablation.parameters import AblationParameters
     from heretic.session import Session
 
@@ -305,19 +307,20 @@ def one_sitting_wall(
     def sitting(time: float) -> int:
         return max(i for i, started in enumerate(starts) if started <= time) if time >= starts[0] else 0
 
+    of = {t["number"]: sitting(t["start"]) for t in journal_trials}  # trial number -> its sitting
     first_start: dict[int, float] = {}
     last_end: dict[int, float] = {}
     for t in journal_trials:
-        i = sitting(t["start"])
+        i = of[t["number"]]
         first_start[i] = min(first_start.get(i, t["start"]), t["start"])
     for t in complete:
-        i = sitting(t["start"])
+        i = of[t["number"]]
         last_end[i] = max(last_end.get(i, t["complete"]), t["complete"])
     first = min(first_start)
     startup = first_start[first] - starts[first]
     walls = []
     for t in complete:
-        i = sitting(t["start"])
+        i = of[t["number"]]
         before = sum(last_end.get(j, first_start[j]) - first_start[j] for j in first_start if j < i)
         walls.append(round(startup + before + t["complete"] - first_start[i], 1))
     return walls
@@ -445,10 +448,7 @@ def run_reference(
     folder = WORK / "reference"
     config = reference_config(settings, model, markers)
     if resume:
-        if not list((folder / "checkpoints").glob("*.jsonl")) or not (folder / "runs.json").exists():
-            sys.exit(f"Nothing to resume in {folder}: run without --resume-reference first.")
-        if (folder / "config.toml").read_text() != config:
-            sys.exit(f"The reference run in {folder} used other settings; resume it with the same options.")
+        check_resumable(folder, "--resume-reference", lambda: (folder / "config.toml").read_text() == config)
         command = [str(python), "-c", CONTINUE_REFERENCE]
     else:
         shutil.rmtree(folder, ignore_errors=True)
@@ -477,10 +477,11 @@ def run_ours(
     folder = WORK / label
     command = our_command(settings, model, markers, extra)
     if resume:
-        if not list((folder / "checkpoints").glob("*.jsonl")) or not (folder / "runs.json").exists():
-            sys.exit(f"Nothing to resume in {folder}: run without --resume-ours first.")
-        if without_budget(json.loads((folder / "command.json").read_text())) != without_budget(command):
-            sys.exit(f"Our run in {folder} used other settings; resume it with the same options.")
+
+        def same() -> bool:
+            return without_budget(json.loads((folder / "command.json").read_text())) == without_budget(command)
+
+        check_resumable(folder, "--resume-ours", same)
         invoked = [*command, "--resume", "continue"]
     else:
         shutil.rmtree(folder, ignore_errors=True)
@@ -494,6 +495,15 @@ def run_ours(
     data["command"] = shlex.join(command)
     data["dtype"] = chosen_dtype(folder / runs[-1]["log"])
     return data
+
+
+def check_resumable(folder: Path, flag: str, same_settings: Callable[[], bool]) -> None:
+    """Exit with one sentence unless `folder` holds a started run (a journal and its invocations) whose
+    settings `same_settings()` finds equal to this invocation's."""
+    if not list((folder / "checkpoints").glob("*.jsonl")) or not (folder / "runs.json").exists():
+        sys.exit(f"Nothing to resume in {folder}: run without {flag} first.")
+    if not same_settings():
+        sys.exit(f"The run in {folder} used other settings; resume it with the same options.")
 
 
 def without_budget(command: list[str]) -> list[str]:
