@@ -19,7 +19,8 @@ bench/work/iterative/ and read from there when the script runs again.
     python bench/iterative_direction.py bench/results/20261203-140005.json 385,141
     python bench/iterative_direction.py bench/results/20261203-140005.json 385 --second-weights 0.25,0.5
 
-Writes bench/results/iterative-direction.json; prints one line per trial and variant.
+Writes bench/results/iterative-direction.json (iterative-direction-weights.json with --second-weights);
+prints one line per trial and variant.
 """
 
 from __future__ import annotations
