@@ -19,32 +19,19 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from heretic.cli import settings_from_argv
 from heretic.directions import orthonormal_rows, refusal_directions
-from heretic.session import Session, collect_residuals, prepare
+from heretic.session import collect_residuals, prepare
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from judges import REFERENCE_MARKERS  # noqa: E402
-from run_bench import RESULTS, WORK, our_command, prepare_model, stored_trial_parameters  # noqa: E402
+from run_bench import RESULTS, WORK, our_command, prepare_model, score_with_subspace  # noqa: E402
 
 # Training prompts that ask for something to be built in software.
 CODE = re.compile(r"\b(script|program|code|software|malware|virus|botnet|hack\w*|website|app|algorithm|tool)\b", re.IGNORECASE)
-
-
-def score(session: Session, params: dict[str, Any], subspace: torch.Tensor) -> dict[str, Any]:
-    """Refusals, KL and the refused prompts' indices of one trial, ablating `subspace` (positions, 2, hidden)."""
-    evaluator = session.evaluator
-    session.ablator.subspace = subspace
-    session.ablator.apply(stored_trial_parameters(session, params), session.directions)
-    kl = evaluator.kl()
-    count = evaluator.count_refusals()
-    session.ablator.reset()
-    assert count.verdicts is not None
-    return {"refusals": count.refusals, "kl": kl, "refused": [i for i, refused in enumerate(count.verdicts) if refused]}
 
 
 def main() -> None:
@@ -70,8 +57,8 @@ def main() -> None:
     print(f"cluster: {len(cluster)} of {len(session.prompt_sets['harmful'])} training prompts; cos(r, c) by position: {cosines}")
     rows = []
     for number in (int(n) for n in args.trials.split(",")):
-        row = {"trial": number, "r": score(session, stored[number]["params"], alone)}
-        row["r+cluster"] = score(session, stored[number]["params"], pair)
+        row = {"trial": number, "r": score_with_subspace(session, stored[number]["params"], alone)}
+        row["r+cluster"] = score_with_subspace(session, stored[number]["params"], pair)
         rows.append(row)
         for variant in ("r", "r+cluster"):
             result = row[variant]

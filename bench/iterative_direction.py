@@ -44,19 +44,7 @@ from heretic.session import Session, collect_residuals, prepare
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from judges import REFERENCE_MARKERS  # noqa: E402
-from run_bench import RESULTS, WORK, our_command, prepare_model, stored_trial_parameters  # noqa: E402
-
-
-def score(session: Session, params: dict[str, Any], subspace: torch.Tensor) -> dict[str, Any]:
-    """Refusals, KL and the refused prompts' indices of one trial, ablating `subspace` (positions, 2, hidden)."""
-    evaluator = session.evaluator
-    session.ablator.subspace = subspace
-    session.ablator.apply(stored_trial_parameters(session, params), session.directions)
-    kl = evaluator.kl()
-    count = evaluator.count_refusals()
-    session.ablator.reset()
-    assert count.verdicts is not None
-    return {"refusals": count.refusals, "kl": kl, "refused": [i for i, refused in enumerate(count.verdicts) if refused]}
+from run_bench import RESULTS, WORK, our_command, prepare_model, score_with_subspace, stored_trial_parameters  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -116,14 +104,18 @@ def main() -> None:
         else:
             candidates, still_refused = second_directions(session, params, alone)
             torch.save((candidates, still_refused), cache)
-        row: dict[str, Any] = {"trial": number, "training_refused": still_refused, "r": score(session, params, alone)}
+        row: dict[str, Any] = {
+            "trial": number,
+            "training_refused": still_refused,
+            "r": score_with_subspace(session, params, alone),
+        }
         print(f"trial {number}: {still_refused} of {len(session.prompt_sets['harmful'])} training prompts still refused")
         for name, v in candidates.items():
             pair = torch.stack([orthonormal_rows(torch.stack([r[j], v[j]])) for j in range(r.shape[0])])  # (positions, 2, hidden)
             row[f"{name}_cosines"] = [round(float(x), 3) for x in (r * v).sum(dim=-1)]
             for alpha in alphas:
                 with second_row_weight(alpha):
-                    row[f"r+{name}" + (f"x{alpha:g}" if alpha != 1 else "")] = score(session, params, pair)
+                    row[f"r+{name}" + (f"x{alpha:g}" if alpha != 1 else "")] = score_with_subspace(session, params, pair)
         rows.append(row)
         for variant in (key for key in row if key == "r" or key.startswith("r+")):
             result = row[variant]

@@ -48,6 +48,8 @@ from heretic.search.pareto import hypervolume  # the same measure both tools are
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    import torch
+
     from heretic.ablation.parameters import AblationParameters
     from heretic.session import Session
 
@@ -376,6 +378,19 @@ def stored_trial_parameters(session: Session, params: dict[str, Any]) -> Ablatio
     arch, settings = session.arch, session.settings
     fixed = optuna.trial.FixedTrial(params)
     return suggest_parameters(fixed, arch.num_layers, arch.components, settings.search_mlp_off, LayerRanges.of_settings(settings))
+
+
+def score_with_subspace(session: Session, params: dict[str, Any], subspace: torch.Tensor) -> dict[str, Any]:
+    """Refusals, KL and the refused prompts' indices of a stored trial of our search, ablating `subspace`
+    (positions, k, hidden) with its kernels; the session's adapters must have rank k (--subspace-rank)."""
+    evaluator = session.evaluator
+    session.ablator.subspace = subspace
+    session.ablator.apply(stored_trial_parameters(session, params), session.directions)
+    kl = evaluator.kl()
+    count = evaluator.count_refusals()
+    session.ablator.reset()
+    assert count.verdicts is not None
+    return {"refusals": count.refusals, "kl": kl, "refused": [i for i, refused in enumerate(count.verdicts) if refused]}
 
 
 def our_command(settings: dict[str, Any], model: Path, markers: list[str], extra: list[str]) -> list[str]:
