@@ -57,9 +57,16 @@ lint: setup
 	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/mypy
 
-# The whole suite after the lint (what CI runs).
+# The tests whose results depend on how floating-point sums are rounded: run a second time with MKL on
+# its compatible (SSE2) kernels, another code path than the default on every x86 CPU, so that a result that
+# holds on one CPU only fails on any machine.
+NUMERIC_TESTS := tests/test_math.py tests/test_merge.py tests/test_export.py::test_reproduce_gives_identical_weights \
+	tests/test_export.py::test_reproduce_under_another_blas_kernel_path_exits_zero
+
+# The whole suite after the lint (what CI runs), then the numeric tests on another BLAS kernel path.
 test: lint
 	$(BIN)/python -m pytest -q
+	MKL_CBWR=COMPATIBLE $(BIN)/python -m pytest -q $(NUMERIC_TESTS)
 
 # The inner loop: the suite without the slow integration tests (searches, subprocesses), no lint.
 test-fast: setup

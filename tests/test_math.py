@@ -21,6 +21,7 @@ from heretic.ablation.kernels import (
 )
 from heretic.ablation.parameters import AblationParameters, ComponentKernel
 from heretic.directions import orthonormal_rows, refusal_directions, subspace_bases, winsorize
+from heretic.export.tolerance import Difference, compare_tensors, ulp
 from heretic.scoring.kl import kl_divergence, kl_over_tokens
 from heretic.search.pareto import TrialResult, dominates, hypervolume, is_dominated, pareto_front, select
 from heretic.search.runner import sampler_values
@@ -216,6 +217,42 @@ def test_factors_computed_in_pieces_are_bit_identical(
     assert all(torch.equal(x, y) for x, y in zip(whole, pieces, strict=True) if x is not None)
 
 
+def test_approximate_factors_are_computed_one_expert_at_a_time(
+    monkeypatch: pytest.MonkeyPatch, matrices: torch.Tensor, direction: torch.Tensor
+) -> None:
+    """Whole and pieces run the same code by construction: the randomized SVD never sees a batch of experts
+    (a batched BLAS/LAPACK call may round an expert differently from the same expert alone), whatever the
+    chunk size, and each expert's factors are those of that expert computed alone."""
+    batches = []
+    original = kernels.low_rank_approximation
+
+    def spy(matrix: torch.Tensor, *args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        batches.append(matrix.shape[0])
+        return original(matrix, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "low_rank_approximation", spy)
+    for limit in (1 << 23, 30):
+        monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", limit)
+        b, a = ablation_factors(matrices, direction, 1.0, "full", rank=3, seed=7)
+        assert batches == [1, 1, 1]
+        batches.clear()
+    probe = kernels.sketch(matrices.shape, 3, 7, matrices.dtype)[1:2]
+    alone = original(ablated_matrices(matrices[1:2], direction, 1.0, "full") - matrices[1:2], 3, probe=probe)
+    assert torch.equal(b[1:2], alone[0]) and torch.equal(a[1:2], alone[1])
+
+
+def test_merged_factors_are_rounded_element_by_element(matrices: torch.Tensor) -> None:
+    """M + B A is summed one outer product at a time: every element is the same whatever rows or experts
+    it is merged with (a matrix product's rounding depends on its shape, kernel and alignment)."""
+    generator = torch.Generator().manual_seed(11)
+    factors = Factors(torch.randn(3, 16, 4, generator=generator), torch.randn(3, 4, 24, generator=generator))
+    whole = factors.merged(matrices)
+    torch.testing.assert_close(whole, matrices + factors.b @ factors.a, atol=1e-5, rtol=1e-5)
+    for e, rows in ((0, slice(0, 1)), (2, slice(5, 11)), (1, slice(15, 16))):
+        piece = Factors(factors.b[e : e + 1, rows].clone(), factors.a[e : e + 1].clone())
+        assert torch.equal(piece.merged(matrices[e : e + 1, rows].clone()), whole[e : e + 1, rows])
+
+
 def test_low_rank_approximation_is_exact_for_low_rank_input() -> None:
     generator = torch.Generator().manual_seed(3)
     low = torch.randn(2, 20, 2, generator=generator) @ torch.randn(2, 2, 30, generator=generator)
@@ -369,3 +406,41 @@ def test_read_positions_are_named_in_words() -> None:
     assert read_positions_text([-1]) == "last prompt token"
     assert read_positions_text([-5, -4, -3, -2, -1]) == "mean of the last 5 prompt tokens"
     assert read_positions_text([-3, -1]) == "mean of prompt positions -3, -1"
+
+
+# --- Equal within the rounding of another machine -----------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_ulp_is_the_spacing_of_the_dtype_above_each_value(dtype: torch.dtype) -> None:
+    values = (torch.randn(500, generator=torch.Generator().manual_seed(1)) * 10.0).to(dtype)
+    values = torch.cat([values, torch.tensor([1.0, 0.5, 2.0**-3, -4.0], dtype=dtype)])
+    above = torch.nextafter(values.abs(), torch.tensor(float("inf"), dtype=dtype))
+    torch.testing.assert_close(ulp(values, dtype), (above.double() - values.abs().double()), atol=0, rtol=0)
+
+
+def test_rebuilt_weights_within_rounding_are_equal_and_a_changed_ablation_is_not() -> None:
+    """A weight computed again with float32 noise in the last bits and saved in bfloat16 lands on the same
+    or a neighbouring value: within tolerance. The same weight ablated with a kernel weight 1 % apart is not."""
+    generator = torch.Generator().manual_seed(2)
+    matrix = torch.randn(64, 96, generator=generator) * 0.05
+    v = unit(torch.randn(64, generator=generator))
+    recorded = ablated_matrices(matrix[None], v, 0.8, "full")[0]
+    # Another CPU: the direction read 1e-5 apart, and a few float32 ulps on every element.
+    moved = unit(v + 1e-5 * torch.randn(64, generator=generator))
+    noisy = ablated_matrices(matrix[None], moved, 0.8, "full")[0] * (1 + 4e-7 * torch.randn(64, 96, generator=generator))
+    difference = compare_tensors("w", recorded, noisy)
+    assert difference.within and difference.changed > 6000, difference
+    assert compare_tensors("w", recorded.bfloat16(), noisy.bfloat16()).within
+    # A bfloat16 weight rounded to its neighbour, on a tenth of the elements.
+    saved = recorded.bfloat16()
+    flipped = torch.where(torch.rand(64, 96, generator=generator) < 0.1, torch.nextafter(saved, -saved), saved)
+    difference = compare_tensors("w", saved, flipped)
+    assert difference.within and difference.changed > 500, difference
+    other = ablated_matrices(matrix[None], v, 0.808, "full")[0]
+    for saved in (torch.float32, torch.bfloat16):
+        difference = compare_tensors("w", recorded.to(saved), other.to(saved))
+        assert not difference.within and difference.worst_ratio > 2, difference
+    assert compare_tensors("w", recorded, recorded.clone()) == Difference("w", 0.0, 0.0, 0, 64 * 96)
+    assert compare_tensors("w", recorded, recorded[:10]).problem is not None
+    assert compare_tensors("w", recorded, recorded.half()).problem is not None

@@ -93,9 +93,22 @@ class Factors(NamedTuple):
     scale: Tensor | None = None
 
     def merged(self, matrices: Tensor) -> Tensor:
-        """M' = diag(s) (M + B A) for matrices M (experts, out, in)."""
-        updated = matrices + self.b @ self.a
+        """M' = diag(s) (M + B A) for matrices M (experts, out, in), B A summed rank by rank (`low_rank_sum`)."""
+        updated = low_rank_sum(matrices, self.b, self.a)
         return updated if self.scale is None else updated * self.scale.unsqueeze(-1)
+
+
+def low_rank_sum(matrices: Tensor, b: Tensor, a: Tensor) -> Tensor:
+    """M + B A = M + sum_j b_j a_j^T, one outer product at a time, in B's and A's dtype promoted with M's.
+
+    matrices (experts, out, in), b (experts, out, r), a (experts, r, in). Only elementwise products and sums
+    in a fixed order: each element is correctly rounded whatever the CPU, BLAS kernel, memory alignment or
+    number of rows, where a matrix product's rounding depends on all four (r is small: 1 to a dozen).
+    """
+    total = matrices.to(torch.promote_types(matrices.dtype, b.dtype))
+    for j in range(b.shape[-1]):
+        total = total + b[:, :, j : j + 1] * a[:, j : j + 1, :]  # b_j a_j^T: (experts, out, in)
+    return total
 
 
 def norm_preserving_factors(matrices: Tensor, direction: Tensor, weight: float) -> Factors:
@@ -104,7 +117,9 @@ def norm_preserving_factors(matrices: Tensor, direction: Tensor, weight: float) 
     With n the row norms of M and M^ = diag(1/n) M, the pre factors B = -w diag(n) V^T, A = V M^ give
     M + B A = diag(n) (M^ - w V^T V M^); its rows scaled by s = n / (row norms of M + B A) are
     diag(n / n') (M^ - w V^T V M^), the full ablation, with every row of M's norm. The scale is
-    computed in float64 (CPU reductions in float32 change in the last bits with memory alignment).
+    computed in float64 (CPU reductions in float32 change in the last bits with memory alignment), in pieces
+    of rows; each row's scale is computed by the same elementwise operations and one reduction along that
+    row whatever the piece (`low_rank_sum`), so the pieces change no bit.
     direction: (out,) or (k, out); B (experts, out, k), A (experts, k, in), s (experts, out).
     """
     b, a = ablation_factors(matrices, direction, weight, "pre")
@@ -112,14 +127,14 @@ def norm_preserving_factors(matrices: Tensor, direction: Tensor, weight: float) 
     a_wide = a.double()
     for rows in chunks(matrices.shape[1], matrices.shape[0] * matrices.shape[2]):  # float64 in bounded pieces
         wide = matrices[:, rows].double()
-        updated = wide + b[:, rows].double() @ a_wide  # M + B A: (experts, rows, in)
+        updated = low_rank_sum(wide, b[:, rows].double(), a_wide)  # M + B A: (experts, rows, in)
         scale[:, rows] = row_norms(wide) / row_norms(updated).clamp_min(1e-12)
     return Factors(b, a, scale.to(matrices.dtype))
 
 
 # The most float64 elements a kernel holds at once per temporary (64 MiB): a large model's matrix
-# (e.g. 4096 x 14336, or 128 fused experts of 2048 x 768) is processed in pieces of rows or experts,
-# with the same result bit for bit.
+# (e.g. 4096 x 14336) is processed in pieces of rows, with the same result bit for bit (each row's
+# arithmetic does not depend on the piece it is in).
 CHUNK_ELEMENTS = 1 << 23
 
 
@@ -156,11 +171,14 @@ def ablation_factors(
         b = (-weight * v * norms).unsqueeze(-1)  # -w (n * v)
         return b, a
     if mode == "full":
+        # One expert at a time, always: a batched product, QR or SVD may round an expert differently from
+        # the same expert alone (MKL on Intel CPUs does), and an adapter rebuilt from its record must not
+        # depend on how many experts a piece holds.
         probe = sketch(matrices.shape, rank, seed, matrices.dtype)
         parts = [
-            low_rank_approximation(ablated_matrices(piece, direction, weight, "full") - piece, rank, probe=probe[experts])
-            for experts in chunks(matrices.shape[0], matrices.shape[1] * matrices.shape[2])
-            for piece in (matrices[experts],)
+            low_rank_approximation(ablated_matrices(piece, direction, weight, "full") - piece, rank, probe=probe[e : e + 1])
+            for e in range(matrices.shape[0])
+            for piece in (matrices[e : e + 1],)
         ]
         return torch.cat([b for b, _ in parts]), torch.cat([a for _, a in parts])
     raise ValueError(f"unknown row normalization {mode!r}")

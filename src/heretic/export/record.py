@@ -115,17 +115,22 @@ def public_settings(settings: dict[str, Any], model: str) -> dict[str, Any]:
     return public
 
 
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def weight_digests(folder: Path) -> dict[str, dict[str, Any]]:
     """SHA-256 and size of every weight file in `folder` (safetensors shards, adapter weights)."""
-    digests = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
-            digest = hashlib.sha256()
-            with path.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 22), b""):
-                    digest.update(block)
-            digests[path.name] = {"sha256": digest.hexdigest(), "size": path.stat().st_size}
-    return digests
+    return {
+        path.name: {"sha256": file_digest(path), "size": path.stat().st_size}
+        for path in sorted(folder.iterdir())
+        if path.is_file() and path.suffix in WEIGHT_SUFFIXES
+    }
 
 
 def dumps(record: dict[str, Any]) -> str:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import ValidationError
 from rich.table import Table
 
@@ -30,6 +32,7 @@ from ..ui import console
 from . import card, record
 from .provenance import hub_repo, original_card
 from .save import save_adapter, save_merged
+from .tolerance import Difference, compare_files
 
 
 def read_record(path: str) -> dict[str, Any]:
@@ -178,25 +181,40 @@ def recorded_model(settings: Settings, data: dict[str, Any]) -> str:
     raise HereticError(f"The record's model {model['name']} was loaded from {where}; give your copy with --model PATH.")
 
 
+def print_prompts_check(prompt_sets: dict[str, list[Any]], data: dict[str, Any]) -> None:
+    for name, prompts in prompt_sets.items():
+        if prompts_digest(prompts) != data["prompt_sets"][name]["sha256"]:
+            console.print(f"[yellow]The {prompt_set_title(name)} prompts differ from the recorded ones (content hash).[/]")
+
+
+def print_directions_check(directions: torch.Tensor, data: dict[str, Any]) -> None:
+    if record.tensor_digest(directions) == data["directions_sha256"]:
+        console.print("Refusal directions match the record.")
+        return
+    console.print(
+        "[yellow]Refusal directions differ from the record's hash (in the last bits on another CPU, BLAS or GPU; "
+        "the weights are compared below).[/]"
+    )
+
+
 def reproduce(settings: Settings) -> Path:
     """Rebuild the recorded trial's model: same settings, prompts and directions (each checked), no search;
     then check the weight files against the record's SHA-256."""
-    data = read_record(str(settings.reproduce))
+    spec = str(settings.reproduce)
+    record_file = locate_record(spec)  # downloaded once when it is on the Hub
+    data = read_record(str(record_file))
     print_environment(data)
     rebuilt = rebuilt_settings(settings, data)
 
     loaded = load(rebuilt)
     arch = build_architecture_map(loaded.model)
     prompt_sets = load_prompt_sets(rebuilt)
-    for name, prompts in prompt_sets.items():
-        if prompts_digest(prompts) != data["prompt_sets"][name]["sha256"]:
-            console.print(f"[yellow]The {prompt_set_title(name)} prompts differ from the recorded ones (content hash).[/]")
+    print_prompts_check(prompt_sets, data)
     engine = make_engine(rebuilt, loaded, int(data.get("batch_size") or FALLBACK_BATCH_SIZE))
     engine.response_prefix = data.get("response_prefix", "")
     residuals = collect_residuals(rebuilt, engine, loaded, prompt_sets)
     directions = compute_directions(rebuilt, engine, loaded, prompt_sets, residuals)
-    same = record.tensor_digest(directions) == data["directions_sha256"]
-    console.print("Refusal directions match the record." if same else "[yellow]Refusal directions differ from the record.[/]")
+    print_directions_check(directions, data)
     ablator = make_ablator(rebuilt, loaded, arch, residuals, directions)
     parameters = AblationParameters.from_dict(data["trial"]["parameters"])
     output = Path(rebuilt.output_dir or f"{loaded.source.display_name}-heretic-reproduced")
@@ -236,7 +254,7 @@ def reproduce(settings: Settings) -> Path:
     console.print(
         f"Rebuilt trial {data['trial']['number']} into [bold]{path.resolve()}[/] ({time.perf_counter() - started:.1f} s)"
     )
-    check_weights(data, path, settings.ignore_mismatches)
+    check_weights(data, path, settings.ignore_mismatches, lambda name, entry: recorded_copy(spec, record_file, name, entry))
     return path
 
 
@@ -256,8 +274,34 @@ def _describe_file(entry: dict[str, Any] | None) -> str:
     return f"{int(entry.get('size', 0)):,} bytes, sha256 {str(entry.get('sha256', ''))[:16]}..."
 
 
-def check_weights(data: dict[str, Any], folder: Path, ignore_mismatches: bool) -> None:
-    """Compare the rebuilt weight files with the record's; a difference is an error unless ignored."""
+def recorded_copy(spec: str, record_file: Path, name: str, entry: dict[str, Any]) -> Path | None:
+    """The recorded weight file `name`, as the record lists it (its SHA-256 checked): beside the record, or
+    downloaded from the Hub repository `spec` names; None when neither has it."""
+    beside = record_file.parent / name
+    if beside.is_file() and record.file_digest(beside) == entry.get("sha256"):
+        return beside
+    repo = hub_repo(spec) if not Path(spec).expanduser().exists() else None
+    if repo is None:
+        return None
+    from huggingface_hub import hf_hub_download
+
+    console.print(f"Downloading the recorded {name} from {repo[0]} to compare it value by value...")
+    try:
+        downloaded = Path(hf_hub_download(repo[0], name, revision=repo[1]))
+    except Exception:  # noqa: BLE001 - offline or missing: compared by hash only, said below
+        return None
+    return downloaded if record.file_digest(downloaded) == entry.get("sha256") else None
+
+
+def check_weights(
+    data: dict[str, Any],
+    folder: Path,
+    ignore_mismatches: bool,
+    locate: Callable[[str, dict[str, Any]], Path | None] = lambda name, entry: None,
+) -> None:
+    """Compare the rebuilt weight files with the record's: equal SHA-256, or else equal value by value within
+    the rounding of another CPU, BLAS or GPU (`tolerance.compare_files`, against the recorded copy that
+    `locate` finds); any other difference is an error unless ignored."""
     recorded = data.get("saved", {}).get("weights")
     if not isinstance(recorded, dict) or not recorded:
         console.print("[yellow]The record holds no weight hashes (an older record); the rebuilt weights are not checked.[/]")
@@ -266,17 +310,42 @@ def check_weights(data: dict[str, Any], folder: Path, ignore_mismatches: bool) -
     if not mismatches:
         console.print(f"All {len(recorded)} weight files match the record (SHA-256).")
         return
+    differences: list[Difference] = []
+    uncompared: list[str] = []
+    for name, _, _ in mismatches:
+        copy = locate(name, recorded[name]) if name in recorded and (folder / name).is_file() else None
+        if copy is None:
+            uncompared.append(name)
+        else:
+            differences.append(compare_files(copy, folder / name))
+    apart = [difference for difference in differences if not difference.within]
+    if not apart and not uncompared:
+        worst = max(differences, key=lambda difference: difference.worst_ratio)
+        console.print(
+            f"All {len(recorded)} weight files match the record: {len(mismatches)} by value within tolerance, not by "
+            f"SHA-256 (rounding of another CPU, BLAS or GPU); worst {worst.describe()}."
+        )
+        return
     table = Table(title="Weight files that differ from the record", title_justify="left")
-    for column in ("file", "recorded", "rebuilt"):
+    for column in ("file", "recorded", "rebuilt", "values"):
         table.add_column(column)
-    for row in mismatches:
-        table.add_row(*row)
+    described = {difference.name.split(" ")[0]: difference for difference in differences}
+    for name, old, new in mismatches:
+        difference = described.get(name)
+        values = "not compared" if difference is None else ("within tolerance" if difference.within else difference.describe())
+        table.add_row(name, old, new, values)
     console.print(table)
-    name, old, new = mismatches[0]
-    message = (
-        f"{len(mismatches)} of the rebuilt weight files differ from the record ({name}: recorded {old}, rebuilt {new}); "
-        f"the rebuild stays in {folder}"
-    )
+    if apart:
+        first = apart[0]
+        message = f"{len(apart)} of the rebuilt weight files differ from the record beyond rounding ({first.describe()})"
+    else:
+        name = uncompared[0]
+        message = (
+            f"{len(uncompared)} of the rebuilt weight files differ from the record's SHA-256 ({name}) and the recorded "
+            "files are not beside the record to compare them value by value (another CPU, BLAS or GPU changes the last bits)"
+        )
+    message += f"; the rebuild stays in {folder}"
     if not ignore_mismatches:
-        raise HereticError(message + "; pass --ignore-mismatches to accept it.")
+        hint = "put heretic.json beside its weight files to compare them, or " if not apart else ""
+        raise HereticError(f"{message}; {hint}pass --ignore-mismatches to accept it.")
     console.print(f"[yellow]{message} (accepted: --ignore-mismatches).[/]")
