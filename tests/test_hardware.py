@@ -3,24 +3,31 @@ loading, the GGUF cache and saving."""
 
 from __future__ import annotations
 
+import gc
+import importlib
 import importlib.util
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors import safe_open
-from tiny import make_model, make_tokenizer
+from test_faults import RUN_FLAGS, run_cli
+from tiny import PROMPT_FLAGS, make_model, make_tokenizer
 
 from heretic.ablation.adapters import Ablator
 from heretic.ablation.parameters import AblationParameters, ComponentKernel
 from heretic.config import Settings
 from heretic.errors import HereticError
 from heretic.export.save import save_merged
-from heretic.model import hardware
+from heretic.model import batching, device, hardware, loading, memory
 from heretic.model.architecture import build_architecture_map
+from heretic.model.batching import is_out_of_memory
 from heretic.model.hardware import (
     DtypeMeasurement,
     available_cores,
@@ -122,6 +129,113 @@ def test_probe_device() -> None:
     assert probe_device('{"": "cpu"}') == torch.device("cpu")
     if not torch.cuda.is_available():
         assert probe_device("auto") == torch.device("cpu")
+
+
+def accelerator_is(monkeypatch: pytest.MonkeyPatch, kind: str | None) -> None:
+    """The accelerator probing and loading see ("cuda", "xpu", "mps" or None: the CPU only)."""
+    monkeypatch.setattr(hardware, "accelerator", lambda: kind)
+    monkeypatch.setattr(loading, "accelerator", lambda: kind)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "balanced", "balanced_low_0", "sequential"])
+def test_every_strategy_probes_the_first_accelerator_or_loads_plainly_on_the_cpu(
+    strategy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """accelerate's strategies spread the model over the GPUs, the first of which does the products; where there
+    is none each means the CPU, loaded without accelerate's dispatch hooks (probing it used to end in a traceback)."""
+    accelerator_is(monkeypatch, None)
+    assert probe_device(strategy) == torch.device("cpu")
+    assert loading._parse_device_map(strategy) is None
+    for kind, probed in (("cuda", "cuda:0"), ("xpu", "xpu:0"), ("mps", "mps")):
+        accelerator_is(monkeypatch, kind)
+        assert probe_device(strategy) == torch.device(probed)
+        assert loading._parse_device_map(strategy) == strategy
+
+
+def test_a_device_map_object_probes_its_first_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
+    accelerator_is(monkeypatch, None)
+    assert probe_device('{"model.embed_tokens": "disk", "model.layers": 1, "lm_head": "cpu"}') == torch.device("cuda:1")
+    assert probe_device('{"model.layers": "disk", "lm_head": "cpu"}') == torch.device("cpu")
+    assert probe_device('{"": "xpu:1"}') == torch.device("xpu:1")
+    accelerator_is(monkeypatch, "xpu")
+    assert probe_device('{"model.layers": 1}') == torch.device("xpu:1")  # an index is one of this machine's GPUs
+
+
+def test_a_strategy_loads_the_fastest_dtype_on_a_machine_without_a_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = save_model(tmp_path / "bf16", BF16)
+    fake_speeds(monkeypatch, {BF16: 1.0, F32: 38.0})
+    accelerator_is(monkeypatch, None)
+    for strategy in ("balanced", "balanced_low_0", "sequential"):
+        loaded = load_model(str(folder), dtypes=["fastest"], device_map=strategy, cache_dir=str(tmp_path / "cache"))
+        assert loaded.dtype == F32 and getattr(loaded.model, "hf_device_map", None) is None
+
+
+def machine_with(monkeypatch: pytest.MonkeyPatch, cuda: int = 0, xpu: int = 0, mps: bool = False) -> None:
+    """A machine with these accelerators, as torch's backends (and so loading) see it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda)
+    monkeypatch.setattr(torch.xpu, "is_available", lambda: xpu > 0)
+    monkeypatch.setattr(torch.xpu, "device_count", lambda: xpu)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    accelerator_is(monkeypatch, "cuda" if cuda else "xpu" if xpu else "mps" if mps else None)
+
+
+NOT_HERE = (
+    r"^--device-map names {}, which is not available here \(this machine has {}\); use --device-map auto or --device-map cpu\.$"
+)
+
+
+@pytest.mark.parametrize(
+    ("device_map", "named", "machine"),
+    [
+        ("cuda", "cuda", "no CUDA GPU"),
+        ("cuda:1", "cuda:1", "no CUDA GPU"),
+        ('{"model.embed_tokens": "cpu", "model.layers": 0, "lm_head": "cpu"}', "GPU 0", "no GPU"),
+        ('{"model.layers": "disk", "lm_head": "cuda:0"}', "cuda:0", "no CUDA GPU"),
+        ("mps", "mps", "no Apple GPU"),
+        ("xpu", "xpu", "no Intel GPU"),
+        ('{"": "xpu:1"}', "xpu:1", "no Intel GPU"),
+    ],
+)
+def test_a_device_the_machine_lacks_is_named_before_loading(
+    device_map: str, named: str, machine: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It used to end in a traceback (Torch not compiled with CUDA enabled); the model is not even looked for."""
+    machine_with(monkeypatch)
+    with pytest.raises(HereticError, match=NOT_HERE.format(re.escape(named), machine)):
+        load_model(str(tmp_path / "not-looked-for"), dtypes=["float32"], device_map=device_map)
+
+
+def test_a_gpu_index_beyond_the_machines_gpus_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    machine_with(monkeypatch, cuda=2)
+    with pytest.raises(HereticError, match=NOT_HERE.format("cuda:2", "2 CUDA GPUs, cuda:0 to cuda:1")):
+        load_model(str(tmp_path / "not-looked-for"), dtypes=["float32"], device_map="cuda:2")
+    with pytest.raises(HereticError, match=NOT_HERE.format("GPU 2", "2 CUDA GPUs, cuda:0 to cuda:1")):
+        load_model(str(tmp_path / "not-looked-for"), dtypes=["float32"], device_map='{"": 2}')
+    machine_with(monkeypatch, xpu=1)
+    with pytest.raises(HereticError, match=NOT_HERE.format("GPU 1", "1 Intel GPU, xpu:0")):
+        load_model(str(tmp_path / "not-looked-for"), dtypes=["float32"], device_map='{"": 1}')
+    for present in ("xpu", "xpu:0", '{"lm_head": 0, "model.layers": "xpu:0"}', "auto", "balanced", "cpu", '{"": "disk"}'):
+        loading.check_device_map(present)  # these are here
+    machine_with(monkeypatch, mps=True)
+    loading.check_device_map('{"": "mps"}')
+
+
+def test_a_device_map_with_disk_loads_with_an_offload_folder_in_the_cache(
+    tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers writes again what it offloads to disk but cannot read from the model's files (here a mixture of
+    experts' stacked experts), into an offload folder: one of this process's, in the cache folder."""
+    accelerator_is(monkeypatch, None)
+    cache = tmp_path / "cache"
+    loaded = load_model(str(tiny_models["qwen3_moe"]), dtypes=["float32"], device_map='{"": "disk"}', cache_dir=str(cache))
+    assert loaded.model.hf_device_map == {"": "disk"}
+    (folder,) = (cache / "offload").iterdir()
+    assert folder.name.startswith(f"{os.getpid()}-") and any(folder.glob("*.safetensors"))
+    placement = loading.device_placement('{"model.layers": "disk", "lm_head": "cpu"}', {"0": "1GiB"}, str(cache))
+    assert placement["device_map"] == {"model.layers": "disk", "lm_head": "cpu"} and placement["max_memory"] == {0: "1GiB"}
+    assert Path(placement["offload_folder"]).parent == cache / "offload"
+    assert "offload_folder" not in loading.device_placement('{"": "cpu"}', None, str(cache))
 
 
 def test_probe_shape_bounds_one_product() -> None:
@@ -360,3 +474,136 @@ def test_gguf_is_dequantized_once_for_every_dtype(tmp_path: Path) -> None:
     for name, tensor in bf16.model.state_dict().items():
         assert torch.equal(tensor, expected[name]), name  # the cache changes no weight: same scores as before
         assert torch.equal(tensor, f32.model.state_dict()[name].to(BF16)), name
+
+
+# --- Accelerators and PyTorch versions (heretic.model.device), the GPUs mocked ---------------------
+
+
+def test_out_of_memory_is_recognized_where_torch_has_no_out_of_memory_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch 2.4 (the oldest allowed) has only torch.cuda.OutOfMemoryError; torch.OutOfMemoryError came in 2.5."""
+    try:
+        with monkeypatch.context() as patch:
+            patch.delattr(torch, "OutOfMemoryError")
+            importlib.reload(device)
+            assert device.OutOfMemoryError is torch.cuda.OutOfMemoryError
+            assert is_out_of_memory(torch.cuda.OutOfMemoryError("Tried to allocate 2.00 GiB"))
+            assert not is_out_of_memory(RuntimeError("shape mismatch"))
+    finally:
+        importlib.reload(device)
+
+
+@pytest.mark.parametrize("keyword", [True, False])
+@pytest.mark.parametrize(("capability", "half"), [((7, 0), F16), ((7, 5), F16), ((8, 0), BF16), ((9, 0), BF16)])
+def test_bfloat16_is_a_candidate_only_where_the_gpu_computes_it_natively(
+    monkeypatch: pytest.MonkeyPatch, keyword: bool, capability: tuple[int, int], half: torch.dtype
+) -> None:
+    """V100 (7.0) and T4 (7.5) only emulate bfloat16, which torch.cuda.is_bf16_supported() counts unless told
+    not to (including_emulation=False; a torch without the keyword counts it always): float16 is measured there."""
+
+    def with_keyword(including_emulation: bool = True) -> bool:
+        return capability >= (8, 0) or including_emulation
+
+    def without_keyword() -> bool:
+        return True
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", with_keyword if keyword else without_keyword)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert candidate_dtypes(F32, torch.device("cuda:0")) == [F32, half]
+    assert candidate_dtypes(BF16, torch.device("cuda:0")) == list(dict.fromkeys([BF16, half, F32]))
+
+
+def mock_xpu(monkeypatch: pytest.MonkeyPatch, available: bool = True) -> None:
+    """An Intel GPU (torch.xpu) and no CUDA or MPS device, as torch.accelerator and the backends' own checks see it."""
+    api = getattr(torch, "accelerator", None)  # None: a torch before 2.6 (the test deletes it)
+    if api is not None:
+        monkeypatch.setattr(api, "is_available", lambda: available)
+        monkeypatch.setattr(api, "current_accelerator", lambda *args, **kwargs: torch.device("xpu"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.xpu, "is_available", lambda: available)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+
+@pytest.mark.parametrize("api", [True, False])
+def test_an_intel_gpu_is_the_accelerator_and_auto_places_the_model_on_it(monkeypatch: pytest.MonkeyPatch, api: bool) -> None:
+    """--device-map auto on an Intel GPU loads onto it (it used to load onto the CPU): asked through
+    torch.accelerator (torch 2.6 on) or, before it, backend by backend."""
+    mock_xpu(monkeypatch)
+    if not api:
+        monkeypatch.delattr(torch, "accelerator")
+    assert device.accelerator() == "xpu"
+    assert loading._parse_device_map("auto") == "auto"
+    mock_xpu(monkeypatch, available=False)
+    assert device.accelerator() is None
+    assert loading._parse_device_map("auto") is None  # a plain CPU load
+
+
+def test_an_intel_gpu_is_synchronized_and_named_when_the_dtype_is_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    synchronized: list[torch.device] = []
+    monkeypatch.setattr(torch.xpu, "synchronize", synchronized.append)
+    monkeypatch.setattr(torch.xpu, "get_device_name", lambda device=None: "Intel(R) Data Center GPU Max 1550")
+    xpu = torch.device("xpu:0")
+    hardware._sync(xpu)
+    assert synchronized == [xpu]  # the products were timed when they ended, not when they were queued
+    assert hardware.device_signature(xpu)["device"] == "Intel(R) Data Center GPU Max 1550"
+
+
+def test_every_intel_gpu_reports_its_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    mock_xpu(monkeypatch)
+    reset: list[int] = []
+    monkeypatch.setattr(torch.xpu, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.xpu, "memory_allocated", lambda index: (index + 1) * 2**30)
+    monkeypatch.setattr(torch.xpu, "max_memory_allocated", lambda index: (index + 2) * 2**30)
+    monkeypatch.setattr(torch.xpu, "get_device_properties", lambda index: SimpleNamespace(total_memory=64 * 2**30))
+    monkeypatch.setattr(torch.xpu, "reset_peak_memory_stats", reset.append)
+    devices = memory.device_memory()
+    assert [(d.device, d.used, d.peak, d.total) for d in devices[1:]] == [
+        ("xpu:0", 2**30, 2 * 2**30, 64 * 2**30),
+        ("xpu:1", 2 * 2**30, 3 * 2**30, 64 * 2**30),
+    ]
+    memory.reset_peaks()
+    assert reset == [0, 1]
+
+
+@pytest.mark.parametrize("available", [True, False])
+def test_free_memory_collects_garbage_then_empties_every_backends_cache(monkeypatch: pytest.MonkeyPatch, available: bool) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(gc, "collect", lambda *args: calls.append("gc") or 0)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: available)
+    monkeypatch.setattr(torch.xpu, "is_available", lambda: available)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: available)
+    for name, backend in (("cuda", torch.cuda), ("xpu", torch.xpu), ("mps", torch.mps)):
+        monkeypatch.setattr(backend, "empty_cache", lambda name=name: calls.append(name))
+    device.free_memory()
+    assert calls == (["gc", "cuda", "xpu", "mps"] if available else ["gc"])
+    calls.clear()
+    batching._free_memory()  # after a batch size that did not fit
+    assert calls == (["gc", "cuda", "xpu", "mps"] if available else ["gc"])
+
+
+@pytest.mark.slow
+def test_memory_is_freed_between_the_stages_of_a_run(
+    monkeypatch: pytest.MonkeyPatch, tiny_models: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After the residuals of the directions, after the original's refusals are counted, and after the search
+    (before saving)."""
+    callers: list[str] = []
+    monkeypatch.setattr(device, "free_memory", lambda: callers.append(sys._getframe(1).f_code.co_name))
+    code, text = run_cli([str(tiny_models["llama"]), *PROMPT_FLAGS, *RUN_FLAGS], capsys)
+    assert code == 0, text
+    assert callers == ["collect_residuals", "score_original", "run"]
+
+
+def test_the_gpu_checks_say_in_one_line_that_there_is_no_gpu() -> None:
+    """`make test-gpu` on a machine without CUDA or MPS: one line, exit 0 (the checks themselves need a GPU)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": f"{root / 'src'}:{root / 'tests'}"}
+    done = subprocess.run(
+        [sys.executable, str(root / "tests" / "gpu_check.py")], capture_output=True, text=True, env=environment, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines() == [
+        "No GPU here (neither CUDA nor MPS is available): the GPU checks have nothing to run on."
+    ]

@@ -444,3 +444,30 @@ def test_rebuilt_weights_within_rounding_are_equal_and_a_changed_ablation_is_not
     assert compare_tensors("w", recorded, recorded.clone()) == Difference("w", 0.0, 0.0, 0, 64 * 96)
     assert compare_tensors("w", recorded, recorded[:10]).problem is not None
     assert compare_tensors("w", recorded, recorded.half()).problem is not None
+
+
+def test_kernels_compute_in_float64_only_on_the_cpu(matrices: torch.Tensor, direction: torch.Tensor) -> None:
+    """MPS has no float64 and consumer GPUs run it at 1/32-1/64 speed: off the CPU (here the meta device,
+    which has no data but runs the same code) the exact and approximate kernels never make a float64 tensor."""
+    from torch.overrides import TorchFunctionMode
+
+    class Dtypes(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: set[torch.dtype] = set()
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            result = func(*args, **(kwargs or {}))
+            for item in result if isinstance(result, tuple) else (result,):
+                if isinstance(item, torch.Tensor):
+                    self.seen.add(item.dtype)
+            return result
+
+    assert kernels.wide_dtype(torch.device("cpu")) == torch.float64
+    assert kernels.wide_dtype(torch.device("mps")) == kernels.wide_dtype(torch.device("cuda", 0)) == torch.float32
+    for device, expected in (("cpu", True), ("meta", False)):
+        with Dtypes() as mode:
+            exact = norm_preserving_factors(matrices.to(device), direction.to(device), 0.9)
+            approximate = ablation_factors(matrices.to(device), direction.to(device), 1.0, "full", rank=3, seed=7)
+        assert (torch.float64 in mode.seen) is expected, (device, mode.seen)
+        assert exact.b.device.type == approximate[0].device.type == device

@@ -116,3 +116,23 @@ def test_print_memory_reports_every_stage(tiny_models: dict[str, Path], capsys: 
     for name in ("loading the model", "choosing the batch size", "computing the refusal directions"):
         assert f"Memory after {name}: RAM" in flat
     assert "Memory after scoring the original model: RAM" in flat and "Memory after running trial 0: RAM" in flat
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_the_footprint_counts_the_models_parameters(kind: str) -> None:
+    """The estimate's weights term is computed from the configuration: it counts the parameters a model
+    of that configuration has (tiny models; biases and extra norms aside, which these have none of)."""
+    from tiny import make_model
+
+    from heretic.model.footprint import Shape, search_memory
+
+    model = make_model(kind)
+    config = model.config.get_text_config()
+    shape = Shape.of(config)
+    counted = sum(p.numel() for p in model.parameters())
+    assert abs(shape.parameters - counted) <= 4 * shape.hidden * shape.layers, (shape.parameters, counted)
+    terms = search_memory(shape, 2, batch=8, prompt_tokens=10, response_tokens=6)
+    assert terms["weights"] == shape.parameters * 2
+    assert terms["cache"] == 8 * 16 * shape.layers * 2 * shape.kv_heads * shape.head_dim * 2
+    doubled = search_memory(shape, 2, batch=16, prompt_tokens=10, response_tokens=6)
+    assert doubled["cache"] == 2 * terms["cache"] and doubled["weights"] == terms["weights"]

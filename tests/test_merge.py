@@ -196,12 +196,28 @@ def test_the_search_ablates_the_dequantized_weights(quantization: str, quantizab
     count = 0
     for target, factors in ablator.factors(parameters, directions):
         layer = int(target.module.split(".")[2])
-        dense = as_matrices(getattr(loaded.model.get_submodule(target.module), target.parameter), target)
+        module = loaded.model.get_submodule(target.module)
+        dense = as_matrices(getattr(module, target.parameter), target, module)
         v = directions[layer + 1]
         assert torch.einsum("o,eoi->ei", v, dense).abs().max() > 1e-2  # quantized weights, dequantized
         assert torch.einsum("o,eoi->ei", v, factors.merged(dense)).abs().max() < 1e-4
         count += 1
     assert count == 8
+
+
+def test_an_8bit_weight_is_dequantized_after_the_model_has_run(quantizable: Path) -> None:
+    """bitsandbytes moves an 8-bit weight's row scales from the weight (weight.SCB) to its module
+    (module.state.SCB) at the first forward pass: the factors must still be built on W = Q s / 127,
+    never on the raw int8 codes."""
+    full, full_ablator = _session(quantizable)
+    loaded, ablator = _session(quantizable, quantization="bnb-8bit")
+    with torch.no_grad():
+        loaded.model(IDS)  # a real forward pass
+    module = loaded.model.get_submodule("model.layers.0.mlp.down_proj.base_layer")
+    assert getattr(module.weight, "SCB", None) is None and module.state.SCB is not None
+    for _, _, target in ablator.arch.targets():
+        dense, expected = ablator._dense(target), full_ablator._dense(target)
+        assert (dense - expected).abs().max() < 0.02 * expected.abs().max(), target.name  # int8 rounding only
 
 
 def test_a_reload_that_does_not_fit_is_refused_in_one_sentence(

@@ -10,12 +10,12 @@ import torch
 from tiny import KINDS, NO_SYSTEM, PROMPTS, make_model, make_tokenizer, save_tiny
 
 from heretic.errors import HereticError
-from heretic.model import batching
+from heretic.model import batching, device
 from heretic.model.architecture import build_architecture_map, find_layers, text_config
 from heretic.model.batching import choose_batch_size, is_out_of_memory
 from heretic.model.chat import format_chat
 from heretic.model.generation import Engine, common_prefix_length
-from heretic.model.loading import eos_token_ids, load_model, resolve_source
+from heretic.model.loading import eos_token_ids, first_token_check, load_model, resolve_source
 
 
 def load(path: Path):
@@ -62,6 +62,37 @@ def test_dtype_fallback_reports_every_failure(tmp_path: Path) -> None:
     with pytest.raises(HereticError, match="float32: the test generation produced NaN") as info:
         load_model(str(tmp_path / "nan"), dtypes=["bfloat16", "float32"])
     assert "bfloat16:" in str(info.value)
+
+
+def test_bnb_4bit_widths_its_cpu_kernels_cannot_pack_are_one_sentence(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bitsandbytes' 4-bit CPU kernels (used where the CPU has AVX512-BF16; forced here, as the packing fails before
+    any kernel runs) repack each weight in blocks of 64 inputs; the tiny model's MLP takes 96, which used to end
+    in a traceback at the first forward pass (RuntimeError: shape '[64, 1]' is invalid for input of size 96)."""
+    import bitsandbytes.nn.modules
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
+    pattern = (
+        r"^\S+llama cannot run quantized with bnb-4bit on the CPU: bitsandbytes' 4-bit CPU kernels need every "
+        r"quantized layer's input width to be a multiple of 64 and its output width a multiple of 32, and "
+        r"model\.layers\.0\.mlp\.down_proj maps 96 inputs to 64 outputs; load it with --quantization none or bnb-8bit\.$"
+    )
+    with pytest.raises(HereticError, match=pattern):
+        load_model(str(tiny_models["llama"]), dtypes=["float32"], device_map="cpu", quantization="bnb-4bit")
+
+
+def test_a_failing_first_forward_pass_is_not_taken_for_a_quantization_problem(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded = load(tiny_models["llama"])
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("shape '[64, 1]' is invalid for input of size 96")
+
+    monkeypatch.setattr(loaded.model, "forward", fail)
+    with pytest.raises(RuntimeError, match="is invalid for input of size 96"):
+        first_token_check(loaded)
 
 
 def test_hub_model_offline_is_one_clear_error() -> None:
@@ -211,16 +242,65 @@ def test_abort_returns_none(tiny_models: dict[str, Path]) -> None:
 
 def test_batch_size_choice(tiny_models: dict[str, Path]) -> None:
     engine = _engine("llama", tiny_models)
-    size, measurements = choose_batch_size(engine, 8, steps=2)
+    size, measurements = choose_batch_size(engine, 8, batching.Workload(steps=2))
     assert size in {1, 2, 4, 8}
     assert measurements and all(m.tokens_per_second and m.tokens_per_second > 0 for m in measurements)
+
+
+def test_on_an_accelerator_the_batch_size_probe_decodes_the_longest_real_prompts_at_full_length(
+    tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GPU's batch is limited by memory: the probe runs the evaluation's longest prompts for the whole
+    response length (a trial's peak), where the CPU's probe stays short (6 steps of one short prompt)."""
+    engine = _engine("llama", tiny_models)
+    prompts = engine.encode(PROMPTS)
+    assert batching.workload_for(torch.device("cpu"), prompts, 100) == batching.Workload()
+    workload = batching.workload_for(torch.device("cuda", 0), prompts, 9)
+    assert workload.steps == 9
+    longest = max(len(ids) for ids in prompts)
+    calls: list[tuple[list[int], int]] = []
+    generate = engine.generate
+
+    def spy(ids: list[list[int]], steps: int, **kwargs: object) -> object:
+        calls.append(([len(row) for row in ids], steps))
+        return generate(ids, steps, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", spy)
+    choose_batch_size(engine, 4, workload)
+    probes = calls[1:]  # after the warm-up
+    assert probes and all(steps == 9 and lengths[0] == longest for lengths, steps in probes)
+    assert {len(lengths) for lengths, _ in probes} == {1, 2, 4}
+
+
+def test_out_of_memory_halves_the_batch_and_scores_again(tiny_models: dict[str, Path]) -> None:
+    engine = _engine("llama", tiny_models)
+    engine.batch_size = 8
+    tried: list[int] = []
+
+    def score() -> int:
+        tried.append(engine.batch_size)
+        if engine.batch_size > 2:
+            raise device.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return 7
+
+    assert batching.halving_on_oom(engine, score) == 7
+    assert tried == [8, 4, 2] and engine.batch_size == 2
+
+    def never_fits() -> int:
+        raise device.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(device.OutOfMemoryError):  # down to a batch of 1, then nothing left to halve
+        batching.halving_on_oom(engine, never_fits)
+    assert engine.batch_size == 1
+    with pytest.raises(ValueError):  # any other error is not retried
+        batching.halving_on_oom(engine, lambda: int("x"))
 
 
 def test_batch_size_choice_undoes_pytorchs_onednn_switch_off(monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch whose oneDNN matmul could not allocate counts as too big, and oneDNN is switched back on
     (PyTorch turns it off for the whole process after such a failure, and every later matmul slows down)."""
 
-    def fake_measure(engine: object, batch_size: int, steps: int) -> float:
+    def fake_measure(engine: object, batch_size: int, workload: object) -> float:
         if batch_size >= 4:
             torch.backends.mkldnn.enabled = False  # what PyTorch's matmul does when its oneDNN call fails
         return 10.0 * batch_size
@@ -237,7 +317,7 @@ def test_batch_size_choice_measures_a_fall_twice(monkeypatch: pytest.MonkeyPatch
     """One measurement slowed down by other work on the machine does not end the search for the best size."""
     calls: list[int] = []
 
-    def fake_measure(engine: object, batch_size: int, steps: int) -> float:
+    def fake_measure(engine: object, batch_size: int, workload: object) -> float:
         calls.append(batch_size)
         disturbed = batch_size in {4, 8} and calls.count(batch_size) == 1  # the first try at 4 and 8 is slowed down
         return 10.0 * min(batch_size, 16) / (4 if disturbed else 1)

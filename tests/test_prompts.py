@@ -138,6 +138,15 @@ def test_errors(tmp_path: Path) -> None:
         load_prompt_texts(PromptSet(source="bundled", split="harmful_test[500:]"))
 
 
+def test_a_bad_jsonl_line_is_reported_by_its_line_in_the_file(tmp_path: Path) -> None:
+    lines = ['{"prompt": "a"}', "", '{"prompt": "b\u2028c"}', '{"prompt": "d"}', '{"prompt": "e"', '{"prompt": "f"}']
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(HereticError, match=r"p\.jsonl is not valid JSON Lines \(line 5: .*\); .*one JSON value per line"):
+        load_prompt_texts(PromptSet(source=str(tmp_path / "p.jsonl")))
+    (tmp_path / "p.jsonl").write_text("\r\n".join(lines[:4]) + "\r\n", encoding="utf-8")
+    assert load_prompt_texts(PromptSet(source=str(tmp_path / "p.jsonl"))) == ["a", "b\u2028c", "d"]
+
+
 def test_hub_dataset_offline_is_one_clear_error() -> None:
     with pytest.raises(HereticError, match="Cannot load the dataset 'someone/nothing-here'"):
         load_prompt_texts(PromptSet(source="someone/nothing-here", split="train"))

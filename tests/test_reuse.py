@@ -120,3 +120,42 @@ def test_recording_stops_at_its_memory_budget_and_only_for_the_original(tiny_mod
     assert reuse.records == {}
     engine.first_logprobs(ids)  # outside recording_original: nothing either
     assert reuse.records == {}
+
+
+def test_replay_keeps_accelerate_hooks_and_places_records_on_each_layers_device(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """A model dispatched by accelerate over several places (here CPU and disk offload: the same hooks a
+    multi-GPU map installs) keeps each layer's hook wrapper through a replay, and the replay equals a
+    whole pass."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from heretic.model.loading import prepare_tokenizer
+    from heretic.model.offload import execution_device
+
+    placement = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    placement |= {f"model.layers.{index}": "disk" if index % 2 else "cpu" for index in range(4)}
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_models["llama"], dtype=torch.float32, device_map=placement, offload_folder=str(tmp_path / "offload")
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    prepare_tokenizer(tokenizer)
+    layers = list(model.model.layers)
+    wrappers = [vars(layer).get("forward") for layer in layers]
+    assert sum(wrapper is not None for wrapper in wrappers) >= 2  # accelerate's hooks sit on the offloaded layers
+    assert all(execution_device(layer, torch.device("meta")) == torch.device("cpu") for layer in layers)
+    engine = Engine(model, tokenizer, {tokenizer.eos_token_id}, batch_size=2)
+    ids = engine.encode(PROMPTS)
+    whole = engine.first_logprobs(ids)
+    unchanged = [len(layers)]
+    engine.reuse = reuse = LayerReuse(layers, lambda: unchanged[0])
+    with reuse.recording_original():
+        engine.first_logprobs(ids)
+    assert reuse.records
+    unchanged[0] = 3  # a pass starts at layer 3, an offloaded layer, and skips one of them
+    reused = engine.first_logprobs(ids)
+    assert reuse.skipped_layers > 0
+    assert [vars(layer).get("forward") for layer in layers] == wrappers  # every hook wrapper is back
+    assert torch.allclose(reused, whole, atol=1e-5, rtol=0)
+    engine.reuse = None
+    assert torch.allclose(engine.first_logprobs(ids), whole, atol=1e-5, rtol=0)  # the hooks still place the weights

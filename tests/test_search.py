@@ -443,3 +443,35 @@ def test_a_signal_the_process_ignores_stays_ignored_in_the_study_writes() -> Non
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_out_of_memory_in_a_trial_halves_the_batch_and_the_search_goes_on(
+    tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trial that runs out of memory (its batches of the longest prompts, here any batch over 2 once a
+    trial's ablation is applied) is scored again in smaller batches; every trial completes."""
+    from heretic.cli import run as run_in_process
+    from heretic.model import device
+    from heretic.model.generation import Engine
+
+    generate = Engine.generate
+    in_trial = [False]
+
+    def tight_generate(self: Engine, ids: list[list[int]], *args: object, **kwargs: object) -> object:
+        if in_trial[0] and min(len(ids), int(kwargs.get("batch_size") or self.batch_size)) > 2:  # type: ignore[call-overload]
+            raise device.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        return generate(self, ids, *args, **kwargs)  # type: ignore[arg-type]
+
+    apply = Ablator.apply
+
+    def trial_apply(self: Ablator, *args: object) -> None:
+        in_trial[0] = True
+        apply(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Engine, "generate", tight_generate)
+    monkeypatch.setattr(Ablator, "apply", trial_apply)
+    checkpoints = tmp_path / "checkpoints"
+    argv = heretic_command(tiny_models["llama"], checkpoints, "--batch-size", "8", "--n-trials", "3")[3:]
+    run_in_process(settings_from_argv(argv))
+    trials = current_study(checkpoints).trials
+    assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials)

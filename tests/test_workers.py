@@ -18,11 +18,15 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 from postgres import postgres_server, server_binaries
 from tiny import PROMPT_FLAGS, SCORING_FLAGS
 
-from heretic.parallel import split_evenly
+from heretic import parallel
+from heretic.config import Settings
+from heretic.errors import HereticError
+from heretic.parallel import pin_this_process, split_evenly, visible_gpus
 from heretic.search import checkpoint
 from heretic.search.pareto import pareto_front, trial_results
 from heretic.search.runner import make_sampler, surplus
@@ -86,6 +90,60 @@ def test_a_trial_asked_beyond_the_target_is_surplus(tmp_path: Path) -> None:
     study.tell(asked[0], [1.0, 1.0])
     assert not surplus(study, asked[1].number, 3)  # finished 1 + running below it 0 < 3
     assert surplus(study, asked[2].number, 2)  # finished 1 + trial 1 running = 2
+
+
+def no_cuda_in_this_process(monkeypatch: pytest.MonkeyPatch, gpus: int, started: bool = False) -> None:
+    """A machine with `gpus` GPUs (counted by NVML) and no CUDA_VISIBLE_DEVICES; torch.cuda's own counting,
+    which would start CUDA in this process and fix the GPUs it sees, fails the test."""
+
+    def starts_cuda(*args: object) -> None:
+        raise AssertionError("CUDA was asked in this process before worker 0 was pinned")
+
+    monkeypatch.setattr(torch.cuda, "is_available", starts_cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", starts_cuda)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: started)
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "_device_count_nvml", lambda: gpus)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # recorded, so that pinning this process is undone after the test
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+
+
+def test_worker_0_is_pinned_to_its_gpus_before_cuda_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    no_cuda_in_this_process(monkeypatch, gpus=4)
+    shares = pin_this_process(Settings(workers=2))
+    assert shares is not None and shares.gpus == [["0", "1"], ["2", "3"]]
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
+
+
+def test_gpus_are_counted_in_a_child_process_where_nvml_cannot(monkeypatch: pytest.MonkeyPatch) -> None:
+    no_cuda_in_this_process(monkeypatch, gpus=-1)  # NVML missing or failing
+    commands: list[list[str]] = []
+
+    def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0, stdout="2\n", stderr="")
+
+    monkeypatch.setattr(parallel.subprocess, "run", run)
+    assert visible_gpus() == ["0", "1"]
+    assert commands[0][:2] == [sys.executable, "-c"]
+
+
+def test_the_child_process_counts_the_gpus_cuda_sees() -> None:
+    """The real child process (no mock): 0 on a torch without CUDA, else what torch counts (NVML first)."""
+    expected = torch.cuda.device_count() if torch.backends.cuda.is_built() else 0
+    assert parallel.count_gpus_in_child() == expected
+
+
+def test_worker_0_is_refused_where_cuda_started_before_it_could_be_pinned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA keeps the GPUs it saw when it started: worker 0 would run on the other workers' GPUs too."""
+    no_cuda_in_this_process(monkeypatch, gpus=2, started=True)
+    with pytest.raises(HereticError, match=r"^CUDA was started in this process before --workers 2 .*CUDA_VISIBLE_DEVICES"):
+        pin_this_process(Settings(workers=2))
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+    no_cuda_in_this_process(monkeypatch, gpus=1, started=True)  # both workers share the one GPU CUDA sees already
+    shares = pin_this_process(Settings(workers=2))
+    assert shares is not None and shares.gpus == [["0"], ["0"]]
 
 
 # --- Slow: worker processes --------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import optuna
 from .ablation.parameters import AblationParameters
 from .errors import HereticError
 from .export.actions import ACTIONS
+from .model.device import free_memory
 from .search.pareto import TrialResult, objective_text, pareto_front, select, study_directions, trial_results
 from .search.space import describe
 from .session import Session, count_heldout
@@ -194,4 +195,7 @@ def perform(session: Session, name: str, result: TrialResult, parameters: Ablati
     action = ACTIONS.get(name)
     if action is None:
         raise HereticError(f"Unknown action {name!r}; use one of {', '.join(ACTIONS)}.")
-    action.handler(session, result, parameters, confirm=_confirm_overwrite(session), output_dir=default_output_dir(session))
+    try:
+        action.handler(session, result, parameters, confirm=_confirm_overwrite(session), output_dir=default_output_dir(session))
+    finally:
+        free_memory()  # a save's or an export's temporaries go back to the device before the next action

@@ -354,7 +354,12 @@ class Settings(BaseSettings):
     )
     device_map: str = Field(
         default="auto",
-        description='Device placement passed to accelerate: "auto", "cpu", "cuda", or a JSON object {"module": device}.',
+        description=(
+            "Where the model is placed: a strategy (auto, balanced, balanced_low_0, sequential: how accelerate spreads "
+            "it over the GPUs and the CPU; the CPU alone where there is no GPU), a device (cpu, cuda, cuda:N, mps, xpu, "
+            'xpu:N), or a JSON object {"module": device} mapping module names to those devices, GPU indices N or "disk" '
+            "(read from disk when used, with an offload folder in --cache-dir)."
+        ),
         json_schema_extra=tags(Role.run, Role.override),
     )
     max_memory: dict[str, str] | None = Field(
@@ -895,17 +900,10 @@ class Settings(BaseSettings):
             raise ValueError(f'{value!r} is not a size; write a number and one of the units TB, GB, MB, KB, like "5GB"')
         return value
 
-    @field_validator("device_map")
+    @field_validator("device_map", mode="before")
     @classmethod
-    def _device_map(cls, value: str) -> str:
-        if value.strip().startswith("{"):
-            try:
-                parsed = json.loads(value)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"not a valid JSON object ({error.msg})") from None
-            if not isinstance(parsed, dict):
-                raise ValueError("must be a string or a JSON object")
-        return value
+    def _device_map(cls, value: Any) -> str:
+        return canonical_device_map(value)
 
     @classmethod
     def settings_customise_sources(
@@ -970,6 +968,56 @@ def plain(value: Any) -> Any:
     return value.value if isinstance(value, Enum) else value
 
 
+# --device-map: accelerate's placement strategies, and the devices a whole model or one module can be placed on.
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+_MODEL_DEVICE = re.compile(r"cpu|mps|(cuda|xpu)(:\d+)?")
+_MODULE_DEVICES = '"cpu", "disk", "mps", "xpu", "cuda", "cuda:N" or a GPU index N'
+
+
+def canonical_device_map(value: Any) -> str:
+    """--device-map as it is stored: a strategy or device name, or a JSON object {"module": device} written
+    canonically (devices in lower case, GPU indices as integers); ValueError says what is wrong."""
+    if isinstance(value, str) and value.strip().startswith("{"):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f'{value.strip()!r} is not valid JSON ({error.msg} at character {error.pos}); write an object like {{"": "cpu"}}'
+            ) from None
+    if isinstance(value, dict):
+        if not value:
+            raise ValueError('the JSON object names no module; map module names to devices, e.g. {"": "cpu"}')
+        return json.dumps({str(module): _module_device(str(module), device) for module, device in value.items()})
+    if not isinstance(value, str):
+        raise ValueError('give a strategy or device name, or a JSON object {"module": device}')
+    name = value.strip().lower()
+    if name not in DEVICE_MAP_STRATEGIES and not _MODEL_DEVICE.fullmatch(name):
+        raise ValueError(
+            f"{value!r} is neither a strategy ({', '.join(DEVICE_MAP_STRATEGIES)}) nor a device (cpu, cuda, cuda:N, "
+            'mps, xpu, xpu:N); give one of those, or a JSON object {"module": device} (e.g. {"": "disk"})'
+        )
+    return name
+
+
+def _module_device(module: str, device: Any) -> str | int:
+    """One device of a --device-map object, as accelerate takes it: a name, or a GPU index as an integer."""
+    if isinstance(device, str) and device.strip().isdigit():
+        device = int(device)
+    if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
+        return device
+    name = device.strip().lower() if isinstance(device, str) else None
+    if name is not None and (name == "disk" or _MODEL_DEVICE.fullmatch(name)):
+        return name
+    where = repr(module) if module else "the whole model"
+    raise ValueError(f"{device!r} (for {where}) is not a device modules can be placed on; use {_MODULE_DEVICES}")
+
+
+def device_map_value(device_map: str) -> str | dict[str, str | int]:
+    """What accelerate takes for a --device-map setting: the strategy or device name, or the object it holds."""
+    text = device_map.strip()
+    return json.loads(text) if text.startswith("{") else text
+
+
 def field_kind(info: FieldInfo) -> str:
     """How a field is written as text on the command line or in the environment.
 
@@ -999,6 +1047,10 @@ def parse_text_value(name: str, text: str) -> Any:
         if lowered in {"0", "false", "no", "off"}:
             return False
         return text  # let pydantic report it
+    if info.annotation in (str, str | None):
+        # A text field keeps its text, JSON or not: a system prompt may start with "{", and an object given to
+        # --device-map (which checks its own) then replaces a lower source's object instead of merging with it.
+        return None if stripped.lower() in {"none", "null"} and _accepts_none(info) else text
     if kind in {"list", "json"} or stripped.startswith("{"):
         if stripped.startswith(("[", "{")):
             try:

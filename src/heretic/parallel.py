@@ -22,6 +22,8 @@ from pathlib import Path
 import optuna
 
 from .config import Settings
+from .errors import HereticError
+from .model import device as backends
 from .search.study import run_search
 from .search.workers import Liveness, worker_token
 from .session import Session, search_setup
@@ -43,13 +45,36 @@ def split_evenly(items: Sequence[str], parts: int) -> list[list[str]]:
 
 
 def visible_gpus() -> list[str]:
-    """The GPUs this process may use: CUDA_VISIBLE_DEVICES, else every one CUDA sees (none: [])."""
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES, else every one the machine has (none: []).
+
+    Counted without starting CUDA in this process: once started, CUDA keeps the GPUs it saw then, and
+    worker 0's CUDA_VISIBLE_DEVICES would no longer narrow them."""
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     if listed is not None:
         return [item.strip() for item in listed.split(",") if item.strip() and item.strip() != "-1"]
+    return [str(index) for index in range(count_gpus())]
+
+
+def count_gpus() -> int:
+    """The machine's GPUs, counted as torch counts them without starting CUDA (NVML, or AMD SMI on ROCm), else
+    in a short child process; 0 where this torch has no CUDA."""
     import torch
 
-    return [str(index) for index in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    if not torch.backends.cuda.is_built():  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+        return 0
+    helper = getattr(torch.cuda, "_device_count_amdsmi" if torch.version.hip else "_device_count_nvml", None)
+    count = int(helper()) if helper is not None else -1  # -1: the library is missing or failed
+    return count if count >= 0 else count_gpus_in_child()
+
+
+def count_gpus_in_child() -> int:
+    """The GPUs CUDA sees, counted in a child process (which starts CUDA there, not here); 0 where that fails."""
+    code = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+        return int(done.stdout.split()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return 0
 
 
 @dataclass
@@ -108,8 +133,23 @@ def pin_this_process(settings: Settings) -> Plan | None:
     if settings.workers <= 1 or settings.search_only:
         return None
     shares = plan(settings.workers)
+    refuse_if_cuda_started(shares, settings.workers)
     shares.pin_gpus(0)
     return shares
+
+
+def refuse_if_cuda_started(shares: Plan, workers: int) -> None:
+    """Stop when CUDA already runs in this process and worker 0 should see fewer GPUs than it does: CUDA keeps
+    the GPUs it saw when it started, so worker 0 would run on the other workers' GPUs too."""
+    every = {gpu for share in shares.gpus for gpu in share}
+    if not shares.gpus or set(shares.gpus[0]) == every:
+        return
+    if backends.cuda_started():
+        raise HereticError(
+            f"CUDA was started in this process before --workers {workers} could give worker 0 its share of the GPUs; "
+            "run heretic as a command of its own (not from a program that has used CUDA), or start one "
+            "`heretic ... --search-only` per GPU yourself, each with its own CUDA_VISIBLE_DEVICES."
+        )
 
 
 def worker_argv(argv: Sequence[str], target: int) -> list[str]:
@@ -161,6 +201,7 @@ class Search:
             finished = run_search(search_setup(self.session), self.study, settings.n_trials, self.liveness, minutes)
         finally:
             self.stop_workers(children, interrupt=not finished)
+        backends.free_memory()  # the trials' last generations, before the actions (saving, exporting)
         if self.shares is not None:
             self.shares.unpin()
 

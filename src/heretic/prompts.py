@@ -137,8 +137,7 @@ def _load_file(path: Path, column: str | None) -> list[str]:
                 rows: list[dict[str, Any]] = list(csv.DictReader(handle))
             return _column(rows, list(rows[0].keys()) if rows else [], column, str(path))
         if suffix == ".jsonl":
-            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            return _rows_or_strings(rows, column, str(path))
+            return _rows_or_strings(_read_jsonl(path), column, str(path))
         if suffix == ".json":
             data = json.loads(path.read_text(encoding="utf-8"))
             if isinstance(data, dict) and all(isinstance(value, list) for value in data.values()):
@@ -162,6 +161,23 @@ def _load_file(path: Path, column: str | None) -> list[str]:
         raise HereticError(f"{path} is not valid JSON (line {error.lineno}: {error.msg}).") from None
     except csv.Error as error:
         raise HereticError(f"{path} is not valid CSV ({error}).") from None
+
+
+def _read_jsonl(path: Path) -> list[Any]:
+    """The values of a JSON Lines file, one per non-blank line; a bad line is named by its line in the file.
+
+    Lines end at newlines only: JSON strings may hold other line separators (U+2028) unescaped."""
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise HereticError(
+                f"{path} is not valid JSON Lines (line {number}: {error.msg}); write one JSON value per line."
+            ) from None
+    return rows
 
 
 def _rows_or_strings(rows: list[Any], column: str | None, where: str) -> list[str]:

@@ -15,8 +15,9 @@ from .ablation.parameters import AblationParameters
 from .config import Role, Settings, fields_with
 from .directions import refusal_directions, subspace_bases, winsorize
 from .errors import HereticError
+from .model import device as backends
 from .model.architecture import ArchitectureMap, build_architecture_map, find_layers, text_config
-from .model.batching import choose_batch_size
+from .model.batching import choose_batch_size, workload_for
 from .model.generation import Engine
 from .model.hardware import busy_warning, configure_threads, describe_choice, dtype_name
 from .model.loading import LoadedModel, eos_token_ids, load_model
@@ -415,6 +416,7 @@ def score_original(evaluator: Evaluator, study: optuna.Study | None = None) -> t
             values = score_objectives(evaluator.objectives, evaluator, base, 0.0)
     shown = "".join(f", {name} [bold]{objective_text(value)}[/]" for name, value in values.items())
     console.print(f"Original model: [bold]{refusals}[/]/{len(evaluator.harmful)} refusals{shown}{origin}")
+    backends.free_memory()  # what its generations cached, before the search
     return refusals, verdicts, values
 
 
@@ -436,8 +438,10 @@ def pick_batch_size(
         console.print(f"Batch size [bold]{stored}[/] (the one the checkpoint's trials ran with; --batch-size overrides it)")
         return stored
     useful = max(len(prompt_sets["harmful_eval"]), len(prompt_sets["harmless_eval"]))
+    evaluation = [] if engine.device.type == "cpu" else engine.encode(prompt_sets["harmful_eval"] + prompt_sets["harmless_eval"])
+    workload = workload_for(engine.device, evaluation, settings.max_response_length)
     with console.status("Choosing the batch size..."):
-        batch_size, measurements = choose_batch_size(engine, min(settings.max_batch_size, useful))
+        batch_size, measurements = choose_batch_size(engine, min(settings.max_batch_size, useful), workload)
     rates = ", ".join(
         f"{m.batch_size}: {m.tokens_per_second:.0f}" if m.tokens_per_second else f"{m.batch_size}: out of memory"
         for m in measurements
@@ -483,6 +487,7 @@ def collect_residuals(
                 read = engine.position_residuals(ids, list(layers), positions, handle.advance)
                 residuals[name] = winsorize(read, quantile).mean(dim=1)  # clamped at each position, then averaged
             handle.close()
+    backends.free_memory()  # what the residual passes cached, before the next stage
     return residuals
 
 

@@ -15,7 +15,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from ..errors import HereticError
 from ..model.architecture import ArchitectureMap, Target, as_matrices
+from ..model.offload import execution_device, offloaded_entries, stored_tensor
 from .kernels import Factors, ablation_factors, norm_preserving_factors, row_norms
 from .parameters import AblationParameters
 
@@ -49,11 +51,12 @@ class Ablator:
         # they are ablated in place of the directions passed to apply / factors / merged_state_dict.
         self.subspace: torch.Tensor | None = None
         self.base_model = model
-        # Original parameters, by their original names (shared storage, no copy), captured before wrapping.
+        # Original parameters, by their original names (shared storage, no copy), captured before wrapping;
+        # those of offloaded modules (meta) are read from accelerate's hooks when needed (`stored_tensor`).
         self.original_state = dict(model.state_dict(keep_vars=False))
-        self._weights = {
-            target.name: getattr(model.get_submodule(target.module), target.parameter) for _, _, target in arch.targets()
-        }
+        self._offloaded = offloaded_entries(model)
+        refuse_offloaded_experts(arch, self._offloaded)
+        self._owners = {target.name: (model.get_submodule(target.module), target.parameter) for _, _, target in arch.targets()}
         unfused = sorted({target.module for _, _, target in arch.targets() if not target.fused})
         fused = sorted({target.name for _, _, target in arch.targets() if target.fused})
         config = LoraConfig(
@@ -68,6 +71,7 @@ class Ablator:
         self.peft_model: PeftModel = get_peft_model(model, config, autocast_adapter_dtype=True)
         self.peft_model.eval()
         self._lora_layers = {target.name: self._find_lora(target) for _, _, target in arch.targets()}
+        self._place_offloaded_adapters()
         # Per-row output scales of the exact full ablation, applied by a forward hook on each adapted module.
         self._scales: dict[str, torch.Tensor] = {}
         if self.exact:
@@ -88,6 +92,16 @@ class Ablator:
             return (output * scale).to(output.dtype)  # float32 scale: the product is computed in float32
 
         return hook
+
+    def _place_offloaded_adapters(self) -> None:
+        """PEFT creates the adapters of an offloaded module on the meta device, beside its weight: they are
+        made real on the module's execution device, where accelerate's hook computes the module."""
+        for name, lora in self._lora_layers.items():
+            if name not in self._offloaded:
+                continue
+            device = execution_device(self._owners[name][0], torch.device("cpu"))
+            for adapters in (lora.lora_A, lora.lora_B):
+                adapters[ADAPTER].to_empty(device=device)
 
     def _find_lora(self, target: Target) -> nn.Module:
         if not target.fused:
@@ -143,8 +157,13 @@ class Ablator:
         """State-dict names of the weights this ablation changes (non-zero kernel weight)."""
         return {target.name for layer, component, target in self.arch.targets() if parameters.weight(component, layer) != 0.0}
 
+    def _weight(self, target: Target) -> torch.Tensor:
+        """The target's original weight (read from its offload hook when the module is offloaded)."""
+        module, parameter = self._owners[target.name]
+        return stored_tensor(module, parameter)
+
     def _dense(self, target: Target) -> torch.Tensor:
-        return as_matrices(self._weights[target.name], target)
+        return as_matrices(self._weight(target), target, self._owners[target.name][0])
 
     @torch.no_grad()
     def apply(self, parameters: AblationParameters, directions: torch.Tensor) -> None:
@@ -187,17 +206,33 @@ class Ablator:
 
     @torch.no_grad()
     def merged_state_dict(self, parameters: AblationParameters, directions: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The original state dict with every ablated weight replaced by its ablation (in its own dtype and layout)."""
+        """The original state dict with every ablated weight replaced by its ablation (in its own dtype and
+        layout). The merged weights are moved to the CPU one by one as they are made: on a GPU, the model's
+        memory holds one merged matrix at a time, never a second copy of every ablated weight."""
         state = dict(self.original_state)
+        for name, (module, key) in self._offloaded.items():
+            state[name] = stored_tensor(module, key)
         for target, factors in self.factors(parameters, directions):
-            original = self._weights[target.name]
-            merged = factors.merged(self._dense(target)).to(original.dtype)
+            original = self._weight(target)
+            merged = factors.merged(self._dense(target)).to("cpu", original.dtype)
             if target.fused:
                 merged = merged if target.out_axis == 1 else merged.transpose(1, 2)
                 state[target.name] = merged.contiguous()
             else:
                 state[target.name] = merged[0].contiguous()
         return state
+
+
+def refuse_offloaded_experts(arch: ArchitectureMap, offloaded: dict[str, object]) -> None:
+    """Fused expert tensors (3-D parameters that PEFT adapts through `target_parameters`) cannot be adapted
+    while accelerate keeps them offloaded on the meta device: refused in one sentence."""
+    names = [target.name for _, _, target in arch.targets() if target.fused and target.name in offloaded]
+    if names:
+        raise HereticError(
+            f"The fused expert weights of this MoE model ({names[0]} and {len(names) - 1} more) are offloaded to the CPU "
+            "or disk, where they cannot be ablated; give --max-memory room for every layer on the devices, or use "
+            "--quantization bnb-4bit."
+        )
 
 
 def first_changed_layer(parameters: AblationParameters, arch: ArchitectureMap) -> int:

@@ -117,19 +117,28 @@ def norm_preserving_factors(matrices: Tensor, direction: Tensor, weight: float) 
     With n the row norms of M and M^ = diag(1/n) M, the pre factors B = -w diag(n) V^T, A = V M^ give
     M + B A = diag(n) (M^ - w V^T V M^); its rows scaled by s = n / (row norms of M + B A) are
     diag(n / n') (M^ - w V^T V M^), the full ablation, with every row of M's norm. The scale is
-    computed in float64 (CPU reductions in float32 change in the last bits with memory alignment), in pieces
+    computed in `wide_dtype` (float64 on the CPU, where reductions in float32 change in the last bits with
+    memory alignment), in pieces
     of rows; each row's scale is computed by the same elementwise operations and one reduction along that
     row whatever the piece (`low_rank_sum`), so the pieces change no bit.
     direction: (out,) or (k, out); B (experts, out, k), A (experts, k, in), s (experts, out).
     """
     b, a = ablation_factors(matrices, direction, weight, "pre")
-    scale = torch.empty(matrices.shape[:2], dtype=torch.float64, device=matrices.device)  # (experts, out)
-    a_wide = a.double()
+    precision = wide_dtype(matrices.device)
+    scale = torch.empty(matrices.shape[:2], dtype=precision, device=matrices.device)  # (experts, out)
+    a_wide = a.to(precision)
     for rows in chunks(matrices.shape[1], matrices.shape[0] * matrices.shape[2]):  # float64 in bounded pieces
-        wide = matrices[:, rows].double()
-        updated = low_rank_sum(wide, b[:, rows].double(), a_wide)  # M + B A: (experts, rows, in)
+        wide = matrices[:, rows].to(precision)
+        updated = low_rank_sum(wide, b[:, rows].to(precision), a_wide)  # M + B A: (experts, rows, in)
         scale[:, rows] = row_norms(wide) / row_norms(updated).clamp_min(1e-12)
     return Factors(b, a, scale.to(matrices.dtype))
+
+
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the kernels' sensitive arithmetic (norms, scales, the randomized SVD) on `device`:
+    float64 on the CPU, so that a rebuild does not depend on memory alignment (float32 CPU reductions
+    do); float32 elsewhere: MPS has no float64, and consumer GPUs run it at 1/32 to 1/64 of float32's speed."""
+    return torch.float64 if device.type == "cpu" else torch.float32
 
 
 # The most float64 elements a kernel holds at once per temporary (64 MiB): a large model's matrix
@@ -201,14 +210,14 @@ def low_rank_approximation(
     matrices: (batch, m, n). Returns B (batch, m, r) = U sqrt(S), A (batch, r, n) = sqrt(S) V^T.
     probe: the sketch's test matrices (batch, n, width), by default `sketch(matrices.shape, rank, seed)`.
 
-    Computed in float64 and returned in the input's dtype: in float32, CPU BLAS results change in the
-    last bits with the memory alignment of the inputs, and an adapter rebuilt from its record must be
-    bit-identical; float64 rounded to float32 is.
+    Computed in `wide_dtype` (float64 on the CPU) and returned in the input's dtype: in float32, CPU BLAS
+    results change in the last bits with the memory alignment of the inputs, and an adapter rebuilt from
+    its record must be bit-identical; float64 rounded to float32 is.
     """
     dtype = matrices.dtype
     if probe is None:
         probe = sketch(matrices.shape, rank, seed, dtype)
-    matrices = matrices.double()
+    matrices = matrices.to(wide_dtype(matrices.device))
     rank = min(rank, *matrices.shape[1:])
     probe = probe.to(matrices)
     basis, _ = torch.linalg.qr(matrices @ probe)  # range finder: (batch, m, width)

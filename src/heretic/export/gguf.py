@@ -196,13 +196,13 @@ def _nbytes(shape: tuple[int, ...], qtype: QType) -> int:
 
 
 def _encode(values: torch.Tensor, qtype: QType) -> np.ndarray:
-    """The bytes of a float tensor in `qtype`."""
+    """The bytes of a float tensor (on any device) in `qtype`."""
     if qtype == QType.F32:
-        return values.to(torch.float32).contiguous().numpy()
+        return values.detach().to("cpu", torch.float32).contiguous().numpy()
     if qtype == QType.F16:
-        return values.to(torch.float16).contiguous().numpy()
+        return values.detach().to("cpu", torch.float16).contiguous().numpy()
     if qtype == QType.BF16:
-        return values.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint8)
+        return values.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint8)
     return _quantize_rows(values, qtype)
 
 
@@ -212,7 +212,7 @@ def _quantize_rows(values: torch.Tensor, qtype: QType) -> np.ndarray:
     out = np.empty(gguf.quant_shape_to_byte_shape(tuple(rows.shape), qtype), dtype=np.uint8)
     step = max(1, _QUANT_CHUNK_VALUES // rows.shape[1])
     for start in range(0, rows.shape[0], step):
-        band = rows[start : start + step].to(torch.float32).numpy()
+        band = rows[start : start + step].detach().to("cpu", torch.float32).numpy()
         out[start : start + step] = gguf.quants.quantize(band, qtype)
     return out.reshape(gguf.quant_shape_to_byte_shape(tuple(values.shape), qtype))
 

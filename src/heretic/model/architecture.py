@@ -302,18 +302,20 @@ def _role(relative_path: str) -> str | None:
     return None
 
 
-def as_matrices(weight: torch.Tensor, target: Target) -> torch.Tensor:
-    """A target's stored weight as float32 matrices (experts, hidden, in)."""
+def as_matrices(weight: torch.Tensor, target: Target, module: torch.nn.Module | None = None) -> torch.Tensor:
+    """A target's stored weight as float32 matrices (experts, hidden, in); `module` is the weight's module
+    (where bitsandbytes keeps an 8-bit weight's row scales once the model has run)."""
     if not target.fused:
-        return _dequantized(weight).float().unsqueeze(0)
+        return _dequantized(weight, module).float().unsqueeze(0)
     data = weight.detach().float()
     return data if target.out_axis == 1 else data.transpose(1, 2)
 
 
-def _dequantized(weight: torch.Tensor) -> torch.Tensor:
+def _dequantized(weight: torch.Tensor, module: torch.nn.Module | None = None) -> torch.Tensor:
     """A bitsandbytes weight as the float matrix it stands for (other weights as they are).
 
-    4-bit: bitsandbytes' own dequantization; 8-bit (LLM.int8): W = Q * s / 127, s the row scales (SCB)."""
+    4-bit: bitsandbytes' own dequantization; 8-bit (LLM.int8): W = Q * s / 127, s the row scales (SCB),
+    which the first forward pass moves from the weight to its module's state (`module.state.SCB`)."""
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is not None:  # bitsandbytes 4-bit
         import bitsandbytes.functional as bnb_functional
@@ -321,6 +323,11 @@ def _dequantized(weight: torch.Tensor) -> torch.Tensor:
         dense: torch.Tensor = bnb_functional.dequantize_4bit(weight.data, quant_state)
         return dense
     scales = getattr(weight, "SCB", None)
+    for owner in (module, getattr(module, "base_layer", None)):  # the module, or the one an adapter wraps
+        if scales is None:
+            scales = getattr(getattr(owner, "state", None), "SCB", None)
+    if weight.dtype == torch.int8 and scales is None:
+        raise ValueError("an 8-bit weight without its row scales (SCB) cannot be dequantized")
     if scales is not None and weight.dtype == torch.int8:  # bitsandbytes 8-bit
         int8: torch.Tensor = weight.detach().float() * (scales.float().unsqueeze(1) / 127.0)
         return int8

@@ -23,6 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..errors import HereticError
 from ..prompts import Prompt
 from .chat import format_chat
+from .offload import execution_device
 from .reuse import LayerReuse
 
 # (index of the prompt, generated token ids so far) -> True once the response needs no more tokens.
@@ -87,7 +88,9 @@ class Engine:
 
     @property
     def device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
+        """Where the input ids go: the embeddings' execution device (accelerate's, when they are offloaded)."""
+        embeddings = self.model.get_input_embeddings()
+        return execution_device(embeddings, embeddings.weight.device)
 
     # --- Tokenization -------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ like the batch size, instead of assumed.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -18,6 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from ..config import DEVICE_MAP_STRATEGIES, device_map_value
+from .device import accelerator
 
 log = logging.getLogger(__name__)
 
@@ -93,19 +97,20 @@ class DtypeMeasurement:
 
 
 def probe_device(device_map: str) -> torch.device:
-    """The device that does the model's matrix products under this --device-map."""
-    text = device_map.strip()
-    if text.startswith("{"):
-        values = [str(value) for value in json.loads(text).values()]
-        first = next((value for value in values if value not in ("cpu", "disk")), "cpu")
-        return torch.device(f"cuda:{first}" if first.isdigit() else first)
-    if text == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda:0")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(text)
+    """The device that does the model's matrix products under this --device-map: the first device other than
+    the CPU or disk that a JSON object names (a GPU index is one of this machine's accelerator), the first
+    accelerator under a strategy (auto, balanced, balanced_low_0, sequential; the CPU where there is none),
+    else the device named."""
+    kind = accelerator()
+    value = device_map_value(device_map)
+    if isinstance(value, dict):
+        named = [device for device in value.values() if device not in ("cpu", "disk")]
+        value = named[0] if named else "cpu"
+    if isinstance(value, int):
+        return torch.device(kind or "cuda", value)
+    if value in DEVICE_MAP_STRATEGIES:
+        return torch.device("cpu" if kind is None else kind if kind == "mps" else f"{kind}:0")
+    return torch.device(value)
 
 
 def candidate_dtypes(native: torch.dtype, device: torch.device) -> list[torch.dtype]:
@@ -114,15 +119,30 @@ def candidate_dtypes(native: torch.dtype, device: torch.device) -> list[torch.dt
     float16 is a candidate only where it is the model's own dtype or bfloat16 is unsupported (older
     GPUs): models trained in bfloat16 often overflow float16's range, which a short test misses."""
     order = [native]
-    bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
-    order.append(torch.bfloat16 if bf16_ok else torch.float16)
+    order.append(torch.bfloat16 if native_bf16(device) else torch.float16)
     order.append(torch.float32)
     return list(dict.fromkeys(order))
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes in bfloat16 natively: on CUDA from compute capability 8.0 (Ampere) on.
+
+    torch.cuda.is_bf16_supported() alone also counts the emulation of older GPUs (T4, V100), slower than
+    float16 there; its including_emulation keyword leaves that out (where this torch has it; else the compute
+    capability decides)."""
+    if device.type != "cuda":
+        return True
+    if "including_emulation" in inspect.signature(torch.cuda.is_bf16_supported).parameters:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def _sync(device: torch.device) -> None:
+    """Wait for the products queued on `device` (an accelerator runs them asynchronously)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "xpu":
+        torch.xpu.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
 
@@ -172,8 +192,8 @@ KERNEL_LIMITS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPA
 def device_signature(device: torch.device) -> dict[str, object]:
     """What a dtype's speed depends on: the processor (model and instruction-set flags) or GPU, the
     threads, PyTorch's version and the environment variables that limit its kernels."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
+    if device.type in ("cuda", "xpu"):
+        name = getattr(torch, device.type).get_device_name(device)
     elif device.type == "cpu":
         name = _cpuinfo_digest()
     else:

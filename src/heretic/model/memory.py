@@ -1,8 +1,8 @@
-"""Memory in use: the process's RAM (resident and peak) and every CUDA device's, by stage.
+"""Memory in use: the process's RAM (resident and peak) and every CUDA (or Intel XPU) device's, by stage.
 
 On Linux the peak resident size (VmHWM) can be reset (writing 5 to /proc/self/clear_refs), so a
 stage's peak is its own, not the largest since the process started; elsewhere it is the process's
-peak so far (getrusage). CUDA devices report their peak since the last reset of their statistics.
+peak so far (getrusage). GPUs report their peak since the last reset of their statistics.
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from . import device as backends
 
 STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -22,10 +25,10 @@ CLEAR_REFS = Path("/proc/self/clear_refs")
 
 @dataclass(frozen=True)
 class DeviceMemory:
-    device: str  # "cpu" (the process) or "cuda:N"
-    used: int  # bytes: resident set (cpu) or allocated tensors (cuda)
+    device: str  # "cpu" (the process), "cuda:N" or "xpu:N"
+    used: int  # bytes: resident set (cpu) or allocated tensors (a GPU)
     peak: int  # bytes: the most since the last reset
-    total: int | None = None  # bytes the device has (cuda), None for the process
+    total: int | None = None  # bytes the device has (a GPU), None for the process
 
 
 def _status_bytes(field: str) -> int | None:
@@ -52,15 +55,23 @@ def process_memory() -> DeviceMemory:
     return DeviceMemory("cpu", used, peak if peak is not None else max(rusage_peak, used))
 
 
+def gpu_backends() -> list[tuple[str, Any]]:
+    """(name, torch module) of the GPU backends whose memory this torch counts: CUDA, and Intel XPU."""
+    found: list[tuple[str, Any]] = [("cuda", torch.cuda)] if torch.cuda.is_available() else []
+    xpu = backends.xpu_backend()
+    if xpu is not None and hasattr(xpu, "memory_allocated"):
+        found.append(("xpu", xpu))
+    return found
+
+
 def device_memory() -> list[DeviceMemory]:
-    """The process's memory, then every CUDA device's (not only the first)."""
+    """The process's memory, then every GPU's (not only the first)."""
     devices = [process_memory()]
-    if torch.cuda.is_available():
-        for index in range(torch.cuda.device_count()):
-            total = torch.cuda.get_device_properties(index).total_memory
-            devices.append(
-                DeviceMemory(f"cuda:{index}", torch.cuda.memory_allocated(index), torch.cuda.max_memory_allocated(index), total)
-            )
+    for name, backend in gpu_backends():
+        for index in range(backend.device_count()):
+            total = backend.get_device_properties(index).total_memory
+            allocated, peak = backend.memory_allocated(index), backend.max_memory_allocated(index)
+            devices.append(DeviceMemory(f"{name}:{index}", allocated, peak, total))
     return devices
 
 
@@ -69,9 +80,9 @@ def reset_peaks() -> None:
     # Not Linux, or not allowed: the process's peak stays the one since it started.
     with contextlib.suppress(OSError):
         CLEAR_REFS.write_text("5")
-    if torch.cuda.is_available():
-        for index in range(torch.cuda.device_count()):
-            torch.cuda.reset_peak_memory_stats(index)
+    for _, backend in gpu_backends():
+        for index in range(backend.device_count()):
+            backend.reset_peak_memory_stats(index)
 
 
 def gib(value: int) -> str:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .offload import execution_device
+
 log = logging.getLogger(__name__)
 
 # Recorded states are kept in CPU memory, at most this many bytes; batches beyond it are not recorded.
@@ -123,25 +125,33 @@ class LayerReuse:
     @contextlib.contextmanager
     def replay(self, key: tuple, start: int, device: torch.device) -> Iterator[None]:
         """Inside, a pass over the recorded batch skips layers 0 .. start-1: each only puts its recorded keys
-        and values in the cache, and layer `start` reads its recorded input."""
+        and values in the cache, and layer `start` reads its recorded input. Each recorded tensor goes to
+        the device its own layer computes on (`execution_device`; `device` where nothing says otherwise), and a
+        forward wrapper a layer already has (accelerate's hook, when the model spans devices or is
+        offloaded) is put back afterwards."""
         recorded = self.records[key]
 
         def skipped(index: int) -> Callable[..., torch.Tensor]:
+            where = execution_device(self.layers[index], device)
+
             def forward(hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
                 cache = kwargs.get("cache", kwargs.get("past_key_values"))
                 if cache is not None:
-                    keys, values = recorded.keys[index].to(device), recorded.values[index].to(device)
+                    keys, values = recorded.keys[index].to(where), recorded.values[index].to(where)
                     cache.update(keys, values, index)  # type: ignore[attr-defined]
                 return hidden_states
 
             return forward
 
+        first = execution_device(self.layers[start], device)
+
         def recorded_input(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            hidden = recorded.inputs[start].to(device, copy=True)  # the record stays intact whatever the layer does
+            hidden = recorded.inputs[start].to(first, copy=True)  # the record stays intact whatever the layer does
             if args:
                 return (hidden, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": hidden}
 
+        wrappers = [vars(layer).get("forward") for layer in self.layers[:start]]  # None: the class's own forward
         for index in range(start):
             self.layers[index].forward = skipped(index)  # type: ignore[method-assign]  # nn.Module calls self.forward
         handle = self.layers[start].register_forward_pre_hook(recorded_input, with_kwargs=True)
@@ -149,8 +159,11 @@ class LayerReuse:
             yield
         finally:
             handle.remove()
-            for index in range(start):
-                del self.layers[index].forward
+            for layer, wrapper in zip(self.layers[:start], wrappers, strict=True):
+                if wrapper is None:
+                    del layer.forward
+                else:
+                    layer.forward = wrapper
         self.skipped_layers += start
 
 

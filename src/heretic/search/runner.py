@@ -17,6 +17,7 @@ from optuna.samplers import TPESampler
 from optuna.trial import TrialState
 
 from ..ablation.adapters import Ablator
+from ..model.batching import halving_on_oom
 from ..model.memory import stage
 from ..scoring.evaluator import Evaluator, ProgressFactory
 from ..scoring.objectives import score_objectives
@@ -149,14 +150,15 @@ def _evaluate(setup: SearchSetup, study: optuna.Study, trial: optuna.Trial, prog
     started = time.perf_counter()
     parameters = suggest_parameters(trial, setup.num_layers, setup.components, setup.search_mlp_off, setup.ranges)
     setup.ablator.apply(parameters, setup.directions)
-    setup.evaluator.progress = progress or setup.evaluator.progress
-    kl = setup.evaluator.kl()
+    evaluator = setup.evaluator
+    evaluator.progress = progress or evaluator.progress
+    kl = halving_on_oom(evaluator.engine, evaluator.kl)  # out of memory: smaller batches, never the search's end
     history = trial_results(study)
     # With further objectives a trial worse in refusals and KL may still be on the front: never cut.
-    cut = setup.cut_hopeless_trials and not setup.evaluator.objectives
+    cut = setup.cut_hopeless_trials and not evaluator.objectives
     cutoff = (lambda found: is_dominated(found, kl, history)) if cut else None
-    count = setup.evaluator.count_refusals(cutoff)
-    objectives = score_objectives(setup.evaluator.objectives, setup.evaluator, count, kl)
+    count = halving_on_oom(evaluator.engine, lambda: evaluator.count_refusals(cutoff))
+    objectives = halving_on_oom(evaluator.engine, lambda: score_objectives(evaluator.objectives, evaluator, count, kl))
     seconds = time.perf_counter() - started
     n_prompts = len(setup.evaluator.harmful)
     values = sampler_values(count.refusals, kl, n_prompts, setup.sampler_kl_floor)
