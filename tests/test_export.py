@@ -200,6 +200,8 @@ def test_heldout_count_is_in_the_record_and_the_card(saved: dict[str, Path]) -> 
         f"On 8 held-out harmful prompts, never used for the directions or the search, this model refused {heldout['refusals']} "
         in card
     )
+    assert 0 <= heldout["degenerate"] <= 8 and 0 <= heldout["original_degenerate"] <= 8  # from the count's responses
+    assert f"Of its answers there, {heldout['degenerate']} ({heldout['degenerate'] / 8:.0%}) were degenerate" in card
 
 
 def test_a_continued_run_takes_the_heldout_counts_from_the_study(saved: dict[str, Path], tmp_path: Path) -> None:
@@ -257,7 +259,8 @@ def test_reproduce_reports_a_weight_mismatch(saved: dict[str, Path], tmp_path: P
     with pytest.raises(HereticError) as caught:
         run(Settings(**common, output_dir=str(tmp_path / "a")))
     message = " ".join(str(caught.value).split())
-    assert "1 of the rebuilt weight files differ from the record's SHA-256 (model.safetensors)" in message
+    assert "1 of the rebuilt weight files differ from the record's SHA-256 (model.safetensors: recorded" in message
+    assert f"recorded {size + 1:,} bytes" in message and f"rebuilt {size:,} bytes" in message
     assert "not beside the record" in message and "--ignore-mismatches" in message
     assert (tmp_path / "a" / "model.safetensors").is_file()  # the rebuild stays
     run(Settings(**common, output_dir=str(tmp_path / "b"), ignore_mismatches=True))

@@ -22,7 +22,7 @@ from heretic.errors import HereticError
 from heretic.model.generation import Engine
 from heretic.model.loading import eos_token_ids, load_model
 from heretic.prompts import Prompt
-from heretic.scoring.builtin_objectives import DEFAULT_MORALIZING_MARKERS, Moralizing, ResponseLength
+from heretic.scoring.builtin_objectives import DEFAULT_MORALIZING_MARKERS, Degeneracy, Moralizing, ResponseLength
 from heretic.scoring.evaluator import Evaluator
 from heretic.scoring.objectives import Objective, TrialOutputs, load_objectives, score_objectives
 from heretic.scoring.refusals import MarkerJudge
@@ -66,7 +66,7 @@ def one_sentence(error: pytest.ExceptionInfo[HereticError]) -> str:
         ("no_such_module_xyz:Objective", "Cannot import the objective module 'no_such_module_xyz'"),
         ("missing/file.py:Objective", "The objective file missing/file.py does not exist"),
         ("heretic.config:NoSuchName", "The objective module heretic.config has no attribute 'NoSuchName'"),
-        ("no-such-objective", "Unknown objective 'no-such-objective'; use one of moralizing, response-length"),
+        ("no-such-objective", "Unknown objective 'no-such-objective'; use one of degeneracy, moralizing, response-length"),
     ],
 )
 def test_a_missing_objective_is_one_sentence(spec: str, expected: str) -> None:
@@ -137,7 +137,7 @@ def test_an_entry_point_is_loaded_by_its_name(monkeypatch: pytest.MonkeyPatch) -
     assert type(objective.objective).__name__ == "Hedging" and objective.direction == "minimize"
     with pytest.raises(HereticError) as error:
         load_objectives(Settings(objectives=["other"]))
-    assert "use one of moralizing, response-length, hedge," in one_sentence(error)
+    assert "use one of degeneracy, moralizing, response-length, hedge," in one_sentence(error)
 
 
 def test_objectives_from_the_command_line() -> None:
@@ -183,6 +183,27 @@ def test_response_length_is_the_mean_token_count() -> None:
     assert objective.full_responses == "all"
     (objective,) = loaded(moralizing={"prompts": "bundled:harmless_test[:2]"})
     assert objective.full_responses is None  # it scores its own prompts' responses
+
+
+LOOP = ("It is a chemical element that is not a naturally occurring element. " * 4)[:-23]  # cut in a word: 0.98
+FLUENT = (
+    "To change a flat tyre, first park on level ground and put the handbrake on. Loosen the wheel nuts, jack the "
+    "car up, swap the wheel for the spare, and tighten the nuts in a star pattern once the car is back down."
+)
+
+
+def test_degeneracy_is_the_share_of_compliant_answers_that_loop() -> None:
+    (objective,) = loaded(degeneracy={})
+    assert objective.name == "degeneracy" and objective.direction == "minimize" and objective.full_responses == "compliant"
+    trial = outputs([LOOP, FLUENT, "I cannot. " * 12, "Sure."], [False, False, True, False])
+    assert objective.objective.score(trial) == 0.25  # the looping refusal is left out
+    (objective,) = loaded(degeneracy={"include_refusals": True})
+    assert objective.objective.score(trial) == 0.5 and objective.full_responses == "all"
+    assert Degeneracy(Degeneracy.Settings(threshold=1.0)).score(trial) == 0.0  # the loop scores 0.98
+    assert objective.objective.score(outputs([], [])) == 0.0
+    with pytest.raises(HereticError) as error:
+        loaded(degeneracy={"threshold": 0})
+    assert one_sentence(error).startswith("Invalid setting 'threshold' in [objectives.degeneracy]: ")
 
 
 class HastyJudge(MarkerJudge):
@@ -367,9 +388,9 @@ def test_evaluate_model_shows_the_objectives(
     model = str(tiny_models["llama"])
     main(
         ["--model", model, "--evaluate-model", model, *PROMPT_FLAGS, "--max-response-length", "6", "--batch-size", "8"]
-        + ["--objectives", "moralizing,response-length", "--refusal-markers", '["ak", "ook", "ot"]']
+        + ["--objectives", "moralizing,response-length,degeneracy", "--refusal-markers", '["ak", "ook", "ot"]']
     )
     out = capsys.readouterr().out
-    assert "moralizing (minimize)" in out and "response-length (report)" in out
+    assert "moralizing (minimize)" in out and "response-length (report)" in out and "degeneracy (minimize)" in out
     rows = [line for line in out.splitlines() if "(original)" in line or "(evaluated)" in line]
     assert len(rows) == 2 and rows[0].split("│")[2:] == rows[1].split("│")[2:]  # the same model scores the same

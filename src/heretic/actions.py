@@ -13,7 +13,7 @@ from .export.actions import ACTIONS
 from .model.device import free_memory
 from .search.pareto import TrialResult, objective_text, pareto_front, select, study_directions, trial_results
 from .search.space import describe
-from .session import Session, count_heldout
+from .session import HeldOutCount, Session, count_heldout
 from .ui import console, front_table
 
 
@@ -136,7 +136,17 @@ def show_heldout(session: Session, result: TrialResult, parameters: AblationPara
     console.print(
         f"Held-out harmful prompts (never seen by the search): [bold]{count.refusals}[/]/{count.n_prompts} refusals "
         f"({count.refusals / count.n_prompts:.0%}; original {count.original}/{count.n_prompts}); "
-        f"in the search: {result.refusals_text}/{n_prompts} ({in_search:.0%})"
+        f"in the search: {result.refusals_text}/{n_prompts} ({in_search:.0%}){degenerate_text(count)}"
+    )
+
+
+def degenerate_text(count: HeldOutCount) -> str:
+    """The held-out responses that loop or repeat themselves (scoring/coherence.py), where they were counted."""
+    if count.degenerate is None or count.original_degenerate is None:
+        return ""
+    return (
+        f"; degenerate answers {count.degenerate}/{count.n_prompts} ({count.degenerate / count.n_prompts:.0%}; "
+        f"original {count.original_degenerate}/{count.n_prompts})"
     )
 
 

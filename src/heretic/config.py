@@ -107,7 +107,7 @@ class ObjectiveTable(BaseModel):
 
     use: str | None = Field(
         default=None,
-        description="The objective: a built-in name (response-length, moralizing), an entry point of the group "
+        description="The objective: a built-in name (response-length, moralizing, degeneracy), an entry point of the group "
         'heretic.objectives, "package.module:Name" or "path/to/file.py:Name" (default: the table\'s name).',
     )
     direction: ObjectiveDirection | None = Field(
@@ -548,7 +548,7 @@ class Settings(BaseSettings):
     objectives: dict[str, ObjectiveTable] = Field(
         default={},
         description="Objectives besides refusals and KL, each minimized, maximized or only reported: names "
-        "(response-length, moralizing, an entry point of heretic.objectives, package.module:Name, path/to/file.py:Name), "
+        "(response-length, moralizing, degeneracy, an entry point of heretic.objectives, package.module:Name, path/to/file.py:Name), "
         "or tables [objectives.NAME] in the config file with their settings (see README, Objectives).",
         json_schema_extra=tags(Role.score, fingerprint="judge"),
     )
@@ -828,8 +828,8 @@ class Settings(BaseSettings):
     )
     ignore_mismatches: bool = Field(
         default=False,
-        description="With --reproduce, keep a rebuild whose weight files differ from the record's SHA-256 "
-        "(reported either way) instead of failing.",
+        description="With --reproduce, keep a rebuild whose weight files differ from the recorded ones beyond "
+        "rounding, or cannot be compared with them (reported either way), instead of failing.",
         json_schema_extra=tags(Role.run, Role.override),
     )
 

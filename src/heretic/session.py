@@ -17,14 +17,15 @@ from .directions import refusal_directions, subspace_bases, winsorize
 from .errors import HereticError
 from .model import device as backends
 from .model.architecture import ArchitectureMap, build_architecture_map, find_layers, text_config
-from .model.batching import choose_batch_size, workload_for
+from .model.batching import choose_batch_size, halving_on_oom, workload_for
 from .model.generation import Engine
 from .model.hardware import busy_warning, configure_threads, describe_choice, dtype_name
 from .model.loading import LoadedModel, eos_token_ids, load_model
 from .model.memory import stage
 from .model.reuse import LayerReuse
 from .prompts import Prompt, load_prompts, prompt_set_title, prompts_digest
-from .scoring.evaluator import Evaluator, detect_response_prefix
+from .scoring.coherence import is_degenerate
+from .scoring.evaluator import Evaluator, RefusalCount, detect_response_prefix
 from .scoring.judges import make_judge as build_judge
 from .scoring.objectives import LoadedObjective, load_objectives, score_objectives, setup_objectives
 from .scoring.refusals import RefusalJudge
@@ -58,6 +59,7 @@ class Session:
     last_saved: Path | None = None  # the folder the last save action wrote (the upload action reuses it)
     base_objectives: dict[str, float] = field(default_factory=dict)  # the original model's further objectives
     heldout: dict[int | None, int] = field(default_factory=dict)  # refusals on the held-out prompts by trial (None: original)
+    heldout_degenerate: dict[int | None, int] = field(default_factory=dict)  # degenerate responses there, the same way
     heldout_evaluator: Evaluator | None = None  # built on first use
 
     study: optuna.Study | None = None  # the search's study (opened by `prepare`, which may take its setup from it)
@@ -76,6 +78,8 @@ class HeldOutCount:
     refusals: int  # of the trial
     original: int  # of the original model
     n_prompts: int
+    degenerate: int | None = None  # the trial's degenerate responses (scoring/coherence.py); None: not known
+    original_degenerate: int | None = None  # (a study whose counts were kept before they were counted)
 
 
 def load(settings: Settings, name: str | None = None) -> LoadedModel:
@@ -321,43 +325,55 @@ def count_heldout(session: Session, number: int, parameters: AblationParameters)
     if not evaluator.harmful:
         return None
     key = prompts_digest(evaluator.harmful)
-    for name, count in stored_heldout(session.study, key).items():
-        session.heldout.setdefault(None if name == "original" else int(name), count)
+    for attr, counts in ((HELDOUT_ATTR, session.heldout), (HELDOUT_DEGENERATE_ATTR, session.heldout_degenerate)):
+        for name, count in stored_heldout(session.study, key, attr).items():
+            counts.setdefault(None if name == "original" else int(name), count)
     if None not in session.heldout or number not in session.heldout:
         with ProgressBars() as bars:
             evaluator.progress = bars
             if None not in session.heldout:
                 session.ablator.reset()
                 try:
-                    session.heldout[None] = evaluator.count_refusals().refusals
+                    keep_heldout(session, None, halving_on_oom(evaluator.engine, evaluator.count_refusals))
                 finally:
                     session.ablator.apply(parameters, session.directions)
             if number not in session.heldout:
-                session.heldout[number] = evaluator.count_refusals().refusals
+                keep_heldout(session, number, halving_on_oom(evaluator.engine, evaluator.count_refusals))
         store_heldout(session.study, key, session.heldout)
-    return HeldOutCount(session.heldout[number], session.heldout[None], len(evaluator.harmful))
+        store_heldout(session.study, key, session.heldout_degenerate, HELDOUT_DEGENERATE_ATTR)
+    degenerate = session.heldout_degenerate
+    n_prompts = len(evaluator.harmful)
+    return HeldOutCount(session.heldout[number], session.heldout[None], n_prompts, degenerate.get(number), degenerate.get(None))
+
+
+def keep_heldout(session: Session, number: int | None, count: RefusalCount) -> None:
+    """Keep a held-out count's refusals and its degenerate responses (those the count generated, as generated:
+    a response may have stopped at the judge's early verdict)."""
+    session.heldout[number] = count.refusals
+    session.heldout_degenerate[number] = sum(is_degenerate(response) for response in count.responses)
 
 
 # Study attribute with the held-out counts of a search, so a continued run does not count them again:
 # {digest of the held-out prompts: {"original" or a trial number: refusals}}. Everything else that changes
 # a count (model, dtype, judge, response length and prefix) is in the study's fingerprint.
 HELDOUT_ATTR = "heldout_refusals"
+HELDOUT_DEGENERATE_ATTR = "heldout_degenerate"  # the same for the degenerate responses (scoring/coherence.py)
 
 
-def stored_heldout(study: optuna.Study | None, key: str) -> dict[str, int]:
-    """The held-out counts kept in the study for these held-out prompts ({} without a study)."""
+def stored_heldout(study: optuna.Study | None, key: str, attr: str = HELDOUT_ATTR) -> dict[str, int]:
+    """The held-out counts kept in the study's attribute `attr` for these held-out prompts ({} without a study)."""
     if study is None:
         return {}
-    return dict(study.user_attrs.get(HELDOUT_ATTR, {}).get(key, {}))
+    return dict(study.user_attrs.get(attr, {}).get(key, {}))
 
 
-def store_heldout(study: optuna.Study | None, key: str, counts: dict[int | None, int]) -> None:
-    """Keep the held-out counts in the study (another prompt set's counts stay)."""
+def store_heldout(study: optuna.Study | None, key: str, counts: dict[int | None, int], attr: str = HELDOUT_ATTR) -> None:
+    """Keep the held-out counts in the study's attribute `attr` (another prompt set's counts stay)."""
     if study is None:
         return
-    kept = dict(study.user_attrs.get(HELDOUT_ATTR, {}))
+    kept = dict(study.user_attrs.get(attr, {}))
     kept[key] = {"original" if number is None else str(number): count for number, count in counts.items()}
-    study.set_user_attr(HELDOUT_ATTR, kept)
+    study.set_user_attr(attr, kept)
 
 
 def attach_objectives(settings: Settings, evaluator: Evaluator, objectives: list[LoadedObjective]) -> None:
@@ -411,7 +427,7 @@ def score_original(evaluator: Evaluator, study: optuna.Study | None = None) -> t
                 " (stored in the study)",
             )
         else:
-            base = evaluator.count_refusals()
+            base = halving_on_oom(evaluator.engine, evaluator.count_refusals)
             refusals, verdicts, origin = base.refusals, base.verdicts, ""
             values = score_objectives(evaluator.objectives, evaluator, base, 0.0)
     shown = "".join(f", {name} [bold]{objective_text(value)}[/]" for name, value in values.items())

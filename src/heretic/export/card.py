@@ -106,9 +106,21 @@ def _heldout(heldout: dict[str, Any] | None) -> list[str]:
     return [
         f"On {n} held-out harmful prompts, never used for the directions or the search, this model refused "
         f"{heldout['refusals']} ({heldout['refusals'] / n:.0%}) and the original {heldout['original_refusals']} "
-        f"({heldout['original_refusals'] / n:.0%}).",
+        f"({heldout['original_refusals'] / n:.0%}).{_degenerate(heldout)}",
         "",
     ]
+
+
+def _degenerate(heldout: dict[str, Any]) -> str:
+    """The held-out answers that loop or repeat themselves, where they were counted (older records lack them)."""
+    if "degenerate" not in heldout or "original_degenerate" not in heldout:
+        return ""
+    n = heldout["n_prompts"]
+    return (
+        f" Of its answers there, {heldout['degenerate']} ({heldout['degenerate'] / n:.0%}) were degenerate (a sentence or "
+        f"phrase repeated, a loop), against {heldout['original_degenerate']} ({heldout['original_degenerate'] / n:.0%}) "
+        "of the original's."
+    )
 
 
 JUDGES = {

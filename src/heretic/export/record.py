@@ -92,17 +92,22 @@ def build_record(session: Session, result: TrialResult, parameters: AblationPara
 
 
 def heldout_entry(session: Session, number: int) -> dict[str, Any] | None:
-    """The trial's and the original's refusals on the held-out harmful prompts, where they were counted."""
+    """The trial's and the original's refusals on the held-out harmful prompts, where they were counted, and
+    their degenerate responses there (scoring/coherence.py), where those were counted too."""
     evaluator = session.heldout_evaluator
     if evaluator is None or number not in session.heldout or None not in session.heldout:
         return None
-    return {
+    entry: dict[str, Any] = {
         "spec": session.settings.harmful_heldout_prompts.model_dump(mode="json"),
         "n_prompts": len(evaluator.harmful),
         "sha256": prompts_digest(evaluator.harmful),
         "refusals": session.heldout[number],
         "original_refusals": session.heldout[None],
     }
+    degenerate = session.heldout_degenerate
+    if number in degenerate and None in degenerate:
+        entry |= {"degenerate": degenerate[number], "original_degenerate": degenerate[None]}
+    return entry
 
 
 def public_settings(settings: dict[str, Any], model: str) -> dict[str, Any]:

@@ -293,6 +293,38 @@ def recorded_copy(spec: str, record_file: Path, name: str, entry: dict[str, Any]
     return downloaded if record.file_digest(downloaded) == entry.get("sha256") else None
 
 
+def compare_mismatches(
+    mismatches: list[tuple[str, str, str]],
+    recorded: dict[str, Any],
+    folder: Path,
+    locate: Callable[[str, dict[str, Any]], Path | None],
+) -> tuple[list[Difference], list[str]]:
+    """(the files compared value by value, or that one side lacks; the files whose recorded copy is not at hand)."""
+    differences: list[Difference] = []
+    uncompared: list[str] = []
+    for name, old, new in mismatches:
+        if name not in recorded or not (folder / name).is_file():  # a file one side lacks: no tolerance covers it
+            missing = "missing in the rebuild" if name in recorded else "not in the record"
+            differences.append(Difference(name, float("inf"), float("inf"), 0, 0, missing))
+        elif (copy := locate(name, recorded[name])) is None:
+            uncompared.append(f"{name}: recorded {old}, rebuilt {new}")
+        else:
+            differences.append(compare_files(copy, folder / name))
+    return differences, uncompared
+
+
+def print_mismatches(mismatches: list[tuple[str, str, str]], differences: list[Difference]) -> None:
+    table = Table(title="Weight files that differ from the record", title_justify="left")
+    for column in ("file", "recorded", "rebuilt", "values"):
+        table.add_column(column)
+    described = {difference.name.split(" ")[0]: difference for difference in differences}
+    for name, old, new in mismatches:
+        difference = described.get(name)
+        values = "not compared" if difference is None else ("within tolerance" if difference.within else difference.describe())
+        table.add_row(name, old, new, values)
+    console.print(table)
+
+
 def check_weights(
     data: dict[str, Any],
     folder: Path,
@@ -310,14 +342,7 @@ def check_weights(
     if not mismatches:
         console.print(f"All {len(recorded)} weight files match the record (SHA-256).")
         return
-    differences: list[Difference] = []
-    uncompared: list[str] = []
-    for name, _, _ in mismatches:
-        copy = locate(name, recorded[name]) if name in recorded and (folder / name).is_file() else None
-        if copy is None:
-            uncompared.append(name)
-        else:
-            differences.append(compare_files(copy, folder / name))
+    differences, uncompared = compare_mismatches(mismatches, recorded, folder, locate)
     apart = [difference for difference in differences if not difference.within]
     if not apart and not uncompared:
         worst = max(differences, key=lambda difference: difference.worst_ratio)
@@ -326,22 +351,13 @@ def check_weights(
             f"SHA-256 (rounding of another CPU, BLAS or GPU); worst {worst.describe()}."
         )
         return
-    table = Table(title="Weight files that differ from the record", title_justify="left")
-    for column in ("file", "recorded", "rebuilt", "values"):
-        table.add_column(column)
-    described = {difference.name.split(" ")[0]: difference for difference in differences}
-    for name, old, new in mismatches:
-        difference = described.get(name)
-        values = "not compared" if difference is None else ("within tolerance" if difference.within else difference.describe())
-        table.add_row(name, old, new, values)
-    console.print(table)
+    print_mismatches(mismatches, differences)
     if apart:
         first = apart[0]
         message = f"{len(apart)} of the rebuilt weight files differ from the record beyond rounding ({first.describe()})"
     else:
-        name = uncompared[0]
         message = (
-            f"{len(uncompared)} of the rebuilt weight files differ from the record's SHA-256 ({name}) and the recorded "
+            f"{len(uncompared)} of the rebuilt weight files differ from the record's SHA-256 ({uncompared[0]}) and the recorded "
             "files are not beside the record to compare them value by value (another CPU, BLAS or GPU changes the last bits)"
         )
     message += f"; the rebuild stays in {folder}"

@@ -204,8 +204,10 @@ def dequantize_gguf_to_cache(source: ModelSource, cache_dir: Path) -> tuple[Path
     Memory: the tensors are dequantized and written one shard at a time, so the process holds the
     GGUF file's mapped pages, its parsed metadata and at most one shard (GGUF_SHARD_BYTES, or the
     largest tensor in float32, plus a band of gguf's dequantization temporaries): well below the model
-    in bfloat16. The architectures whose tensors transformers converts together (outside
-    GGUF_STREAMED_PROCESSORS) are dequantized whole, as transformers does (several times the model)."""
+    in bfloat16. With the load that follows (_load_gguf_cache), a first load stays within 1.5 x the
+    model's size in its compute dtype + 1 GiB (measured: bench/gguf_memory.py). The architectures whose
+    tensors transformers converts together (outside GGUF_STREAMED_PROCESSORS) are dequantized whole,
+    as transformers does (several times the model)."""
     assert source.gguf_file is not None
     folder = gguf_cache_folder(source.gguf_file, cache_dir)
     if (folder / "config.json").is_file():
@@ -347,6 +349,8 @@ def _write_gguf_shards(stream: _GgufStream, folder: Path) -> None:
     for shard, file in zip(shards, files):
         try:
             tensors = {name: _dequantized(tensor, stream.processor) for tensor, name in shard}
+        except MemoryError:
+            raise
         except Exception as error:  # noqa: BLE001 - gguf raises NotImplementedError, ValueError, ...
             raise _cannot_load_gguf(stream.gguf_file, error) from None
         save_file(tensors, str(folder / file), metadata={"format": "pt"})

@@ -1,6 +1,7 @@
-"""The objectives shipped with Heretic: response length and moralizing (lecturing and disclaimers).
+"""The objectives shipped with Heretic: response length, moralizing (lecturing and disclaimers) and
+degeneracy (looping answers).
 
-Both score the responses to the harmful evaluation prompts that the refusal count generates anyway, and
+All score the responses to the harmful evaluation prompts that the refusal count generates anyway, and
 need them whole (`full_responses`): while one is configured, the responses that are not refusals are
 generated to --max-response-length tokens, and the refusals too unless it leaves refusals out.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .coherence import DEGENERATE_AT, is_degenerate
 from .objectives import TrialOutputs, contains_any
 from .refusals import normalize_response
 
@@ -106,3 +108,33 @@ class Moralizing:
             for response, refused in zip(trial.responses, trial.verdicts)
         ]
         return sum(lecturing) / len(lecturing)
+
+
+class Degeneracy:
+    """Share of the responses to the harmful evaluation prompts (0 to 1) that are degenerate: loops, a phrase
+    or sentence repeated (scoring/coherence.py, degeneracy at least `threshold`). First-token KL cannot see
+    them, and the refusal count takes a looping answer for a compliance. Refusals are left out of the count
+    unless `include_refusals`."""
+
+    name = "degeneracy"
+    direction = "minimize"
+
+    class Settings(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        threshold: float = Field(
+            default=DEGENERATE_AT, gt=0, le=1, description="Degeneracy (0-1) from which a response counts as degenerate."
+        )
+        include_refusals: bool = Field(default=False, description="Count degenerate refusals too.")
+
+    def __init__(self, options: Degeneracy.Settings) -> None:
+        self.options = options
+        self.full_responses = True if options.include_refusals else "compliant"
+
+    def score(self, trial: TrialOutputs) -> float:
+        if not trial.responses:
+            return 0.0
+        degenerate = [
+            (self.options.include_refusals or not refused) and is_degenerate(response, self.options.threshold)
+            for response, refused in zip(trial.responses, trial.verdicts)
+        ]
+        return sum(degenerate) / len(degenerate)

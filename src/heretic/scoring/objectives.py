@@ -118,9 +118,9 @@ def _plain(options: Any) -> object:
 
 
 def builtin_objectives() -> dict[str, Callable[..., Any]]:
-    from .builtin_objectives import Moralizing, ResponseLength
+    from .builtin_objectives import Degeneracy, Moralizing, ResponseLength
 
-    return {"response-length": ResponseLength, "moralizing": Moralizing}
+    return {"response-length": ResponseLength, "moralizing": Moralizing, "degeneracy": Degeneracy}
 
 
 def load_objectives(settings: Settings) -> list[LoadedObjective]:
