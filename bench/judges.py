@@ -8,8 +8,10 @@ of the scores, which compare refusal against compliance), and seconds per 100 re
     python bench/judges.py                  # the test half: the numbers that are reported
     python bench/judges.py --split dev      # the development half, to design and tune on
     python bench/judges.py --judges markers,rules --errors   # also print each judge's mistakes
+    python bench/judges.py --rates          # only rewrite src/heretic/data/judge_rates.json from judges.json
 
-Writes bench/results/judges.json (the test half only).
+Writes bench/results/judges.json (the test half only), and from it src/heretic/data/judge_rates.json: the
+shipped judges' error rates, with which the tool corrects its refusal counts.
 The model judge is the demo model itself (the original, as in a search); the http judge runs when
 --judge-url is given (e.g. a llama.cpp server: python -m llama_cpp.server --model FILE.gguf).
 """
@@ -25,6 +27,7 @@ from typing import Any
 
 from heretic.config import DEFAULT_REFUSAL_MARKERS, Settings
 from heretic.prompts import Prompt
+from heretic.scoring.judge_rates import RATES_FILE, rates_file
 from heretic.scoring.refusals import MarkerJudge, RefusalJudge
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -177,7 +180,11 @@ def main() -> None:
     parser.add_argument("--judges", default="markers,markers-reference,rules,model")
     parser.add_argument("--judge-url", default=None, help="OpenAI-compatible endpoint for the http judge")
     parser.add_argument("--errors", action="store_true", help="print every response a judge gets wrong")
+    parser.add_argument("--rates", action="store_true", help="only write the shipped rates from bench/results/judges.json")
     args = parser.parse_args()
+    if args.rates:
+        write_rates()
+        return
     rows = load_labelled(args.split)
     names = [name.strip() for name in args.judges.split(",") if name.strip()]
     if args.judge_url and "http" not in names:
@@ -187,6 +194,13 @@ def main() -> None:
     print(table(results))
     if args.split == "test":
         (RESULTS / "judges.json").write_text(json.dumps({"split": "test", "responses": len(rows), "results": results}, indent=2))
+        write_rates()
+
+
+def write_rates() -> None:
+    """src/heretic/data/judge_rates.json from bench/results/judges.json."""
+    RATES_FILE.write_text(json.dumps(rates_file(json.loads((RESULTS / "judges.json").read_text())), indent=2) + "\n")
+    print(f"wrote {RATES_FILE}")
 
 
 if __name__ == "__main__":

@@ -215,6 +215,7 @@ class FakeHeldOut:
         self.harmful = [Prompt("", f"harmful {i}") for i in range(len(responses[0]))]
         self.pending = list(responses)
         self.progress = None
+        self.engine = SimpleNamespace(batch_size=8)  # what an out-of-memory backoff would halve
 
     def count_refusals(self) -> RefusalCount:
         responses = self.pending.pop(0)

@@ -146,7 +146,7 @@ def test_card_holds_metrics_parameters_and_provenance(saved: dict[str, Path]) ->
     card = (saved["model"] / "README.md").read_text()
     record = json.loads((saved["model"] / "heretic.json").read_text())
     assert card.startswith("---\n") and "abliterated" in card and "uncensored" in card
-    assert f"| original | {record['baseline']['refusals']} | 0 |" in card
+    assert f"| original | {record['baseline']['refusals']} | uncorrected | 0 |" in card
     assert f"{record['trial']['kl']:.4f}" in card and "heretic --reproduce heretic.json" in card
     assert "bundled:harmful_test[:8]" in card and record["prompt_sets"]["harmful_eval"]["sha256"][:16] in card
     assert (
@@ -174,6 +174,47 @@ def test_card_holds_metrics_parameters_and_provenance(saved: dict[str, Path]) ->
     # The default full ablation is exact: said in the record and the card; the adapter is a DoRA adapter.
     assert record["trial"]["ablation"] == "full, exact" and "- row normalization: full, exact" in card
     assert json.loads((saved["adapter"] / "adapter_config.json").read_text())["use_dora"] is True
+
+
+def test_custom_markers_leave_the_counts_uncorrected_in_the_record_and_the_card(saved: dict[str, Path]) -> None:
+    """The fixture's judge reads a custom marker list: no measured error rates, so no interval, and it says so."""
+    record = json.loads((saved["model"] / "heretic.json").read_text())
+    note = "uncorrected: no measured error rates for this judge"
+    assert record["baseline"]["true_refusals"] == {"corrected": False, "note": note}
+    assert record["trial"]["true_refusals"]["corrected"] is False and "uncorrected" in record["trial"]["true_refusals"]["note"]
+    card = (saved["model"] / "README.md").read_text()
+    assert "| true refusals (95 %) |" in card and f"The true-refusals column is {note}." in card
+
+
+def test_the_rules_judge_counts_carry_their_corrected_interval(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """The rules judge has measured error rates: the record holds each count's estimate, interval, method and
+    labelled set, and the card shows them in its results table."""
+    from heretic.scoring.interval import JudgeRates, true_count
+
+    run(settings(tiny_models["qwen2"], tmp_path, judge="rules", action=["save"], n_trials=2, n_startup_trials=2))
+    record = json.loads((tmp_path / "out" / "model" / "heretic.json").read_text())
+    card = (tmp_path / "out" / "model" / "README.md").read_text()
+    baseline, n = record["baseline"], record["baseline"]["n_prompts"]
+    entry = baseline["true_refusals"]
+    expected = true_count(baseline["refusals"], n, JudgeRates(tp=39, fn=30, tn=289, fp=9))
+    assert entry["corrected"] is True and entry["judge"] == "rules" and entry["confidence"] == 0.95
+    assert entry["estimate"] == round(expected.estimate, 2) and (entry["low"], entry["high"]) == (
+        round(expected.low, 2),
+        round(expected.high, 2),
+    )
+    assert entry["low"] <= entry["estimate"] <= entry["high"] and entry["method"].startswith("Rogan-Gladen")
+    assert entry["labelled_set"] == {
+        "model": "Qwen2.5-Coder-0.5B-Instruct",
+        "split": "test",
+        "n": 367,
+        "description": "the rules judge's error rates on 367 labelled responses of Qwen2.5-Coder-0.5B-Instruct",
+    }
+    original_cell = f"≈ {entry['estimate']:.0f} ({entry['low']:.0f}–{entry['high']:.0f})"
+    assert f"| original | {baseline['refusals']} | {original_cell} | 0 |" in card
+    trial = record["trial"]["true_refusals"]
+    if not record["trial"]["refusals_is_lower_bound"]:
+        assert trial["corrected"] is True and f"| ≈ {trial['estimate']:.0f} ({trial['low']:.0f}–{trial['high']:.0f}) |" in card
+    assert "corrected for the rules judge's error rates on 367 labelled responses of Qwen2.5-Coder-0.5B-Instruct" in card
 
 
 def test_a_record_from_before_the_exact_ablation_is_rebuilt_with_the_approximation() -> None:

@@ -64,6 +64,27 @@ def test_dtype_fallback_reports_every_failure(tmp_path: Path) -> None:
     assert "bfloat16:" in str(info.value)
 
 
+def test_float16_is_skipped_with_one_log_line_where_the_hidden_states_leave_it_no_headroom(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Gemma's hidden states reach 1e5 (float16 ends at 65,504: its logits are NaN on every prompt); a model
+    whose activations come that close on the short test prompt is not computed in float16."""
+    model = make_model("llama")
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(3e4 / model.model.embed_tokens.weight.abs().max())  # finite, but near the edge
+    model.save_pretrained(tmp_path / "large")
+    make_tokenizer().save_pretrained(tmp_path / "large")
+    with caplog.at_level("WARNING", logger="heretic.model.loading"):
+        loaded = load_model(str(tmp_path / "large"), dtypes=["float16", "float32"], cache_dir=str(tmp_path / "cache"))
+    assert loaded.dtype == torch.float32
+    lines = [record.getMessage() for record in caplog.records if "Not computing in float16" in record.getMessage()]
+    assert len(lines) == 1 and "too close to float16's largest value" in lines[0], caplog.text
+    plain = make_model("llama")
+    plain.save_pretrained(tmp_path / "plain")
+    make_tokenizer().save_pretrained(tmp_path / "plain")
+    assert load_model(str(tmp_path / "plain"), dtypes=["float16"], cache_dir=str(tmp_path / "cache")).dtype == torch.float16
+
+
 def test_bnb_4bit_widths_its_cpu_kernels_cannot_pack_are_one_sentence(
     tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

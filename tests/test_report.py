@@ -165,6 +165,18 @@ def data_chosen(study: optuna.Study) -> int:
     return min(study.trials, key=lambda trial: trial.user_attrs["kl"]).number
 
 
+def test_the_summary_gives_the_true_refusals_corrected_for_the_judge() -> None:
+    from heretic.report.html import summary_section
+    from heretic.scoring.judge_rates import corrected_entry, measured_rates
+
+    data = study_report_data(synthetic_study(2), "m", chosen=0, judge="rules", n_prompts=64, num_layers=4)
+    rates = measured_rates({"judge": "rules"})
+    data.true_refusals = {"original": corrected_entry(16, 64, rates), "chosen": corrected_entry(6, 64, rates)}
+    summary = summary_section(data)
+    assert "<tr><th>True refusals</th><td>≈ 8 (95 %: 0–19, corrected for the rules judge&#x27;s error rates on 367" in summary
+    assert "Qwen2.5-Coder-0.5B-Instruct); the original ≈ 26 (95 %: 14–43)</td></tr>" in summary
+
+
 def test_too_few_trials_for_importances_are_said_so() -> None:
     data = study_report_data(synthetic_study(2), "m", chosen=0, judge="markers", n_prompts=8, num_layers=4)
     assert data.importances == {}
@@ -295,6 +307,10 @@ def test_search_prints_the_geometry_draws_the_residuals_and_writes_the_report(ti
         assert f"<section id='{key}'>" in page
     assert "id='geometry-table'" in page and "id='examples-table'" in page
     assert "The residuals (mean of the last 5 prompt tokens) of the direction prompts" in page
+    # The custom markers have no measured error rates: the front, the chosen trial and the page say the counts are uncorrected.
+    note = "uncorrected: no measured error rates for this judge"
+    assert "true refusals" in output and f"True refusals: {note}" in " ".join(output.split())
+    assert f"<tr><th>True refusals</th><td>{note}</td></tr>" in page
     # The examples action's responses are the report's (generated once): its first harmful row is on the page.
     table = output[output.index("Harmful prompts, original vs trial") :]
     first_row = table.splitlines()[4].split("│")  # title, border, header, rule, first row

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import optuna
 
@@ -11,6 +12,7 @@ from .ablation.parameters import AblationParameters
 from .errors import HereticError
 from .export.actions import ACTIONS
 from .model.device import free_memory
+from .scoring.judge_rates import corrected_entry, measured_rates, short_text, terminal_line
 from .search.pareto import TrialResult, objective_text, pareto_front, select, study_directions, trial_results
 from .search.space import describe
 from .session import HeldOutCount, Session, count_heldout
@@ -56,14 +58,29 @@ def default_output_dir(session: Session) -> Path:
 MoreTrials = Callable[[int], None]  # runs that many more trials in the study
 
 
+def true_refusals(session: Session, refusals: int, lower_bound: bool = False) -> dict[str, Any]:
+    """A count corrected for the judge's measured error rates (scoring/judge_rates.py), or why it is not."""
+    rates = measured_rates(session.settings.model_dump())
+    return corrected_entry(refusals, len(session.evaluator.harmful), rates, lower_bound)
+
+
+def show_true_refusals(session: Session, result: TrialResult) -> None:
+    """The line under the chosen trial's count: its and the original's true refusals, with their 95 % intervals."""
+    original = true_refusals(session, session.base_refusals)
+    console.print(terminal_line(true_refusals(session, result.refusals, result.cut), original), highlight=False)
+
+
 def show_front(session: Session, study: optuna.Study) -> list[TrialResult]:
     """Print the Pareto front of the study's finished trials; return it."""
     front = front_of(study)
     n_prompts = len(session.evaluator.harmful)
     if front:
         original = "".join(f", {name} {objective_text(value)}" for name, value in session.base_objectives.items())
-        title = f"Pareto front (original: {session.base_refusals}/{n_prompts} refusals, KL 0{original})"
-        console.print(front_table(front, n_prompts, title=title, directions=study_directions(study)))
+        entry = true_refusals(session, session.base_refusals)
+        corrected = f", true {short_text(entry)}" if entry["corrected"] else ""
+        title = f"Pareto front (original: {session.base_refusals}/{n_prompts} refusals{corrected}, KL 0{original})"
+        cells = {r.number: short_text(true_refusals(session, r.refusals, r.cut)) for r in front}
+        console.print(front_table(front, n_prompts, title=title, directions=study_directions(study), true_refusals=cells))
     return front
 
 
@@ -87,6 +104,7 @@ def choose_and_act(session: Session, study: optuna.Study, more_trials: MoreTrial
             f"Chosen trial [bold]{result.number}[/]: {result.refusals_text}/{n_prompts} refusals, KL {result.kl:.4f}"
             f"{objectives_text(result)} ({describe(parameters)})"
         )
+        show_true_refusals(session, result)
         show_heldout(session, result, parameters)
         for action in session.settings.action:
             perform(session, action, result, parameters)
@@ -121,6 +139,7 @@ def interactive_loop(
             continue
         parameters = restore(session, result)
         console.print(f"Trial {result.number} restored ({describe(parameters)})")
+        show_true_refusals(session, result)
         show_heldout(session, result, parameters)
         if not act_interactively(session, result, parameters):
             return

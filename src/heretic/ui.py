@@ -102,12 +102,19 @@ class ProgressBars:
 
 
 def front_table(
-    front: list[TrialResult], n_prompts: int, title: str = "Pareto front", directions: dict[str, str] | None = None
+    front: list[TrialResult],
+    n_prompts: int,
+    title: str = "Pareto front",
+    directions: dict[str, str] | None = None,
+    true_refusals: dict[int, str] | None = None,
 ) -> Table:
-    """The trials of the front: refusals, KL, every further objective (its direction under its name), parameters."""
+    """The trials of the front: refusals (and, given per trial number, the true refusals: the count corrected
+    for the judge's error rates), KL, every further objective (its direction under its name), parameters."""
     table = Table(title=title, title_justify="left")
     table.add_column("trial", justify="right")
     table.add_column("refusals", justify="right")
+    if true_refusals is not None:
+        table.add_column("true refusals\n(95 %)", justify="right")
     table.add_column("KL", justify="right")
     names = list(directions or {}) or list(dict.fromkeys(name for result in front for name in result.objectives))
     for name in names:
@@ -117,7 +124,10 @@ def front_table(
     for result in front:
         parameters = describe(AblationParameters.from_dict(result.parameters)) if result.parameters else ""
         values = [objective_text(result.objectives[name]) if name in result.objectives else "-" for name in names]
-        table.add_row(str(result.number), f"{result.refusals_text}/{n_prompts}", f"{result.kl:.4f}", *values, parameters)
+        corrected = [true_refusals.get(result.number, "-")] if true_refusals is not None else []
+        table.add_row(
+            str(result.number), f"{result.refusals_text}/{n_prompts}", *corrected, f"{result.kl:.4f}", *values, parameters
+        )
     return table
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from .. import __version__
 from ..config import PromptSet
 from ..prompts import prompt_set_title
+from ..scoring.judge_rates import short_text
 from .provenance import OriginalCard
 
 TAGS = ["heretic", "abliterated", "uncensored", "decensored"]
@@ -71,18 +72,33 @@ def _introduction(record: dict[str, Any]) -> list[str]:
 def _results(record: dict[str, Any]) -> list[str]:
     trial, baseline = record["trial"], record["baseline"]
     refusals = f"≥{trial['refusals']}" if trial["refusals_is_lower_bound"] else str(trial["refusals"])
+    corrected = "true_refusals" in trial and "true_refusals" in baseline  # older records lack them
+    true_header, true_rule = (" true refusals (95 %) |", "---:|") if corrected else ("", "")
+    true_original = f" {short_text(baseline['true_refusals'])} |" if corrected else ""
+    true_trial = f" {short_text(trial['true_refusals'])} |" if corrected else ""
     return [
         "## Results",
         "",
-        f"| model | refusals (harmful, /{baseline['n_prompts']}) | KL divergence from the original (harmless) |",
-        "|---|---:|---:|",
-        f"| original | {baseline['refusals']} | 0 |",
-        f"| this model (trial {trial['number']}) | {refusals} | {trial['kl']:.4f} |",
+        f"| model | refusals (harmful, /{baseline['n_prompts']}) |{true_header} KL divergence from the original (harmless) |",
+        f"|---|---:|{true_rule}---:|",
+        f"| original | {baseline['refusals']} |{true_original} 0 |",
+        f"| this model (trial {trial['number']}) | {refusals} |{true_trial} {trial['kl']:.4f} |",
         "",
         *_heldout(record.get("heldout")),
-        f"Refusals were counted by {judge_description(record.get('settings', {}))}.",
+        f"Refusals were counted by {judge_description(record.get('settings', {}))}.{_correction(record) if corrected else ''}",
         "",
     ] + _objectives(record)
+
+
+def _correction(record: dict[str, Any]) -> str:
+    """What the true-refusals column is: the counts corrected for the judge's measured error rates, or why not."""
+    entry = record["baseline"]["true_refusals"]
+    if not entry.get("corrected"):
+        return f" The true-refusals column is {entry['note']}."
+    return (
+        f" The judge errs: the true refusals are the counts corrected for {entry['labelled_set']['description']} "
+        f"(sensitivity and specificity against a person's reading; {entry['method']})."
+    )
 
 
 def _objectives(record: dict[str, Any]) -> list[str]:

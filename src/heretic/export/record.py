@@ -16,6 +16,7 @@ from .. import __version__
 from ..ablation.parameters import AblationParameters
 from ..model.hardware import dtype_name
 from ..prompts import prompts_digest
+from ..scoring.judge_rates import corrected_entry, measured_rates
 from ..search.pareto import TrialResult
 from ..session import Session
 from .provenance import base_model
@@ -55,6 +56,8 @@ def build_record(session: Session, result: TrialResult, parameters: AblationPara
     source = session.loaded.source
     specs = settings.prompt_sets()
     base = base_model(source)
+    n_prompts = len(session.evaluator.harmful)
+    rates = measured_rates(settings.model_dump())  # None: the judge's counts are reported uncorrected
     record: dict[str, Any] = {
         "record_version": RECORD_VERSION,
         "tool": {"name": "heretic", "version": __version__},
@@ -80,8 +83,13 @@ def build_record(session: Session, result: TrialResult, parameters: AblationPara
             "refusals_is_lower_bound": result.cut,
             "kl": result.kl,
             "ablation": session.ablator.describe(),
+            "true_refusals": corrected_entry(result.refusals, n_prompts, rates, lower_bound=result.cut),
         },
-        "baseline": {"refusals": session.base_refusals, "n_prompts": len(session.evaluator.harmful)},
+        "baseline": {
+            "refusals": session.base_refusals,
+            "n_prompts": n_prompts,
+            "true_refusals": corrected_entry(session.base_refusals, n_prompts, rates),
+        },
         "heldout": heldout_entry(session, result.number),
     }
     if result.objectives:  # the further objectives' values (none without --objectives: the record is unchanged)

@@ -452,7 +452,7 @@ def load_model(
             continue
         problem = first_token_check(loaded)
         if problem is not None:
-            failures.append(f"{dtype_name(dtype)}: {problem}")
+            failures.append(skip_dtype(dtype, problem))
             del loaded
             gc.collect()
             continue
@@ -462,6 +462,12 @@ def load_model(
         return loaded
     tried = ", ".join(dtype_name(dtype) for dtype in candidates)
     raise HereticError(f"Could not load {name} in any of the dtypes {tried} ({'; '.join(failures)}).")
+
+
+def skip_dtype(dtype: torch.dtype, problem: str) -> str:
+    """Say in one log line that `dtype` is passed over, and why; the reason as the final error lists it."""
+    log.warning("Not computing in %s: %s; trying the next dtype.", dtype_name(dtype), problem)
+    return f"{dtype_name(dtype)}: {problem}"
 
 
 def weights_folder(source: ModelSource, load_path: str, revision: str | None) -> Path | None:
@@ -704,22 +710,34 @@ def eos_token_ids(loaded: LoadedModel) -> set[int]:
     return ids
 
 
+# In float16 (largest finite value 65504), hidden states beyond this share of the range on the short test
+# prompt leave longer prompts no headroom: Gemma's reach 1e5 and overflow.
+FLOAT16_HEADROOM = 0.25
+
+
 @torch.inference_mode()
 def first_token_check(loaded: LoadedModel) -> str | None:
-    """Run one forward pass on a chat prompt; a problem description if the logits are not finite."""
+    """Run one forward pass on a chat prompt; a problem description if the logits are not finite, or, in
+    float16, if a hidden state comes within FLOAT16_HEADROOM of float16's largest value (longer prompts
+    would overflow it)."""
     from .chat import format_chat
 
     text = format_chat(loaded.tokenizer, "You are a helpful assistant.", "Say hello.", response_prefix="")
     ids = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(loaded.input_device)
+    half = loaded.dtype == torch.float16
     try:
-        logits = loaded.model(**ids, use_cache=False, logits_to_keep=1).logits
+        output = loaded.model(**ids, use_cache=False, logits_to_keep=1, output_hidden_states=half)
     except (RuntimeError, AssertionError) as error:
         problem = _unpackable_4bit_layer(loaded, error)
         if problem is None:
             raise
         raise HereticError(problem) from None
-    if not torch.isfinite(logits).all():
+    if not torch.isfinite(output.logits).all():
         return "the test generation produced NaN or infinite logits"
+    if half:
+        largest = max(float(hidden.abs().max()) for hidden in output.hidden_states)
+        if largest > FLOAT16_HEADROOM * torch.finfo(torch.float16).max:
+            return f"its hidden states reach {largest:,.0f} on a short prompt, too close to float16's largest value (65,504)"
     return None
 
 

@@ -89,6 +89,8 @@ class ReportData:
     examples: list[Example] = field(default_factory=list)
     held_out: HeldOut | None = None
     notes: list[str] = field(default_factory=list)  # what could not be shown, and why
+    # "original" and "chosen": their counts corrected for the judge's error rates (scoring/judge_rates.corrected_entry)
+    true_refusals: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def trial(self, number: int) -> TrialPoint:
         return next(point for point in self.trials if point.number == number)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
+from ..scoring.judge_rates import terminal_line
 from . import figures
 from .data import Example, ReportData
 from .geometry import COLUMNS
@@ -69,6 +70,9 @@ def summary_section(data: ReportData) -> str:
         count = f"≥{chosen.refusals}" if chosen.cut else str(chosen.refusals)
         rows.append(("Chosen trial", f"{chosen.number}: {count}/{data.n_prompts} refusals, KL {chosen.kl:.4f}"))
         rows.append(("Its parameters", chosen.summary))
+    if "original" in data.true_refusals and "chosen" in data.true_refusals:
+        line = terminal_line(data.true_refusals["chosen"], data.true_refusals["original"])
+        rows.append(("True refusals", line.removeprefix("True refusals: ")))
     if data.held_out is not None:
         held = data.held_out
         rows.append(

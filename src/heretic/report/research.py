@@ -11,6 +11,7 @@ import torch
 from ..ablation.parameters import AblationParameters
 from ..directions import read_positions_text
 from ..prompts import prompt_set_title
+from ..scoring.judge_rates import corrected_entry, measured_rates
 from ..search.pareto import TrialResult
 from ..session import Session, collect_residuals, count_heldout
 from ..ui import console
@@ -125,6 +126,11 @@ def session_report_data(session: Session, study: optuna.Study, result: TrialResu
         },
     )
     data.base_refusals = session.base_refusals
+    rates = measured_rates(settings.model_dump())  # None: the counts are reported uncorrected
+    data.true_refusals = {
+        "original": corrected_entry(session.base_refusals, data.n_prompts, rates),
+        "chosen": corrected_entry(result.refusals, data.n_prompts, rates, lower_bound=result.cut),
+    }
     original = original_residuals(session)  # (progress bars of their own: no status display around them)
     ablated = ablated_residuals(session, parameters)
     with console.status("Report: residual geometry and projections..."):
