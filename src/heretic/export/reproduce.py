@@ -15,7 +15,7 @@ from rich.table import Table
 from .. import __version__
 from ..ablation.parameters import AblationParameters
 from ..config import Role, Settings, fields_with
-from ..demo import DEMO_NAME, demo_model_file
+from ..demo import DEMO_NAME, demo_model_file, sha256_file
 from ..errors import HereticError, first_line
 from ..model.architecture import build_architecture_map
 from ..prompts import prompt_set_title, prompts_digest
@@ -278,7 +278,7 @@ def recorded_copy(spec: str, record_file: Path, name: str, entry: dict[str, Any]
     """The recorded weight file `name`, as the record lists it (its SHA-256 checked): beside the record, or
     downloaded from the Hub repository `spec` names; None when neither has it."""
     beside = record_file.parent / name
-    if beside.is_file() and record.file_digest(beside) == entry.get("sha256"):
+    if beside.is_file() and sha256_file(beside) == entry.get("sha256"):
         return beside
     repo = hub_repo(spec) if not Path(spec).expanduser().exists() else None
     if repo is None:
@@ -290,7 +290,7 @@ def recorded_copy(spec: str, record_file: Path, name: str, entry: dict[str, Any]
         downloaded = Path(hf_hub_download(repo[0], name, revision=repo[1]))
     except Exception:  # noqa: BLE001 - offline or missing: compared by hash only, said below
         return None
-    return downloaded if record.file_digest(downloaded) == entry.get("sha256") else None
+    return downloaded if sha256_file(downloaded) == entry.get("sha256") else None
 
 
 def compare_mismatches(
