@@ -36,10 +36,11 @@ class NotRun(Exception):
 
 
 def accelerator() -> torch.device | None:
-    if torch.cuda.is_available():
-        return torch.device("cuda", 0)
-    mps = getattr(torch.backends, "mps", None)
-    return torch.device("mps") if mps is not None and mps.is_available() else None
+    """The CUDA GPU or Apple GPU the checks run on (heretic's own accelerator lookup), or None."""
+    from heretic.model.device import accelerator as kind
+
+    found = kind()
+    return {"cuda": torch.device("cuda", 0), "mps": torch.device("mps")}.get(found) if found else None
 
 
 def tiny(kind: str, folder: Path) -> Path:
@@ -68,9 +69,8 @@ def heretic(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: i
 def search_flags(model: Path, work: Path, trials: int = 3) -> list[str]:
     from tiny import PROMPT_FLAGS, SCORING_FLAGS
 
-    return [str(model), *PROMPT_FLAGS, *SCORING_FLAGS, "--n-trials", str(trials), "--n-startup-trials", "2"] + [
-        "--checkpoint-dir", str(work / "checkpoints"), "--headless",
-    ]  # fmt: skip
+    trials_flags = ["--n-trials", str(trials), "--n-startup-trials", "2"]
+    return [str(model), *PROMPT_FLAGS, *SCORING_FLAGS, *trials_flags, "--checkpoint-dir", str(work / "checkpoints")]
 
 
 # --- The checks ------------------------------------------------------------------------------------
@@ -95,6 +95,7 @@ def check_kernels(work: Path, device: torch.device) -> str:
     """The exact and approximate kernels on the GPU: no float64, the same factors as on the CPU (to float32
     rounding), and the time of a 4096 x 14336 matrix's exact factors."""
     from heretic.ablation.kernels import norm_preserving_factors
+    from heretic.model.device import synchronize
 
     generator = torch.Generator().manual_seed(0)
     matrices = torch.randn(1, 1024, 2048, generator=generator)
@@ -110,13 +111,6 @@ def check_kernels(work: Path, device: torch.device) -> str:
     norm_preserving_factors(large, u, 0.8)
     synchronize(device)
     return f"GPU equals CPU; exact factors of 4096 x 14336 in {1000 * (time.perf_counter() - started):.1f} ms"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def check_batch_and_oom(work: Path, device: torch.device) -> str:
@@ -277,7 +271,7 @@ def check_demo(work: Path, device: torch.device) -> str:
         chunk_files()
     except Exception as error:  # noqa: BLE001 - the packages are not installed here
         raise NotRun(f"the demo model is not installed ({str(error)[:80]})") from None
-    output = heretic("--demo", "--n-trials", "4", "--headless", "--output-dir", str(work / "demo"), cwd=work, timeout=480)
+    output = heretic("--demo", "--n-trials", "4", "--output-dir", str(work / "demo"), cwd=work, timeout=480)
     return " ".join(output.split())[-160:]
 
 
@@ -303,6 +297,8 @@ def main(argv: list[str]) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from heretic.model.device import free_memory
+
     name = {"cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else "", "mps": "Apple MPS"}.get(
         device.type, "the CPU"
     )
@@ -324,8 +320,7 @@ def main(argv: list[str]) -> int:
                 result, detail = "FAILED", f"{type(error).__name__}: {str(error)[:300]}"
                 traceback.print_exc()
             table.add_row(title, result, f"{time.perf_counter() - started:.1f}", detail)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            free_memory()
     Console(width=200).print(table)
     return 1 if failed else 0
 

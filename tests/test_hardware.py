@@ -542,7 +542,7 @@ def test_an_intel_gpu_is_synchronized_and_named_when_the_dtype_is_measured(monke
     monkeypatch.setattr(torch.xpu, "synchronize", synchronized.append)
     monkeypatch.setattr(torch.xpu, "get_device_name", lambda device=None: "Intel(R) Data Center GPU Max 1550")
     xpu = torch.device("xpu:0")
-    hardware._sync(xpu)
+    device.synchronize(xpu)  # what measure_dtype waits on
     assert synchronized == [xpu]  # the products were timed when they ended, not when they were queued
     assert hardware.device_signature(xpu)["device"] == "Intel(R) Data Center GPU Max 1550"
 
@@ -584,13 +584,13 @@ def test_free_memory_collects_garbage_then_empties_every_backends_cache(monkeypa
 def test_memory_is_freed_between_the_stages_of_a_run(
     monkeypatch: pytest.MonkeyPatch, tiny_models: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """After the residuals of the directions, after the original's refusals are counted, and after the search
-    (before saving)."""
+    """After the residuals of the directions, after the original's refusals are counted, after the search
+    (before saving), and after each action (here the headless run's save)."""
     callers: list[str] = []
     monkeypatch.setattr(device, "free_memory", lambda: callers.append(sys._getframe(1).f_code.co_name))
     code, text = run_cli([str(tiny_models["llama"]), *PROMPT_FLAGS, *RUN_FLAGS], capsys)
     assert code == 0, text
-    assert callers == ["collect_residuals", "score_original", "run"]
+    assert callers == ["collect_residuals", "score_original", "run", "perform"]
 
 
 def test_the_gpu_checks_say_in_one_line_that_there_is_no_gpu() -> None:

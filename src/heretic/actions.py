@@ -11,7 +11,7 @@ import optuna
 from .ablation.parameters import AblationParameters
 from .errors import HereticError
 from .export.actions import ACTIONS
-from .model.device import free_memory
+from .model import device as backends
 from .scoring.judge_rates import corrected_entry, measured_rates, short_text, terminal_line
 from .search.pareto import TrialResult, objective_text, pareto_front, select, study_directions, trial_results
 from .search.space import describe
@@ -227,4 +227,4 @@ def perform(session: Session, name: str, result: TrialResult, parameters: Ablati
     try:
         action.handler(session, result, parameters, confirm=_confirm_overwrite(session), output_dir=default_output_dir(session))
     finally:
-        free_memory()  # a save's or an export's temporaries go back to the device before the next action
+        backends.free_memory()  # a save's or an export's temporaries go back to the device before the next action

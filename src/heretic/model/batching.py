@@ -46,7 +46,7 @@ def is_out_of_memory(error: BaseException) -> bool:
 @dataclass(frozen=True)
 class Workload:
     """What the batch-size probe decodes: `steps` tokens for copies of one short prompt (`prompts` None),
-    or for the longest of `prompts` (token ids), as many as the batch holds."""
+    or for the first of `prompts` (token ids, longest first), as many as the batch holds."""
 
     steps: int = 6
     prompts: tuple[tuple[int, ...], ...] | None = None
@@ -54,8 +54,7 @@ class Workload:
     def batch(self, engine: Engine, batch_size: int) -> list[list[int]]:
         if self.prompts is None:
             return engine.encode([PROBE_PROMPT]) * batch_size
-        longest = sorted(self.prompts, key=len, reverse=True)
-        return [list(longest[index % len(longest)]) for index in range(batch_size)]
+        return [list(self.prompts[index % len(self.prompts)]) for index in range(batch_size)]
 
 
 def workload_for(device: torch.device, prompts: list[list[int]], response_length: int) -> Workload:
@@ -65,7 +64,7 @@ def workload_for(device: torch.device, prompts: list[list[int]], response_length
     trial's peak is its longest prompts' cache at the last step, so a size that passes fits every trial."""
     if device.type == "cpu" or not prompts:
         return Workload()
-    return Workload(max(1, response_length), tuple(tuple(ids) for ids in prompts))
+    return Workload(max(1, response_length), tuple(tuple(ids) for ids in sorted(prompts, key=len, reverse=True)))
 
 
 def measure(engine: Engine, batch_size: int, workload: Workload) -> float:

@@ -55,6 +55,16 @@ def accelerator() -> str | None:
     return found.type if found is not None and found.type in ACCELERATORS else None
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (an accelerator runs it asynchronously; the CPU has nothing queued)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "xpu":
+        torch.xpu.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def cuda_started() -> bool:
     """Whether CUDA has been started in this process (it then keeps the GPUs CUDA_VISIBLE_DEVICES named then)."""
     return bool(torch.cuda.is_initialized())  # type: ignore[no-untyped-call]  # torch leaves it unannotated

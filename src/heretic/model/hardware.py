@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..config import DEVICE_MAP_STRATEGIES, device_map_value
-from .device import accelerator
+from .device import accelerator, synchronize
 
 log = logging.getLogger(__name__)
 
@@ -137,16 +137,6 @@ def native_bf16(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 8
 
 
-def _sync(device: torch.device) -> None:
-    """Wait for the products queued on `device` (an accelerator runs them asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "xpu":
-        torch.xpu.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 def probe_shape(hidden: int, intermediate: int) -> tuple[int, int]:
     """(inner, outer) sizes of the probe's weight: the model's hidden size by its MLP width, the
     width cut so that one product stays under MAX_PRODUCT_FLOPS (speed per FLOP barely depends on it)."""
@@ -167,7 +157,7 @@ def measure_dtype(
         x = torch.randn(PROBE_ROWS, inner, device=device).to(dtype)
         weight = (torch.randn(outer, inner, device=device) / math.sqrt(inner)).to(dtype)
         torch.nn.functional.linear(x, weight)  # warm-up: kernel selection and allocation
-        _sync(device)
+        synchronize(device)
     except (RuntimeError, TypeError) as error:  # the dtype has no kernel on this device
         log.info("%s does not run on %s: %s", dtype, device, error)
         return DtypeMeasurement(dtype, None, seconds=time.perf_counter() - begun)
@@ -175,7 +165,7 @@ def measure_dtype(
     started, cpu_started = time.perf_counter(), time.process_time()
     while elapsed < seconds:
         torch.nn.functional.linear(x, weight)
-        _sync(device)
+        synchronize(device)
         products += 1
         elapsed = time.perf_counter() - started
     utilization = None
