@@ -108,23 +108,26 @@ def ensure_reference_venv() -> Path:
     return python
 
 
-def prepare_model() -> Path:
-    """The demo model as a bf16 safetensors folder (assembled, hash-verified, dequantized once).
+# The benchmark's models: the demo model, and a second refusing model three times its size.
+MODELS = {"demo": "Qwen2.5-Coder-0.5B-Instruct", "1.5b": "Qwen2.5-Coder-1.5B-Instruct"}
+
+
+def prepare_model(model: str = "demo") -> Path:
+    """A benchmark model (MODELS) as a bf16 safetensors folder (assembled, hash-verified, dequantized once).
 
     Our GGUF cache holds float32 weights; both tools get this folder, cast to bf16 tensor by tensor,
     with `config.json` saying so (the reference loads a model in the dtype its config names)."""
     import torch
     from safetensors.torch import load_file, save_file
 
-    from heretic.demo import demo_model_file
     from heretic.model.loading import dequantize_gguf_to_cache, resolve_source
 
-    target = WORK / "Qwen2.5-Coder-0.5B-Instruct"
+    target = WORK / MODELS[model]
     if (target / "config.json").is_file():
         return target
-    gguf = demo_model_file("~/.cache/heretic")
+    gguf = model_gguf(model)
     folder, _ = dequantize_gguf_to_cache(resolve_source(str(gguf)), Path("~/.cache/heretic"))
-    staging = WORK / ".Qwen2.5-Coder-0.5B-Instruct.partial"
+    staging = WORK / f".{MODELS[model]}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(folder, staging, ignore=shutil.ignore_patterns("heretic-source.json", "*.safetensors"))
     for shard in sorted(folder.glob("*.safetensors")):
@@ -135,6 +138,17 @@ def prepare_model() -> Path:
     (staging / "config.json").write_text(json.dumps(config, indent=2))
     os.replace(staging, target)
     return target
+
+
+def model_gguf(model: str) -> Path:
+    """The GGUF file of a benchmark model: the demo's from its PyPI packages, the 1.5B one from its 22 chunks."""
+    if model == "demo":
+        from heretic.demo import demo_model_file
+
+        return demo_model_file("~/.cache/heretic")
+    from gguf_memory import assemble_big_model
+
+    return assemble_big_model(Path("~/.cache/heretic").expanduser() / "bench")
 
 
 def reference_default_markers(python: Path) -> list[str]:
@@ -377,7 +391,7 @@ def stored_trial_parameters(session: Session, params: dict[str, Any]) -> Ablatio
 
     arch, settings = session.arch, session.settings
     fixed = optuna.trial.FixedTrial(params)
-    return suggest_parameters(fixed, arch.num_layers, arch.components, settings.search_mlp_off, LayerRanges.of_settings(settings))
+    return suggest_parameters(fixed, arch.num_layers, arch.components, LayerRanges.of_settings(settings))
 
 
 def score_with_subspace(session: Session, params: dict[str, Any], subspace: torch.Tensor) -> dict[str, Any]:
@@ -1099,6 +1113,7 @@ def attach_flag_values(argv: list[str], options: tuple[str, ...] = ("--ours-args
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="demo", help="the benchmark model (default: demo)")
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--startup-trials", type=int, default=10)
     parser.add_argument("--train-prompts", type=int, default=400)
@@ -1189,12 +1204,14 @@ def main() -> None:
     }
     if args.cpu_profile != "native":  # the reference's cached results are keyed by it; native runs keep their old key
         settings["cpu_profile"] = args.cpu_profile
+    if args.model != "demo":  # likewise: runs of the demo model keep their old key
+        settings["model"] = args.model
     settings["command"] = ("python bench/run_bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])).strip()
     if quick:
         log(f"REDUCED RUN ({settings['deviations']}): results are labelled as such")
     WORK.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    model = prepare_model()
+    model = prepare_model(args.model)
     wanted = [name.strip() for name in args.tools.split(",") if name.strip()]
     if "reference" in wanted:
         python = ensure_reference_venv()

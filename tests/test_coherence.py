@@ -255,7 +255,7 @@ def test_looping_answers_show_in_the_heldout_line_record_and_card() -> None:
     card = " ".join(_heldout(entries[0]))
     assert "Of its answers there, 2 (50%) were degenerate (a sentence or phrase repeated, a loop), against 0 (0%)" in card
     assert "Of its answers there, 0 (0%) were degenerate" in " ".join(_heldout(entries[1]))
-    result = SimpleNamespace(number=3, refusals=1, refusals_text="1")
+    result = SimpleNamespace(number=3, refusals=1, refusals_text="1", search_refusals=None, verified=False)
     with console.capture() as captured:
         show_heldout(looping, result, None)  # type: ignore[arg-type]  # kept: nothing is generated again
     assert "degenerate answers 2/4 (50%; original 0/4)" in captured.get().replace("\n", " ")
@@ -271,7 +271,8 @@ def test_a_record_without_degenerate_counts_shows_the_refusals_only() -> None:
     assert entry is not None and "degenerate" not in entry
     assert "degenerate" not in " ".join(_heldout(entry))
     with console.capture() as captured:
-        show_heldout(session, SimpleNamespace(number=3, refusals=0, refusals_text="0"), None)  # type: ignore[arg-type]
+        unverified = SimpleNamespace(number=3, refusals=0, refusals_text="0", search_refusals=None, verified=False)
+        show_heldout(session, unverified, None)  # type: ignore[arg-type]
     assert "refusals" in captured.get() and "degenerate" not in captured.get()
 
 

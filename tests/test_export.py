@@ -36,6 +36,7 @@ def settings(model: Path, tmp_path: Path, **overrides) -> Settings:
         harmless_eval_prompts="bundled:harmless_test[:8]",
         # The evaluation set again: the held-out count must then repeat the search's and the original's.
         harmful_heldout_prompts="bundled:harmful_test[:8]",
+        harmless_heldout_prompts="bundled:harmless_heldout[:8]",
         refusal_markers=MARKERS,
         max_response_length=8,
         batch_size=8,
@@ -161,6 +162,7 @@ def test_card_holds_metrics_parameters_and_provenance(saved: dict[str, Path]) ->
     assert not re.search(r"\bhf_[A-Za-z0-9]{20,}", json.dumps(record))
     # the base model by its name, never a path of this machine; the weights by their hashes
     assert record["model"]["name"] == saved["original"].name and record["settings"]["model"] == saved["original"].name
+    assert record["model"]["architecture"] == "Qwen2ForCausalLM" and record["model"]["num_layers"] == 4  # for --warm-start
     for text in (card, json.dumps(record)):
         assert str(saved["original"].parent) not in text and str(saved["root"]) not in text
     weights = record["saved"]["weights"]
@@ -227,6 +229,9 @@ def test_a_record_from_before_the_exact_ablation_is_rebuilt_with_the_approximati
     data["settings"].update(full_normalization_exact=True, direction_positions=[-5, -4, -3, -2, -1])
     rebuilt = rebuilt_settings(Settings(model="m"), data)
     assert rebuilt.full_normalization_exact is True and rebuilt.direction_positions == [-5, -4, -3, -2, -1]
+    # Settings removed since the record was written (they shaped the search, not its trials) are read as absent.
+    data["settings"].update(search_mlp_off=True, n_ei_candidates=128, multivariate_tpe=True)
+    assert rebuilt_settings(Settings(model="m"), data).seed == 42
 
 
 def test_heldout_count_is_in_the_record_and_the_card(saved: dict[str, Path]) -> None:
@@ -245,6 +250,32 @@ def test_heldout_count_is_in_the_record_and_the_card(saved: dict[str, Path]) -> 
     assert f"Of its answers there, {heldout['degenerate']} ({heldout['degenerate'] / 8:.0%}) were degenerate" in card
 
 
+def test_heldout_kl_and_over_refusals_are_in_the_record_and_the_card(saved: dict[str, Path]) -> None:
+    """The chosen trial's KL on the held-out harmless prompts (beside the search's) and the over-refusal counts of
+    the original and the trial (on the bundled set: no over-refusal objective was configured)."""
+    record = json.loads((saved["model"] / "heretic.json").read_text())
+    kl = record["heldout_kl"]
+    assert kl["n_prompts"] == 8 and kl["spec"]["split"] == "harmless_heldout[:8]" and kl["in_search"] == record["trial"]["kl"]
+    highest = [row["kl"] for row in kl["highest"]]
+    assert len(highest) == 5 and highest == sorted(highest, reverse=True) and kl["median"] >= 0
+    assert sum(highest) / 8 - 1e-6 <= kl["mean"] <= highest[0]  # the mean over all 8, of which these are the top 5
+    over = record["over_refusal"]
+    assert over["spec"]["split"] == "over_refusal" and over["n_prompts"] >= 120
+    assert 0 <= over["refusals"] <= over["n_prompts"] and 0 <= over["original_refusals"] <= over["n_prompts"]
+    card = " ".join((saved["model"] / "README.md").read_text().split())
+    assert (
+        f"On 8 held-out harmless prompts, never used for the directions or the search (many of them requests an assistant "
+        f"often opens with a disclaimer: current events, prices, opinions, real-time data), this model's KL divergence from "
+        f"the original was {kl['mean']:.4f} on average (median {kl['median']:.4f}), against {kl['in_search']:.4f}"
+    ) in card
+    assert f'Highest: "{kl["highest"][0]["prompt"]}"' in card
+    n = over["n_prompts"]
+    assert (
+        f'On {n} harmless prompts that look harmful ("How do I kill a Python process?"), this model refused '
+        f"{over['refusals']} ({over['refusals'] / n:.0%}) and the original {over['original_refusals']}"
+    ) in card
+
+
 def test_a_continued_run_takes_the_heldout_counts_from_the_study(saved: dict[str, Path], tmp_path: Path) -> None:
     """The held-out counts are kept in the study: a continued run shows the kept ones and counts none again
     (the kept counts are changed here, and the new card and record show the changed ones)."""
@@ -253,7 +284,7 @@ def test_a_continued_run_takes_the_heldout_counts_from_the_study(saved: dict[str
     import optuna
 
     from heretic.search.checkpoint import STUDY_NAME
-    from heretic.session import HELDOUT_ATTR
+    from heretic.session import HELDOUT_ATTR, HELDOUT_KL_ATTR, OVER_REFUSAL_ATTR
 
     record = json.loads((saved["model"] / "heretic.json").read_text())
     shutil.copytree(saved["root"] / "checkpoints", tmp_path / "checkpoints")
@@ -268,12 +299,22 @@ def test_a_continued_run_takes_the_heldout_counts_from_the_study(saved: dict[str
     }
     kept = {name: (count + 1) % 9 for name, count in counts.items()}
     study.set_user_attr(HELDOUT_ATTR, {key: kept})
+    # The held-out KL and the over-refusal counts are kept the same way: changed here, shown as changed.
+    ((kl_key, kl_kept),) = study.user_attrs[HELDOUT_KL_ATTR].items()
+    assert kl_key == record["heldout_kl"]["sha256"] and list(kl_kept) == [str(record["trial"]["number"])]
+    study.set_user_attr(HELDOUT_KL_ATTR, {kl_key: {name: [0.5, 0.25, 0, 0, 0, 0, 0, 1.0] for name in kl_kept}})
+    ((over_key, over_kept),) = study.user_attrs[OVER_REFUSAL_ATTR].items()
+    assert over_key == record["over_refusal"]["sha256"] and over_kept["original"] == record["over_refusal"]["original_refusals"]
+    study.set_user_attr(OVER_REFUSAL_ATTR, {over_key: {name: count + 100 for name, count in over_kept.items()}})
 
     run(settings(saved["original"], tmp_path, action=["save"], resume="continue"))
     rerun = json.loads((tmp_path / "out" / "model" / "heretic.json").read_text())
     assert rerun["trial"]["number"] == record["trial"]["number"]
     assert rerun["heldout"]["original_refusals"] == kept["original"]
     assert rerun["heldout"]["refusals"] == kept[str(record["trial"]["number"])]
+    assert (rerun["heldout_kl"]["mean"], rerun["heldout_kl"]["median"]) == (0.21875, 0.0)
+    assert rerun["over_refusal"]["original_refusals"] == record["over_refusal"]["original_refusals"] + 100
+    assert rerun["over_refusal"]["refusals"] == record["over_refusal"]["refusals"] + 100
 
 
 def test_reproduce_gives_identical_weights(saved: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

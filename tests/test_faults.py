@@ -203,7 +203,6 @@ SETTINGS_CASES = [
     ("n_trials negative", ["--n-trials", "-1"], r"Invalid setting 'n_trials'.*greater than or equal"),
     ("n_trials fraction", ["--n-trials", "1.5"], r"Invalid setting 'n_trials'"),
     ("n_startup_trials negative", ["--n-startup-trials", "-1"], r"Invalid setting 'n_startup_trials'.*greater than or equal"),
-    ("n_ei_candidates zero", ["--n-ei-candidates", "0"], r"Invalid setting 'n_ei_candidates'"),
     ("max_response_length zero", ["--max-response-length", "0"], r"Invalid setting 'max_response_length'.*greater than"),
     ("batch_size negative", ["--batch-size", "-1"], r"Invalid setting 'batch_size'"),
     ("max_batch_size zero", ["--max-batch-size", "0"], r"Invalid setting 'max_batch_size'"),
@@ -270,6 +269,11 @@ CONFIG_CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
         r"c\.toml is not UTF-8 text",
     ),
     ("config unknown key", lambda t: ["--config", str(write(t / "c.toml", "n_trails = 3\n"))], r"Unknown setting 'n_trails'"),
+    (
+        "config retired key",
+        lambda t: ["--config", str(write(t / "c.toml", "search_mlp_off = true\n"))],
+        r"The setting 'search_mlp_off' was removed, every search now has false",
+    ),
     (
         "config wrong type",
         lambda t: ["--config", str(write(t / "c.toml", "n_trials = 'ten'\n"))],

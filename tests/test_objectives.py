@@ -21,10 +21,16 @@ from heretic.config import Settings, load_settings, preset_names
 from heretic.errors import HereticError
 from heretic.model.generation import Engine
 from heretic.model.loading import eos_token_ids, load_model
-from heretic.prompts import Prompt
-from heretic.scoring.builtin_objectives import DEFAULT_MORALIZING_MARKERS, Degeneracy, Moralizing, ResponseLength
+from heretic.prompts import Prompt, load_prompt_texts
+from heretic.scoring.builtin_objectives import (
+    DEFAULT_MORALIZING_MARKERS,
+    OVER_REFUSAL_PROMPTS,
+    Degeneracy,
+    Moralizing,
+    ResponseLength,
+)
 from heretic.scoring.evaluator import Evaluator
-from heretic.scoring.objectives import Objective, TrialOutputs, load_objectives, score_objectives
+from heretic.scoring.objectives import Objective, TrialOutputs, load_objectives, score_objectives, setup_objectives
 from heretic.scoring.refusals import MarkerJudge
 from heretic.search import checkpoint
 from heretic.search.checkpoint import open_storage
@@ -66,7 +72,10 @@ def one_sentence(error: pytest.ExceptionInfo[HereticError]) -> str:
         ("no_such_module_xyz:Objective", "Cannot import the objective module 'no_such_module_xyz'"),
         ("missing/file.py:Objective", "The objective file missing/file.py does not exist"),
         ("heretic.config:NoSuchName", "The objective module heretic.config has no attribute 'NoSuchName'"),
-        ("no-such-objective", "Unknown objective 'no-such-objective'; use one of degeneracy, moralizing, response-length"),
+        (
+            "no-such-objective",
+            "Unknown objective 'no-such-objective'; use one of benchmark, degeneracy, moralizing, over-refusal, response-length",
+        ),
     ],
 )
 def test_a_missing_objective_is_one_sentence(spec: str, expected: str) -> None:
@@ -137,7 +146,7 @@ def test_an_entry_point_is_loaded_by_its_name(monkeypatch: pytest.MonkeyPatch) -
     assert type(objective.objective).__name__ == "Hedging" and objective.direction == "minimize"
     with pytest.raises(HereticError) as error:
         load_objectives(Settings(objectives=["other"]))
-    assert "use one of degeneracy, moralizing, response-length, hedge," in one_sentence(error)
+    assert "use one of benchmark, degeneracy, moralizing, over-refusal, response-length, hedge," in one_sentence(error)
 
 
 def test_objectives_from_the_command_line() -> None:
@@ -206,6 +215,58 @@ def test_degeneracy_is_the_share_of_compliant_answers_that_loop() -> None:
     assert one_sentence(error).startswith("Invalid setting 'threshold' in [objectives.degeneracy]: ")
 
 
+BENCHMARK_TASK = Path(__file__).resolve().parent / "data" / "benchmark_task"
+
+
+def answer_perplexity(model: torch.nn.Module, tokenizer: object, rows: list[dict[str, str]]) -> float:
+    """exp(-mean log p(answer | question)) over the rows, computed directly: the task's metric (the harness
+    appends a loglikelihood task's target to its text as it is)."""
+    totals = []
+    for row in rows:
+        context = tokenizer(row["question"], add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+        whole = tokenizer(row["question"] + row["answer"], add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+        with torch.no_grad():
+            logits = model(torch.tensor([whole])).logits[0].float()  # (tokens, vocab)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        totals.append(sum(float(logprobs[i - 1, whole[i]]) for i in range(len(context), len(whole))))
+    return math.exp(-sum(totals) / len(totals))
+
+
+def test_benchmark_scores_the_trials_model_with_a_local_task(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    pytest.importorskip("lm_eval")
+    from heretic.ablation.adapters import Ablator
+    from heretic.ablation.parameters import AblationParameters, ComponentKernel
+    from heretic.model.architecture import build_architecture_map
+    from heretic.scoring.objectives import setup_objectives
+
+    for file in BENCHMARK_TASK.iterdir():  # the task reads its data file from the working directory
+        (tmp_path / file.name).write_bytes(file.read_bytes())
+    rows = [json.loads(line) for line in (tmp_path / "tiny_sums.jsonl").read_text().splitlines()]
+    loaded_model = load_model(str(tiny_models["llama"]), dtypes=["float32"])
+    model, tokenizer = loaded_model.model, loaded_model.tokenizer
+    engine = Engine(model, tokenizer, eos_token_ids(loaded_model), batch_size=4)
+    ablator = Ablator(model, build_architecture_map(model), "none", 1, 0)
+    settings = Settings(objectives={"benchmark": {"direction": "minimize"}}, benchmark_tasks=["tiny_sums.yaml"])
+    (objective,) = load_objectives(settings)
+    assert objective.name == "benchmark" and objective.direction == "minimize" and objective.full_responses is None
+    setup_objectives([objective], settings, SimpleNamespace(engine=engine))  # type: ignore[arg-type]
+    original = objective.objective.score(outputs([], []))
+    assert math.isclose(original, answer_perplexity(model, tokenizer, rows), rel_tol=1e-4)
+    torch.manual_seed(3)
+    directions = torch.nn.functional.normalize(torch.randn(5, 64), dim=-1)  # (layers + 1, hidden)
+    kernel = ComponentKernel(max_weight=1.2, max_weight_position=1.5, min_weight=0.4, min_weight_distance=2.0)
+    ablator.apply(AblationParameters("global", 1.3, {"attn": kernel, "mlp": kernel}), directions)
+    ablated = objective.objective.score(outputs([], []))  # the adapters in memory, nothing saved
+    assert ablated != original and math.isclose(ablated, answer_perplexity(model, tokenizer, rows), rel_tol=1e-4)
+    ablator.reset()
+    assert objective.objective.score(outputs([], [])) == original
+    limited = Settings(objectives={"benchmark": {}}, benchmark_tasks=["tiny_sums.yaml"], benchmark_limit=2)
+    assert load_objectives(limited)[0].identity() != objective.identity()  # the limit and the tasks enter the fingerprint
+    with pytest.raises(HereticError) as error:
+        loaded(benchmark={"tasks": ["x"]})
+    assert one_sentence(error).startswith("Invalid setting 'tasks' in [objectives.benchmark]: is not a setting")
+
+
 class HastyJudge(MarkerJudge):
     """A refusal once a marker shows; a compliance as soon as 4 characters show none (so answers stop early)."""
 
@@ -234,6 +295,30 @@ def test_compliant_responses_stay_whole_while_refusals_stop_early(tiny_models: d
     assert [r for r, v in zip(hasty.responses, expected) if not v] != [r for r, v in zip(full, expected) if not v]
     keep_whole(evaluator, loaded(moralizing={}, length={"use": "response-length"}))  # needs refusals whole too
     assert not evaluator.stop_on_verdict
+
+
+def test_over_refusal_counts_the_judges_refusals_on_its_own_prompts(tiny_models: dict[str, Path]) -> None:
+    """Its prompts default to the bundled over-refusal set (a table's `prompts` replace them); its value is the
+    number of their responses the search's judge calls refusals (here: a judge that refuses on a keyword)."""
+    (default,) = loaded(**{"over-refusal": {}})
+    assert default.direction == "minimize" and default.prompts is not None and default.full_responses is None
+    assert [prompt.user for prompt in default.prompts] == load_prompt_texts(OVER_REFUSAL_PROMPTS)
+    assert len(default.prompts) >= 120
+    settings = Settings(objectives={"over-refusal": {"prompts": "bundled:over_refusal[:6]"}})
+    (objective,) = load_objectives(settings)
+    assert objective.prompts is not None and len(objective.prompts) == 6
+    loaded_model = load_model(str(tiny_models["llama"]), dtypes=["float32"])
+    engine = Engine(loaded_model.model, loaded_model.tokenizer, eos_token_ids(loaded_model), batch_size=8)
+    full = [engine.decode(tokens) for tokens in engine.generate(engine.encode(objective.prompts), 8)]
+    # A keyword some of the responses contain: the judge refuses those.
+    judges = [MarkerJudge([text[i : i + 3]]) for text in full for i in range(len(text) - 3)]
+    judge = next(j for j in judges if j.markers and 0 < sum(j.judge(objective.prompts, full)) < len(full))
+    evaluator = Evaluator(engine, judge, [PROMPT], [], 8)
+    setup_objectives([objective], settings, evaluator)
+    count = evaluator.count_refusals()
+    values = score_objectives([objective], evaluator, count, 0.0)
+    assert values == {"over-refusal": float(sum(judge.judge(objective.prompts, full)))}
+    assert 0 < values["over-refusal"] < 6
 
 
 # --- the front over more objectives --------------------------------------------------------------

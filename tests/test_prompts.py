@@ -44,7 +44,15 @@ def test_bundled_sets_are_distinct_from_each_other() -> None:
     harmful = set(load_prompt_texts(PromptSet(source="bundled", split="harmful_train")))
     harmless = set(load_prompt_texts(PromptSet(source="bundled", split="harmless_train")))
     assert not harmful & harmless
-    assert len(BUNDLED_SETS) == 5
+
+
+def test_bundled_sets_are_the_shipped_files() -> None:
+    """Every shipped prompt file is a bundled set, and every bundled set holds distinct, non-empty prompts."""
+    assert {"harmful_train", "harmful_test", "harmful_heldout", "harmless_train", "harmless_test"} <= set(BUNDLED_SETS)
+    for name in BUNDLED_SETS:
+        texts = load_prompt_texts(PromptSet(source="bundled", split=name))
+        assert texts and all(text.strip() for text in texts), name
+        assert len(set(texts)) == len(texts), f"{name} repeats a prompt"
 
 
 def test_heldout_set_is_new_to_the_search() -> None:
@@ -60,6 +68,42 @@ def test_heldout_set_is_new_to_the_search() -> None:
     seen_shingles = [_shingles(text) for text in seen]
     worst = max((_jaccard(_shingles(text), other), text) for text in heldout for other in seen_shingles)
     assert worst[0] <= 0.6, f"near-duplicate of a search prompt: {worst}"
+
+
+def _near_duplicates(texts: list[str], splits: tuple[str, ...]) -> tuple[float, str]:
+    """The highest word-trigram Jaccard similarity of one of `texts` to a prompt of the bundled `splits`, and that text."""
+    seen = [_shingles(text) for split in splits for text in load_prompt_texts(PromptSet(source="bundled", split=split))]
+    return max((_jaccard(_shingles(text), other), text) for text in texts for other in seen)
+
+
+# Words of the requests where an assistant typically opens with a disclaimer (its knowledge ends, it has no opinions,
+# it cannot see real-time data or give personal advice): the held-out harmless set's KL shows that tail.
+DISCLAIMER_PRONE = re.compile(
+    r"\b(right now|today|tomorrow|this (weekend|month|year|afternoon)|at the moment|latest|recent|current|yesterday|"
+    r"price|costs?|pay|how much|opinion|do you think|best|better|should i|predict|will|advice|weather|news|polls?)\b",
+    re.IGNORECASE,
+)
+
+
+def test_heldout_harmless_set_is_new_and_has_the_disclaimer_tail() -> None:
+    """The held-out harmless prompts share no prompt, and no near-duplicate, with the harmless sets the directions and
+    the search use; about 40 % are of the kinds an assistant answers with a disclaimer, spread through the file."""
+    heldout = load_prompt_texts(PromptSet(source="bundled", split="harmless_heldout"))
+    assert len(heldout) >= 120 and len(set(heldout)) == len(heldout)
+    worst = _near_duplicates(heldout, ("harmless_train", "harmless_test"))
+    assert worst[0] <= 0.6, f"near-duplicate of a search prompt: {worst}"
+    prone = [bool(DISCLAIMER_PRONE.search(text)) for text in heldout]
+    assert 0.35 <= sum(prone) / len(prone) <= 0.6
+    assert 0.25 <= sum(prone[:40]) / 40 <= 0.6  # a slice of the set keeps the mix
+
+
+def test_over_refusal_set_is_harmless_looking_harmful_and_new() -> None:
+    """The over-refusal prompts: enough of them, each with a word a refusal-happy model shies from, and none a
+    (near) duplicate of a bundled harmful or harmless prompt."""
+    prompts = load_prompt_texts(PromptSet(source="bundled", split="over_refusal"))
+    assert len(prompts) >= 120 and len(set(prompts)) == len(prompts)
+    worst = _near_duplicates(prompts, ("harmful_train", "harmful_test", "harmful_heldout", "harmless_train", "harmless_test"))
+    assert worst[0] <= 0.6, f"near-duplicate of a bundled prompt: {worst}"
 
 
 def test_slices_and_dressing() -> None:
@@ -150,3 +194,16 @@ def test_a_bad_jsonl_line_is_reported_by_its_line_in_the_file(tmp_path: Path) ->
 def test_hub_dataset_offline_is_one_clear_error() -> None:
     with pytest.raises(HereticError, match="Cannot load the dataset 'someone/nothing-here'"):
         load_prompt_texts(PromptSet(source="someone/nothing-here", split="train"))
+
+
+@pytest.mark.parametrize("concept", ["code", "math", "languages", "formatting", "roleplay", "sensitive"])
+def test_concept_sets_are_distinct_and_new_to_the_harmless_sets(concept: str) -> None:
+    """Each concept set has at least 64 distinct prompts, none of them in the harmless sets its mean is compared with."""
+    texts = load_prompt_texts(PromptSet(source="bundled", split=f"concept_{concept}"))
+    harmless = {
+        text
+        for split in ("harmless_train", "harmless_test")
+        for text in load_prompt_texts(PromptSet(source="bundled", split=split))
+    }
+    assert len(texts) >= 64 and len(set(texts)) == len(texts)
+    assert not set(texts) & harmless

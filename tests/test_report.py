@@ -306,6 +306,14 @@ def test_search_prints_the_geometry_draws_the_residuals_and_writes_the_report(ti
     for key, _ in SECTIONS:
         assert f"<section id='{key}'>" in page
     assert "id='geometry-table'" in page and "id='examples-table'" in page
+    # The chosen trial on prompts the search never saw: its KL on the held-out harmless prompts (the five highest
+    # in a table) and the over-refusal counts, in the terminal and on the page.
+    printed = " ".join(output.split())
+    assert "Held-out harmless prompts (never seen by the search): KL divergence mean" in printed
+    assert "Over-refusal prompts (harmless prompts that look harmful):" in printed
+    assert "<tr><th>Held-out KL</th><td>mean " in page and "(8 prompts, bundled:harmless_heldout[:8]); in the search " in page
+    assert "<tr><th>Over-refusals</th><td>original " in page and "id='heldout-kl-table'" in page
+    assert page.split("id='heldout-kl-table'")[1].split("</table>")[0].count("<tr><td>") == 5
     assert "The residuals (mean of the last 5 prompt tokens) of the direction prompts" in page
     # The custom markers have no measured error rates: the front, the chosen trial and the page say the counts are uncorrected.
     note = "uncorrected: no measured error rates for this judge"

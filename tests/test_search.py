@@ -23,7 +23,6 @@ from heretic.cli import settings_from_argv
 from heretic.directions import orthonormal_rows
 from heretic.model.architecture import as_matrices, build_architecture_map
 from heretic.search.checkpoint import open_storage
-from heretic.search.runner import make_sampler
 from heretic.search.space import LayerRanges, suggest_parameters
 
 pytestmark = pytest.mark.slow
@@ -328,29 +327,6 @@ def test_layer_ranges_of_settings_are_the_options_given() -> None:
     assert LayerRanges.of_settings(settings_from_argv([])) == LayerRanges.default() == LayerRanges((0.4, 0.9), (0.6, 1.0))
 
 
-def _proposals(multivariate: bool) -> list[dict[str, object]]:
-    """Twelve trials of the real search space on a toy two-objective problem, sampled as the search does."""
-    study = optuna.create_study(directions=["minimize", "minimize"])
-    proposals = []
-    for done in range(12):
-        study.sampler = make_sampler(7, done, n_startup_trials=6, n_ei_candidates=24, multivariate=multivariate)
-        trial = study.ask()
-        parameters = suggest_parameters(trial, 24, ["attn", "mlp"])
-        proposals.append(trial.params)
-        refusals = 40 * (1.5 - parameters.kernels["attn"].max_weight) + 10 * (parameters.direction_scope == "global")
-        study.tell(trial, [refusals, parameters.kernels["mlp"].max_weight * parameters.kernels["attn"].max_weight])
-    return proposals
-
-
-def test_tpe_mode_is_deterministic_and_reaches_the_sampler() -> None:
-    """Each mode samples the same trials for the same seed; both share the random start-up trials and then
-    propose differently (the univariate/multivariate setting is the one TPE uses)."""
-    joint, joint_again, separate = _proposals(True), _proposals(True), _proposals(False)
-    assert joint == joint_again and separate == _proposals(False)
-    assert joint[:6] == separate[:6]
-    assert joint[6:] != separate[6:]
-
-
 @pytest.mark.parametrize("mode", ["none", "pre", "full"])
 def test_adapters_reproduce_the_explicit_subspace_ablation(mode: str) -> None:
     """With a k = 2 subspace per layer, M + BA = M - w V^T V M (row-normalized variants alike)."""
@@ -372,31 +348,30 @@ def test_adapters_reproduce_the_explicit_subspace_ablation(mode: str) -> None:
         torch.testing.assert_close(as_matrices(merged[target.name], target), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_search_can_switch_the_mlp_off() -> None:
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), directions=["minimize", "minimize"])
-    weights = []
-    for _ in range(40):
-        trial = study.ask()
-        parameters = suggest_parameters(trial, 24, ["attn", "mlp"], mlp_off=True)
-        weights.append(parameters.kernels["mlp"].max_weight)
-        assert (parameters.kernels["mlp"].max_weight == 0.0) == (trial.params["mlp.ablate"] is False)
-        study.tell(trial, [0.0, 0.0])
-    assert 0.0 in weights and any(weight > 0 for weight in weights)
-    trial = study.ask()
-    suggest_parameters(trial, 24, ["attn", "mlp"])  # the option off: no such parameter, the space of before
-    assert "mlp.ablate" not in trial.params
-
-
 def test_subspace_positions_kl_tokens_and_ranges_run_end_to_end(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     checkpoints = tmp_path / "checkpoints"
     extra = ["--n-trials", "2", "--subspace-rank", "2", "--kl-tokens", "3", "--direction-positions", "[-3, -1]"]
     ranges = ["--direction-index-range", "[0.95, 1.0]", "--peak-position-range", "[0.0, 0.05]"]
-    run(heretic_command(tiny_models["llama"], checkpoints, *extra, *ranges, "--search-mlp-off"), tmp_path)
+    run(heretic_command(tiny_models["llama"], checkpoints, *extra, *ranges), tmp_path)
     trials = current_study(checkpoints).trials
     assert len(trials) == 2 and all(t.values is not None and t.values[1] >= 0 for t in trials)
-    assert all("mlp.ablate" in t.params for t in trials)
     last = 3  # the tiny model's four layers
     assert all(t.params["direction_index"] >= 0.95 * last and t.params["attn.max_weight_position"] <= 0.05 * last for t in trials)
+
+
+def test_clean_directions_run_end_to_end(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """--direction-method clean reads the concept prompts, and the search runs with the cleaned directions,
+    which the study stores and which differ from the difference of means."""
+    checkpoints = tmp_path / "checkpoints"
+    extra = ["--n-trials", "1", "--direction-method", "clean", "--concept-atoms", '["code", "math"]']
+    result = run(heretic_command(tiny_models["llama"], checkpoints, *extra), tmp_path)
+    assert "Directions cleaned of 2 concepts" in result.stdout
+    trials = current_study(checkpoints).trials
+    assert len(trials) == 1 and trials[0].values is not None
+    command = heretic_command(tiny_models["llama"], tmp_path / "other", *extra[:4], "--concept-atoms", '["poetry"]')
+    bad = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "There is no concept 'poetry' in --concept-atoms" in bad.stdout + bad.stderr
 
 
 def test_an_interrupt_during_the_study_writes_waits_for_them() -> None:

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import torch
 
-from heretic.config import Role, Settings, field_extra, field_roles, fields_with, fingerprint_entry
+from heretic.config import RETIRED_FINGERPRINT_ENTRIES, Role, Settings, field_extra, field_roles, fields_with, fingerprint_entry
 from heretic.prompts import Prompt
 from heretic.search import checkpoint
 from heretic.search.runner import SearchSetup
@@ -42,11 +42,10 @@ def test_fingerprint_of_default_settings_is_pinned() -> None:
 def test_fingerprint_of_changed_settings_is_pinned(tmp_path: Path) -> None:
     # With the read positions searches had before they became a setting: these fingerprints are those searches'.
     earlier = {"direction_positions": [-1]}
-    settings = Settings(
-        model_revision="abc", refusal_scorer="x.py:J", seed=7, row_normalization="pre", multivariate_tpe=True, **earlier
-    )
+    settings = Settings(model_revision="abc", refusal_scorer="x.py:J", seed=7, row_normalization="pre", **earlier)
     values = study_fingerprint(settings, fake_loaded(), PROMPT_SETS, "<think>\n\n</think>\n\n")
-    assert checkpoint.fingerprint(values) == "5667b23aca2b3e2c67d2c6189f7a114c78a0cbbf0e3fee774d4d0764f7836b60"
+    # (multivariate TPE, which this pin once also changed, is retired: searches have had univariate TPE since)
+    assert checkpoint.fingerprint(values) == "5ad829f185b7a40eacc44ca2ef63308d00bcde17b0572d9e7c047676d364eccd"
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"0123456789")
     values = study_fingerprint(Settings(**earlier), fake_loaded(gguf), PROMPT_SETS, "")
@@ -66,8 +65,9 @@ def test_fingerprint_has_one_entry_per_score_setting() -> None:
     values = study_fingerprint(Settings(), fake_loaded(), PROMPT_SETS, "")
     derived = derived_entries(Settings(), fake_loaded(), PROMPT_SETS, "")
     by_value = {name for name in fields_with(Role.score) if fingerprint_entry(name) is None}
-    assert set(values) == by_value | {fingerprint_entry(name) for name in fields_with(Role.score)} - {None}
-    assert set(derived) == set(values) - by_value  # every derived entry comes from some score setting
+    retired = set(RETIRED_FINGERPRINT_ENTRIES)  # removed settings, kept at the value searches had since
+    assert set(values) == by_value | retired | {fingerprint_entry(name) for name in fields_with(Role.score)} - {None}
+    assert set(derived) == set(values) - by_value - retired  # every derived entry comes from some score setting
     assert not set(derived) & by_value  # ... and never takes the place of a value
     assert values["seed"] == 42 and values["row_normalization"] == "full"
 
@@ -96,7 +96,6 @@ def test_direction_and_component_options_enter_the_fingerprint_only_when_changed
         direction_positions=[-5, -4, -3, -2, -1],
         subspace_rank=1,
         kl_tokens=1,
-        search_mlp_off=False,
         direction_index_range=[0.4, 0.9],
         peak_position_range=[0.6, 1.0],
     )
@@ -107,7 +106,6 @@ def test_direction_and_component_options_enter_the_fingerprint_only_when_changed
         {"direction_positions": [-2, -1]},
         {"subspace_rank": 2},
         {"kl_tokens": 4},
-        {"search_mlp_off": True},
         {"direction_index_range": [0.4, 1.0]},
         {"peak_position_range": [0.4, 1.0]},
     ]
@@ -115,7 +113,7 @@ def test_direction_and_component_options_enter_the_fingerprint_only_when_changed
         values = study_fingerprint(Settings(**change), fake_loaded(), PROMPT_SETS, "")  # type: ignore[arg-type]
         assert values["judge"]["variant"] == defaults | change  # type: ignore[index]
         seen.add(checkpoint.fingerprint(values))
-    assert len(seen) == 7
+    assert len(seen) == 6
     # The exact full ablation enters as a change from what earlier searches had (the approximation), and only
     # where the ablation is full.
     earliest = Settings(full_normalization_exact=False, direction_positions=[-1])
@@ -126,3 +124,18 @@ def test_direction_and_component_options_enter_the_fingerprint_only_when_changed
     approximated = study_fingerprint(Settings(full_normalization_exact=False), fake_loaded(), PROMPT_SETS, "")
     fused = study_fingerprint(Settings(), fake_loaded(), PROMPT_SETS, "", fused_experts=True)
     assert fused == approximated
+
+
+def test_direction_method_settings_enter_the_fingerprint_only_where_the_method_reads_them() -> None:
+    def variant(**change: object) -> object:
+        values = study_fingerprint(Settings(**change), fake_loaded(), PROMPT_SETS, "")  # type: ignore[arg-type]
+        return values["judge"]["variant"] if isinstance(values["judge"], dict) else None  # type: ignore[index]
+
+    base = variant()
+    assert variant(concept_ridge=2.0) == base and variant(learned_direction_steps=3) == base  # not read by "mean"
+    clean = variant(direction_method="clean")
+    assert clean != base and variant(direction_method="clean", concept_ridge=2.0) != clean
+    assert variant(direction_method="clean", learned_direction_steps=3) == clean
+    learned = variant(direction_method="learned")
+    assert learned not in (base, clean) and variant(direction_method="learned", learned_direction_steps=3) != learned
+    assert variant(direction_method="learned", concept_atoms=["code"]) == learned

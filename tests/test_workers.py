@@ -79,9 +79,9 @@ def test_devices_and_cores_are_split_evenly(items: list[str], parts: int, expect
 def test_workers_sample_apart_and_a_single_run_samples_as_before() -> None:
     """Two workers asking after the same number of finished trials get different seeds; no worker
     name gives the seed a single run always had (resumes stay reproducible)."""
-    seed = lambda worker: make_sampler(42, 5, 3, 24, False, worker)._rng.rng.randint(1 << 30)  # noqa: E731
+    seed = lambda worker: make_sampler(42, 5, 3, worker)._rng.rng.randint(1 << 30)  # noqa: E731
     assert seed("a-1") != seed("b-2")
-    assert seed("") == make_sampler(42, 5, 3, 24, False)._rng.rng.randint(1 << 30)
+    assert seed("") == make_sampler(42, 5, 3)._rng.rng.randint(1 << 30)
 
 
 def test_a_trial_asked_beyond_the_target_is_surplus(tmp_path: Path) -> None:

@@ -55,6 +55,8 @@ PROMPT_FLAGS = [
     "bundled:harmless_test[:8]",
     "--harmful-heldout-prompts",
     "bundled:harmful_heldout[:8]",
+    "--harmless-heldout-prompts",
+    "bundled:harmless_heldout[:8]",
 ]
 # How end-to-end runs score on the tiny models: markers their random tokens contain, 8-token responses, batch 8.
 SCORING_FLAGS = ["--refusal-markers", '["ak", "ook", "ot"]', "--max-response-length", "8", "--batch-size", "8"]

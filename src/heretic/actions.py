@@ -13,15 +13,26 @@ from .errors import HereticError
 from .export.actions import ACTIONS
 from .model import device as backends
 from .scoring.judge_rates import corrected_entry, measured_rates, short_text, terminal_line
-from .search.pareto import TrialResult, objective_text, pareto_front, select, study_directions, trial_results
+from .search.pareto import (
+    TrialResult,
+    VerifiedCount,
+    objective_text,
+    pareto_front,
+    select,
+    study_directions,
+    trial_results,
+    with_verified,
+)
 from .search.space import describe
-from .session import HeldOutCount, Session, count_heldout
+from .session import HeldOutCount, Session, count_heldout, count_over_refusal, heldout_kl
 from .ui import console, front_table
+from .verify import verify_front
 
 
-def front_of(study: optuna.Study) -> list[TrialResult]:
-    """The Pareto front (refusals, KL and the optimized further objectives) of the study's finished trials."""
-    return pareto_front(trial_results(study), study_directions(study))
+def front_of(study: optuna.Study, verified: dict[int, VerifiedCount] | None = None) -> list[TrialResult]:
+    """The Pareto front (refusals, KL and the optimized further objectives) of the study's finished trials, with
+    the refusals counted on whole responses where a trial has them (`verified`, heretic/verify.py)."""
+    return pareto_front(with_verified(trial_results(study), verified or {}), study_directions(study))
 
 
 def objectives_text(result: TrialResult) -> str:
@@ -39,13 +50,14 @@ def restore(session: Session, result: TrialResult) -> AblationParameters:
 def choose_headless(session: Session, study: optuna.Study) -> TrialResult:
     """--trial if given, else the --select rule applied to the front."""
     settings = session.settings
-    results = trial_results(study)
+    results = with_verified(trial_results(study), session.verified)
     if settings.trial is not None:
         for result in results:
             if result.number == settings.trial:
                 return result
         raise HereticError(f"There is no finished trial {settings.trial}; choose one from the table above.")
-    return select(front_of(study), settings.select.value, settings.max_kl, settings.max_refusals, study_directions(study))
+    front = front_of(study, session.verified)
+    return select(front, settings.select.value, settings.max_kl, settings.max_refusals, study_directions(study))
 
 
 def default_output_dir(session: Session) -> Path:
@@ -71,8 +83,9 @@ def show_true_refusals(session: Session, result: TrialResult) -> None:
 
 
 def show_front(session: Session, study: optuna.Study) -> list[TrialResult]:
-    """Print the Pareto front of the study's finished trials; return it."""
-    front = front_of(study)
+    """Count the search front's trials again on whole responses (within --verify-budget), then print the
+    Pareto front of the study's finished trials, with those counts where a trial has one; return it."""
+    front = front_of(study, verify_front(session, study))
     n_prompts = len(session.evaluator.harmful)
     if front:
         original = "".join(f", {name} {objective_text(value)}" for name, value in session.base_objectives.items())
@@ -81,6 +94,11 @@ def show_front(session: Session, study: optuna.Study) -> list[TrialResult]:
         title = f"Pareto front (original: {session.base_refusals}/{n_prompts} refusals{corrected}, KL 0{original})"
         cells = {r.number: short_text(true_refusals(session, r.refusals, r.cut)) for r in front}
         console.print(front_table(front, n_prompts, title=title, directions=study_directions(study), true_refusals=cells))
+        if any(r.verified for r in front):
+            console.print(
+                f"  ✓: refusals counted again on whole responses (up to {session.settings.verify_response_length} "
+                "tokens; the search's count beside them); the other trials keep the search's count."
+            )
     return front
 
 
@@ -101,15 +119,26 @@ def choose_and_act(session: Session, study: optuna.Study, more_trials: MoreTrial
         result = choose_headless(session, study)
         parameters = restore(session, result)
         console.print(
-            f"Chosen trial [bold]{result.number}[/]: {result.refusals_text}/{n_prompts} refusals, KL {result.kl:.4f}"
-            f"{objectives_text(result)} ({describe(parameters)})"
+            f"Chosen trial [bold]{result.number}[/]: {result.refusals_text}/{n_prompts} refusals{verified_text(session, result)}, "
+            f"KL {result.kl:.4f}{objectives_text(result)} ({describe(parameters)})"
         )
         show_true_refusals(session, result)
-        show_heldout(session, result, parameters)
+        show_held_out_measures(session, result, parameters)
         for action in session.settings.action:
             perform(session, action, result, parameters)
         return
     interactive_loop(session, front, study, more_trials)
+
+
+def verified_text(session: Session, result: TrialResult) -> str:
+    """Where a trial's refusals were counted again on whole responses: so, with the search's count and the
+    degenerate responses among them (scoring/coherence.py)."""
+    if not result.verified:
+        return ""
+    return (
+        f" (verified on whole responses of up to {session.settings.verify_response_length} tokens; the search counted "
+        f"{result.search_refusals}; {result.degenerate} degenerate)"
+    )
 
 
 MORE = "more"  # the menu's "Run more trials" choice
@@ -125,7 +154,9 @@ def interactive_loop(
     while True:
         choices = [
             questionary.Choice(
-                f"Trial {r.number:>3}: refusals {r.refusals_text:>3}/{n_prompts}, KL {r.kl:.4f}{objectives_text(r)}", r
+                f"Trial {r.number:>3}: refusals {r.refusals_text:>3}/{n_prompts}{' ✓' if r.verified else ''}, "
+                f"KL {r.kl:.4f}{objectives_text(r)}",
+                r,
             )
             for r in front
         ]
@@ -138,11 +169,29 @@ def interactive_loop(
             front = run_more(session, study, more_trials) or front
             continue
         parameters = restore(session, result)
-        console.print(f"Trial {result.number} restored ({describe(parameters)})")
+        console.print(f"Trial {result.number} restored ({describe(parameters)}){verified_text(session, result)}")
         show_true_refusals(session, result)
-        show_heldout(session, result, parameters)
+        show_held_out_measures(session, result, parameters)
         if not act_interactively(session, result, parameters):
             return
+
+
+def show_held_out_measures(session: Session, result: TrialResult, parameters: AblationParameters) -> None:
+    """Print what the restored trial does on prompts the search never saw: its refusals on the held-out harmful
+    prompts, its KL divergence on the held-out harmless ones, and its refusals on the over-refusal prompts."""
+    show_heldout(session, result, parameters)
+    kl = heldout_kl(session, result.number, parameters)
+    if kl is not None:
+        console.print(
+            f"Held-out harmless prompts (never seen by the search): KL divergence mean [bold]{kl.mean:.4f}[/], median "
+            f"{kl.median:.4f} ({len(kl.values)} prompts; highest {kl.highest(1)[0][1]:.4f}); in the search: {result.kl:.4f}"
+        )
+    over = count_over_refusal(session, result.number, parameters)
+    if over is not None:
+        console.print(
+            f"Over-refusal prompts (harmless prompts that look harmful): [bold]{over.refusals}[/]/{over.n_prompts} refusals "
+            f"({over.refusals / over.n_prompts:.0%}; original {over.original}/{over.n_prompts})"
+        )
 
 
 def show_heldout(session: Session, result: TrialResult, parameters: AblationParameters) -> None:
@@ -151,11 +200,14 @@ def show_heldout(session: Session, result: TrialResult, parameters: AblationPara
     if count is None:
         return
     n_prompts = len(session.evaluator.harmful)
-    in_search = result.refusals / n_prompts if n_prompts else 0.0
+    # Counted as the search counts (early stop): beside the search's count, not a verified one.
+    searched = result.search_refusals if result.search_refusals is not None else result.refusals
+    in_search = searched / n_prompts if n_prompts else 0.0
+    shown = str(searched) if result.verified else result.refusals_text
     console.print(
         f"Held-out harmful prompts (never seen by the search): [bold]{count.refusals}[/]/{count.n_prompts} refusals "
         f"({count.refusals / count.n_prompts:.0%}; original {count.original}/{count.n_prompts}); "
-        f"in the search: {result.refusals_text}/{n_prompts} ({in_search:.0%}){degenerate_text(count)}"
+        f"in the search: {shown}/{n_prompts} ({in_search:.0%}){degenerate_text(count)}"
     )
 
 

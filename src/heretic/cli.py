@@ -6,6 +6,7 @@ Kept light: `heretic --help` and `heretic --version` import neither torch nor tr
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tomllib
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from pydantic import ValidationError
 
 from . import __version__
 from .config import (
+    RETIRED_SETTINGS,
     PromptSet,
     Settings,
     SettingValueError,
@@ -185,6 +187,11 @@ def describe_validation_error(error: ValidationError, config_file: str | None) -
     where = f"{flag_name(top)}, HERETIC_{top.upper()} or {config_file or 'config.toml'}"
     message = str(first["msg"]).rstrip(".")
     message = message.removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden" and location in RETIRED_SETTINGS:
+        value = json.dumps(RETIRED_SETTINGS[location])
+        return (
+            f"The setting '{location}' was removed, every search now has {value} (delete it from {config_file or 'config.toml'})."
+        )
     if first["type"] == "extra_forbidden":
         return f"Unknown setting '{location}' (in {config_file or 'config.toml'}); see `heretic --help` for valid settings."
     more = len(error.errors()) - 1

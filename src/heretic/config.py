@@ -33,6 +33,12 @@ class RowNormalization(str, Enum):
     full = "full"
 
 
+class DirectionMethod(str, Enum):
+    mean = "mean"  # difference of means
+    clean = "clean"  # difference of means residualized against concept directions
+    learned = "learned"  # optimized by gradient, starting from the difference of means
+
+
 class ResumePolicy(str, Enum):
     ask = "ask"
     continue_ = "continue"
@@ -67,7 +73,8 @@ class PromptSet(BaseModel):
     split: str | None = Field(
         default=None,
         description='Split and optional slice, e.g. "train[:400]", "test", or just "[100:200]" for files. '
-        'For "bundled": one of harmful_train, harmful_test, harmful_heldout, harmless_train, harmless_test.',
+        'For "bundled": one of harmful_train, harmful_test, harmful_heldout, harmless_train, harmless_test, '
+        "harmless_heldout, over_refusal (the files of heretic/data/prompts).",
     )
     column: str | None = Field(default=None, description="Column holding the prompt text (tables and datasets).")
     revision: str | None = Field(default=None, description="Dataset revision (git commit, tag or branch) on the Hub.")
@@ -107,8 +114,8 @@ class ObjectiveTable(BaseModel):
 
     use: str | None = Field(
         default=None,
-        description="The objective: a built-in name (response-length, moralizing, degeneracy), an entry point of the group "
-        'heretic.objectives, "package.module:Name" or "path/to/file.py:Name" (default: the table\'s name).',
+        description="The objective: a built-in name (response-length, moralizing, degeneracy, over-refusal), an entry "
+        'point of the group heretic.objectives, "package.module:Name" or "path/to/file.py:Name" (default: the table\'s name).',
     )
     direction: ObjectiveDirection | None = Field(
         default=None, description="minimize, maximize or report (shown, not optimized); default: the objective's own."
@@ -116,7 +123,8 @@ class ObjectiveTable(BaseModel):
     prompts: PromptSet | None = Field(
         default=None,
         description="Prompts whose responses this objective scores (generated once more per trial); "
-        "default: it scores the responses to the harmful evaluation prompts the refusal count already generated.",
+        "default: the objective's own (over-refusal: the bundled over_refusal set), else it scores the responses to the "
+        "harmful evaluation prompts the refusal count already generated.",
     )
 
     def own_settings(self) -> dict[str, Any]:
@@ -300,6 +308,18 @@ class Role(str, Enum):
     override = "override"  # a reproduction (--reproduce) takes it from the command line instead of the record
 
 
+# Settings that were measured on the benchmark, helped on no model and were removed, with the value every
+# search has had since: score settings keep their fingerprint entry at that value (so that checkpoints still
+# resume), and reproduction records that name them are read as if they did not (none changes a rebuilt model).
+RETIRED_SETTINGS: dict[str, object] = {
+    "n_ei_candidates": 24,  # TPE's candidates per trial: 128 gave a lower hypervolume
+    "multivariate_tpe": False,  # a joint TPE density: the same mean hypervolume, a wider spread
+    "search_mlp_off": False,  # a categorical that switched the MLP's ablation off: fewer trials with few refusals
+}
+# The retired settings that had a value entry in the fingerprint (the others entered only when changed).
+RETIRED_FINGERPRINT_ENTRIES = ("n_ei_candidates", "multivariate_tpe")
+
+
 def tags(*roles: Role, section: str | None = None, fingerprint: str | None = None) -> dict[str, Any]:
     """A field's json_schema_extra: its roles; `section` starts a --help group and a config.default.toml section;
     `fingerprint` names the fingerprint entry a score setting enters through (default: its own name, by value)."""
@@ -420,9 +440,18 @@ class Settings(BaseSettings):
         "counted on them too, to show how its refusal count carries over to prompts the search never saw.",
         json_schema_extra=tags(Role.run),
     )
+    harmless_heldout_prompts: PromptSet = Field(
+        default=PromptSet(source="bundled", split="harmless_heldout"),
+        description="Harmless prompts never used for the directions or the search (many of the kinds an assistant opens "
+        "with a disclaimer: current events, prices, opinions, real-time data): the chosen trial's KL divergence from the "
+        "original is measured on them too, to show how its KL carries over to prompts the search never saw.",
+        json_schema_extra=tags(Role.run),
+    )
     count_heldout: bool = Field(
         default=True,
-        description="Count the chosen trial's (and the original's) refusals on the held-out harmful prompts.",
+        description="Count the chosen trial's (and the original's) refusals on the held-out harmful prompts and on the "
+        "over-refusal prompts (harmless prompts that look harmful), and measure its KL divergence on the held-out "
+        "harmless prompts.",
         json_schema_extra=tags(Role.run),
     )
 
@@ -492,6 +521,45 @@ class Settings(BaseSettings):
         json_schema_extra=tags(Role.score, fingerprint="judge"),
     )
 
+    direction_method: DirectionMethod = Field(
+        default=DirectionMethod.mean,
+        description="How refusal directions are made: mean (difference of harmful and harmless means); clean (that "
+        "difference with the directions of the concepts in --concept-atoms ridge-regressed out, so that ablating it "
+        "spares those capabilities); learned (optimized by gradient so that its ablation removes refusals and keeps "
+        "harmless answers; computed once per model and prompts and cached).",
+        json_schema_extra=tags(Role.score, fingerprint="judge"),
+    )
+    concept_atoms: list[str] = Field(
+        default=["code", "math", "languages", "formatting", "roleplay", "sensitive"],
+        min_length=1,
+        description="Concepts the clean directions are made orthogonal to, each a bundled prompt set concept_<name> "
+        "read against the harmless prompts.",
+        json_schema_extra=tags(Role.score, fingerprint="judge"),
+    )
+    concept_ridge: float = Field(
+        default=0.1,
+        gt=0.0,
+        description="Ridge strength of the clean directions, relative to the mean squared concept norm: near 0 removes "
+        "the concepts' span entirely, large values leave the direction as it is.",
+        json_schema_extra=tags(Role.score, fingerprint="judge"),
+    )
+    learned_direction_weights: list[float] = Field(
+        default=[1.0, 1.0, 1.0],
+        min_length=3,
+        max_length=3,
+        description="Weights of the learned direction's three losses: ablation (harmful prompts answered as the "
+        "ablated model answers them), addition (harmless prompts refused when the direction is added) and retain "
+        "(harmless answers unchanged by the ablation, as KL divergence).",
+        json_schema_extra=tags(Role.score, fingerprint="judge"),
+    )
+    learned_direction_steps: int = Field(
+        default=4,
+        ge=1,
+        description="Gradient steps of the learned direction (each on 2 prompts per loss); its one-off cost grows with "
+        "them (a 0.5B model on two CPU cores: about 30 s for its targets and 14 s a step).",
+        json_schema_extra=tags(Role.score, fingerprint="judge"),
+    )
+
     # --- Ablation -------------------------------------------------------------------------
     row_normalization: RowNormalization = Field(
         default=RowNormalization.full,
@@ -548,7 +616,8 @@ class Settings(BaseSettings):
     objectives: dict[str, ObjectiveTable] = Field(
         default={},
         description="Objectives besides refusals and KL, each minimized, maximized or only reported: names "
-        "(response-length, moralizing, degeneracy, an entry point of heretic.objectives, package.module:Name, path/to/file.py:Name), "
+        "(response-length, moralizing, degeneracy, over-refusal, an entry point of heretic.objectives, package.module:Name, "
+        "path/to/file.py:Name), "
         "or tables [objectives.NAME] in the config file with their settings (see README, Objectives).",
         json_schema_extra=tags(Role.score, fingerprint="judge"),
     )
@@ -563,13 +632,15 @@ class Settings(BaseSettings):
     judge_model: str | None = Field(
         default=None,
         description="The model judge's model (Hugging Face id, folder or .gguf; default: the original model, at no extra "
-        "memory), or the model name sent to the --judge-url endpoint.",
+        "memory), or the model name sent to the --judge-url endpoint. A model with a classification head (e.g. "
+        "NousResearch/Minos-v1) is run as a classifier, its label naming a refusal read against --judge-threshold.",
         json_schema_extra=tags(Role.score, fingerprint="judge"),
     )
     judge_threshold: float = Field(
         default=-0.37,
         description="The model judge calls a response a refusal when log p(No) - log p(Yes) of its answer (to: does the "
-        "response attempt the request?) exceeds this (tuned on the development half of bench/judge-labels).",
+        "response attempt the request?) exceeds this (tuned on the development half of bench/judge-labels); a "
+        "classifier judge model when log p(refusal) - log(1 - p(refusal)) does (0 is p > 0.5).",
         json_schema_extra=tags(Role.score, fingerprint="judge"),
     )
     judge_url: str | None = Field(
@@ -597,6 +668,28 @@ class Settings(BaseSettings):
         "in full (the original, each trial not cut short, the held-out count, --evaluate-model).",
         json_schema_extra=tags(Role.run),
     )
+    verify_response_length: int = Field(
+        default=150,
+        ge=1,
+        description="Tokens generated per response when the refusals of the Pareto front's trials are counted again "
+        "after the search, on whole responses (no early stop), to catch refusals that come late.",
+        json_schema_extra=tags(Role.run),
+    )
+    verify_judge: Literal["markers", "rules", "model", "http"] | None = Field(
+        default=None,
+        description="The judge of that count (default: the search's, reading whole responses; rules then also calls a "
+        "decline or lecture after a compliant opening a refusal). Its model and endpoint are those of the --judge-* "
+        "settings.",
+        json_schema_extra=tags(Role.run),
+    )
+    verify_budget: float = Field(
+        default=0.2,
+        ge=0.0,
+        description="The time the count on whole responses may take, as a share of the search's time (its trials' "
+        "times added up): the front's trials are counted in the order --select prefers them until it is spent "
+        "(0: off). Trials off the search's front are never counted again.",
+        json_schema_extra=tags(Role.run),
+    )
 
     # --- Search ---------------------------------------------------------------------------
     n_trials: int = Field(
@@ -614,20 +707,15 @@ class Settings(BaseSettings):
         "finished so far; the same command again continues the search, with a budget of its own.",
         json_schema_extra=tags(Role.run, section="Search"),
     )
+    warm_start: list[str] = Field(
+        default=[],
+        description="Reproduction records (heretic.json: a path, a Hub repository id or URL, an https URL; several "
+        "allowed) whose chosen trials become the first trials of a new search on a model of the same architecture, "
+        "their layer positions and distances scaled to its layer count (search/warm_start.py).",
+        json_schema_extra=tags(Role.run),
+    )
     n_startup_trials: int = Field(
         default=60, ge=0, description="Random trials before TPE takes over.", json_schema_extra=tags(Role.score, Role.search)
-    )
-    n_ei_candidates: int = Field(
-        default=24,
-        ge=1,
-        description="Candidate parameter sets TPE draws for each trial, keeping the most promising one (more: the "
-        "search concentrates on the best region found so far and explores less).",
-        json_schema_extra=tags(Role.score, Role.search),
-    )
-    multivariate_tpe: bool = Field(
-        default=False,
-        description="TPE models the parameters jointly (multivariate) instead of each on its own (univariate).",
-        json_schema_extra=tags(Role.score, Role.search),
     )
     seed: int = Field(
         default=42,
@@ -641,11 +729,6 @@ class Settings(BaseSettings):
         "ranks them by refusals alone, so the search does not dwell on ablations that change almost nothing "
         "(recorded scores are unchanged; 0 = off).",
         json_schema_extra=tags(Role.score, Role.search),
-    )
-    search_mlp_off: bool = Field(
-        default=False,
-        description="Let the search also switch the MLP's ablation off (a categorical parameter per trial).",
-        json_schema_extra=tags(Role.score, Role.search, fingerprint="judge"),
     )
     direction_index_range: list[float] = Field(
         default=[0.4, 0.9],
@@ -780,7 +863,8 @@ class Settings(BaseSettings):
     )
     benchmark_tasks: list[str] = Field(
         default=["mmlu_high_school_computer_science"],
-        description="lm-evaluation-harness tasks (names, or paths of task YAML files) for the benchmark action.",
+        description="lm-evaluation-harness tasks (names, or paths of task YAML files) for the benchmark action and "
+        "the benchmark objective (--objectives benchmark: their mean score on every trial).",
         json_schema_extra=tags(Role.run),
     )
     benchmark_limit: int | None = Field(

@@ -31,6 +31,10 @@ DEMO_PRESET: dict[str, object] = {
     "harmful_eval_prompts": "bundled:harmful_test[:64]",
     "harmless_eval_prompts": "bundled:harmless_test[:64]",
     "max_response_length": 48,
+    # The front's trials are counted again on whole responses twice as long as the search's. Such a count took 0.7-1x
+    # a demo trial's time (estimated beforehand, from the search's generation rate, at 2x), so the default budget
+    # (a fifth of the search's time) holds the chosen trial's count even when the time budget stops the search early.
+    "verify_response_length": 96,
     "n_trials": 24,
     "search_minutes": 7,
     "n_startup_trials": 10,

@@ -14,7 +14,14 @@ from typing import Any
 from .config import PromptSet
 from .errors import HereticError, first_line
 
-BUNDLED_SETS = ("harmful_train", "harmful_test", "harmful_heldout", "harmless_train", "harmless_test")
+# The prompt sets shipped in heretic/data/prompts (one prompt per line).
+BUNDLED_SETS = tuple(
+    sorted(
+        item.name.removesuffix(".txt")
+        for item in resources.files("heretic").joinpath("data", "prompts").iterdir()
+        if item.name.endswith(".txt")
+    )
+)
 TABLE_SUFFIXES = {".csv", ".json", ".jsonl", ".parquet"}
 # Columns tried, in order, when a table or dataset has several and none was named.
 LIKELY_COLUMNS = ("prompt", "text", "instruction", "goal", "question", "query", "input")

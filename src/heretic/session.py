@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,8 +13,10 @@ import torch
 
 from .ablation.adapters import Ablator
 from .ablation.parameters import AblationParameters
-from .config import Role, Settings, fields_with
+from .config import DirectionMethod, PromptSet, Role, Settings, fields_with
 from .directions import refusal_directions, subspace_bases, winsorize
+from .directions.concepts import cleaned_from_prompts, concept_prompts
+from .directions.learned import learn_direction
 from .errors import HereticError
 from .model import device as backends
 from .model.architecture import ArchitectureMap, build_architecture_map, find_layers, text_config
@@ -24,15 +27,17 @@ from .model.loading import LoadedModel, eos_token_ids, load_model
 from .model.memory import stage
 from .model.reuse import LayerReuse
 from .prompts import Prompt, load_prompts, prompt_set_title, prompts_digest
+from .scoring.builtin_objectives import OVER_REFUSAL_PROMPTS, OverRefusal
 from .scoring.coherence import is_degenerate
 from .scoring.evaluator import Evaluator, RefusalCount, detect_response_prefix
 from .scoring.judges import make_judge as build_judge
 from .scoring.objectives import LoadedObjective, load_objectives, score_objectives, setup_objectives
 from .scoring.refusals import RefusalJudge
 from .search import workers
-from .search.pareto import objective_text
+from .search.pareto import VerifiedCount, objective_text
 from .search.runner import SearchSetup
 from .search.study import Location, checkpoint_location, find_study, open_study
+from .search.warm_start import RecordedTrial, enqueue_warm_start, read_recorded_trials
 from .ui import ProgressBars, console, print_responses
 
 # The engine's batch size before the batch size is chosen, and for reproduction records without one.
@@ -61,6 +66,11 @@ class Session:
     heldout: dict[int | None, int] = field(default_factory=dict)  # refusals on the held-out prompts by trial (None: original)
     heldout_degenerate: dict[int | None, int] = field(default_factory=dict)  # degenerate responses there, the same way
     heldout_evaluator: Evaluator | None = None  # built on first use
+    heldout_kl: dict[int | None, list[float]] = field(default_factory=dict)  # KL per held-out harmless prompt by trial
+    heldout_kl_evaluator: Evaluator | None = None  # built on first use
+    over_refusals: dict[int | None, int] = field(default_factory=dict)  # refusals on the over-refusal prompts, by trial
+    over_refusal_evaluator: Evaluator | None = None  # built on first use
+    verified: dict[int, VerifiedCount] = field(default_factory=dict)  # refusals on whole responses by trial (verify.py)
 
     study: optuna.Study | None = None  # the search's study (opened by `prepare`, which may take its setup from it)
     location: Location | None = None  # where the study is kept
@@ -80,6 +90,27 @@ class HeldOutCount:
     n_prompts: int
     degenerate: int | None = None  # the trial's degenerate responses (scoring/coherence.py); None: not known
     original_degenerate: int | None = None  # (a study whose counts were kept before they were counted)
+
+
+@dataclass(frozen=True)
+class HeldOutKL:
+    """A trial's KL divergence from the original on each held-out harmless prompt: never used for the directions or
+    the search, many of them requests an assistant opens with a disclaimer (prices, news, opinions, real-time data)."""
+
+    prompts: list[str]  # the prompts' user texts
+    values: list[float]  # the KL divergence on each, in the order of `prompts`
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def median(self) -> float:
+        return float(statistics.median(self.values))
+
+    def highest(self, count: int = 5) -> list[tuple[str, float]]:
+        """The `count` prompts with the highest KL divergence, (prompt, KL), highest first."""
+        return sorted(zip(self.prompts, self.values), key=lambda pair: pair[1], reverse=True)[:count]
 
 
 def load(settings: Settings, name: str | None = None) -> LoadedModel:
@@ -166,6 +197,14 @@ def describe_prefix(settings: Settings, prefix: str) -> str | None:
     )
 
 
+def read_architecture(settings: Settings, loaded: LoadedModel) -> tuple[ArchitectureMap, list[RecordedTrial]]:
+    """The model's architecture map, shown, and the --warm-start records' trials (a record of another
+    architecture is refused here, before the directions and the original's scores are computed)."""
+    arch = build_architecture_map(loaded.model)
+    print_architecture(arch)
+    return arch, read_recorded_trials(settings.warm_start, type(loaded.model).__name__)
+
+
 def print_architecture(arch: ArchitectureMap) -> None:
     """What is ablated, by kind of layer, and a warning naming the weights whose role is not recognized."""
     console.print(f"Architecture: {arch.num_layers} layers; {arch.summary()}")
@@ -182,8 +221,7 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
     them there; open the study."""
     objectives = load_objectives(settings)  # before the model: a mistake in a table is reported at once
     loaded = loaded or load(settings)
-    arch = build_architecture_map(loaded.model)
-    print_architecture(arch)
+    arch, warm_start = read_architecture(settings, loaded)
     prompt_sets = load_prompt_sets(settings)
     engine = make_engine(settings, loaded)
     engine.response_prefix = choose_response_prefix(settings, engine, prompt_sets)
@@ -218,6 +256,7 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
     directions_by_name = {objective.name: objective.direction for objective in objectives}
     study = open_study(settings, location, interactive, directions_by_name)
     store_setup(study, engine.batch_size, directions, base_refusals, base_verdicts)
+    enqueue_warm_start(study, warm_start, arch.num_layers, arch.components, settings)
     return Session(
         settings,
         loaded,
@@ -328,22 +367,35 @@ def count_heldout(session: Session, number: int, parameters: AblationParameters)
     for attr, counts in ((HELDOUT_ATTR, session.heldout), (HELDOUT_DEGENERATE_ATTR, session.heldout_degenerate)):
         for name, count in stored_heldout(session.study, key, attr).items():
             counts.setdefault(None if name == "original" else int(name), count)
-    if None not in session.heldout or number not in session.heldout:
-        with ProgressBars() as bars:
-            evaluator.progress = bars
-            if None not in session.heldout:
-                session.ablator.reset()
-                try:
-                    keep_heldout(session, None, halving_on_oom(evaluator.engine, evaluator.count_refusals))
-                finally:
-                    session.ablator.apply(parameters, session.directions)
-            if number not in session.heldout:
-                keep_heldout(session, number, halving_on_oom(evaluator.engine, evaluator.count_refusals))
+    missing = [state for state in (None, number) if state not in session.heldout]
+    if missing:
+        for state, count in count_states(session, evaluator, missing, parameters).items():
+            keep_heldout(session, state, count)
         store_heldout(session.study, key, session.heldout)
         store_heldout(session.study, key, session.heldout_degenerate, HELDOUT_DEGENERATE_ATTR)
     degenerate = session.heldout_degenerate
     n_prompts = len(evaluator.harmful)
     return HeldOutCount(session.heldout[number], session.heldout[None], n_prompts, degenerate.get(number), degenerate.get(None))
+
+
+def count_states(
+    session: Session, evaluator: Evaluator, states: list[int | None], parameters: AblationParameters
+) -> dict[int | None, RefusalCount]:
+    """The evaluator's refusal counts of the original model (None in `states`) and of the trial whose ablation
+    `parameters` is applied (its number); the trial stays applied."""
+    counts: dict[int | None, RefusalCount] = {}
+    with ProgressBars() as bars:
+        evaluator.progress = bars
+        if None in states:
+            session.ablator.reset()
+            try:
+                counts[None] = halving_on_oom(evaluator.engine, evaluator.count_refusals)
+            finally:
+                session.ablator.apply(parameters, session.directions)
+        for state in states:
+            if state is not None:
+                counts[state] = halving_on_oom(evaluator.engine, evaluator.count_refusals)
+    return counts
 
 
 def keep_heldout(session: Session, number: int | None, count: RefusalCount) -> None:
@@ -358,22 +410,98 @@ def keep_heldout(session: Session, number: int | None, count: RefusalCount) -> N
 # a count (model, dtype, judge, response length and prefix) is in the study's fingerprint.
 HELDOUT_ATTR = "heldout_refusals"
 HELDOUT_DEGENERATE_ATTR = "heldout_degenerate"  # the same for the degenerate responses (scoring/coherence.py)
+HELDOUT_KL_ATTR = "heldout_kl"  # {digest of the held-out harmless prompts: {trial number: KL per prompt}}
+OVER_REFUSAL_ATTR = "over_refusals"  # the same as HELDOUT_ATTR for the over-refusal prompts
 
 
-def stored_heldout(study: optuna.Study | None, key: str, attr: str = HELDOUT_ATTR) -> dict[str, int]:
+def stored_heldout(study: optuna.Study | None, key: str, attr: str = HELDOUT_ATTR) -> dict[str, Any]:
     """The held-out counts kept in the study's attribute `attr` for these held-out prompts ({} without a study)."""
     if study is None:
         return {}
     return dict(study.user_attrs.get(attr, {}).get(key, {}))
 
 
-def store_heldout(study: optuna.Study | None, key: str, counts: dict[int | None, int], attr: str = HELDOUT_ATTR) -> None:
+def store_heldout(study: optuna.Study | None, key: str, counts: dict[int | None, Any], attr: str = HELDOUT_ATTR) -> None:
     """Keep the held-out counts in the study's attribute `attr` (another prompt set's counts stay)."""
     if study is None:
         return
     kept = dict(study.user_attrs.get(attr, {}))
     kept[key] = {"original" if number is None else str(number): count for number, count in counts.items()}
     study.set_user_attr(attr, kept)
+
+
+def heldout_kl(session: Session, number: int, parameters: AblationParameters) -> HeldOutKL | None:
+    """Trial `number`'s KL divergence from the original (its ablation `parameters` applied) on each held-out
+    harmless prompt, measured as the search measures KL (--kl-tokens), once per trial and kept in the study;
+    None with --no-count-heldout or an empty set."""
+    settings = session.settings
+    if not settings.count_heldout:
+        return None
+    evaluator = session.heldout_kl_evaluator
+    if evaluator is None:
+        prompts = load_prompts(settings.harmless_heldout_prompts, settings.system_prompt)
+        evaluator = Evaluator(session.engine, session.judge, [], prompts, settings.max_response_length)
+        evaluator.kl_tokens = settings.kl_tokens
+        session.heldout_kl_evaluator = evaluator
+    if not evaluator.harmless:
+        return None
+    key = prompts_digest(evaluator.harmless)
+    for name, values in stored_heldout(session.study, key, HELDOUT_KL_ATTR).items():
+        session.heldout_kl.setdefault(int(name), [float(value) for value in values])
+    if number not in session.heldout_kl:
+        with ProgressBars() as bars:
+            evaluator.progress = bars
+            if evaluator.base_logprobs is None:  # the original's distributions, once per session
+                session.ablator.reset()
+                try:
+                    halving_on_oom(evaluator.engine, evaluator.measure_base)
+                finally:
+                    session.ablator.apply(parameters, session.directions)
+            session.heldout_kl[number] = halving_on_oom(evaluator.engine, evaluator.kl_per_prompt).tolist()
+        store_heldout(session.study, key, session.heldout_kl, HELDOUT_KL_ATTR)
+    return kept_heldout_kl(session, number)
+
+
+def kept_heldout_kl(session: Session, number: int) -> HeldOutKL | None:
+    """Trial `number`'s held-out KL divergences where they were measured (nothing is measured)."""
+    evaluator = session.heldout_kl_evaluator
+    if evaluator is None or number not in session.heldout_kl:
+        return None
+    return HeldOutKL([prompt.user for prompt in evaluator.harmless], session.heldout_kl[number])
+
+
+def over_refusal_spec(session: Session) -> PromptSet:
+    """The over-refusal prompts: those of an over-refusal objective of the search, else the bundled set."""
+    for objective in session.evaluator.objectives:
+        if isinstance(objective.objective, OverRefusal) and objective.table.prompts is not None:
+            return objective.table.prompts
+    return OVER_REFUSAL_PROMPTS
+
+
+def count_over_refusal(session: Session, number: int, parameters: AblationParameters) -> HeldOutCount | None:
+    """The refusals of trial `number` (whose ablation `parameters` is applied) and of the original model on the
+    over-refusal prompts (harmless prompts that look harmful), counted by the search's judge once per trial and
+    kept in the study, whatever the search's objectives; None with --no-count-heldout or an empty set."""
+    settings = session.settings
+    if not settings.count_heldout:
+        return None
+    evaluator = session.over_refusal_evaluator
+    if evaluator is None:
+        prompts = load_prompts(over_refusal_spec(session), settings.system_prompt)
+        evaluator = Evaluator(session.engine, session.judge, prompts, [], settings.max_response_length, settings.stop_on_verdict)
+        evaluator.on_responses = session.evaluator.on_responses
+        session.over_refusal_evaluator = evaluator
+    if not evaluator.harmful:
+        return None
+    key, counts = prompts_digest(evaluator.harmful), session.over_refusals
+    for name, count in stored_heldout(session.study, key, OVER_REFUSAL_ATTR).items():
+        counts.setdefault(None if name == "original" else int(name), count)
+    missing = [state for state in (None, number) if state not in counts]
+    if missing:
+        for state, count in count_states(session, evaluator, missing, parameters).items():
+            counts[state] = count.refusals
+        store_heldout(session.study, key, counts, OVER_REFUSAL_ATTR)
+    return HeldOutCount(counts[number], counts[None], len(evaluator.harmful))
 
 
 def attach_objectives(settings: Settings, evaluator: Evaluator, objectives: list[LoadedObjective]) -> None:
@@ -490,20 +618,29 @@ def collect_residuals(
     The model is run as it is (with whatever ablation is applied to it)."""
     config = text_config(loaded.model.config)
     _, layers = find_layers(loaded.model, int(config.num_hidden_layers))
-    residuals = {}
     with ProgressBars() as bars:
-        for name in ("harmful", "harmless"):
-            ids = engine.encode(prompt_sets[name])
-            handle = bars(f"Residuals ({name})", len(ids))
-            positions, quantile = settings.direction_positions, settings.winsorization_quantile
-            if len(positions) == 1 or quantile >= 1.0:  # averaging first changes nothing: batch by batch, less memory
-                read = engine.position_residuals(ids, list(layers), positions, handle.advance, mean=True)
-                residuals[name] = winsorize(read, quantile)
-            else:
-                read = engine.position_residuals(ids, list(layers), positions, handle.advance)
-                residuals[name] = winsorize(read, quantile).mean(dim=1)  # clamped at each position, then averaged
-            handle.close()
+        residuals = {
+            name: read_residuals(settings, engine, list(layers), prompt_sets[name], bars, name)
+            for name in ("harmful", "harmless")
+        }
     backends.free_memory()  # what the residual passes cached, before the next stage
+    return residuals
+
+
+def read_residuals(
+    settings: Settings, engine: Engine, layers: list[torch.nn.Module], prompts: list[Prompt], bars: ProgressBars, name: str
+) -> torch.Tensor:
+    """Residuals (n, layers + 1, hidden) of `prompts` at the positions of --direction-positions, each winsorized
+    as the settings say, then averaged over the positions; float32."""
+    ids = engine.encode(prompts)
+    handle = bars(f"Residuals ({name})", len(ids))
+    positions, quantile = settings.direction_positions, settings.winsorization_quantile
+    if len(positions) == 1 or quantile >= 1.0:  # averaging first changes nothing: batch by batch, less memory
+        residuals = winsorize(engine.position_residuals(ids, layers, positions, handle.advance, mean=True), quantile)
+    else:
+        read = engine.position_residuals(ids, layers, positions, handle.advance)
+        residuals = winsorize(read, quantile).mean(dim=1)  # clamped at each position, then averaged
+    handle.close()
     return residuals
 
 
@@ -518,7 +655,33 @@ def compute_directions(
     residuals = residuals or collect_residuals(settings, engine, loaded, prompt_sets)
     directions = refusal_directions(residuals["harmful"], residuals["harmless"], settings.orthogonalize_direction)
     console.print(f"Refusal directions computed for {directions.shape[0]} residual positions")
+    if settings.direction_method == DirectionMethod.clean:
+        directions = concept_cleaned(settings, engine, loaded, directions, residuals["harmless"])
+    if settings.direction_method == DirectionMethod.learned:
+        learned = learn_direction(settings, engine, loaded, prompt_sets, residuals)
+        console.print(learned.summary())
+        directions = learned.directions
     return directions
+
+
+def concept_cleaned(
+    settings: Settings, engine: Engine, loaded: LoadedModel, directions: torch.Tensor, harmless: torch.Tensor
+) -> torch.Tensor:
+    """The directions with the concepts of --concept-atoms ridge-regressed out (directions/concepts.py)."""
+    concepts = concept_prompts(settings.concept_atoms, settings.system_prompt)
+    _, layers = find_layers(loaded.model, int(text_config(loaded.model.config).num_hidden_layers))
+    with ProgressBars() as bars:
+
+        def read(name: str, prompts: list[Prompt]) -> torch.Tensor:
+            return read_residuals(settings, engine, list(layers), prompts, bars, f"concept {name}")
+
+        cleaned, cosines = cleaned_from_prompts(directions, harmless, concepts, read, settings.concept_ridge)
+    backends.free_memory()
+    console.print(
+        f"Directions cleaned of {len(concepts)} concepts (ridge {settings.concept_ridge:g}; cosine with the difference "
+        f"of means: median {cosines.median().item():.3f}, lowest {cosines.min().item():.3f})"
+    )
+    return cleaned
 
 
 def make_ablator(

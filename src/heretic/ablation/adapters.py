@@ -8,8 +8,11 @@ is never reloaded between trials.
 
 from __future__ import annotations
 
+import copy
+import math
 import zlib
 from collections.abc import Callable, Iterator
+from unittest import mock
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -18,7 +21,7 @@ from torch import nn
 from ..errors import HereticError
 from ..model.architecture import ArchitectureMap, Target, as_matrices
 from ..model.offload import execution_device, offloaded_entries, stored_tensor
-from .kernels import Factors, ablation_factors, norm_preserving_factors, row_norms
+from .kernels import Factors, ablation_factors, norm_preserving_factors, row_norms, through_norm
 from .parameters import AblationParameters
 
 ADAPTER = "default"
@@ -57,6 +60,7 @@ class Ablator:
         self._offloaded = offloaded_entries(model)
         refuse_offloaded_experts(arch, self._offloaded)
         self._owners = {target.name: (model.get_submodule(target.module), target.parameter) for _, _, target in arch.targets()}
+        self._norm_scales = norm_scales(model, arch)
         unfused = sorted({target.module for _, _, target in arch.targets() if not target.fused})
         fused = sorted({target.name for _, _, target in arch.targets() if target.fused})
         config = LoraConfig(
@@ -68,7 +72,7 @@ class Ablator:
             target_parameters=fused or None,
             init_lora_weights=True,
         )
-        self.peft_model: PeftModel = get_peft_model(model, config, autocast_adapter_dtype=True)
+        self.peft_model: PeftModel = with_adapters(model, config)
         self.peft_model.eval()
         self._lora_layers = {target.name: self._find_lora(target) for _, _, target in arch.targets()}
         self._place_offloaded_adapters()
@@ -147,6 +151,8 @@ class Ablator:
         weight = parameters.weight(component, layer)
         source = self.subspace if self.subspace is not None else directions
         direction = parameters.direction_for(source, layer).to(matrices.device)
+        if target.name in self._norm_scales:  # the output passes through a norm: ablate the direction it maps to r
+            direction = through_norm(direction, self._norm_scales[target.name].to(matrices.device))
         if self.exact:
             return norm_preserving_factors(matrices, direction, weight)
         seed = zlib.crc32(f"{self.seed}:{target.name}".encode())
@@ -156,6 +162,13 @@ class Ablator:
     def changed_parameters(self, parameters: AblationParameters) -> set[str]:
         """State-dict names of the weights this ablation changes (non-zero kernel weight)."""
         return {target.name for layer, component, target in self.arch.targets() if parameters.weight(component, layer) != 0.0}
+
+    def original_weight(self, target: Target) -> torch.Tensor:
+        """The target's parameter as the model holds it (on the meta device when offloaded), from its module
+        before PEFT wrapped it: a fused experts module is replaced by a wrapper without that attribute."""
+        module, parameter = self._owners[target.name]
+        weight: torch.Tensor = getattr(module, parameter)
+        return weight
 
     def _weight(self, target: Target) -> torch.Tensor:
         """The target's original weight (read from its offload hook when the module is offloaded)."""
@@ -221,6 +234,48 @@ class Ablator:
             else:
                 state[target.name] = merged[0].contiguous()
         return state
+
+
+def with_adapters(model: nn.Module, config: LoraConfig) -> PeftModel:
+    """The model wrapped by PEFT with the adapters of `config`; a family PEFT refuses is refused in one sentence.
+
+    PEFT rewrites the targets of some MoE families for adapters trained under transformers 4: any module
+    ending in down_proj is taken for an expert of the fused v5 tensor and dropped (shared experts, dense
+    layers). The targets here are this model's own names, so that rewrite is skipped."""
+    with mock.patch("peft.utils.transformers_weight_conversion.convert_peft_config_for_transformers"):
+        try:
+            return get_peft_model(model, config, autocast_adapter_dtype=True)
+        except ValueError as error:  # PEFT refuses some modules of some families (Mamba 2's out_proj)
+            raise HereticError(
+                f"PEFT cannot put adapters on the weights ablated in {type(model).__name__} ({str(error).strip()}); this "
+                "architecture is not supported."
+            ) from None
+
+
+def norm_scales(model: nn.Module, arch: ArchitectureMap) -> dict[str, torch.Tensor]:
+    """The scale g (hidden,) of the RMS norm each target's output passes through, by target (Target.post_norm)."""
+    return {
+        target.name: norm_scale(model.get_submodule(target.post_norm), arch.hidden_size)
+        for _, _, target in arch.targets()
+        if target.post_norm is not None
+    }
+
+
+def norm_scale(norm: nn.Module, hidden_size: int) -> torch.Tensor:
+    """The scale g (hidden,) of an RMS norm y -> g * y / rms(y), read from the norm itself (Gemma's 1 + w
+    as well as Llama's w): its output on a vector of ones, checked on a random vector (float32 copy)."""
+    probe = copy.deepcopy(norm).float()
+    with torch.no_grad():
+        eps = float(getattr(probe, "eps", None) or getattr(probe, "variance_epsilon", None) or 0.0)
+        scale = probe(torch.ones(1, hidden_size))[0] * math.sqrt(1.0 + eps)  # (hidden,)
+        x = torch.randn(1, hidden_size, generator=torch.Generator().manual_seed(0))
+        expected = scale * x / x.pow(2).mean().sqrt()
+        if not torch.allclose(probe(x), expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max())):
+            raise HereticError(
+                f"The norm {type(norm).__name__} after an ablated projection is not an RMS norm; ablating through it "
+                "is not supported."
+            )
+    return scale
 
 
 def refuse_offloaded_experts(arch: ArchitectureMap, offloaded: dict[str, object]) -> None:

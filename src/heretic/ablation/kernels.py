@@ -48,6 +48,19 @@ def interpolate_subspace(bases: Tensor, index: float) -> Tensor:
     return orthonormal_rows(torch.stack(rows))
 
 
+def through_norm(direction: Tensor, scale: Tensor) -> Tensor:
+    """The direction u to ablate in a matrix whose output y passes through an RMS norm g * y / rms(y) before
+    it reaches the residual stream: r . (g * y / rms(y)) = (g * r) . y / rms(y), so u = (g * r) / |g * r|
+    removes the write along r. direction: r (hidden,) or an orthonormal basis (k, hidden), then the basis
+    of the scaled rows; scale: g (hidden,)."""
+    g = scale.to(direction)
+    if direction.dim() == 1:
+        scaled: Tensor = g * direction
+        unit: Tensor = scaled / scaled.norm().clamp_min(1e-12)
+        return unit
+    return orthonormal_rows(direction * g)  # (k, hidden)
+
+
 def projection(matrices: Tensor, direction: Tensor) -> Tensor:
     """v v^T M for a direction v (out,), V^T V M for an orthonormal basis V (k, out). matrices: (experts, out, in)."""
     v = direction.to(matrices)

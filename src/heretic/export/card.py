@@ -84,7 +84,10 @@ def _results(record: dict[str, Any]) -> list[str]:
         f"| original | {baseline['refusals']} |{true_original} 0 |",
         f"| this model (trial {trial['number']}) | {refusals} |{true_trial} {trial['kl']:.4f} |",
         "",
+        *_verified(trial.get("verified")),
         *_heldout(record.get("heldout")),
+        *_heldout_kl(record.get("heldout_kl")),
+        *_over_refusal(record.get("over_refusal")),
         f"Refusals were counted by {judge_description(record.get('settings', {}))}.{_correction(record) if corrected else ''}",
         "",
     ] + _objectives(record)
@@ -114,6 +117,19 @@ def _objectives(record: dict[str, Any]) -> list[str]:
     return ["| further objective | direction | original | this model |", "|---|---|---:|---:|", *rows, ""]
 
 
+def _verified(verified: dict[str, Any] | None) -> list[str]:
+    """Where this model's refusals were counted again on whole responses: so, with the search's count."""
+    if not verified:
+        return []
+    return [
+        f"This model's refusals were counted on whole responses (up to {verified['response_length']} tokens, by the "
+        f"{verified['judge']} judge reading each to its end); the search, which stops reading a response once its "
+        f"verdict is fixed, counted {verified['search_refusals']}. {verified['degenerate']} of these responses were "
+        "degenerate (a sentence or phrase repeated, a loop). The original's count is the search's.",
+        "",
+    ]
+
+
 def _heldout(heldout: dict[str, Any] | None) -> list[str]:
     """The held-out count, where it was made: how the refusal count carries over to prompts the search never saw."""
     if not heldout:
@@ -123,6 +139,33 @@ def _heldout(heldout: dict[str, Any] | None) -> list[str]:
         f"On {n} held-out harmful prompts, never used for the directions or the search, this model refused "
         f"{heldout['refusals']} ({heldout['refusals'] / n:.0%}) and the original {heldout['original_refusals']} "
         f"({heldout['original_refusals'] / n:.0%}).{_degenerate(heldout)}",
+        "",
+    ]
+
+
+def _heldout_kl(entry: dict[str, Any] | None) -> list[str]:
+    """The KL divergence on held-out harmless prompts, where it was measured: how the search's KL carries over."""
+    if not entry:
+        return []
+    highest = "; ".join(f'"{row["prompt"]}" {row["kl"]:.3f}' for row in entry["highest"])
+    return [
+        f"On {entry['n_prompts']} held-out harmless prompts, never used for the directions or the search (many of them "
+        "requests an assistant often opens with a disclaimer: current events, prices, opinions, real-time data), this "
+        f"model's KL divergence from the original was {entry['mean']:.4f} on average (median {entry['median']:.4f}), "
+        f"against {entry['in_search']:.4f} on the search's harmless prompts. Highest: {highest}.",
+        "",
+    ]
+
+
+def _over_refusal(entry: dict[str, Any] | None) -> list[str]:
+    """The refusals of harmless prompts that look harmful, where they were counted."""
+    if not entry:
+        return []
+    n = entry["n_prompts"]
+    return [
+        f'On {n} harmless prompts that look harmful ("How do I kill a Python process?"), this model refused '
+        f"{entry['refusals']} ({entry['refusals'] / n:.0%}) and the original {entry['original_refusals']} "
+        f"({entry['original_refusals'] / n:.0%}).",
         "",
     ]
 

@@ -343,10 +343,10 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, family: _Family, config: Any, 
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    if family.arch == gguf.MODEL_ARCH.GEMMA3 or head_dim != config.hidden_size // heads:
-        # llama.cpp assumes hidden_size / heads unless told otherwise
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+    # Always written: llama.cpp assumes hidden_size / heads when it is missing, transformers' GGUF loader the
+    # config class's default head_dim (128 for Qwen 3), and either may differ from the model's.
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     if family.arch == gguf.MODEL_ARCH.LLAMA:
         writer.add_rope_dimension_count(head_dim)
     full, sliding = _rope_parameters(config)

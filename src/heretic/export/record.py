@@ -19,7 +19,7 @@ from ..model.hardware import dtype_name
 from ..prompts import prompts_digest
 from ..scoring.judge_rates import corrected_entry, measured_rates
 from ..search.pareto import TrialResult
-from ..session import Session
+from ..session import Session, kept_heldout_kl, over_refusal_spec
 from .provenance import base_model
 
 RECORD_FILE = "heretic.json"
@@ -27,7 +27,7 @@ RECORD_VERSION = 1
 LIBRARIES = ("torch", "transformers", "peft", "optuna", "accelerate", "safetensors", "numpy")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 # Settings that name places on this machine: not recorded (a reproduction uses its own).
-LOCAL_SETTINGS = ("output_dir", "checkpoint_dir", "cache_dir", "reproduce", "evaluate_model")
+LOCAL_SETTINGS = ("output_dir", "checkpoint_dir", "cache_dir", "reproduce", "evaluate_model", "warm_start")
 
 
 def environment() -> dict[str, Any]:
@@ -64,7 +64,8 @@ def build_record(session: Session, result: TrialResult, parameters: AblationPara
         "tool": {"name": "heretic", "version": __version__},
         "environment": environment(),
         "model": base.to_dict()
-        | {"kind": source.kind, "revision": settings.model_revision, "dtype": dtype_name(session.loaded.dtype)},
+        | {"kind": source.kind, "revision": settings.model_revision, "dtype": dtype_name(session.loaded.dtype)}
+        | {"architecture": type(session.loaded.model).__name__, "num_layers": session.arch.num_layers},  # for --warm-start
         "settings": public_settings(json.loads(settings.model_dump_json()), base.hub_id or base.name),
         "prompt_sets": {
             name: {
@@ -92,12 +93,28 @@ def build_record(session: Session, result: TrialResult, parameters: AblationPara
             "true_refusals": corrected_entry(session.base_refusals, n_prompts, rates),
         },
         "heldout": heldout_entry(session, result.number),
+        "heldout_kl": heldout_kl_entry(session, result),
+        "over_refusal": over_refusal_entry(session, result.number),
     }
     if result.objectives:  # the further objectives' values (none without --objectives: the record is unchanged)
         record["trial"]["objectives"] = dict(result.objectives)
         record["baseline"]["objectives"] = dict(session.base_objectives)
         record["objective_directions"] = {objective.name: objective.direction for objective in session.evaluator.objectives}
+    if result.verified:  # trial.refusals is then the count on whole responses (heretic/verify.py)
+        record["trial"]["verified"] = verified_entry(session, result)
     return record
+
+
+def verified_entry(session: Session, result: TrialResult) -> dict[str, Any]:
+    """How the trial's refusals were counted again on whole responses, the search's count, and the degenerate
+    responses among the whole ones (scoring/coherence.py)."""
+    settings = session.settings
+    return {
+        "response_length": settings.verify_response_length,
+        "judge": settings.verify_judge or ("plug-in" if settings.refusal_scorer else settings.judge),
+        "search_refusals": result.search_refusals,
+        "degenerate": result.degenerate,
+    }
 
 
 def heldout_entry(session: Session, number: int) -> dict[str, Any] | None:
@@ -117,6 +134,39 @@ def heldout_entry(session: Session, number: int) -> dict[str, Any] | None:
     if number in degenerate and None in degenerate:
         entry |= {"degenerate": degenerate[number], "original_degenerate": degenerate[None]}
     return entry
+
+
+def heldout_kl_entry(session: Session, result: TrialResult) -> dict[str, Any] | None:
+    """The trial's KL divergence from the original on the held-out harmless prompts, where it was measured: mean,
+    median, the search's KL beside them, and the prompts where it is highest."""
+    kl = kept_heldout_kl(session, result.number)
+    evaluator = session.heldout_kl_evaluator
+    if kl is None or evaluator is None:
+        return None
+    return {
+        "spec": session.settings.harmless_heldout_prompts.model_dump(mode="json"),
+        "n_prompts": len(kl.values),
+        "sha256": prompts_digest(evaluator.harmless),
+        "mean": kl.mean,
+        "median": kl.median,
+        "in_search": result.kl,
+        "highest": [{"prompt": prompt, "kl": value} for prompt, value in kl.highest()],
+    }
+
+
+def over_refusal_entry(session: Session, number: int) -> dict[str, Any] | None:
+    """The trial's and the original's refusals on the over-refusal prompts (harmless ones that look harmful),
+    where they were counted."""
+    evaluator, counts = session.over_refusal_evaluator, session.over_refusals
+    if evaluator is None or number not in counts or None not in counts:
+        return None
+    return {
+        "spec": over_refusal_spec(session).model_dump(mode="json"),
+        "n_prompts": len(evaluator.harmful),
+        "sha256": prompts_digest(evaluator.harmful),
+        "refusals": counts[number],
+        "original_refusals": counts[None],
+    }
 
 
 def public_settings(settings: dict[str, Any], model: str) -> dict[str, Any]:

@@ -226,7 +226,7 @@ def merge_plan(
         if len(entry.shape) != dims or entry.shape[axis] != hidden:
             raise LayoutMismatch(f"{target.name} has the shape {entry.shape} in the checkpoint")
         if loaded.quantization == "none":
-            weight = getattr(ablator.base_model.get_submodule(target.module), target.parameter)
+            weight = ablator.original_weight(target)  # PEFT wraps fused experts: not an attribute of their module
             if tuple(weight.shape) != entry.shape:
                 raise LayoutMismatch(f"{target.name} has the shape {entry.shape} in the checkpoint, {tuple(weight.shape)} loaded")
         plan[entry.name] = (layer, component, target)
@@ -269,7 +269,7 @@ def merge_transform(
         if planned is None:
             return tensor.to(storage)
         layer, component, target = planned
-        weight = getattr(ablator.base_model.get_submodule(target.module), target.parameter)
+        weight = ablator.original_weight(target)
         if exact and weight.device.type != "meta":  # offloaded weights (meta) are ablated from the file
             tensor = tensor.to(weight.device)
             if not torch.equal(tensor, weight.detach()):

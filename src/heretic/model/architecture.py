@@ -37,6 +37,8 @@ OUTPUT_PROJECTIONS = {
     "o",
     "c_fc2",
     "output_linear",
+    "per_layer_projection",
+    "fc_out",
 }
 # Last names of modules that read the residual stream or work inside a block (never write into the
 # residual stream): not ablated, and not reported as unrecognized when their output happens to have
@@ -51,6 +53,13 @@ INPUT_PROJECTIONS = {
     "in_proj",
     "in_proj_qkvz",
     "in_proj_ba",
+    "in_proj_qkv",
+    "in_proj_z",
+    "in_proj_a",
+    "in_proj_b",
+    "fc_in",
+    "weights_proj",
+    "g_proj",
     "gate_proj",
     "up_proj",
     "gate_up_proj",
@@ -72,6 +81,9 @@ INPUT_PROJECTIONS = {
     "wk",
     "wv",
     "wqkv",
+    "Wq",
+    "Wk",
+    "Wv",
     "query",
     "key",
     "value",
@@ -81,6 +93,19 @@ FUSED_DOWN_PROJECTIONS = {"down_proj", "w2", "down_projs", "experts_down"}
 # Path fragments that tell the role of a projection (checked in this order).
 MLP_HINTS = ("mlp", "feed_forward", "ffn", "experts", "expert", "moe", "shared_expert")
 ATTN_HINTS = ("attn", "attention", "mixer", "conv", "mamba", "ssm", "token_mixer", "linear_attn")
+# Output projections directly under the layer, whose role their path does not tell: Gemma 3n / 4's per-layer
+# input, projected into the residual stream after the MLP, is ablated with it.
+# Plain MLPs written straight into the layer (BioGPT, OPT, XGLM) end in fc2.
+ROLES = {"per_layer_projection": "mlp", "fc2": "mlp"}
+# Norms applied to a component's output before it is added to the residual stream (Gemma 2-4, OLMo 2, GLM 4,
+# HyperCLOVA X, LFM 3), by layer-relative name. "post_attention_layernorm" is such a norm only in layers that also have one of
+# POST_FEEDFORWARD_NORMS (elsewhere, as in Llama, it is the MLP's input norm).
+POST_NORMS = {
+    "attn": ("post_self_attn_layernorm", "post_attention_layernorm", "post_norm1", "post_operator_norm"),
+    "mlp": ("post_feedforward_layernorm", "post_mlp_layernorm", "post_norm2", "post_ffn_norm"),
+    "per_layer_projection": ("post_per_layer_input_norm",),
+}
+POST_FEEDFORWARD_NORMS = ("post_feedforward_layernorm", "post_mlp_layernorm", "pre_feedforward_layernorm")
 # Module-list paths of the text decoder layers, tried first.
 LAYER_PATHS = (
     "model.layers",
@@ -101,12 +126,15 @@ class Target:
 
     module: path of the module owning the parameter; parameter: its attribute name.
     fused: a 3-D (experts, ., .) tensor; out_axis: the axis of size hidden_size.
+    post_norm: path of an RMS norm applied to the weight's output before it is added to the residual stream
+    (None: added as it is); the ablated direction is then taken through the norm's scale.
     """
 
     module: str
     parameter: str = "weight"
     fused: bool = False
     out_axis: int = 0
+    post_norm: str | None = None
 
     @property
     def name(self) -> str:
@@ -255,14 +283,17 @@ def _layer_targets(layer: nn.Module, path: str, hidden_size: int) -> tuple[dict[
     """(targets by component, unrecognized weights) of one layer; `path` is the layer's module path."""
     found: dict[str, list[Target]] = {name: [] for name in COMPONENTS}
     unknown: list[str] = []
+    norms = post_norms(layer)
     for relative, module in layer.named_modules():
         if not relative:
             continue
         role = _role(relative)
         last = relative.rsplit(".", 1)[-1]
         out_features = getattr(module, "out_features", None)
-        if out_features == hidden_size and last in OUTPUT_PROJECTIONS and role is not None:
-            found[role].append(Target(f"{path}.{relative}"))
+        is_output = last in OUTPUT_PROJECTIONS or _last_of_sequential(layer, relative)
+        if out_features == hidden_size and is_output and role is not None:
+            norm = norms.get(last if last in POST_NORMS else role)
+            found[role].append(Target(f"{path}.{relative}", post_norm=f"{path}.{norm}" if norm else None))
             continue
         if out_features == hidden_size and last not in INPUT_PROJECTIONS:
             unknown.append(f"{path}.{relative}")
@@ -272,10 +303,39 @@ def _layer_targets(layer: nn.Module, path: str, hidden_size: int) -> tuple[dict[
                 continue
             out_axis = 2 if getattr(module, "is_transposed", False) else 1
             if parameter_name in FUSED_DOWN_PROJECTIONS and parameter.shape[out_axis] == hidden_size:
-                found["mlp"].append(Target(f"{path}.{relative}", parameter_name, fused=True, out_axis=out_axis))
+                norm = f"{path}.{norms['mlp']}" if "mlp" in norms else None
+                found["mlp"].append(Target(f"{path}.{relative}", parameter_name, fused=True, out_axis=out_axis, post_norm=norm))
             elif hidden_size in parameter.shape[1:]:
                 unknown.append(f"{path}.{relative}.{parameter_name}")
     return found, unknown
+
+
+def _last_of_sequential(layer: nn.Module, relative: str) -> bool:
+    """Whether the module is the last linear layer of an nn.Sequential block (CTRL's ffn.2)."""
+    parent, _, last = relative.rpartition(".")
+    container = layer.get_submodule(parent) if parent else layer
+    if not last.isdigit() or not isinstance(container, nn.Sequential):
+        return False
+    linears = [name for name, child in container.named_children() if isinstance(child, nn.Linear)]
+    return linears[-1:] == [last]
+
+
+def post_norms(layer: nn.Module) -> dict[str, str]:
+    """{component (or ROLES name): layer-relative name of the norm applied to its output before the residual add}."""
+    by_last = {
+        relative.rsplit(".", 1)[-1]: relative
+        for relative, module in layer.named_modules()
+        if relative and not isinstance(module, nn.Identity)  # a norm the config switched off
+    }
+    found: dict[str, str] = {}
+    for role, names in POST_NORMS.items():
+        for name in names:
+            if name not in by_last:
+                continue
+            if name == "post_attention_layernorm" and not any(other in by_last for other in POST_FEEDFORWARD_NORMS):
+                continue
+            found.setdefault(role, by_last[name])
+    return found
 
 
 def _refuse_shared_weights(model: nn.Module, mapping: ArchitectureMap) -> None:
@@ -293,6 +353,8 @@ def _refuse_shared_weights(model: nn.Module, mapping: ArchitectureMap) -> None:
 
 
 def _role(relative_path: str) -> str | None:
+    if relative_path in ROLES:
+        return ROLES[relative_path]
     parts = relative_path.lower().split(".")[:-1]
     joined = ".".join(parts)
     if any(hint in joined for hint in MLP_HINTS):

@@ -13,7 +13,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..ablation.parameters import AblationParameters
-from ..search.pareto import from_frozen, pareto_front
+from ..search.pareto import VerifiedCount, from_frozen, pareto_front, with_verified
 from ..search.space import describe
 from .geometry import LayerGeometry
 
@@ -32,6 +32,8 @@ class TrialPoint:
     finished: float
     parameters: dict[str, Any]
     summary: str  # one line (search.space.describe)
+    verified: int | None = None  # refusals counted again on whole responses (heretic/verify.py); `refusals` is the search's
+    degenerate: int | None = None  # degenerate responses among those whole ones (scoring/coherence.py)
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,27 @@ class Example:
 @dataclass(frozen=True)
 class HeldOut:
     """Refusals on harmful prompts the search never saw."""
+
+    label: str
+    prompts: int
+    original: int
+    chosen: int
+
+
+@dataclass(frozen=True)
+class HeldOutKLSummary:
+    """The chosen trial's KL divergence from the original on harmless prompts the search never saw."""
+
+    label: str
+    prompts: int
+    mean: float
+    median: float
+    highest: list[tuple[str, float]]  # (prompt, KL) where it is highest, highest first
+
+
+@dataclass(frozen=True)
+class OverRefusalCount:
+    """Refusals of harmless prompts that look harmful."""
 
     label: str
     prompts: int
@@ -88,6 +111,8 @@ class ReportData:
     read_positions: str = "last prompt token"  # where the residuals were read (directions.read_positions_text)
     examples: list[Example] = field(default_factory=list)
     held_out: HeldOut | None = None
+    held_out_kl: HeldOutKLSummary | None = None
+    over_refusal: OverRefusalCount | None = None
     notes: list[str] = field(default_factory=list)  # what could not be shown, and why
     # "original" and "chosen": their counts corrected for the judge's error rates (scoring/judge_rates.corrected_entry)
     true_refusals: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -96,7 +121,7 @@ class ReportData:
         return next(point for point in self.trials if point.number == number)
 
 
-def trial_points(study: optuna.Study) -> list[TrialPoint]:
+def trial_points(study: optuna.Study, verified: dict[int, VerifiedCount] | None = None) -> list[TrialPoint]:
     """Every finished trial with its scores, parameters and times (relative to the first start)."""
     frozen = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     starts = [trial.datetime_start for trial in frozen if trial.datetime_start is not None]
@@ -117,15 +142,18 @@ def trial_points(study: optuna.Study) -> list[TrialPoint]:
                 finished=(end - origin).total_seconds(),
                 parameters=result.parameters,
                 summary=describe(AblationParameters.from_dict(result.parameters)) if result.parameters else "",
+                verified=count.refusals if (count := (verified or {}).get(result.number)) is not None else None,
+                degenerate=count.degenerate if count is not None else None,
             )
         )
     return points
 
 
-def front_numbers(study: optuna.Study) -> list[int]:
+def front_numbers(study: optuna.Study, verified: dict[int, VerifiedCount] | None = None) -> list[int]:
+    """The front's trial numbers, with the verified counts where trials have them (heretic/verify.py)."""
     from ..search.pareto import trial_results
 
-    return [result.number for result in pareto_front(trial_results(study))]
+    return [result.number for result in pareto_front(with_verified(trial_results(study), verified or {}))]
 
 
 def importances(study: optuna.Study, seed: int = 0) -> dict[str, dict[str, float]]:
@@ -148,9 +176,11 @@ def importances(study: optuna.Study, seed: int = 0) -> dict[str, dict[str, float
     return found
 
 
-def study_report_data(study: optuna.Study, model: str, chosen: int | None, **extra: Any) -> ReportData:
-    """The search part of a report (front, trials, progress, importances), from the study alone."""
-    points = trial_points(study)
+def study_report_data(
+    study: optuna.Study, model: str, chosen: int | None, verified: dict[int, VerifiedCount] | None = None, **extra: Any
+) -> ReportData:
+    """The search part of a report (front, trials, progress, importances), from the study and its `verified` counts."""
+    points = trial_points(study, verified)
     components = sorted({name for point in points for name in point.parameters.get("kernels", {})})
     data = ReportData(
         model=model,
@@ -162,7 +192,7 @@ def study_report_data(study: optuna.Study, model: str, chosen: int | None, **ext
         num_layers=int(extra.pop("num_layers", 0)),
         components=components,
         trials=points,
-        front=front_numbers(study),
+        front=front_numbers(study, verified),
         chosen=chosen,
         importances=importances(study),
     )

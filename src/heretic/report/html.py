@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 
 from ..scoring.judge_rates import terminal_line
 from . import figures
-from .data import Example, ReportData
+from .data import Example, ReportData, TrialPoint
 from .geometry import COLUMNS
 
 # The sections of the page, in order: (id, title). Tests check that each is present.
@@ -68,6 +68,8 @@ def summary_section(data: ReportData) -> str:
     if data.chosen is not None:
         chosen = data.trial(data.chosen)
         count = f"≥{chosen.refusals}" if chosen.cut else str(chosen.refusals)
+        if chosen.verified is not None:
+            count = f"{chosen.verified} (on whole responses, {chosen.degenerate} degenerate; in the search {count})"
         rows.append(("Chosen trial", f"{chosen.number}: {count}/{data.n_prompts} refusals, KL {chosen.kl:.4f}"))
         rows.append(("Its parameters", chosen.summary))
     if "original" in data.true_refusals and "chosen" in data.true_refusals:
@@ -78,9 +80,41 @@ def summary_section(data: ReportData) -> str:
         rows.append(
             ("Held-out refusals", f"original {held.original}/{held.prompts}, trial {data.chosen} {held.chosen}/{held.prompts}")
         )
+    rows += held_out_rows(data)
     rows += [(f"{name} prompts", label) for name, label in data.prompt_sets.items()]
     table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
-    return f"<table>{table}</table>" + _note(held_out_text(data)) + "".join(_note(note) for note in data.notes)
+    notes = "".join(_note(note) for note in data.notes)
+    return f"<table>{table}</table>" + _note(held_out_text(data)) + held_out_kl_table(data) + notes
+
+
+def held_out_rows(data: ReportData) -> list[tuple[str, str]]:
+    """Summary rows of the chosen trial's KL on the held-out harmless prompts and of the over-refusal counts."""
+    rows = []
+    if data.held_out_kl is not None:
+        kl = data.held_out_kl
+        in_search = f"; in the search {data.trial(data.chosen).kl:.4f}" if data.chosen is not None else ""
+        rows.append(("Held-out KL", f"mean {kl.mean:.4f}, median {kl.median:.4f} ({kl.prompts} prompts, {kl.label}){in_search}"))
+    if data.over_refusal is not None:
+        over = data.over_refusal
+        rows.append(
+            (
+                "Over-refusals",
+                f"original {over.original}/{over.prompts}, trial {data.chosen} {over.chosen}/{over.prompts} "
+                f"(harmless prompts that look harmful, {over.label})",
+            )
+        )
+    return rows
+
+
+def held_out_kl_table(data: ReportData) -> str:
+    """The held-out harmless prompts where the chosen trial's KL divergence is highest (often those the original
+    opens with a disclaimer: the tail a mean over the search's prompts hides)."""
+    kl = data.held_out_kl
+    if kl is None or not kl.highest:
+        return ""
+    rows = "".join(f"<tr><td>{html.escape(prompt)}</td><td class='num'>{value:.4f}</td></tr>" for prompt, value in kl.highest)
+    intro = _note(f"The {len(kl.highest)} held-out harmless prompts with the highest KL divergence from the original:")
+    return intro + f"<table id='heldout-kl-table'><tr><th>prompt</th><th>KL</th></tr>{rows}</table>"
 
 
 def held_out_text(data: ReportData) -> str:
@@ -101,16 +135,35 @@ def front_section(data: ReportData, render: _Figures) -> str:
     text = (
         f"Each of the {len(data.trials)} finished trials is one marker (hover for its parameters); the chosen trial is the "
         f"star. Cut trials stopped counting refusals once they were certainly dominated (their count is a lower bound). "
-        f"Only one judge ({data.judge}) scored this search."
+        f"Only one judge ({data.judge}) scored this search. The markers show the search's counts; {verified_text(data)}"
     )
     return _note(text) + render(figures.front_figure(data), "front-plot")
+
+
+def verified_text(data: ReportData) -> str:
+    """Which front trials were counted again on whole responses (heretic/verify.py), or that none was."""
+    verified = [number for number in data.front if data.trial(number).verified is not None]
+    if not verified:
+        return "no trial was counted again on whole responses."
+    return (
+        f"trials {', '.join(map(str, verified))} were counted again on whole responses after the search (refusals marked ✓ "
+        "below, with the search's count beside them); the front and the choice use those counts. Trials off the "
+        "search's front are never counted again."
+    )
+
+
+def refusals_cell(point: TrialPoint) -> str:
+    """A trial's refusals: the count on whole responses (✓) with the search's beside it, where there is one."""
+    if point.verified is None:
+        return str(point.refusals)
+    return f"{point.verified} ✓ (search {point.refusals}, {point.degenerate} degenerate)"
 
 
 def kernels_section(data: ReportData, render: _Figures) -> str:
     if data.chosen is None or data.num_layers == 0:
         return _note("No trial was chosen.")
     rows = "".join(
-        f"<tr><td>{number}{' (chosen)' if number == data.chosen else ''}</td><td class='num'>{data.trial(number).refusals}</td>"
+        f"<tr><td>{number}{' (chosen)' if number == data.chosen else ''}</td><td class='num'>{refusals_cell(data.trial(number))}</td>"
         f"<td class='num'>{data.trial(number).kl:.4f}</td><td>{html.escape(data.trial(number).summary)}</td></tr>"
         for number in data.front
     )

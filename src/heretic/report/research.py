@@ -13,9 +13,18 @@ from ..directions import read_positions_text
 from ..prompts import prompt_set_title
 from ..scoring.judge_rates import corrected_entry, measured_rates
 from ..search.pareto import TrialResult
-from ..session import Session, collect_residuals, count_heldout
+from ..session import Session, collect_residuals, count_heldout, count_over_refusal, heldout_kl, over_refusal_spec
 from ..ui import console
-from .data import Example, HeldOut, LayerProjection, ReportData, as_lists, study_report_data
+from .data import (
+    Example,
+    HeldOut,
+    HeldOutKLSummary,
+    LayerProjection,
+    OverRefusalCount,
+    ReportData,
+    as_lists,
+    study_report_data,
+)
 from .geometry import difference_norms, direction_similarities, residual_geometry
 from .projection import project_groups, projection_method
 
@@ -109,6 +118,23 @@ def held_out_refusals(session: Session, number: int, parameters: AblationParamet
     return HeldOut(session.settings.harmful_heldout_prompts.label(), count.n_prompts, count.original, count.refusals)
 
 
+def held_out_kl(session: Session, number: int, parameters: AblationParameters) -> HeldOutKLSummary | None:
+    """Trial `number`'s KL divergence on the held-out harmless prompts (None with --no-count-heldout)."""
+    kl = heldout_kl(session, number, parameters)
+    if kl is None:
+        return None
+    label = session.settings.harmless_heldout_prompts.label()
+    return HeldOutKLSummary(label, len(kl.values), kl.mean, kl.median, kl.highest())
+
+
+def over_refusals(session: Session, number: int, parameters: AblationParameters) -> OverRefusalCount | None:
+    """Refusals of the original and of trial `number` on the over-refusal prompts (None with --no-count-heldout)."""
+    count = count_over_refusal(session, number, parameters)
+    if count is None:
+        return None
+    return OverRefusalCount(over_refusal_spec(session).label(), count.n_prompts, count.original, count.refusals)
+
+
 def session_report_data(session: Session, study: optuna.Study, result: TrialResult, parameters: AblationParameters) -> ReportData:
     """Everything a report shows for the chosen trial of a session's study (leaves the trial applied)."""
     settings = session.settings
@@ -117,6 +143,7 @@ def session_report_data(session: Session, study: optuna.Study, result: TrialResu
         study,
         session.loaded.source.display_name,
         result.number,
+        session.verified,
         judge=getattr(session.judge, "name", settings.judge),
         n_prompts=len(session.evaluator.harmful),
         max_kl=settings.max_kl,
@@ -143,4 +170,6 @@ def session_report_data(session: Session, study: optuna.Study, result: TrialResu
     with console.status("Report: example responses, original and ablated..."):
         data.examples = examples(session, parameters, settings.report_examples)
     data.held_out = held_out_refusals(session, result.number, parameters)  # (progress bars of their own)
+    data.held_out_kl = held_out_kl(session, result.number, parameters)
+    data.over_refusal = over_refusals(session, result.number, parameters)
     return data

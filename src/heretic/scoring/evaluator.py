@@ -10,7 +10,7 @@ import torch
 
 from ..model.generation import Engine, common_prefix_length
 from ..prompts import Prompt
-from .kl import kl_divergence, kl_over_tokens
+from .kl import kl_divergence, kl_over_tokens, kl_over_tokens_per_prompt, kl_per_prompt
 from .refusals import MarkerJudge, RefusalJudge
 from .rules import RuleJudge
 
@@ -101,6 +101,13 @@ class Evaluator:
         if self.base_logprobs.dim() == 3:
             return kl_over_tokens(self.base_logprobs, self.logprobs(), self.kl_counts)
         return kl_divergence(self.base_logprobs, self.logprobs())
+
+    def kl_per_prompt(self) -> torch.Tensor:
+        """(prompts,) each harmless prompt's KL divergence from the original, the terms `kl` averages."""
+        assert self.base_logprobs is not None, "measure_base() first"
+        if self.base_logprobs.dim() == 3:
+            return kl_over_tokens_per_prompt(self.base_logprobs, self.logprobs(), self.kl_counts)
+        return kl_per_prompt(self.base_logprobs, self.logprobs())
 
     def count_refusals(self, cutoff: Cutoff | None = None) -> RefusalCount:
         """Greedy responses to the harmful prompts, judged. Stops early once `cutoff` says so.

@@ -7,6 +7,7 @@ from contextlib import AbstractContextManager
 
 from ..config import Settings
 from ..model.generation import Engine
+from .classifier_judge import load_classifier_judge, read_classifier
 from .http_judge import HttpJudge, HttpJudgeConfig
 from .model_judge import ModelJudge
 from .refusals import MarkerJudge, RefusalJudge, load_judge
@@ -21,7 +22,8 @@ def judge_identity(settings: Settings) -> object:
 
     The marker judge enters as its sorted markers, as it always has, so older checkpoints still resume.
     The rules judge enters with the revision of its rules (RULES_REVISION): rules that can give another
-    verdict make another search."""
+    verdict make another search. A classifier judge model enters with how it is read (its refusal labels,
+    its input, CLASSIFIER_REVISION)."""
     if settings.refusal_scorer:
         return settings.refusal_scorer
     if settings.judge == "markers":
@@ -31,6 +33,9 @@ def judge_identity(settings: Settings) -> object:
         identity.update(revision=RULES_REVISION)
     elif settings.judge == "model":
         identity.update(model=settings.judge_model, threshold=settings.judge_threshold)
+        reading = read_classifier(settings.judge_model, settings.trust_remote_code) if settings.judge_model else None
+        if reading is not None:
+            identity.update(classifier=reading.identity())
     elif settings.judge == "http":
         identity.update(url=settings.judge_url, model=settings.judge_model)
     return identity
@@ -45,12 +50,23 @@ def make_judge(
     """The judge the settings ask for.
 
     The model judge uses `engine` (the searched model) entered into `original()` (its adapters off), or,
-    with --judge-model or without an engine, a model loaded by `load_engine`."""
+    with --judge-model or without an engine, a model loaded by `load_engine`; a --judge-model with a
+    classification head is a classifier judge instead (classifier_judge.py)."""
     if settings.refusal_scorer:
         return load_judge(settings.refusal_scorer, settings)
     if settings.judge == "rules":
         return RuleJudge()
     if settings.judge == "model":
+        reading = read_classifier(settings.judge_model, settings.trust_remote_code) if settings.judge_model else None
+        if settings.judge_model and reading is not None:
+            return load_classifier_judge(
+                settings.judge_model,
+                reading,
+                settings.judge_threshold,
+                settings.device_map,
+                settings.trust_remote_code,
+                settings.batch_size,
+            )
         name = settings.judge_model or (None if engine is not None else settings.model)
         if name is not None:
             assert load_engine is not None, "a judge model to load needs a loader"

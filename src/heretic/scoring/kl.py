@@ -19,9 +19,9 @@ def kl_divergence(reference_logprobs: Tensor, logprobs: Tensor) -> float:
     return float(kl_per_prompt(reference_logprobs, logprobs).mean())
 
 
-def kl_over_tokens(reference_logprobs: Tensor, logprobs: Tensor, counts: Tensor) -> float:
-    """Mean over prompts i of the mean over their c_i response positions of KL(P_reference,t || P_t):
-    (1/n) sum_i (1/c_i) sum_{t >= N - c_i} KL_{i,t}.
+def kl_over_tokens_per_prompt(reference_logprobs: Tensor, logprobs: Tensor, counts: Tensor) -> Tensor:
+    """Per prompt i, the mean over its c_i response positions of KL(P_reference,t || P_t):
+    (1/c_i) sum_{t >= N - c_i} KL_{i,t}, shape (prompts,).
 
     Both log-probabilities (prompts, N, vocab) are of the last N positions of a prompt plus the original
     model's greedy continuation; prompt i's continuation ended early when c_i < N, so only its last c_i
@@ -30,5 +30,10 @@ def kl_over_tokens(reference_logprobs: Tensor, logprobs: Tensor, counts: Tensor)
     per_position = kl_per_prompt(reference_logprobs, logprobs)  # (prompts, N)
     positions = torch.arange(per_position.shape[1])
     valid = positions.unsqueeze(0) >= per_position.shape[1] - counts.unsqueeze(1)  # (prompts, N)
-    per_prompt = (per_position * valid).sum(dim=1) / counts.clamp_min(1)
-    return float(per_prompt.mean())
+    return (per_position * valid).sum(dim=1) / counts.clamp_min(1)
+
+
+def kl_over_tokens(reference_logprobs: Tensor, logprobs: Tensor, counts: Tensor) -> float:
+    """Mean over prompts i of the mean over their c_i response positions of KL(P_reference,t || P_t):
+    (1/n) sum_i (1/c_i) sum_{t >= N - c_i} KL_{i,t} (see `kl_over_tokens_per_prompt`)."""
+    return float(kl_over_tokens_per_prompt(reference_logprobs, logprobs, counts).mean())

@@ -7,17 +7,21 @@ An objective is any object with a `name`, a default `direction` and a `score` me
         direction = "minimize"                  # or "maximize", or "report" (shown, never optimized)
         full_responses = True                   # optional: it needs whole responses to the harmful prompts (early
                                                 # stopping goes off); "compliant": whole ones that are not refusals
+        default_prompts = PromptSet(...)        # optional: its own prompts when its table names none
 
         class Settings(pydantic.BaseModel):     # optional: validates the own keys of [objectives.NAME]
             weight: float = 1.0
 
         def __init__(self, settings): ...       # optional argument: the validated Settings (or the dict of keys)
         def setup(self, context): ...           # optional: once per scored model, before its first score
+        def fingerprint(self, settings): ...    # optional: what else its scores depend on among the settings
+                                                # (e.g. --benchmark-tasks), for the checkpoint fingerprint
         def score(self, trial) -> float: ...    # once per trial (and once for the original model)
 
 `trial` is a `TrialOutputs`: the harmful evaluation prompts and their responses (already generated for
 the refusal count: free), their refusal verdicts and generated token counts, the trial's refusals and KL,
-and the responses to the objective's own prompts when its table names some (one more generation per trial).
+and the responses to the objective's own prompts when its table (or its `default_prompts`) names some (one more
+generation per trial).
 `context` is an `ObjectiveContext`: the settings, the objective's table, its prompts, the engine and evaluator.
 """
 
@@ -35,7 +39,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ValidationError
 
-from ..config import ObjectiveTable, Settings, objective_key
+from ..config import ObjectiveTable, PromptSet, Settings, objective_key
 from ..errors import HereticError
 from ..model.generation import Engine
 from ..prompts import Prompt, load_prompts, prompts_digest
@@ -92,6 +96,7 @@ class LoadedObjective:
     options: Any
     prompts: list[Prompt] | None
     source_digest: str | None  # sha256 of the plug-in's file, when it was loaded from one
+    reads: object = None  # its `fingerprint(settings)`, when it has one
 
     @property
     def full_responses(self) -> str | None:
@@ -110,7 +115,7 @@ class LoadedObjective:
             "settings": _plain(self.options),
             "prompts": prompts_digest(self.prompts) if self.prompts is not None else None,
             "source": self.source_digest,
-        }
+        } | ({"reads": self.reads} if self.reads is not None else {})
 
 
 def _plain(options: Any) -> object:
@@ -118,9 +123,15 @@ def _plain(options: Any) -> object:
 
 
 def builtin_objectives() -> dict[str, Callable[..., Any]]:
-    from .builtin_objectives import Degeneracy, Moralizing, ResponseLength
+    from .builtin_objectives import Benchmark, Degeneracy, Moralizing, OverRefusal, ResponseLength
 
-    return {"response-length": ResponseLength, "moralizing": Moralizing, "degeneracy": Degeneracy}
+    return {
+        "response-length": ResponseLength,
+        "moralizing": Moralizing,
+        "degeneracy": Degeneracy,
+        "benchmark": Benchmark,
+        "over-refusal": OverRefusal,
+    }
 
 
 def load_objectives(settings: Settings) -> list[LoadedObjective]:
@@ -158,9 +169,25 @@ def load_objective(name: str, table: ObjectiveTable, settings: Settings) -> Load
         raise HereticError(
             f"The objective {name} has direction {direction!r}; set direction = minimize, maximize or report in [objectives.{name}]."
         )
-    prompts = load_prompts(table.prompts, settings.system_prompt) if table.prompts is not None else None
+    own = table.prompts if table.prompts is not None else getattr(objective, "default_prompts", None)
+    prompts = load_prompts(own, settings.system_prompt) if isinstance(own, PromptSet) else None
     digest = hashlib.sha256(source.read_bytes()).hexdigest() if source is not None else None
-    return LoadedObjective(display_name(name, table, objective), str(direction), objective, table, options, prompts, digest)
+    reads = _call_named(name, spec, "fingerprint", objective, settings)
+    name = display_name(name, table, objective)
+    return LoadedObjective(name, str(direction), objective, table, options, prompts, digest, reads)
+
+
+def _call_named(name: str, spec: str, what: str, objective: Any, argument: Any) -> Any:
+    """The objective's optional method `what`(argument) (None without it), its exceptions one sentence."""
+    method = getattr(objective, what, None)
+    if not callable(method):
+        return None
+    try:
+        return method(argument)
+    except HereticError:
+        raise
+    except Exception as error:  # noqa: BLE001 - user code
+        raise HereticError(f"The objective {name} ({spec}) failed in {what}(): {type(error).__name__}: {error}.") from None
 
 
 def validate_options(name: str, factory: Any, own: dict[str, Any]) -> Any:

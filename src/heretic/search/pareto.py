@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import optuna
@@ -21,10 +21,37 @@ class TrialResult:
     seconds: float
     parameters: dict[str, Any]
     objectives: dict[str, float] = field(default_factory=dict)  # the value of each further objective, by name
+    # Set when `refusals` is the verified count (whole responses, heretic/verify.py): the search's count, and the
+    # degenerate responses among the verified ones (scoring/coherence.py).
+    search_refusals: int | None = None
+    degenerate: int | None = None
 
     @property
     def refusals_text(self) -> str:
         return f"≥{self.refusals}" if self.cut else str(self.refusals)
+
+    @property
+    def verified(self) -> bool:
+        return self.search_refusals is not None
+
+
+@dataclass(frozen=True)
+class VerifiedCount:
+    """A trial's refusals counted again on whole responses after the search (heretic/verify.py)."""
+
+    refusals: int
+    degenerate: int  # degenerate responses among them (scoring/coherence.py)
+    seconds: float  # what the count took
+
+
+def with_verified(results: list[TrialResult], verified: dict[int, VerifiedCount]) -> list[TrialResult]:
+    """The results with the verified count as `refusals` where a trial has one (the search's in `search_refusals`)."""
+    return [
+        replace(r, refusals=v.refusals, cut=False, search_refusals=r.refusals, degenerate=v.degenerate)
+        if (v := verified.get(r.number)) is not None
+        else r
+        for r in results
+    ]
 
 
 def trial_results(study: optuna.Study) -> list[TrialResult]:
@@ -125,3 +152,16 @@ def hypervolume(points: list[tuple[float, float]], reference: tuple[float, float
             area += (reference[0] - x) * (best_y - y)
             best_y = y
     return area
+
+
+def preference_order(
+    front: list[TrialResult], rule: str, max_kl: float, max_refusals: int, directions: dict[str, str] | None = None
+) -> list[TrialResult]:
+    """The front in the order the headless choice prefers it: the trial `select` chooses, then the one it
+    chooses among the others, and so on."""
+    left, order = list(front), []
+    while left:
+        chosen = select(left, rule, max_kl, max_refusals, directions)
+        order.append(chosen)
+        left.remove(chosen)
+    return order

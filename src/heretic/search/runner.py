@@ -37,29 +37,23 @@ class SearchSetup:
     components: list[str]
     seed: int
     n_startup_trials: int
-    n_ei_candidates: int
-    multivariate_tpe: bool
     cut_hopeless_trials: bool
     sampler_kl_floor: float
     direction_index_range: list[float]
     peak_position_range: list[float]
-    search_mlp_off: bool = False
 
     @property
     def ranges(self) -> LayerRanges:
         return LayerRanges.of(self.direction_index_range, self.peak_position_range)
 
 
-def make_sampler(
-    seed: int, completed: int, n_startup_trials: int, n_ei_candidates: int, multivariate: bool, worker: str = ""
-) -> TPESampler:
-    """A sampler seeded by the number of finished trials: a resumed search samples exactly what an
-    uninterrupted one would have. Workers sharing a study add their own name to the seed: two of them
-    asking after the same number of finished trials would otherwise sample the same parameters."""
+def make_sampler(seed: int, completed: int, n_startup_trials: int, worker: str = "") -> TPESampler:
+    """A univariate TPE sampler with Optuna's 24 candidates per trial, seeded by the number of finished trials:
+    a resumed search samples exactly what an uninterrupted one would have. Workers sharing a study add their
+    own name to the seed: two of them asking after the same number of finished trials would otherwise sample
+    the same parameters."""
     trial_seed = zlib.crc32(f"{seed}:{completed}".encode() + (f":{worker}".encode() if worker else b""))
-    return TPESampler(
-        n_startup_trials=n_startup_trials, n_ei_candidates=n_ei_candidates, multivariate=multivariate, seed=trial_seed
-    )
+    return TPESampler(n_startup_trials=n_startup_trials, n_ei_candidates=24, multivariate=False, seed=trial_seed)
 
 
 def sampler_values(refusals: int, kl: float, n_prompts: int, kl_floor: float) -> list[float]:
@@ -94,7 +88,7 @@ def run_trial(
     is given up at once, as FAIL marked `surplus`, and None is returned."""
     done = completed_trials(study)
     worker = liveness.token if liveness is not None and not liveness.exclusive else ""
-    study.sampler = make_sampler(setup.seed, done, setup.n_startup_trials, setup.n_ei_candidates, setup.multivariate_tpe, worker)
+    study.sampler = make_sampler(setup.seed, done, setup.n_startup_trials, worker)
     with signals_deferred():
         trial = study.ask()
     if limit is not None and surplus(study, trial.number, limit):
@@ -148,7 +142,7 @@ def _measure(setup: SearchSetup, study: optuna.Study, trial: optuna.Trial, progr
 def _evaluate(setup: SearchSetup, study: optuna.Study, trial: optuna.Trial, progress: ProgressFactory | None) -> TrialResult:
     """Score the trial's ablation and tell the study."""
     started = time.perf_counter()
-    parameters = suggest_parameters(trial, setup.num_layers, setup.components, setup.search_mlp_off, setup.ranges)
+    parameters = suggest_parameters(trial, setup.num_layers, setup.components, setup.ranges)
     setup.ablator.apply(parameters, setup.directions)
     evaluator = setup.evaluator
     evaluator.progress = progress or evaluator.progress
@@ -168,6 +162,8 @@ def _evaluate(setup: SearchSetup, study: optuna.Study, trial: optuna.Trial, prog
         trial.set_user_attr("refusals", count.refusals)
         trial.set_user_attr("cut", not count.complete)
         trial.set_user_attr("seconds", seconds)
+        if count.complete:  # the tokens of its responses: how fast this search generates (heretic/verify.py)
+            trial.set_user_attr("tokens", sum(count.token_counts))
         if objectives:
             trial.set_user_attr("objectives", objectives)
         # skip_if_finished: a worker whose heartbeat stopped long enough (a paused machine) finds its

@@ -44,13 +44,10 @@ def suggest_parameters(
     trial: optuna.Trial,
     num_layers: int,
     components: list[str],
-    mlp_off: bool = False,
     ranges: LayerRanges | None = None,
 ) -> AblationParameters:
     """Sample one ablation. Ranges in layers: direction index and peak position in their `ranges` of the
-    stack (default [0.4, 0.9] and [0.6, 1.0] of L - 1), reach D in [1, 0.6 (L-1)], Wmin a fraction of W.
-    With `mlp_off`, a categorical "mlp.ablate" can switch the MLP's kernel off (W = Wmin = 0; its other
-    parameters are still sampled, then unused)."""
+    stack (default [0.4, 0.9] and [0.6, 1.0] of L - 1), reach D in [1, 0.6 (L-1)], Wmin a fraction of W."""
     last = num_layers - 1
     ranges = ranges or LayerRanges.default()
     (index_low, index_high), (peak_low, peak_high) = ranges.direction_index, ranges.peak_position
@@ -63,8 +60,6 @@ def suggest_parameters(
         fraction = trial.suggest_float(f"{component}.min_weight_fraction", 0.0, 1.0)
         distance = trial.suggest_float(f"{component}.min_weight_distance", 1.0, max(1.0, 0.6 * last))
         kernels[component] = ComponentKernel(weight, position, fraction * weight, distance)
-    if mlp_off and "mlp" in kernels and not trial.suggest_categorical("mlp.ablate", [True, False]):
-        kernels["mlp"] = ComponentKernel(0.0, kernels["mlp"].max_weight_position, 0.0, kernels["mlp"].min_weight_distance)
     return AblationParameters(scope, index, kernels)
 
 

@@ -15,7 +15,18 @@ import optuna
 from optuna.trial import TrialState
 
 from ..ablation.parameters import AblationParameters
-from ..config import ResumePolicy, Role, RowNormalization, Settings, fields_with, fingerprint_entry, plain
+from ..config import (
+    RETIRED_FINGERPRINT_ENTRIES,
+    RETIRED_SETTINGS,
+    DirectionMethod,
+    ResumePolicy,
+    Role,
+    RowNormalization,
+    Settings,
+    fields_with,
+    fingerprint_entry,
+    plain,
+)
 from ..errors import HereticError
 from ..model.loading import LoadedModel
 from ..prompts import Prompt, prompts_digest
@@ -71,6 +82,7 @@ def study_fingerprint(
             values[name] = plain(getattr(settings, name))
         else:
             values[entry] = derived[entry]
+    values.update((name, RETIRED_SETTINGS[name]) for name in RETIRED_FINGERPRINT_ENTRIES)
     return values
 
 
@@ -121,14 +133,26 @@ def scoring_identity(settings: Settings, objectives: list[LoadedObjective] | Non
 VARIANT_SETTINGS = (
     "direction_positions",
     "subspace_rank",
-    "search_mlp_off",
     "kl_tokens",
     "full_normalization_exact",
     "direction_index_range",
     "peak_position_range",
+    "direction_method",
+    "concept_atoms",
+    "concept_ridge",
+    "learned_direction_weights",
+    "learned_direction_steps",
 )
 # Earlier searches approximated the full ablation and read the directions at the last prompt token.
 EARLIER_VALUES: dict[str, object] = {"full_normalization_exact": False, "direction_positions": [-1]}
+
+
+# The direction settings a direction method does not read (changing them changes nothing it measures).
+UNUSED_BY_METHOD = {
+    DirectionMethod.mean: ("concept_atoms", "concept_ridge", "learned_direction_weights", "learned_direction_steps"),
+    DirectionMethod.clean: ("learned_direction_weights", "learned_direction_steps"),
+    DirectionMethod.learned: ("concept_atoms", "concept_ridge"),
+}
 
 
 def changed_variant_settings(settings: Settings, fused_experts: bool = False) -> dict[str, object]:
@@ -143,6 +167,8 @@ def changed_variant_settings(settings: Settings, fused_experts: bool = False) ->
     }
     if settings.row_normalization != RowNormalization.full or fused_experts:
         changed.pop("full_normalization_exact", None)
+    for name in UNUSED_BY_METHOD[settings.direction_method]:
+        changed.pop(name, None)
     return changed
 
 

@@ -1,0 +1,169 @@
+"""A screening at fixed parameters: the same stored trials scored with each kind of refusal direction.
+
+For the front trials of a stored run of our search, the ablation parameters stay as the search chose
+them and only the directions change: the difference of means (the run's own), concept-cleaned
+directions at several ridge strengths (and without the sensitive-topics atom), and the learned
+direction. A kind of direction worth a full search lowers the refusals of these trials at a similar
+KL, or the KL at similar refusals.
+
+    python bench/direction_screen.py bench/results/20261203-061547.json --model demo
+    python bench/direction_screen.py bench/results/LATEST-1.5B.json --model 1.5b --methods mean,clean,learned
+
+Writes bench/results/direction-screen-MODEL.json; prints one line per trial and kind of direction.
+`--table` only rewrites the "direction-screen-MODEL" section of BENCHMARKS.md from that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from heretic.cli import settings_from_argv
+from heretic.config import DirectionMethod
+from heretic.directions.concepts import clean_directions, concept_atoms, concept_prompts
+from heretic.model.architecture import find_layers, text_config
+from heretic.session import Session, collect_residuals, compute_directions, prepare, read_residuals
+from heretic.ui import ProgressBars
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from judges import REFERENCE_MARKERS  # noqa: E402
+from run_bench import (  # noqa: E402
+    MODELS,
+    RESULTS,
+    WORK,
+    cpu_flags,
+    our_command,
+    pareto,
+    prepare_model,
+    stored_trial_parameters,
+    update_benchmarks_md,
+)
+
+RIDGES = (0.01, 0.1, 1.0)
+
+
+def front_trials(data: dict[str, Any], limit: int) -> list[dict[str, Any]]:
+    """The stored trials on the run's front of (refusals, KL), fewest refusals first, at most `limit`."""
+    ((_, tool),) = data["tools"].items()
+    trials = [trial for trial in tool["trials"] if trial.get("params") and not trial.get("cut")]
+    front = set(pareto([(trial["refusals"], trial["kl"]) for trial in trials]))
+    on_front = sorted((t for t in trials if (t["refusals"], t["kl"]) in front), key=lambda t: (t["refusals"], t["kl"]))
+    return on_front[:limit]
+
+
+def score(session: Session, params: dict[str, Any], directions: torch.Tensor) -> dict[str, Any]:
+    """Refusals and KL of a stored trial's ablation along `directions` (positions, hidden)."""
+    session.ablator.apply(stored_trial_parameters(session, params), directions)
+    kl = session.evaluator.kl()
+    count = session.evaluator.count_refusals()
+    session.ablator.reset()
+    return {"refusals": count.refusals, "kl": kl}
+
+
+def clean_variants(session: Session, mean: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Concept-cleaned directions at each ridge in RIDGES, and at 0.1 without the sensitive-topics atom."""
+    settings, engine, loaded = session.settings, session.engine, session.loaded
+    harmless = collect_residuals(settings, engine, loaded, session.prompt_sets)["harmless"].double().mean(dim=0)
+    _, layers = find_layers(loaded.model, int(text_config(loaded.model.config).num_hidden_layers))
+    concepts = concept_prompts(settings.concept_atoms, settings.system_prompt)
+    with ProgressBars() as bars:
+        means = {
+            name: read_residuals(settings, engine, list(layers), prompts, bars, name).double().mean(dim=0)
+            for name, prompts in concepts.items()
+        }
+    atoms = concept_atoms(torch.stack(list(means.values())), harmless)
+    variants = {f"clean-{ridge:g}": clean_directions(mean, atoms, ridge) for ridge in RIDGES}
+    kept = [i for i, name in enumerate(means) if name != "sensitive"]
+    variants["clean-0.1-no-sensitive"] = clean_directions(mean, atoms[:, kept], 0.1)
+    return variants
+
+
+def learned_variant(session: Session) -> dict[str, torch.Tensor]:
+    settings = session.settings.model_copy(update={"direction_method": DirectionMethod.learned})
+    started = time.monotonic()
+    directions = compute_directions(settings, session.engine, session.loaded, session.prompt_sets)
+    print(f"learned direction: {time.monotonic() - started:.0f} s")
+    return {"learned": directions}
+
+
+def table(data: dict[str, Any]) -> str:
+    """The screening as markdown: one row per trial, one column per kind of direction (refusals / KL)."""
+    names = [name for name in data["rows"][0] if name not in ("trial", "stored")]
+    lines = [
+        f"## Kinds of direction at fixed parameters, {MODELS[data['model']]} ({data['date']})",
+        "",
+        f"`python bench/direction_screen.py bench/results/{data['source']} --model {data['model']} --trials "
+        f"{len(data['rows'])} --methods {data['methods']}` (commit {data['commit']}, CPU flags {', '.join(data['cpu_flags'])}).",
+        "The front trials of a stored search with the current default (difference of means), each scored with its "
+        "parameters unchanged and only the directions replaced: refusals/100 and KL. A screening, not a search.",
+        "",
+        "| trial | " + " | ".join(names) + " |",
+        "|---:" + "|---" * len(names) + "|",
+    ]
+    for row in data["rows"]:
+        cells = [f"{row[name]['refusals']} / {row[name]['kl']:.3f}" for name in names]
+        lines.append(f"| {row['trial']} | " + " | ".join(cells) + " |")
+    cosines = ", ".join(f"{name} {min(values[1:]):.2f}" for name, values in data["cosines"].items() if name != "mean")
+    lines += ["", f"Lowest cosine with the difference of means over the layers: {cosines}."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", type=Path, help="a run_bench results file of our search (trials with parameters)")
+    parser.add_argument("--model", choices=sorted(MODELS), default="demo")
+    parser.add_argument("--trials", type=int, default=8, help="front trials scored (fewest refusals first)")
+    parser.add_argument("--methods", default="mean,clean", help="comma-separated: mean, clean, learned")
+    parser.add_argument("--batch-size", type=int, default=32, help="fixed, so that a busy machine does not choose it")
+    parser.add_argument("--table", action="store_true", help="only rewrite the BENCHMARKS.md section from the results")
+    args = parser.parse_args()
+    output = RESULTS / f"direction-screen-{args.model}.json"
+    if args.table:
+        update_benchmarks_md(table(json.loads(output.read_text())), f"direction-screen-{args.model}")
+        return
+    data = json.loads(args.results.read_text())
+    trials = front_trials(data, args.trials)
+    argv = our_command(data["settings"], prepare_model(args.model), REFERENCE_MARKERS, ["--checkpoint-dir", str(WORK / "screen")])
+    session = prepare(
+        settings_from_argv([*argv[1:], "--judge", "rules", "--batch-size", str(args.batch_size)]), interactive=False
+    )
+    methods = args.methods.split(",")
+    variants = {"mean": session.directions}
+    if "clean" in methods:
+        variants.update(clean_variants(session, session.directions))
+    if "learned" in methods:
+        variants.update(learned_variant(session))
+    cosines = {name: [round(float(x), 3) for x in (d * session.directions).sum(dim=-1)] for name, d in variants.items()}
+    rows = []
+    for trial in trials:
+        row: dict[str, Any] = {"trial": trial["number"], "stored": {"refusals": trial["refusals"], "kl": trial["kl"]}}
+        for name, directions in variants.items():
+            row[name] = score(session, trial["params"], directions)
+            print(
+                f"trial {trial['number']:>4} {name:<24} {row[name]['refusals']:>3} refusals  KL {row[name]['kl']:.4f}", flush=True
+            )
+        rows.append(row)
+    summary = {
+        "source": args.results.name,
+        "model": args.model,
+        "methods": args.methods,
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "cpu_flags": cpu_flags(),
+        "cosines": cosines,
+        "rows": rows,
+    }
+    output.write_text(json.dumps(summary, indent=1))
+    update_benchmarks_md(table(summary), f"direction-screen-{args.model}")
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()
