@@ -8,7 +8,9 @@ is never reloaded between trials.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib
 import math
 import zlib
 from collections.abc import Callable, Iterator
@@ -242,7 +244,7 @@ def with_adapters(model: nn.Module, config: LoraConfig) -> PeftModel:
     PEFT rewrites the targets of some MoE families for adapters trained under transformers 4: any module
     ending in down_proj is taken for an expert of the fused v5 tensor and dropped (shared experts, dense
     layers). The targets here are this model's own names, so that rewrite is skipped."""
-    with mock.patch("peft.utils.transformers_weight_conversion.convert_peft_config_for_transformers"):
+    with skipping_transformers4_conversion():
         try:
             return get_peft_model(model, config, autocast_adapter_dtype=True)
         except ValueError as error:  # PEFT refuses some modules of some families (Mamba 2's out_proj)
@@ -250,6 +252,16 @@ def with_adapters(model: nn.Module, config: LoraConfig) -> PeftModel:
                 f"PEFT cannot put adapters on the weights ablated in {type(model).__name__} ({str(error).strip()}); this "
                 "architecture is not supported."
             ) from None
+
+
+def skipping_transformers4_conversion() -> contextlib.AbstractContextManager[object]:
+    """A context in which PEFT does not rewrite adapter targets for transformers 4 checkpoints (PEFT versions
+    without that rewrite: nothing to skip)."""
+    try:
+        importlib.import_module("peft.utils.transformers_weight_conversion")
+    except ImportError:
+        return contextlib.nullcontext()
+    return mock.patch("peft.utils.transformers_weight_conversion.convert_peft_config_for_transformers")
 
 
 def norm_scales(model: nn.Module, arch: ArchitectureMap) -> dict[str, torch.Tensor]:
