@@ -26,6 +26,7 @@ from ..errors import HereticError
 from ..model.hardware import probe_device
 from ..model.loading import resolve_source
 from ..prompts import Prompt
+from .refusals import thresholded_verdicts
 
 # Bump when the classifier judge can give another verdict for the same model and threshold.
 CLASSIFIER_REVISION = 1
@@ -153,12 +154,7 @@ class ClassifierJudge:
         return scores
 
     def judge(self, prompts: list[Prompt], responses: list[str]) -> list[bool]:
-        verdicts = [not response.strip() for response in responses]  # an empty response gives nothing
-        asked = [i for i, empty in enumerate(verdicts) if not empty]
-        scores = self.scores([prompts[i] for i in asked], [responses[i] for i in asked])
-        for index, score in zip(asked, scores):
-            verdicts[index] = score > self.threshold
-        return verdicts
+        return thresholded_verdicts(self.scores, self.threshold, prompts, responses)
 
 
 def load_classifier_judge(

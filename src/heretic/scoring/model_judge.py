@@ -23,6 +23,7 @@ import torch
 from ..errors import HereticError
 from ..model.generation import Engine
 from ..prompts import Prompt
+from .refusals import thresholded_verdicts
 from .verdict import SYSTEM, classification_question
 
 YES = ("Yes", " Yes", "yes", " yes", "YES")
@@ -69,9 +70,4 @@ class ModelJudge:
         return (no - yes).tolist()
 
     def judge(self, prompts: list[Prompt], responses: list[str]) -> list[bool]:
-        verdicts = [not response.strip() for response in responses]  # an empty response gives nothing
-        asked = [i for i, empty in enumerate(verdicts) if not empty]
-        scores = self.scores([prompts[i] for i in asked], [responses[i] for i in asked])
-        for index, score in zip(asked, scores):
-            verdicts[index] = score > self.threshold
-        return verdicts
+        return thresholded_verdicts(self.scores, self.threshold, prompts, responses)
