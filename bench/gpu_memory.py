@@ -1,6 +1,6 @@
 """The GPU memory a search needs, by model size: computed, not measured (heretic.model.footprint).
 
-    python bench/gpu_memory.py        # prints the markdown table that docs/gpus.md holds
+    python -m bench.gpu_memory        # prints the markdown table that docs/gpus.md holds
 
 The configurations are those of the public models named (hidden size, MLP width, layers, attention and
 key-value heads, vocabulary, tied embeddings), as their config.json files give them. The workload is a
@@ -9,6 +9,8 @@ template), 100-token responses.
 """
 
 from __future__ import annotations
+
+import argparse
 
 from heretic.model.footprint import Shape, search_memory
 
@@ -46,5 +48,10 @@ def table() -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":
+def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     print(table())
+
+
+if __name__ == "__main__":
+    main()

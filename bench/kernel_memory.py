@@ -5,7 +5,7 @@ Each case runs in a fresh process; its cost is the rise of the process's peak re
 reset once the weight exists) over what it held then, so the numbers are CPU memory (on a GPU the same
 temporaries are allocated on the device).
 
-    python bench/kernel_memory.py            # prints the table, writes bench/results/kernel-memory.json
+    python -m bench.kernel_memory            # prints the table, writes bench/results/kernel-memory.json
 
 Shapes: a dense 8B model's MLP down projection (hidden 4096, intermediate 14336), a 70B model's (8192,
 28672), and one layer of 128 fused experts of a 30B-A3B MoE (hidden 2048, expert width 768), in bf16.
@@ -19,10 +19,13 @@ import argparse
 import json
 import subprocess
 import sys
-from pathlib import Path
+from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench.harness.machine import run_record
+from bench.harness.paths import RESULTS
+from bench.harness.publish import update_section
 
+OUTPUT = RESULTS / "kernel-memory.json"
 CASES = {
     "dense 8B down_proj (1 x 4096 x 14336), exact": ((1, 4096, 14336), "exact"),
     "dense 70B down_proj (1 x 8192 x 28672), exact": ((1, 8192, 28672), "exact"),
@@ -65,7 +68,13 @@ def measure(shape: tuple[int, ...], mode: str, bounded: bool) -> dict[str, float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.parse_args()
+    parser.add_argument(
+        "--table", action="store_true", help="measure nothing: rewrite the BENCHMARKS.md section from the results"
+    )
+    args = parser.parse_args()
+    if args.table:
+        publish(json.loads(OUTPUT.read_text()))
+        return
     rows = []
     print("| weight | size (bf16) | peak rise, whole matrix | peak rise, in pieces | ratio |")
     print("|---|---:|---:|---:|---:|")
@@ -76,7 +85,29 @@ def main() -> None:
             f"| {name} | {whole['weight_mib']:.0f} MiB | {whole['rise_mib']:.0f} MiB | {pieces['rise_mib']:.0f} MiB | "
             f"{pieces['rise_mib'] / whole['rise_mib']:.2f}× |"
         )
-    (RESULTS / "kernel-memory.json").write_text(json.dumps(rows, indent=2))
+    record = {**run_record(), "rows": rows}
+    OUTPUT.write_text(json.dumps(record, indent=2))
+    publish(record)
+
+
+def publish(record: dict[str, Any] | list[dict[str, Any]]) -> None:
+    """The "memory-kernels" section of BENCHMARKS.md (a record of before run_record was kept is the bare list of rows)."""
+    rows = record if isinstance(record, list) else record["rows"]
+    meta = {} if isinstance(record, list) else record
+    lines = [
+        "Peak rise of resident memory while the factors of one bf16 weight are computed (CPU, one thread): the whole "
+        "matrix converted to float64 at once against pieces of at most 2^23 float64 elements (the code today).",
+        "",
+        "| weight | size (bf16) | peak rise, whole matrix | peak rise, in pieces | ratio |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        whole, pieces = row["whole"], row["pieces"]
+        lines.append(
+            f"| {row['case']} | {whole['weight_mib']:.0f} MiB | {whole['rise_mib']:.0f} MiB | {pieces['rise_mib']:.0f} MiB | "
+            f"{pieces['rise_mib'] / whole['rise_mib']:.2f}× |"
+        )
+    update_section("\n".join(lines), "memory-kernels", meta, "python -m bench.kernel_memory")
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ judge: it reads at most 300 characters of any reading), `rules-whole` (the rules
 judge of the verified counts after a search, heretic/verify.py) and, when named, `model` (the demo
 model asked; slow).
 
-    python bench/late_refusals.py                    # the hand-labelled responses (bench/judge-labels)
-    python bench/late_refusals.py --judges markers,rules,rules-whole,model
-    python bench/late_refusals.py --model 1.5b bench/results/RUN.json 17   # a chosen trial and the original
+    python -m bench.late_refusals                    # the hand-labelled responses (bench/judge-labels)
+    python -m bench.late_refusals --judges markers,rules,rules-whole,model
+    python -m bench.late_refusals --model 1.5b bench/results/RUN.json 17   # a chosen trial and the original
 
 Labelled responses: the 700 responses of bench/judge-labels (both halves), tokenized with the demo
 model's tokenizer; besides the changes, each judge's F1 and Cohen's kappa against the human labels
@@ -20,19 +20,18 @@ model's tokenizer; besides the changes, each judge's F1 and Cohen's kappa agains
 tokens are the whole response: the table says how many end before each length.
 
 Chosen trials (`--model`, a run_bench results file and trial numbers, comma-separated; then the
-searched run's own search-space options if it changed them): the model loaded as trial_responses.py
-does, and the harmful evaluation responses of the original and of each trial's ablation generated to
+searched run's own search-space options if it changed them): the model loaded as
+bench.research.trial_responses does, and the harmful evaluation responses of the original and of each trial's ablation generated to
 200 tokens without early stop (minutes of CPU per run on the demo model, more on the 1.5B one).
 
 Writes bench/results/late-refusals.json (a run keeps the other part's results there) and the
-"late-refusals" section of BENCHMARKS.md, and prints the tables.
+"late-refusals" section of BENCHMARKS.md, and prints the tables; `--table` only rewrites the section.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -40,14 +39,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.harness.labels import load_labelled
+from bench.harness.machine import cpu_flags, git_commit
+from bench.harness.models import prepare_model
+from bench.harness.paths import RESULTS
+from bench.harness.publish import recorded, update_section
+from bench.judges import SYSTEM, make, scores
 from heretic.prompts import Prompt
 from heretic.scoring.refusals import RefusalJudge
 from heretic.scoring.rules import RuleJudge, normalize
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from judge_labels import load_labelled  # noqa: E402
-from judges import SYSTEM, make, scores  # noqa: E402
-from run_bench import RESULTS, ROOT, cpu_flags, prepare_model, update_benchmarks_md  # noqa: E402
 
 WINDOW = 300  # characters the rules judge reads (normalized)
 TOKENS = (100, 200)
@@ -203,9 +203,8 @@ def trials_part(
     model: str, results: Path, numbers: list[int], extra: list[str], judges: dict[str, RefusalJudge]
 ) -> dict[str, Any]:
     """The original and each chosen trial of a run_bench results file, on the benchmark model `model`."""
-    from judges import REFERENCE_MARKERS
-    from run_bench import WORK, our_command, stored_trial_parameters
-
+    from bench.harness.paths import WORK
+    from bench.harness.tools import REFERENCE_MARKERS, our_command, stored_trial_parameters
     from heretic.cli import settings_from_argv
     from heretic.session import prepare
 
@@ -276,14 +275,12 @@ def trials_table(trials: dict[str, Any]) -> str:
 def section(results: dict[str, Any]) -> str:
     """The "late-refusals" section of BENCHMARKS.md, from everything in late-refusals.json."""
     lines = [
-        "## Late refusals: verdicts at 300 characters, 100 tokens and 200 tokens",
-        "",
-        "Each response read three ways, its first 300 characters (normalized, as the rules judge counts them: what a",
-        "search's verdict comes from), its first 100 tokens and its first 200 tokens, and judged by each judge;",
-        "`+a / −b`: a verdicts go from compliance to refusal and b from refusal to compliance between two readings.",
-        "`rules` reads at most 300 characters of any reading; `rules-whole` is the rules judge reading the whole",
-        "reading (`RuleJudge(whole=True)`, the judge of the verified counts). Reproduce with `python bench/late_refusals.py`",
-        "(labelled responses) and `python bench/late_refusals.py --model MODEL RESULTS TRIALS` (chosen trials).",
+        "Each response read three ways, its first 300 characters (normalized, as the rules judge counts them: what a "
+        "search's verdict comes from), its first 100 tokens and its first 200 tokens, and judged by each judge; "
+        "`+a / −b`: a verdicts go from compliance to refusal and b from refusal to compliance between two readings. "
+        "`rules` reads at most 300 characters of any reading; `rules-whole` is the rules judge reading the whole "
+        "reading (`RuleJudge(whole=True)`, the judge of the verified counts). Chosen trials of a search: "
+        "`python -m bench.late_refusals --model MODEL RESULTS TRIALS`.",
     ]
     labelled = results.get("labelled")
     if labelled:
@@ -291,14 +288,12 @@ def section(results: dict[str, Any]) -> str:
         lines += [
             "",
             f"**Labelled responses** ({labelled['date']}, CPU flags {', '.join(labelled['cpu_flags']) or 'none'}, "
-            f"commit {labelled['commit']}):",
-            f"the {labelled['responses']} responses of bench/judge-labels (both halves), {labelled['clear']} with a clear "
-            "label (F1 and κ against it; `(n right)`: changed",
-            "verdicts that the longer reading has right). They were generated to at most 100 tokens: "
-            f"{short['300 chars']} are shorter than 300",
+            f"commit {labelled['commit']}): the {labelled['responses']} responses of bench/judge-labels (both halves), "
+            f"{labelled['clear']} with a clear label (F1 and κ against it; `(n right)`: changed verdicts that the longer "
+            f"reading has right). They were generated to at most 100 tokens: {short['300 chars']} are shorter than 300 "
             f"normalized characters, {short['100 tokens']} end before 100 tokens of the demo tokenizer and "
-            f"{short['200 tokens']} before 200 tokens, so",
-            "their 200-token reading is the whole response and the 100 → 200 column is empty by construction.",
+            f"{short['200 tokens']} before 200 tokens, so their 200-token reading is the whole response and the "
+            "100 → 200 column is empty by construction.",
             "",
             labelled_table(labelled),
         ]
@@ -306,9 +301,8 @@ def section(results: dict[str, Any]) -> str:
         lines += [
             "",
             f"**Chosen trials, {run_set['model']}** ({run_set['date']}, CPU flags {', '.join(run_set['cpu_flags']) or 'none'}, "
-            f"commit {run_set['commit']}):",
-            "the harmful evaluation responses of the original and each trial, generated to 200 tokens without early stop;",
-            f"`{run_set['command']}`.",
+            f"commit {run_set['commit']}): the harmful evaluation responses of the original and each trial, generated "
+            f"to 200 tokens without early stop; `{run_set['command']}`.",
             "",
             trials_table({key: run_set}),
         ]
@@ -317,9 +311,15 @@ def section(results: dict[str, Any]) -> str:
 
 def stamp(entry: dict[str, Any], command: str) -> dict[str, Any]:
     """`entry` with the date, the CPU's flags, the commit and the command that made it."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return {**entry, "date": date, "cpu_flags": cpu_flags(), "commit": commit or "unknown", "command": command}
+    return {**entry, "date": date, "cpu_flags": cpu_flags(), "commit": git_commit() or "unknown", "command": command}
+
+
+def publish(results: dict[str, Any]) -> None:
+    """The "late-refusals" section of BENCHMARKS.md, stamped with what its parts recorded."""
+    parts = [part for part in [results.get("labelled"), *results.get("trials", {}).values()] if part]
+    meta = recorded(*({**part, "commit": None if part["commit"] == "unknown" else part["commit"]} for part in parts))
+    update_section(section(results), MARKER, meta, "python -m bench.late_refusals")
 
 
 def main() -> None:
@@ -332,13 +332,17 @@ def main() -> None:
         "results", type=Path, nargs="?", help="with --model: a run_bench results file whose trials have parameters"
     )
     parser.add_argument("trials", nargs="?", help="with --model: trial numbers, comma-separated")
+    parser.add_argument("--table", action="store_true", help="measure nothing: rewrite the section from late-refusals.json")
     args, extra = parser.parse_known_args()
+    if args.table:
+        publish(json.loads(OUT.read_text()))
+        return
     if args.model and not (args.results and args.trials):
         parser.error("--model needs a results file and trial numbers")
     if not args.model and (extra or args.results):
         parser.error("a results file, trials and search-space options go with --model")
     judges = make_judges([name.strip() for name in args.judges.split(",") if name.strip()])
-    command = "python bench/late_refusals.py " + " ".join(sys.argv[1:])
+    command = "python -m bench.late_refusals " + " ".join(sys.argv[1:])
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
     if args.model:
         numbers = [int(n) for n in args.trials.split(",")]
@@ -349,7 +353,7 @@ def main() -> None:
         results["labelled"] = stamp(labelled_part(judges), command.strip())
         print(labelled_table(results["labelled"]))
     OUT.write_text(json.dumps(results, indent=1, ensure_ascii=False))
-    update_benchmarks_md(section(results), MARKER)
+    publish(results)
     print(f"written: {OUT} and the {MARKER!r} section of BENCHMARKS.md")
 
 

@@ -1,7 +1,7 @@
 """The reference's search, driven by other seeds, with our engine doing the scoring.
 
 The side-by-side benchmark runs the reference once (seed 42; about four hours here), so its
-run-to-run noise is unknown. The replay (bench/replay_reference.py) shows that both tools score the
+run-to-run noise is unknown. The replay (bench/research/replay_reference.py) shows that both tools score the
 same parameters alike, so the reference's search can be re-run at our speed: its sampler (multivariate
 TPE, 128 EI candidates, one seed for the whole study, 10 start-up trials), its parameter space
 (MLP max weight 0.8 to 1.5, its parameter names in its order), run by its own Optuna, and its objectives (KL, or
@@ -9,12 +9,12 @@ refusals / base refusals × 0.01 when KL is below 0.01; refusals / base refusals
 to the end (no cut). Our engine measures each trial's KL and refusals on the benchmark's model,
 prompts and markers.
 
-    python bench/reference_search.py                    # seeds 42, 43, 44 (about 25 min each)
-    python bench/reference_search.py --seeds 45,46       # more seeds; finished ones are kept
+    python -m bench.reference_search                    # seeds 42, 43, 44 (about 25 min each)
+    python -m bench.reference_search --seeds 45,46       # more seeds; finished ones are kept
 
 Seed 42 is the benchmark's own seed; its start-up trials are the reference run's when both use the
 same Optuna random streams. Writes bench/results/reference-search.json (one entry per seed, kept
-between runs); `python bench/run_bench.py --report-only` then uses these seeds' spread.
+between runs); `python -m bench.run_bench --report-only` then uses these seeds' spread.
 """
 
 from __future__ import annotations
@@ -22,43 +22,21 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from bench.harness.metrics import trial_metrics
+from bench.harness.paths import RESULTS, WORK
+from bench.harness.side_by_side import search_settings
+from bench.harness.tools import REFERENCE_SPACE, ensure_reference_venv, our_command, our_parameters, reference_default_markers
 from heretic.ablation.parameters import AblationParameters
 from heretic.cli import settings_from_argv
 from heretic.session import prepare
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from replay_reference import our_parameters  # noqa: E402
-from run_bench import (  # noqa: E402
-    RESULTS,
-    WORK,
-    ensure_reference_venv,
-    our_command,
-    reference_default_markers,
-    search_settings,
-    trial_metrics,
-)
-
 OUTPUT = RESULTS / "reference-search.json"
 KL_TARGET = 0.01  # the reference's kl_divergence_target (its default)
 
-
-# The reference's parameter space (1.4.0, main.py), in its order and under its names; `last` is the index of
-# the last layer.
-REFERENCE_SPACE = r"""
-def suggest(trial, last):
-    trial.suggest_categorical("direction_scope", ["global", "per layer"])
-    trial.suggest_float("direction_index", 0.4 * last, 0.9 * last)
-    for module in ("attn.o_proj", "mlp.down_proj"):
-        trial.suggest_float(module + ".max_weight", 0.8, 1.5)
-        trial.suggest_float(module + ".max_weight_position", 0.6 * last, 1.0 * last)
-        trial.suggest_float(module + ".min_weight", 0.0, 1.0)
-        trial.suggest_float(module + ".min_weight_distance", 1.0, 0.6 * last)
-"""
 
 # The reference's sampler, run by the reference's own Optuna (its version's TPE), as a small server:
 # it writes each trial's parameters as a JSON line and reads back the two objective values. The
@@ -153,7 +131,7 @@ def main() -> None:
     for seed in seeds:
         trials = run_seed(session, python, seed, settings_used["trials"], settings_used["startup_trials"])
         done["seeds"][str(seed)] = dict(trial_metrics(trials, n_prompts), base_refusals=session.base_refusals)
-        done["command"] = "python bench/reference_search.py --seeds " + ",".join(sorted(done["seeds"], key=int))
+        done["command"] = "python -m bench.reference_search --seeds " + ",".join(sorted(done["seeds"], key=int))
         OUTPUT.write_text(json.dumps(done, indent=2) + "\n")  # after each seed: an interruption loses one seed at most
 
 

@@ -12,8 +12,8 @@ from the start-up instead of measuring it: the batch size (64, the one its full 
 response prefix (what its check found for this model), and directions from the first 64 training prompts
 of each kind instead of 400 (their content changes the trial's scores, not its time).
 
-    python bench/reference_trial.py --cpu-profile no-bf16 --trials 3
-    python bench/reference_trial.py --cpu-profile no-bf16 --trials 3 --ours bench/results/<our run>.json
+    python -m bench.reference_trial --cpu-profile no-bf16 --trials 3
+    python -m bench.reference_trial --cpu-profile no-bf16 --trials 3 --ours bench/results/<our run>.json
 
 Writes bench/results/reference-trial-<profile>.json and prints each stage's time; with --ours, the
 per-trial ratio against our run's median trial (a run of `bench/run_bench.py --tools ours` on the same
@@ -29,21 +29,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from judges import REFERENCE_MARKERS  # noqa: E402
-from reference_search import REFERENCE_SPACE  # noqa: E402
-from run_bench import (  # noqa: E402
-    CPU_PROFILES,
-    DEFAULT_DATASETS,
-    RESULTS,
-    WORK,
-    cpu_flags,
-    ensure_reference_venv,
-    machine,
-    prepare_model,
-    reference_config,
-    tool_env,
-)
+from bench.harness.machine import CPU_PROFILES, cpu_flags, git_commit, machine
+from bench.harness.models import prepare_model
+from bench.harness.paths import DEFAULT_DATASETS, RESULTS, WORK
+from bench.harness.publish import recorded, stamp, update_section
+from bench.harness.tools import REFERENCE_MARKERS, REFERENCE_SPACE, ensure_reference_venv, reference_config, tool_env
 
 BATCH_SIZE = 64  # the reference's choice in its full benchmark run on this model
 DIRECTION_PROMPTS = 64
@@ -155,9 +145,10 @@ def run(profile: str, trials: int) -> dict[str, Any]:
     return {
         "machine": machine(),
         "cpu_flags": cpu_flags(),
+        "commit": git_commit(),
         "cpu_profile": profile,
         "settings": settings | {"batch_size": BATCH_SIZE, "direction_prompts": DIRECTION_PROMPTS},
-        "command": "python bench/reference_trial.py " + " ".join(sys.argv[1:]),
+        "command": "python -m bench.reference_trial " + " ".join(sys.argv[1:]),
         "stages": [entry for entry in entries if "stage" in entry],
         "trials": [entry for entry in entries if "trial" in entry],
         "median_trial_s": round(statistics.median(trial_seconds), 1),
@@ -181,6 +172,44 @@ def compare(result: dict[str, Any], ours_file: Path) -> None:
     )
 
 
+# The comparisons in the "machine-profiles" section of BENCHMARKS.md: (results file, what the CPU is).
+PUBLISHED = (
+    ("reference-trial-no-bf16.json", "AVX-512 with avx512_bf16, bf16 kernels taken away (`--cpu-profile no-bf16`)"),
+    ("reference-trial-avx2.json", "AVX2 only, no AVX-512 (native)"),
+)
+
+
+def publish() -> None:
+    """The "machine-profiles" section of BENCHMARKS.md: per-trial time of each tool on CPUs without fast bf16, one
+    stamp per row (each row was measured on its own machine)."""
+    lines = [
+        "Per-trial time where the CPU has no fast bf16: the reference's trials timed with its own code in its own "
+        "environment (its default bfloat16, batch size 64, its multivariate TPE with seed 42), ours a 10-trial run of "
+        "our command at the benchmark's settings with `--judge rules` (our dtype probe chooses float32 there). "
+        "Target: our median trial ≤ 0.1× the reference's.",
+        "",
+        "| CPU | reference median trial | ours | our dtype | ours / reference | target |",
+        "|---|---:|---:|---|---:|---|",
+    ]
+    stamps, metas = [], []
+    for name, cpu in PUBLISHED:
+        result = json.loads((RESULTS / name).read_text())
+        ours = json.loads((RESULTS / result["ours"]["file"]).read_text())["settings"]
+        meta = {"date": ours.get("date"), "cpu_flags": result.get("cpu_flags"), "commit": result.get("commit")}
+        metas.append(meta)
+        compare = (
+            f"python -m bench.reference_trial --reuse --output bench/results/{name} --ours bench/results/{result['ours']['file']}"
+        )
+        stamps.append(f"{cpu}: {stamp(meta, result['command'] + '; ' + ours['command'] + '; ' + compare)}")
+        ratio = result["ratio"]
+        lines.append(
+            f"| {cpu} | {result['median_trial_s']:.1f} s | {result['ours']['median_trial_s']:.1f} s | {result['ours']['dtype']} | "
+            f"{ratio:.3f}× | {'met' if ratio <= 0.1 else 'missed'} |"
+        )
+    lines += ["", *(f"- {line}" for line in stamps)]
+    update_section("\n".join(lines), "machine-profiles", recorded(*metas), "python -m bench.reference_trial --table")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu-profile", choices=sorted(CPU_PROFILES), default="native")
@@ -188,7 +217,11 @@ def main() -> None:
     parser.add_argument("--ours", type=Path, help="our run's results (bench/results/<time>.json) on the same profile")
     parser.add_argument("--reuse", action="store_true", help="compare the recorded reference timing, run nothing")
     parser.add_argument("--output", type=Path, help="the results file (default: bench/results/reference-trial-PROFILE.json)")
+    parser.add_argument("--table", action="store_true", help="run nothing: rewrite the BENCHMARKS.md section from PUBLISHED")
     args = parser.parse_args()
+    if args.table:
+        publish()
+        return
     output = args.output or RESULTS / f"reference-trial-{args.cpu_profile}.json"
     result = json.loads(output.read_text()) if args.reuse else run(args.cpu_profile, args.trials)
     if args.ours:

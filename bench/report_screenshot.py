@@ -1,6 +1,6 @@
 """Render a Heretic HTML report in the system's headless chromium and save a screenshot.
 
-    python bench/report_screenshot.py REPORT.html OUT.png [--width 1280] [--full-page]
+    python -m bench.report_screenshot REPORT.html OUT.png [--width 1280] [--full-page]
 
 Playwright drives the browser the system installed (Debian: apt-get install chromium); no browser
 is downloaded. Prints the console errors, the sections found and the markers of the front plot.

@@ -5,8 +5,8 @@ ablation of every layer, reset the peak resident size (Linux: /proc/self/clear_r
 model, and read the peak (VmHWM). The numbers are the resident memory before the save, the peak
 during it, and the difference: what the save needs beside the model being searched.
 
-    python bench/save_memory.py                          # the demo model (Qwen2.5-Coder-0.5B, from its GGUF)
-    python bench/save_memory.py --model PATH_OR_GGUF     # any model Heretic loads
+    python -m bench.save_memory                          # the demo model (Qwen2.5-Coder-0.5B, from its GGUF)
+    python -m bench.save_memory --model PATH_OR_GGUF     # any model Heretic loads
 
 Writes bench/results/save_memory.json (--output to write elsewhere) and prints a table. Run it on an
 otherwise idle machine: other processes do not change a process's peak, but swapping would.
@@ -24,7 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench.harness.machine import cpu_flags, git_commit, machine
+from bench.harness.paths import RESULTS, ROOT
+from bench.harness.publish import recorded, update_section
+
 OUTPUT = RESULTS / "save_memory.json"
 METHODS = ("in-memory", "streamed")
 
@@ -84,9 +87,21 @@ def _return_free_memory() -> None:
 
 def run_child(model: str, method: str, dtype: str, cache_dir: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="save-memory-") as folder:
-        command = [sys.executable, __file__, "--child", method, "--model", model, "--dtype", dtype, "--cache-dir", cache_dir]
+        command = [
+            sys.executable,
+            "-m",
+            "bench.save_memory",
+            "--child",
+            method,
+            "--model",
+            model,
+            "--dtype",
+            dtype,
+            "--cache-dir",
+            cache_dir,
+        ]
         command += ["--target", str(Path(folder) / "out")]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT)
         if done.returncode != 0:
             sys.exit(f"The {method} save failed:\n{done.stderr[-3000:]}")
         result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -106,6 +121,32 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# The records of the BENCHMARKS.md table: the demo model, and SmolLM2 computed in its own dtype and in float32.
+PUBLISHED = ("save_memory.json", "save_memory-smollm2.json", "save_memory-smollm2-float32.json")
+
+
+def publish() -> None:
+    """The "memory-save" section of BENCHMARKS.md, from the records of PUBLISHED that exist."""
+    mib = 2**20
+    records = [json.loads((RESULTS / name).read_text()) for name in PUBLISHED if (RESULTS / name).is_file()]
+    lines = [
+        "Peak resident memory of the merged save, each method in a fresh process after a search's set-up (adapters and "
+        "an ablation of every layer); *save needs* is the peak during the save minus the resident memory before it.",
+        "",
+        "| model | compute dtype | method | RSS before | peak in save | save needs | seconds | weights |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for record in records:
+        for row in record["runs"]:
+            lines.append(
+                f"| {record['model']} | {row['compute_dtype']} | {row['method']} | {row['rss_before_bytes'] / mib:,.0f} MiB | "
+                f"{row['peak_during_save_bytes'] / mib:,.0f} MiB | {row['save_needs_bytes'] / mib:,.0f} MiB | "
+                f"{row['seconds']:.1f} | {row['weights_bytes'] / mib:,.0f} MiB |"
+            )
+    command = "python -m bench.save_memory [--model MODEL] [--dtype float32] --output bench/results/save_memory-NAME.json"
+    update_section("\n".join(lines), "memory-save", recorded(*records), command)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a model Heretic loads (default: the demo model)")
@@ -114,7 +155,13 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=OUTPUT)
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--target", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--table", action="store_true", help="measure nothing: rewrite the BENCHMARKS.md section from the results"
+    )
     args = parser.parse_args()
+    if args.table:
+        publish()
+        return
     if args.child:
         print(json.dumps(measure(args.model, args.child, args.dtype, args.cache_dir, args.target)))
         return
@@ -124,14 +171,13 @@ def main() -> None:
 
         model = str(demo_model_file(args.cache_dir))
     rows = [run_child(model, method, args.dtype, args.cache_dir) for method in METHODS]
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from run_bench import machine
-
     record = {
         "model": Path(model).name,
         "dtype": args.dtype,
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
+        "cpu_flags": cpu_flags(),
+        "commit": git_commit(),
         "runs": rows,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -28,8 +28,8 @@ ratio (both are dominated by forward passes through every weight) and divided by
 the assumed throughput of one GPU over this machine's 2 CPU threads for the same work (an
 assumption, printed with the table; replace it with a measured ratio when one exists).
 
-    python bench/scaleout.py                        # the demo preset, 12 trials (needs an idle machine)
-    python bench/scaleout.py --model PATH --n-trials 4 --quick   # a quick end-to-end check
+    python -m bench.scaleout                        # the demo preset, 12 trials (needs an idle machine)
+    python -m bench.scaleout --model PATH --n-trials 4 --quick   # a quick end-to-end check
 """
 
 from __future__ import annotations
@@ -49,8 +49,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+from bench.harness.machine import cpu_flags, git_commit
+from bench.harness.paths import RESULTS
+from bench.harness.publish import update_section
+
 DEMO_PARAMETERS = 0.494e9  # Qwen2.5-Coder-0.5B-Instruct
 PAPER_PARAMETERS = 8.0e9
 PAPER_TRIALS = 200
@@ -202,6 +204,19 @@ def table(runs: list[dict[str, Any]], projection: list[dict[str, Any]], gpu_fact
     return "\n".join(lines)
 
 
+def publish(record: dict[str, Any]) -> None:
+    """The "scaleout" section of BENCHMARKS.md: both configurations, the ratio of their searches and the projection."""
+    runs, projection = record["runs"], record["paper"]["rows"]
+    section = (
+        f"{record['model']}, demo preset, {runs[0]['trials']} trials, seed 42, {record['machine']['cpus']} CPU cores: one "
+        "worker with both threads against two workers with one thread each (the same cores, so about 1.0× is the best "
+        "they allow). Then on paper for an 8B model on 1–8 GPUs, one worker each, from the measured trial, start-up and "
+        f"join times scaled by parameters and an assumed GPU factor of {record['paper']['gpu_factor']:g} (the speed-ups "
+        "and serial shares do not depend on it, the hours do).\n\n" + table(runs, projection, record["paper"]["gpu_factor"])
+    )
+    update_section(section, "scaleout", {**record, "cpu_flags": record.get("cpu_flags")}, record["command"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a model instead of the demo model (with the demo's other settings)")
@@ -210,8 +225,12 @@ def main() -> None:
     parser.add_argument("--model-parameters", type=float, default=DEMO_PARAMETERS, help="parameters of the measured model")
     parser.add_argument("--quick", action="store_true", help="label the result a quick check (not the benchmark)")
     parser.add_argument("--output", type=Path, default=RESULTS / "scaleout.json")
+    parser.add_argument("--table", action="store_true", help="measure nothing: rewrite the BENCHMARKS.md section from --output")
     parser.add_argument("extra", nargs="*", help="more heretic flags (after --)")
     args = parser.parse_args()
+    if args.table:
+        publish(json.loads(args.output.read_text()))
+        return
     work = Path(tempfile.mkdtemp(prefix="heretic-scaleout-"))
     try:
         runs = [measure(args, 1, 2, work), measure(args, 2, 1, work)]
@@ -223,7 +242,9 @@ def main() -> None:
         "quick": args.quick,
         "model": args.model or "demo (Qwen2.5-Coder-0.5B-Instruct Q4_K_M)",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "command": " ".join(["python", "bench/scaleout.py", *sys.argv[1:]]),
+        "cpu_flags": cpu_flags(),
+        "commit": git_commit(),
+        "command": " ".join(["python", "-m", "bench.scaleout", *sys.argv[1:]]),
         "runs": runs,
         "search_time_ratio": round(runs[1]["search_seconds"] / runs[0]["search_seconds"], 3),
         "paper": {
@@ -237,6 +258,8 @@ def main() -> None:
     args.output.write_text(json.dumps(record, indent=2) + "\n")
     print(table(runs, projection, args.gpu_factor))
     print(f"\nWritten to {args.output}")
+    if not args.quick:
+        publish(record)
 
 
 if __name__ == "__main__":

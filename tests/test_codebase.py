@@ -11,8 +11,7 @@ SOURCE = Path(__file__).resolve().parents[1] / "src" / "heretic"
 MAX_FUNCTION_LINES = 60
 
 # The pipeline's layers, lowest first: a module imports (at module level) only from its own layer or
-# lower ones. ui (console, progress bars, tables) sits between the search's core and the study,
-# which prints; an import inside a function is how an upper module is reached without loading it.
+# lower ones; an import inside a function only keeps `heretic --help` from loading torch.
 LAYERS = [
     ("heretic", "heretic.errors"),
     ("heretic.config",),
@@ -21,18 +20,11 @@ LAYERS = [
     ("heretic.directions",),
     ("heretic.ablation",),
     ("heretic.scoring",),
-    (
-        "heretic.search.pareto",
-        "heretic.search.space",
-        "heretic.search.checkpoint",
-        "heretic.search.runner",
-        "heretic.search.workers",
-    ),
     ("heretic.ui",),
-    ("heretic.search.study", "heretic.search.warm_start"),
+    ("heretic.search",),
     ("heretic.session", "heretic.verify"),
     ("heretic.export", "heretic.report", "heretic.chat", "heretic.demo"),
-    ("heretic.actions", "heretic.evaluate", "heretic.parallel"),
+    ("heretic.choose", "heretic.evaluate", "heretic.parallel"),
     ("heretic.cli", "heretic.__main__"),
 ]
 

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from heretic.actions import show_heldout
+from heretic.choose import show_heldout
 from heretic.config import Settings
 from heretic.export.card import _heldout
 from heretic.export.record import heldout_entry

@@ -435,9 +435,9 @@ def test_models(
 # Settings that are only checked once the model is loaded: (id, argv, regex); all exit 2.
 LATE_SETTINGS_CASES = [
     (
-        "refusal scorer not a reference",
-        ["--refusal-scorer", "./nowhere-judge"],
-        r"The refusal scorer './nowhere-judge' must look like path/to/file\.py:Name",
+        "judge plug-in file missing",
+        ["--judge", "./nowhere-judge.py:Judge"],
+        r"The judge file nowhere-judge\.py does not exist",
     ),
     ("model to evaluate missing", ["--evaluate-model", "./nowhere"], r"The model path ./nowhere does not exist"),
     (

@@ -11,7 +11,7 @@ import optuna
 import pytest
 import torch
 
-from heretic.actions import show_held_out_measures
+from heretic.choose import show_held_out_measures
 from heretic.config import Settings
 from heretic.export.card import _heldout_kl, _over_refusal
 from heretic.export.record import heldout_kl_entry, over_refusal_entry

@@ -76,7 +76,7 @@ def test_the_interval_covers_the_truth_in_simulation(judge: str) -> None:
 
 
 def test_the_shipped_rates_are_the_benchmarks_test_half() -> None:
-    """judge_rates.json is what `python bench/judges.py --rates` writes from bench/results/judges.json."""
+    """judge_rates.json is what `python -m bench.judges --rates` writes from bench/results/judges.json."""
     import json
     from pathlib import Path
 
@@ -129,7 +129,7 @@ def test_the_front_table_shows_the_true_refusals_beside_the_count() -> None:
     from rich.console import Console
 
     from heretic.search.pareto import TrialResult
-    from heretic.ui import front_table
+    from heretic.search.tables import front_table
 
     front = [TrialResult(3, 6, 0.05, False, 1.0, {}), TrialResult(5, 2, 0.2, False, 1.0, {})]
     console = Console(width=200, record=True)

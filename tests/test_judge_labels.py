@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import collections
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from judge_labels import LABELS, load_labelled, split_of
-
+from bench.harness.labels import LABELS, load_labelled, split_of
 from heretic.scoring.rules import RuleJudge
 
 RULES = RuleJudge()

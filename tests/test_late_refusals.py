@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from late_refusals import (
+from bench.late_refusals import (
     LENGTHS,
     changes,
     judge_readings,
@@ -17,7 +13,6 @@ from late_refusals import (
     summary,
     window_prefix,
 )
-
 from heretic.prompts import Prompt
 from heretic.scoring.rules import normalize
 

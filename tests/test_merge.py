@@ -256,10 +256,10 @@ def test_the_save_memory_benchmark_runs_on_a_tiny_model(tiny_models: dict[str, P
     import subprocess
     import sys
 
-    script = Path(__file__).resolve().parents[1] / "bench" / "save_memory.py"
+    root = Path(__file__).resolve().parents[1]
     output = tmp_path / "save_memory.json"
-    command = [sys.executable, str(script), "--model", str(tiny_models["llama"]), "--output", str(output)]
-    done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy(), timeout=300, check=False)
+    command = [sys.executable, "-m", "bench.save_memory", "--model", str(tiny_models["llama"]), "--output", str(output)]
+    done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy(), timeout=300, check=False, cwd=root)
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads(output.read_text())
     runs = {run["method"]: run for run in record["runs"]}

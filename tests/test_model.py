@@ -13,9 +13,9 @@ from heretic.errors import HereticError
 from heretic.model import batching, device
 from heretic.model.architecture import build_architecture_map, find_layers, text_config
 from heretic.model.batching import choose_batch_size, is_out_of_memory
-from heretic.model.chat import format_chat
 from heretic.model.generation import Engine, common_prefix_length
 from heretic.model.loading import eos_token_ids, first_token_check, load_model, resolve_source
+from heretic.model.template import format_chat
 
 
 def load(path: Path):

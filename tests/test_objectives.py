@@ -74,7 +74,7 @@ def one_sentence(error: pytest.ExceptionInfo[HereticError]) -> str:
         ("heretic.config:NoSuchName", "The objective module heretic.config has no attribute 'NoSuchName'"),
         (
             "no-such-objective",
-            "Unknown objective 'no-such-objective'; use one of benchmark, degeneracy, moralizing, over-refusal, response-length",
+            "Unknown objective 'no-such-objective'; use one of response-length, moralizing, degeneracy, benchmark, over-refusal",
         ),
     ],
 )
@@ -146,7 +146,7 @@ def test_an_entry_point_is_loaded_by_its_name(monkeypatch: pytest.MonkeyPatch) -
     assert type(objective.objective).__name__ == "Hedging" and objective.direction == "minimize"
     with pytest.raises(HereticError) as error:
         load_objectives(Settings(objectives=["other"]))
-    assert "use one of benchmark, degeneracy, moralizing, over-refusal, response-length, hedge," in one_sentence(error)
+    assert "use one of response-length, moralizing, degeneracy, benchmark, over-refusal, hedge," in one_sentence(error)
 
 
 def test_objectives_from_the_command_line() -> None:

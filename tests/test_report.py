@@ -23,9 +23,6 @@ from heretic.report.data import MIN_TRIALS_FOR_IMPORTANCE, study_report_data
 from heretic.report.html import SECTIONS, render_report
 from heretic.report.projection import align, pca_2d, project_groups
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
 # --- Geometry: known answers -------------------------------------------------------------------
 
 
@@ -355,8 +352,7 @@ def test_a_finished_study_gets_its_report_and_a_saved_model_its_report_without_n
 def test_report_renders_in_a_headless_browser(tiny_study: dict[str, object], tmp_path: Path) -> None:
     """Chromium (the system's, driven by Playwright): no console error or network request, every section,
     one front marker per trial; the screenshot is kept as an artifact."""
-    sys.path.insert(0, str(BENCH))
-    import report_screenshot
+    from bench import report_screenshot
 
     if report_screenshot.find_browser() is None or not _playwright_installed():
         message = "no headless browser: chromium (apt-get install -y chromium) and playwright (make setup) are needed"

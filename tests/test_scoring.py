@@ -99,7 +99,7 @@ def test_scorer_from_file_and_module(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_scorer_errors(tmp_path: Path) -> None:
-    with pytest.raises(HereticError, match="must look like"):
+    with pytest.raises(HereticError, match="Unknown judge 'no-colon'"):
         load_judge("no-colon", None)
     with pytest.raises(HereticError, match="does not exist"):
         load_judge(f"{tmp_path / 'missing.py'}:X", None)

@@ -9,7 +9,17 @@ from types import SimpleNamespace
 
 import torch
 
-from heretic.config import RETIRED_FINGERPRINT_ENTRIES, Role, Settings, field_extra, field_roles, fields_with, fingerprint_entry
+from heretic.config import (
+    RETIRED_FINGERPRINT_ENTRIES,
+    Role,
+    Settings,
+    field_extra,
+    field_roles,
+    fields_with,
+    fingerprint_entry,
+    plain,
+    variant_settings,
+)
 from heretic.prompts import Prompt
 from heretic.search import checkpoint
 from heretic.search.runner import SearchSetup
@@ -42,7 +52,7 @@ def test_fingerprint_of_default_settings_is_pinned() -> None:
 def test_fingerprint_of_changed_settings_is_pinned(tmp_path: Path) -> None:
     # With the read positions searches had before they became a setting: these fingerprints are those searches'.
     earlier = {"direction_positions": [-1]}
-    settings = Settings(model_revision="abc", refusal_scorer="x.py:J", seed=7, row_normalization="pre", **earlier)
+    settings = Settings(model_revision="abc", judge="x.py:J", seed=7, row_normalization="pre", **earlier)
     values = study_fingerprint(settings, fake_loaded(), PROMPT_SETS, "<think>\n\n</think>\n\n")
     # (multivariate TPE, which this pin once also changed, is retired: searches have had univariate TPE since)
     assert checkpoint.fingerprint(values) == "5ad829f185b7a40eacc44ca2ef63308d00bcde17b0572d9e7c047676d364eccd"
@@ -139,3 +149,94 @@ def test_direction_method_settings_enter_the_fingerprint_only_where_the_method_r
     learned = variant(direction_method="learned")
     assert learned not in (base, clean) and variant(direction_method="learned", learned_direction_steps=3) != learned
     assert variant(direction_method="learned", concept_atoms=["code"]) == learned
+
+
+# A changed value for every score setting, after the settings it needs to be read (a judge's own options only
+# under that judge, a direction method's options only under that method). A new score setting fails the test
+# below until it is given one here, so that a setting that forgets to enter the fingerprint cannot go unseen.
+SCORE_CHANGES: dict[str, tuple[dict[str, object], object]] = {
+    "model_revision": ({}, "v2"),
+    "max_response_length": ({}, 64),
+    "orthogonalize_direction": ({}, False),
+    "winsorization_quantile": ({}, 0.99),
+    "direction_positions": ({}, [-1]),
+    "subspace_rank": ({}, 2),
+    "direction_method": ({}, "clean"),
+    "concept_atoms": ({"direction_method": "clean"}, ["code"]),
+    "concept_ridge": ({"direction_method": "clean"}, 1.0),
+    "learned_direction_weights": ({"direction_method": "learned"}, [1.0, 0.0, 1.0]),
+    "learned_direction_steps": ({"direction_method": "learned"}, 8),
+    "row_normalization": ({}, "pre"),
+    "full_normalization_exact": ({}, False),
+    "full_normalization_rank": ({}, 2),
+    "refusal_markers": ({"judge": "markers"}, ["nope"]),
+    "objectives": ({}, {"length": {"objective": "response-length"}}),
+    "judge": ({}, "markers"),
+    "judge_model": ({"judge": "http", "judge_url": "http://localhost:1/v1"}, "other"),
+    "judge_threshold": ({"judge": "model", "judge_model": "missing-judge-folder"}, 0.5),
+    "judge_url": ({"judge": "http", "judge_url": "http://localhost:1/v1"}, "http://localhost:2/v1"),
+    "n_startup_trials": ({}, 10),
+    "seed": ({}, 7),
+    "sampler_kl_floor": ({}, 0.02),
+    "direction_index_range": ({}, [0.2, 0.9]),
+    "peak_position_range": ({}, [0.5, 1.0]),
+    "kl_tokens": ({}, 4),
+    "cut_hopeless_trials": ({}, False),
+}
+# Score settings that enter through what they produce, changed in what the fingerprint reads: the loaded
+# model, its dtype, the prompt sets and the prefilled response prefix.
+PRODUCED_BY = {
+    "model": "model",
+    "dtypes": "dtype",
+    "quantization": "dtype",
+    "system_prompt": "prompts",
+    "harmful_prompts": "prompts",
+    "harmless_prompts": "prompts",
+    "harmful_eval_prompts": "prompts",
+    "harmless_eval_prompts": "prompts",
+    "thinking_tags": "response_prefix",
+    "response_prefix": "response_prefix",
+    "detect_response_prefix": "response_prefix",
+}
+
+
+def digest(
+    settings: Settings, loaded: SimpleNamespace | None = None, prompts: dict[str, list[Prompt]] | None = None, prefix: str = ""
+) -> str:
+    values = study_fingerprint(settings, loaded or fake_loaded(), prompts or PROMPT_SETS, prefix)
+    return checkpoint.fingerprint(values)
+
+
+def test_changing_any_score_setting_changes_the_fingerprint() -> None:
+    assert set(SCORE_CHANGES) | set(PRODUCED_BY) == set(fields_with(Role.score)), "give each score setting a change"
+    assert {name: fingerprint_entry(name) for name in PRODUCED_BY} == PRODUCED_BY
+    for name, (context, value) in SCORE_CHANGES.items():
+        before, after = digest(Settings(**context)), digest(Settings(**{**context, name: value}))  # type: ignore[arg-type]
+        assert before != after, f"changing {name} leaves the fingerprint as it was"
+    base = digest(Settings())
+    other_model = SimpleNamespace(
+        source=SimpleNamespace(name="org/other", gguf_file=None, display_name="other"), dtype=torch.bfloat16
+    )
+    other_dtype = SimpleNamespace(source=fake_loaded().source, dtype=torch.float32)
+    quantized = SimpleNamespace(source=fake_loaded().source, dtype=torch.bfloat16, quantization="bnb-4bit")
+    other_prompts = {**PROMPT_SETS, "harmful_eval": PROMPT_SETS["harmful_eval"][:2]}
+    changed = [
+        digest(Settings(), other_model),
+        digest(Settings(), other_dtype),
+        digest(Settings(), quantized),
+        digest(Settings(), prompts=other_prompts),
+        digest(Settings(), prefix="<think>\n\n</think>\n\n"),
+    ]
+    assert base not in changed and len(set(changed)) == len(changed)
+
+
+def test_variant_settings_are_derived_from_their_tags() -> None:
+    earlier = variant_settings()
+    assert earlier["direction_positions"] == [-1] and earlier["full_normalization_exact"] is False
+    assert earlier["kl_tokens"] == Settings().kl_tokens  # its default: what every search had before it existed
+    assert all(fingerprint_entry(name) == "judge" for name in earlier)  # through the scoring identity
+    # At the earlier values, no variant enters: the fingerprint is the one searches had before these settings.
+    values = study_fingerprint(
+        Settings(**{name: plain(value) for name, value in earlier.items()}), fake_loaded(), PROMPT_SETS, ""
+    )
+    assert "variant" not in str(values["judge"])

@@ -119,7 +119,7 @@ def search_flags(tmp_path: Path, *extra: str) -> list[str]:
     judge.write_text(LATE_JUDGE)
     return [
         *PROMPT_FLAGS,
-        "--refusal-scorer",
+        "--judge",
         f"{judge}:LateJudge",
         "--max-response-length",
         "8",
@@ -246,7 +246,8 @@ def test_the_outputs_say_which_counts_are_verified_and_show_both() -> None:
     from heretic.export.record import verified_entry
     from heretic.report.data import study_report_data
     from heretic.report.html import summary_section, verified_text
-    from heretic.ui import console, front_table
+    from heretic.search.tables import front_table
+    from heretic.ui import console
 
     study = optuna.create_study(directions=["minimize", "minimize"])
     for refusals, kl in ((1, 0.1), (3, 0.2)):

@@ -307,7 +307,7 @@ def test_more_trials_from_the_menu_run_in_the_same_study(
     import questionary
 
     from heretic import ui
-    from heretic.actions import MORE
+    from heretic.choose import MORE
     from heretic.cli import main
 
     answers = iter([MORE, None])  # "Run more trials", then "Quit"

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from .model.chat import format_chat
+from .model.template import format_chat
 from .ui import console
 
 HELP = "Type a message. /reset starts a new conversation, /exit (or an empty line twice, or Ctrl+D) leaves."

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from . import __version__
 from .config import (
+    MERGED_SETTINGS,
     RETIRED_SETTINGS,
     PromptSet,
     Settings,
@@ -51,7 +52,7 @@ examples:
   heretic ./model.gguf --n-trials 0 --headless --action report   (the report of a finished search)
   heretic --model ORIGINAL --evaluate-model ABLATED
   heretic MODEL --preset no-moralizing                   # also minimize lecturing answers
-  heretic MODEL --objectives moralizing,response-length  # further objectives (README, Objectives)
+  heretic MODEL --objectives moralizing,response-length  # further objectives (docs/judges.md)
 """
 
 
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         default=None,
         help="Start from a shipped preset, a config file read beneath your own (also HERETIC_PRESET): "
-        f"{', '.join(preset_names())}. See README, Objectives.",
+        f"{', '.join(preset_names())}. See docs/judges.md.",
     )
     group = parser
     for name, info in Settings.model_fields.items():
@@ -187,6 +188,9 @@ def describe_validation_error(error: ValidationError, config_file: str | None) -
     where = f"{flag_name(top)}, HERETIC_{top.upper()} or {config_file or 'config.toml'}"
     message = str(first["msg"]).rstrip(".")
     message = message.removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden" and location in MERGED_SETTINGS:
+        merged = MERGED_SETTINGS[location]
+        return f"The setting '{location}' is now part of '{merged}': give its value as {flag_name(merged)} (in {config_file or 'config.toml'})."
     if first["type"] == "extra_forbidden" and location in RETIRED_SETTINGS:
         value = json.dumps(RETIRED_SETTINGS[location])
         return (
@@ -290,8 +294,8 @@ def run(settings: Settings, argv: Sequence[str] | None = None) -> None:
 
         evaluate_model(settings)
         return
-    from .actions import choose_and_act
-    from .parallel import Search, pin_this_process
+    from .choose import choose_and_act
+    from .parallel import Workers, pin_this_process
     from .session import open_session_study, prepare
 
     shares = pin_this_process(settings)  # --workers N: this process is worker 0, on its share of the devices
@@ -303,7 +307,7 @@ def run(settings: Settings, argv: Sequence[str] | None = None) -> None:
     study, location = open_session_study(session)
     name = location.journal.stem if location.journal is not None and settings.storage is None else location.study_name
     log_dir = Path(settings.checkpoint_dir).expanduser() / f"{name}-workers"
-    search = Search(session, study, list(sys.argv[1:] if argv is None else argv), shares, log_dir)
+    search = Workers(session, study, list(sys.argv[1:] if argv is None else argv), shares, log_dir)
     search.run()
     if settings.search_only:
         from .ui import console

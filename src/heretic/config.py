@@ -17,11 +17,13 @@ import re
 from contextvars import ContextVar
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from .plugins import is_plugin_spec
 
 ENV_PREFIX = "HERETIC_"
 DEFAULT_CONFIG_FILE = "config.toml"
@@ -51,8 +53,9 @@ class SelectRule(str, Enum):
     lowest_kl = "lowest-kl"
 
 
-# The names of the actions (export/actions.py registers what each does, in this order).
-Action = Literal["save", "save-adapter", "gguf", "upload", "upload-adapter", "chat", "benchmark", "examples", "report"]
+# The names of the built-in actions (export/actions.py registers what each does, in this order); any other
+# --action value names a plug-in (heretic/plugins.py).
+BUILTIN_ACTIONS = ("save", "save-adapter", "gguf", "upload", "upload-adapter", "chat", "benchmark", "examples", "report")
 # The prompt sets by name; the setting of each is `<name>_prompts`.
 PROMPT_SETS = ("harmful", "harmless", "harmful_eval", "harmless_eval")
 
@@ -316,17 +319,34 @@ RETIRED_SETTINGS: dict[str, object] = {
     "multivariate_tpe": False,  # a joint TPE density: the same mean hypervolume, a wider spread
     "search_mlp_off": False,  # a categorical that switched the MLP's ablation off: fewer trials with few refusals
 }
+# Settings merged into another, with it: a config file or record that names one says where it went.
+MERGED_SETTINGS = {"refusal_scorer": "judge"}  # a plug-in judge is a --judge value
+# The built-in judges; any other --judge value names a plug-in (heretic/plugins.py).
+BUILTIN_JUDGES = ("markers", "rules", "model", "http")
 # The retired settings that had a value entry in the fingerprint (the others entered only when changed).
 RETIRED_FINGERPRINT_ENTRIES = ("n_ei_candidates", "multivariate_tpe")
 
 
-def tags(*roles: Role, section: str | None = None, fingerprint: str | None = None) -> dict[str, Any]:
-    """A field's json_schema_extra: its roles; `section` starts a --help group and a config.default.toml section;
-    `fingerprint` names the fingerprint entry a score setting enters through (default: its own name, by value)."""
+# `tags(earlier=DEFAULT)`: the value every search had before the setting existed is its default.
+DEFAULT: Any = object()
+
+
+def tags(*roles: Role, section: str | None = None, fingerprint: str | None = None, earlier: Any = None) -> dict[str, Any]:
+    """A field's json_schema_extra: its roles; `section` starts a --help group and a config.default.toml section.
+
+    `fingerprint` names what a score setting enters the fingerprint as, when not by its value: "model",
+    "dtype", "prompts", "response_prefix", "judge" or "objectives" (see FINGERPRINT_ENTRIES). `earlier` marks
+    a score setting added after checkpoints existed, with the value every earlier search had (DEFAULT: its
+    default): it enters the fingerprint only where it differs from that value, so that existing checkpoints
+    still resume, and reproduction records without it are read with that value."""
     extra: dict[str, Any] = {"roles": [role.value for role in roles]}
     if section:
         extra["section"] = section
-    if fingerprint:
+    if earlier is not None:
+        extra["fingerprint"] = "variant"
+        if earlier is not DEFAULT:
+            extra["earlier"] = earlier
+    elif fingerprint:
         extra["fingerprint"] = fingerprint
     return extra
 
@@ -508,9 +528,8 @@ class Settings(BaseSettings):
         default=[-5, -4, -3, -2, -1],
         min_length=1,
         description="Prompt positions the refusal directions are read at, counted from the end, and averaged (-5 -4 -3 "
-        "-2 -1: the chat template's last five tokens after the user's message, which gave a better front on the "
-        "benchmark than the last token alone; [-1]: the last token, as searches before this default had).",
-        json_schema_extra=tags(Role.score, fingerprint="judge"),
+        "-2 -1: the chat template's last five tokens after the user's message; -1: the last token alone).",
+        json_schema_extra=tags(Role.score, earlier=[-1]),
     )
     subspace_rank: int = Field(
         default=1,
@@ -518,7 +537,7 @@ class Settings(BaseSettings):
         le=8,
         description="Directions ablated together (k): the refusal direction plus the top k - 1 principal components of "
         "the per-prompt harmful - harmless residual differences orthogonal to it, at the same layer.",
-        json_schema_extra=tags(Role.score, fingerprint="judge"),
+        json_schema_extra=tags(Role.score, earlier=DEFAULT),
     )
 
     direction_method: DirectionMethod = Field(
@@ -527,21 +546,21 @@ class Settings(BaseSettings):
         "difference with the directions of the concepts in --concept-atoms ridge-regressed out, so that ablating it "
         "spares those capabilities); learned (optimized by gradient so that its ablation removes refusals and keeps "
         "harmless answers; computed once per model and prompts and cached).",
-        json_schema_extra=tags(Role.score, fingerprint="judge"),
+        json_schema_extra=tags(Role.score, earlier=DEFAULT),
     )
     concept_atoms: list[str] = Field(
         default=["code", "math", "languages", "formatting", "roleplay", "sensitive"],
         min_length=1,
         description="Concepts the clean directions are made orthogonal to, each a bundled prompt set concept_<name> "
         "read against the harmless prompts.",
-        json_schema_extra=tags(Role.score, fingerprint="judge"),
+        json_schema_extra=tags(Role.score, earlier=DEFAULT),
     )
     concept_ridge: float = Field(
         default=0.1,
         gt=0.0,
         description="Ridge strength of the clean directions, relative to the mean squared concept norm: near 0 removes "
         "the concepts' span entirely, large values leave the direction as it is.",
-        json_schema_extra=tags(Role.score, fingerprint="judge"),
+        json_schema_extra=tags(Role.score, earlier=DEFAULT),
     )
     learned_direction_weights: list[float] = Field(
         default=[1.0, 1.0, 1.0],
@@ -550,14 +569,14 @@ class Settings(BaseSettings):
         description="Weights of the learned direction's three losses: ablation (harmful prompts answered as the "
         "ablated model answers them), addition (harmless prompts refused when the direction is added) and retain "
         "(harmless answers unchanged by the ablation, as KL divergence).",
-        json_schema_extra=tags(Role.score, fingerprint="judge"),
+        json_schema_extra=tags(Role.score, earlier=DEFAULT),
     )
     learned_direction_steps: int = Field(
         default=4,
         ge=1,
         description="Gradient steps of the learned direction (each on 2 prompts per loss); its one-off cost grows with "
         "them (a 0.5B model on two CPU cores: about 30 s for its targets and 14 s a step).",
-        json_schema_extra=tags(Role.score, fingerprint="judge"),
+        json_schema_extra=tags(Role.score, earlier=DEFAULT),
     )
 
     # --- Ablation -------------------------------------------------------------------------
@@ -571,7 +590,7 @@ class Settings(BaseSettings):
         default=True,
         description="Keep every row's norm exactly in a full ablation: a rank-k adapter and a per-row output scale "
         "(a saved adapter is a DoRA adapter); off: a rank-r LoRA approximation, as fused MoE expert tensors always get.",
-        json_schema_extra=tags(Role.score, fingerprint="judge"),
+        json_schema_extra=tags(Role.score, earlier=False),
     )
     full_normalization_rank: int = Field(
         default=3,
@@ -608,25 +627,21 @@ class Settings(BaseSettings):
         "12 characters, the responses differing after it) and prefill it, so that responses are judged where they differ.",
         json_schema_extra=tags(Role.score, fingerprint="response_prefix"),
     )
-    refusal_scorer: str | None = Field(
-        default=None,
-        description='Custom refusal judge: "path/to/file.py:Name" or "package.module:Name" (see README, Scorers).',
-        json_schema_extra=tags(Role.score, fingerprint="judge"),
-    )
     objectives: dict[str, ObjectiveTable] = Field(
         default={},
         description="Objectives besides refusals and KL, each minimized, maximized or only reported: names "
         "(response-length, moralizing, degeneracy, over-refusal, an entry point of heretic.objectives, package.module:Name, "
         "path/to/file.py:Name), "
-        "or tables [objectives.NAME] in the config file with their settings (see README, Objectives).",
-        json_schema_extra=tags(Role.score, fingerprint="judge"),
+        "or tables [objectives.NAME] in the config file with their settings (see docs/judges.md).",
+        json_schema_extra=tags(Role.score, fingerprint="objectives"),
     )
-    judge: Literal["markers", "rules", "model", "http"] = Field(
+    judge: str = Field(
         default="rules",
         description="What decides that a response refuses: rules (the default: where the refusal phrase stands, openings "
-        "against later disclaimers, deflections; the closest to human labels of the judges that keep trials fast), "
+        "against later disclaimers, deflections), "
         "markers (any refusal marker anywhere; chosen by giving --refusal-markers alone), model (a language model asked, "
-        "by default the original model itself), http (an OpenAI-compatible chat endpoint, --judge-url).",
+        "by default the original model itself), http (an OpenAI-compatible chat endpoint, --judge-url), or a plug-in: "
+        "an entry point of heretic.judges, package.module:Name or path/to/file.py:Name (see docs/judges.md).",
         json_schema_extra=tags(Role.score, fingerprint="judge"),
     )
     judge_model: str | None = Field(
@@ -734,13 +749,13 @@ class Settings(BaseSettings):
         default=[0.4, 0.9],
         description="Where the search samples the global direction's (fractional) layer index: [low, high] as "
         "fractions of the last layer's index (0: the first layer, 1: the last).",
-        json_schema_extra=tags(Role.score, Role.search, fingerprint="judge"),
+        json_schema_extra=tags(Role.score, Role.search, earlier=DEFAULT),
     )
     peak_position_range: list[float] = Field(
         default=[0.6, 1.0],
         description="Where the search samples each component's peak layer (where its ablation weight is largest): "
         "[low, high] as fractions of the last layer's index.",
-        json_schema_extra=tags(Role.score, Role.search, fingerprint="judge"),
+        json_schema_extra=tags(Role.score, Role.search, earlier=DEFAULT),
     )
     kl_tokens: int = Field(
         default=1,
@@ -749,7 +764,7 @@ class Settings(BaseSettings):
         description="Response tokens the KL divergence is measured over: the first N tokens of the original model's "
         "greedy responses to the harmless prompts, teacher-forced (1: the first token only; N costs N - 1 more "
         "positions per prompt in the KL pass).",
-        json_schema_extra=tags(Role.score, fingerprint="judge"),
+        json_schema_extra=tags(Role.score, earlier=DEFAULT),
     )
     cut_hopeless_trials: bool = Field(
         default=True,
@@ -822,10 +837,10 @@ class Settings(BaseSettings):
     )
 
     # --- Output ---------------------------------------------------------------------------
-    action: list[Action] = Field(
+    action: list[str] = Field(
         default=[],
-        description=f"What to do with the chosen trial, in order, without asking: {', '.join(get_args(Action))} "
-        "(repeat the flag for several).",
+        description=f"What to do with the chosen trial, in order, without asking: {', '.join(BUILTIN_ACTIONS)}, or a "
+        "plug-in (an entry point of heretic.actions, package.module:Name or path/to/file.py:Name); repeat the flag for several.",
         json_schema_extra=tags(Role.run, section="Output"),
     )
     output_dir: str | None = Field(
@@ -941,6 +956,27 @@ class Settings(BaseSettings):
     def _objective_names(cls, value: Any) -> Any:
         return objective_tables(value)
 
+    @field_validator("action")
+    @classmethod
+    def _actions_are_known(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name not in BUILTIN_ACTIONS and not is_plugin_spec(name, "action"):
+                raise ValueError(
+                    f"unknown action {name!r}: use {', '.join(BUILTIN_ACTIONS)}, an installed heretic.actions entry point, "
+                    "package.module:Name or path/to/file.py:Name"
+                )
+        return value
+
+    @field_validator("judge")
+    @classmethod
+    def _judge_is_known(cls, value: str) -> str:
+        if value not in BUILTIN_JUDGES and not is_plugin_spec(value, "judge"):
+            raise ValueError(
+                f"use one of {', '.join(BUILTIN_JUDGES)}, an installed heretic.judges entry point, "
+                "package.module:Name or path/to/file.py:Name"
+            )
+        return value
+
     @field_validator("judge_url")
     @classmethod
     def _http_judge_has_a_url(cls, value: str | None, info: ValidationInfo) -> str | None:
@@ -1041,10 +1077,33 @@ def fields_with(role: Role) -> list[str]:
     return [name for name in Settings.model_fields if role in field_roles(name)]
 
 
+# The fingerprint entry each kind of derived score setting enters through. The judge, the further objectives
+# and the settings added later (variants) make up one entry, the scoring identity, under the name it has
+# always had, so that existing checkpoints still resume.
+FINGERPRINT_ENTRIES = {
+    "model": "model",
+    "dtype": "dtype",
+    "prompts": "prompts",
+    "response_prefix": "response_prefix",
+    "judge": "judge",
+    "objectives": "judge",
+    "variant": "judge",
+}
+
+
 def fingerprint_entry(name: str) -> str | None:
     """The derived fingerprint entry a score setting enters through; None when it is recorded by value, under its name."""
-    entry = field_extra(name).get("fingerprint")
-    return None if entry is None else str(entry)
+    kind = field_extra(name).get("fingerprint")
+    return None if kind is None else FINGERPRINT_ENTRIES[str(kind)]
+
+
+def variant_settings() -> dict[str, Any]:
+    """{name: the value every earlier search had} of the score settings added after checkpoints existed."""
+    return {
+        name: field_extra(name).get("earlier", field.get_default(call_default_factory=True))
+        for name, field in Settings.model_fields.items()
+        if field_extra(name).get("fingerprint") == "variant"
+    }
 
 
 def plain(value: Any) -> Any:
@@ -1278,5 +1337,85 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot render {value!r} as TOML")
 
 
-if __name__ == "__main__":  # python -m heretic.config > config.default.toml
-    print(render_default_toml(), end="")
+# --- docs/configuration.md -------------------------------------------------------------------
+
+MARKDOWN_DEFAULT_CHARACTERS = 100  # a longer default is shortened in the table (config.default.toml has it whole)
+
+
+def render_markdown() -> str:
+    """The reference of every option, as committed in `docs/configuration.md`: grouped as in config.default.toml."""
+    lines = [
+        "# Configuration",
+        "",
+        "Every setting of Heretic: its key in `config.toml`, its command-line flag, its default and what it does.",
+        "",
+        "Values come from, lowest priority first: the defaults, a preset (`--preset`), `config.toml` in the working",
+        "directory (or `--config FILE`), environment variables `HERETIC_<NAME>` (e.g. `HERETIC_N_TRIALS=60`) and",
+        "flags. Unknown keys, wrong types and out-of-range values are refused in one line naming the key.",
+        "[`config.default.toml`](../config.default.toml) holds the same list as a file to copy to `config.toml`.",
+        "",
+        "This page is generated from `Settings` in `src/heretic/config.py`:",
+        "`python -m heretic.config --markdown > docs/configuration.md`.",
+    ]
+    section = None
+    for name, info in Settings.model_fields.items():
+        if field_extra(name).get("section", section) != section:
+            section = field_extra(name)["section"]
+            lines += ["", f"## {section}", "", "| setting | flag | default | description |", "|---|---|---|---|"]
+        lines.append(_markdown_row(name, _markdown_flag(name, info), _markdown_default(info.default), info.description))
+    lines += [
+        "",
+        "## Prompt set tables",
+        "",
+        "In `config.toml` a prompt set is a table (`[harmful_prompts]`) with these keys; on the command line and in",
+        "the environment it is written `SOURCE[:SPLIT][SLICE]`.",
+        "",
+        "| key | default | description |",
+        "|---|---|---|",
+    ]
+    for key, sub in PromptSet.model_fields.items():
+        default = "required" if sub.is_required() else _markdown_default(sub.default)
+        lines.append(f"| `{key}` | {default} | {_markdown_text(sub.description)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_row(name: str, flag: str, default: str, description: str | None) -> str:
+    return f"| `{name}` | {flag} | {default} | {_markdown_text(description)} |"
+
+
+def _markdown_flag(name: str, info: FieldInfo) -> str:
+    flag = "--" + name.replace("_", "-")
+    return f"`{flag}`, `--no-{flag[2:]}`" if field_kind(info) == "bool" else f"`{flag}`"
+
+
+def _markdown_default(default: Any) -> str:
+    """A default as a code span on one line; a long list shows its first entries (config.default.toml has all)."""
+    if default is None or default == {}:
+        return "none"
+    if isinstance(default, PromptSet):
+        return f"`{default.label()}`"
+    text = _inline_value(default)
+    if len(text) > MARKDOWN_DEFAULT_CHARACTERS and isinstance(default, list):
+        shown = ", ".join(_inline_value(item) for item in default[:3])
+        return f"`[{shown}, …]` ({len(default)} entries, all in config.default.toml)".replace("|", "\\|")
+    return f"`{text}`".replace("|", "\\|")
+
+
+def _inline_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_inline_value(item) for item in value) + "]"
+    return _toml_value(value)
+
+
+def _markdown_text(text: str | None) -> str:
+    """A description as one table cell: pipes, asterisks and angle brackets escaped."""
+    escaped = (text or "").replace("\\", "\\\\").replace("|", "\\|").replace("*", "\\*").replace("<", "&lt;")
+    return " ".join(escaped.split())
+
+
+if __name__ == "__main__":  # python -m heretic.config > config.default.toml; --markdown > docs/configuration.md
+    import sys
+
+    if sys.argv[1:] not in ([], ["--markdown"]):
+        raise SystemExit("usage: python -m heretic.config [--markdown]")
+    print(render_markdown() if sys.argv[1:] else render_default_toml(), end="")

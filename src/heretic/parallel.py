@@ -171,7 +171,7 @@ def worker_argv(argv: Sequence[str], target: int) -> list[str]:
 
 
 @dataclass
-class Search:
+class Workers:
     """Runs the search of a session: alone, or as worker 0 of this command's workers."""
 
     session: Session

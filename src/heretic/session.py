@@ -145,7 +145,7 @@ def load(settings: Settings, name: str | None = None) -> LoadedModel:
 
 
 def make_judge(settings: Settings, engine: Engine | None = None, ablator: Ablator | None = None) -> RefusalJudge:
-    """The judge of --judge (or the plug-in of --refusal-scorer). The model judge is the original model:
+    """The judge of --judge (a built-in judge or a plug-in). The model judge is the original model:
     the searched model with its adapters switched off, or a model of its own (--judge-model)."""
     original = ablator.peft_model.disable_adapter if ablator is not None else None
 
@@ -153,7 +153,7 @@ def make_judge(settings: Settings, engine: Engine | None = None, ablator: Ablato
         return make_engine(settings, load(settings, name))
 
     judge = build_judge(settings, engine if ablator is not None else None, original, load_engine)
-    if settings.judge != "markers" or settings.refusal_scorer:
+    if settings.judge != "markers":
         console.print(f"Refusal judge: [bold]{getattr(judge, 'name', settings.judge)}[/]")
     return judge
 

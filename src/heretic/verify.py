@@ -56,9 +56,9 @@ CountFn = Callable[[TrialResult, float], VerifiedCount | None]
 def verify_key(settings: Any) -> str:
     """What makes a verified count: the verify judge (as the checkpoint fingerprint knows judges) and the length."""
     judge = settings.verify_judge
-    chosen = settings if judge is None else settings.model_copy(update={"judge": judge, "refusal_scorer": None})
+    chosen = settings if judge is None else settings.model_copy(update={"judge": judge})
     entry: dict[str, object] = {"judge": judge_identity(chosen), "tokens": settings.verify_response_length}
-    if chosen.judge == "rules" and not chosen.refusal_scorer:
+    if chosen.judge == "rules":
         entry["late_rules"] = LATE_RULES_REVISION
     return hashlib.sha256(json.dumps(entry, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -126,7 +126,7 @@ def verify_judge(session: Session) -> RefusalJudge:
     """The judge of the verified counts: --verify-judge, else the search's judge, reading whole responses."""
     settings = session.settings
     judge = settings.verify_judge
-    if judge is None or (judge == settings.judge and not settings.refusal_scorer):
+    if judge is None or judge == settings.judge:
         if isinstance(session.judge, RuleJudge):
             return RuleJudge(session.judge.window, whole=True)
         return session.judge
@@ -134,7 +134,7 @@ def verify_judge(session: Session) -> RefusalJudge:
         return RuleJudge(whole=True)
     if judge == "http" and not settings.judge_url:
         raise HereticError("--verify-judge http needs the endpoint's API root in --judge-url.")
-    return make_judge(settings.model_copy(update={"judge": judge, "refusal_scorer": None}), session.engine, session.ablator)
+    return make_judge(settings.model_copy(update={"judge": judge}), session.engine, session.ablator)
 
 
 def whole_counter(session: Session, judge: RefusalJudge, bars: ProgressBars) -> CountFn:
@@ -209,7 +209,7 @@ def verified_line(
         for r in order
         if r.number in verified
     )
-    judge = settings.verify_judge or ("plug-in" if settings.refusal_scorer else settings.judge)
+    judge = settings.verify_judge or settings.judge
     line = f"Refusals on whole responses (up to {settings.verify_response_length} tokens, {judge} judge): {counts or 'none'}"
     search = budget / settings.verify_budget if settings.verify_budget else 0.0
     if spent is not None and search > 0:

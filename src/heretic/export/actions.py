@@ -16,6 +16,7 @@ from ..ablation.parameters import AblationParameters
 from ..chat import chat_loop
 from ..errors import HereticError
 from ..model.memory import stage
+from ..plugins import entry_point_names, find_plugin
 from ..search.pareto import TrialResult
 from ..session import Session
 from ..ui import console
@@ -47,6 +48,24 @@ class Action:
 
 
 ACTIONS: dict[str, Action] = {}
+
+
+def find_action(name: str) -> Action:
+    """The action `name`: a built-in one, or a plug-in (an entry point of heretic.actions, package.module:Name or
+    path/to/file.py:Name) that is either an `Action` or a handler function, labelled by its docstring's first line."""
+    plugin = find_plugin("action", name, ACTIONS)
+    found = plugin.factory
+    if isinstance(found, Action):
+        return found
+    if not callable(found):
+        raise HereticError(f"The action {name} is neither an Action nor a function (session, result, parameters, ...).")
+    label = ((getattr(found, "__doc__", None) or "").strip().splitlines() or [plugin.attribute])[0]
+    return Action(name, label, found)
+
+
+def menu_actions() -> list[Action]:
+    """The actions the interactive menu offers: the built-in ones, then those of installed packages' entry points."""
+    return [*ACTIONS.values(), *(find_action(name) for name in entry_point_names("action") if name not in ACTIONS)]
 
 
 def action(name: str, label: str) -> Callable[[Handler], Handler]:

@@ -192,9 +192,9 @@ JUDGES = {
 
 def judge_description(settings: dict[str, Any]) -> str:
     """Which judge counted the refusals, in words (from the record's settings)."""
-    if settings.get("refusal_scorer"):
-        return f"a custom judge ({settings['refusal_scorer']})"
-    judge = settings.get("judge", "markers")
+    judge = settings.get("refusal_scorer") or settings.get("judge", "markers")  # (records before the merge)
+    if judge not in JUDGES:
+        return f"a custom judge ({judge})"
     model = settings.get("judge_model") or ("the original model" if judge == "model" else "a model")
     if Path(model).expanduser().exists():  # a local folder or file: its name, never the user's path
         model = Path(model).name

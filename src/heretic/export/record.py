@@ -111,7 +111,7 @@ def verified_entry(session: Session, result: TrialResult) -> dict[str, Any]:
     settings = session.settings
     return {
         "response_length": settings.verify_response_length,
-        "judge": settings.verify_judge or ("plug-in" if settings.refusal_scorer else settings.judge),
+        "judge": settings.verify_judge or settings.judge,
         "search_refusals": result.search_refusals,
         "degenerate": result.degenerate,
     }

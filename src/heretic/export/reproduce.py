@@ -14,7 +14,7 @@ from rich.table import Table
 
 from .. import __version__
 from ..ablation.parameters import AblationParameters
-from ..config import RETIRED_SETTINGS, Role, Settings, fields_with
+from ..config import MERGED_SETTINGS, RETIRED_SETTINGS, Role, Settings, fields_with, plain, variant_settings
 from ..demo import DEMO_NAME, demo_model_file, sha256_file
 from ..errors import HereticError, first_line
 from ..model.architecture import build_architecture_map
@@ -149,11 +149,14 @@ def rebuilt_settings(settings: Settings, data: dict[str, Any]) -> Settings:
         if key in explicit:
             recorded[key] = getattr(settings, key)
     recorded.update(reproduce=None, evaluate_model=None, demo=False, action=[])
+    for name, merged in MERGED_SETTINGS.items():  # records written before the setting was merged into another
+        if recorded.get(name):
+            recorded[merged] = recorded[name]
+        recorded.pop(name, None)
     for name in RETIRED_SETTINGS:  # they shaped the search, not the recorded trial's ablation
         recorded.pop(name, None)
-    # Records written before these settings existed: what every search then had.
-    recorded.setdefault("full_normalization_exact", False)  # the approximation
-    recorded.setdefault("direction_positions", [-1])  # the last prompt token
+    for name, earlier in variant_settings().items():  # records written before a setting existed: what searches then had
+        recorded.setdefault(name, plain(earlier))
     if "dtypes" not in explicit and data["model"].get("dtype"):
         recorded["dtypes"] = [data["model"]["dtype"]]  # the dtype the trial was computed in, not a new measurement
     try:

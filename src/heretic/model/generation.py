@@ -22,9 +22,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import HereticError
 from ..prompts import Prompt
-from .chat import format_chat
 from .offload import execution_device
 from .reuse import LayerReuse
+from .template import format_chat
 
 # (index of the prompt, generated token ids so far) -> True once the response needs no more tokens.
 DecidedFn = Callable[[int, list[int]], bool]
@@ -63,7 +63,6 @@ class Engine:
         self.tokenizer = tokenizer
         self.eos_ids = set(eos_ids)
         self.batch_size = max(1, batch_size)
-        self.share_prefix = share_prefix
         self.length_order = True  # batch prompts in order of length (False: in the caller's order)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.response_prefix = ""
@@ -71,6 +70,9 @@ class Engine:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         parameters = inspect.signature(base.forward).parameters
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        # A recurrent model without positions (Mamba) cannot continue a shared prefix across the padding
+        # between prefix and suffix: its prompts are run whole.
+        self.share_prefix = share_prefix and "position_ids" in parameters
         make_head_input_contiguous(model)
         self.sliding_window = sliding_window(model)
         self.max_prompt_tokens = prompt_token_limit(model)

@@ -720,7 +720,7 @@ def first_token_check(loaded: LoadedModel) -> str | None:
     """Run one forward pass on a chat prompt; a problem description if the logits are not finite, or, in
     float16, if a hidden state comes within FLOAT16_HEADROOM of float16's largest value (longer prompts
     would overflow it)."""
-    from .chat import format_chat
+    from .template import format_chat
 
     text = format_chat(loaded.tokenizer, "You are a helpful assistant.", "Say hello.", response_prefix="")
     ids = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(loaded.input_device)

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from .. import config
 from .coherence import DEGENERATE_AT, is_degenerate
 from .harness import load_tasks, primary_score, run_loaded, task_manager, wrap_model
-from .objectives import ObjectiveContext, TrialOutputs, contains_any
+from .objective_api import ObjectiveContext, TrialOutputs, contains_any
 from .refusals import RefusalJudge, normalize_response
 
 log = logging.getLogger(__name__)

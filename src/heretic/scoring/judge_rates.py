@@ -3,7 +3,7 @@
 src/heretic/data/judge_rates.json holds, for each built-in judge whose rates were measured, its confusion
 counts (tp, fn, tn, fp) against a person's labels on the test half of bench/judge-labels (responses of the
 demo model, Qwen2.5-Coder-0.5B-Instruct). It is written from bench/results/judges.json by
-`python bench/judges.py --rates` (rates_file below), never by hand. The marker judge's rates hold only for
+`python -m bench.judges --rates` (rates_file below), never by hand. The marker judge's rates hold only for
 the default marker list; the model judge's were measured with the demo model judging itself and are not
 applied (another judge model, another threshold), nor are any for the http judge or a plug-in: their counts
 are reported uncorrected.
@@ -42,7 +42,7 @@ def rates_file(results: Mapping[str, Any]) -> dict[str, Any]:
         }
         for name in MEASURED_JUDGES
     }
-    return {"source": "bench/results/judges.json (python bench/judges.py --rates)", "judges": judges}
+    return {"source": "bench/results/judges.json (python -m bench.judges --rates)", "judges": judges}
 
 
 @lru_cache(maxsize=1)
@@ -68,7 +68,7 @@ class MeasuredRates:
 def measured_rates(settings: Mapping[str, Any]) -> MeasuredRates | None:
     """The shipped rates of the judge these settings (a Settings dump or a record's settings) choose, if any."""
     judge = settings.get("judge")
-    if settings.get("refusal_scorer") or judge not in MEASURED_JUDGES:
+    if settings.get("refusal_scorer") or judge not in MEASURED_JUDGES:  # (a plug-in: records before the merge named it apart)
         return None
     if judge == "markers" and sorted(settings.get("refusal_markers") or []) != sorted(DEFAULT_REFUSAL_MARKERS):
         return None  # a custom marker list: not the judge that was measured

@@ -1,11 +1,11 @@
-"""Choosing the refusal judge from the settings (--judge, or a plug-in with --refusal-scorer)."""
+"""Choosing the refusal judge from the settings (--judge: a built-in judge or a plug-in)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
-from ..config import Settings
+from ..config import BUILTIN_JUDGES, Settings
 from ..model.generation import Engine
 from .classifier_judge import load_classifier_judge, read_classifier
 from .http_judge import HttpJudge, HttpJudgeConfig
@@ -24,8 +24,8 @@ def judge_identity(settings: Settings) -> object:
     The rules judge enters with the revision of its rules (RULES_REVISION): rules that can give another
     verdict make another search. A classifier judge model enters with how it is read (its refusal labels,
     its input, CLASSIFIER_REVISION)."""
-    if settings.refusal_scorer:
-        return settings.refusal_scorer
+    if settings.judge not in BUILTIN_JUDGES:  # a plug-in: its name, as it always entered
+        return settings.judge
     if settings.judge == "markers":
         return sorted(settings.refusal_markers)
     identity: dict[str, object] = {"judge": settings.judge}
@@ -52,8 +52,8 @@ def make_judge(
     The model judge uses `engine` (the searched model) entered into `original()` (its adapters off), or,
     with --judge-model or without an engine, a model loaded by `load_engine`; a --judge-model with a
     classification head is a classifier judge instead (classifier_judge.py)."""
-    if settings.refusal_scorer:
-        return load_judge(settings.refusal_scorer, settings)
+    if settings.judge not in BUILTIN_JUDGES:
+        return load_judge(settings.judge, settings)
     if settings.judge == "rules":
         return RuleJudge()
     if settings.judge == "model":

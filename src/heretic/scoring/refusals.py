@@ -1,7 +1,8 @@
 """Refusal judges: decide whether a response refuses.
 
 The interface is small so that users can plug in their own judge (e.g. a classifier) with
-`--refusal-scorer path/to/file.py:Name` or `package.module:Name`, without editing Heretic:
+`--judge path/to/file.py:Name`, `package.module:Name` or an entry point of the group `heretic.judges`
+(heretic/plugins.py), without editing Heretic:
 
     class MyJudge:
         name = "my-judge"
@@ -20,16 +21,11 @@ full-length responses.
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
-import inspect
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import HereticError
+from ..plugins import create, find_plugin
 from ..prompts import Prompt
 
 
@@ -84,55 +80,14 @@ class MarkerJudge:
         return self._has_marker(normalize_response(partial_response))
 
 
-def import_file(path: Path, prefix: str) -> Any:
-    """The module of the Python file `path` (a user's plug-in), registered as `prefix`_<hash of its path>;
-    whatever the file raises while it runs is raised."""
-    module_name = f"{prefix}_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def load_judge(spec: str, settings: Any) -> RefusalJudge:
-    """Import a user's judge from "path/to/file.py:Name" or "package.module:Name" and instantiate it."""
-    location, _, attribute = spec.rpartition(":")
-    if not location or not attribute:
-        raise HereticError(f"The refusal scorer {spec!r} must look like path/to/file.py:Name or package.module:Name.")
-    if location.endswith(".py"):
-        path = Path(location).expanduser()
-        if not path.is_file():
-            raise HereticError(f"The refusal scorer file {path} does not exist.")
-        try:
-            module = import_file(path, "heretic_user_scorer")
-        except Exception as error:  # noqa: BLE001 - user code
-            raise HereticError(f"Importing the refusal scorer {path} failed: {type(error).__name__}: {error}.") from None
-    else:
-        try:
-            module = importlib.import_module(location)
-        except ImportError as error:
-            raise HereticError(f"Cannot import the refusal scorer module {location!r} ({error}).") from None
-    factory = getattr(module, attribute, None)
-    if factory is None:
-        raise HereticError(f"The refusal scorer module {location} has no attribute {attribute!r}.")
-    try:
-        judge = factory(settings) if _takes_argument(factory) else factory()
-    except Exception as error:  # noqa: BLE001 - user code
-        raise HereticError(f"Creating the refusal scorer {spec} failed: {type(error).__name__}: {error}.") from None
+def load_judge(name: str, settings: Any) -> RefusalJudge:
+    """The plug-in judge `name` (an entry point of heretic.judges, package.module:Name or path/to/file.py:Name),
+    created with the settings where it takes them."""
+    plugin = find_plugin("judge", name)
+    judge = create(plugin, "judge", settings)
     if not callable(getattr(judge, "judge", None)):
-        raise HereticError(f"The refusal scorer {spec} has no method judge(prompts, responses) -> list[bool].")
+        raise HereticError(f"The judge {name} has no method judge(prompts, responses) -> list[bool].")
     if not hasattr(judge, "name"):
-        judge.name = attribute
+        judge.name = plugin.attribute
     checked: RefusalJudge = judge
     return checked
-
-
-def _takes_argument(factory: Any) -> bool:
-    try:
-        parameters = inspect.signature(factory).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self"]
-    return len(positional) >= 1

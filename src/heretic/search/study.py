@@ -26,6 +26,7 @@ from ..config import (
     fields_with,
     fingerprint_entry,
     plain,
+    variant_settings,
 )
 from ..errors import HereticError
 from ..model.loading import LoadedModel
@@ -126,27 +127,6 @@ def scoring_identity(settings: Settings, objectives: list[LoadedObjective] | Non
     return identity
 
 
-# Score settings added after checkpoints existed; they enter through the scoring identity (tagged
-# fingerprint="judge"), and only where they differ from the value every earlier search had (their
-# default, or the one in EARLIER_VALUES), so that at that value a fingerprint stays what it was before
-# they existed and existing checkpoints still resume.
-VARIANT_SETTINGS = (
-    "direction_positions",
-    "subspace_rank",
-    "kl_tokens",
-    "full_normalization_exact",
-    "direction_index_range",
-    "peak_position_range",
-    "direction_method",
-    "concept_atoms",
-    "concept_ridge",
-    "learned_direction_weights",
-    "learned_direction_steps",
-)
-# Earlier searches approximated the full ablation and read the directions at the last prompt token.
-EARLIER_VALUES: dict[str, object] = {"full_normalization_exact": False, "direction_positions": [-1]}
-
-
 # The direction settings a direction method does not read (changing them changes nothing it measures).
 UNUSED_BY_METHOD = {
     DirectionMethod.mean: ("concept_atoms", "concept_ridge", "learned_direction_weights", "learned_direction_steps"),
@@ -156,14 +136,11 @@ UNUSED_BY_METHOD = {
 
 
 def changed_variant_settings(settings: Settings, fused_experts: bool = False) -> dict[str, object]:
-    """{name: value} of the VARIANT_SETTINGS that differ from what earlier searches had (the exactness of
-    the full ablation only where the ablation is full and can be exact: not on fused MoE experts, which
-    keep the approximation whatever the setting says)."""
-    defaults = Settings.model_fields
+    """{name: value} of the score settings added after checkpoints existed (`config.tags(earlier=...)`) that
+    differ from what earlier searches had (the exactness of the full ablation only where the ablation is full
+    and can be exact: not on fused MoE experts, which keep the approximation whatever the setting says)."""
     changed = {
-        name: plain(getattr(settings, name))
-        for name in VARIANT_SETTINGS
-        if getattr(settings, name) != EARLIER_VALUES.get(name, defaults[name].default)
+        name: plain(getattr(settings, name)) for name, earlier in variant_settings().items() if getattr(settings, name) != earlier
     }
     if settings.row_normalization != RowNormalization.full or fused_experts:
         changed.pop("full_normalization_exact", None)

@@ -1,0 +1,86 @@
+"""The benchmark lab as a package: no sys.path edits, every module imports, the commands the docs give name
+real modules, and BENCHMARKS.md is one page of stamped, script-written sections under its fixed headings."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+from bench.harness.publish import STAMP, module_command, sections, stamp
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+NOT_CODE = ("work", "results", ".venv-reference")  # run folders and results, not the package
+HEADINGS = [
+    "Side-by-side against heretic-llm 1.4.0",
+    "Our search over three seeds",
+    "Directions on two models",
+    "Machine profiles",
+    "Refusal judges against human labels",
+    "Late refusals",
+    "Many workers, one search",
+    "GGUF in llama.cpp",
+    "Memory",
+    "Research notes",
+]
+
+
+def bench_files() -> list[Path]:
+    return sorted(p for p in BENCH.rglob("*.py") if p.relative_to(BENCH).parts[0] not in NOT_CODE)
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_no_sys_path_edits_under_bench() -> None:
+    edits = [str(p.relative_to(ROOT)) for p in bench_files() if "sys.path" in p.read_text()]
+    assert edits == []
+
+
+@pytest.mark.parametrize("name", [module_name(p) for p in bench_files()])
+def test_every_bench_module_imports(name: str) -> None:
+    importlib.import_module(name)
+
+
+def documented_modules() -> list[str]:
+    pages = [ROOT / "BENCHMARKS.md", ROOT / "Makefile", *sorted((ROOT / "docs").rglob("*.md"))]
+    found = {m for page in pages for m in re.findall(r"python3? -m (bench(?:\.\w+)+)", page.read_text())}
+    return sorted(found)
+
+
+def test_the_documented_bench_commands_name_existing_modules() -> None:
+    modules = documented_modules()
+    assert "bench.run_bench" in modules  # the pages are read at all
+    assert [name for name in modules if importlib.util.find_spec(name) is None] == []
+
+
+def test_benchmarks_md_is_one_page_under_its_headings() -> None:
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    assert len(text.splitlines()) <= 300
+    assert re.findall(r"^## (.+)$", text, re.MULTILINE) == HEADINGS
+    for line in text.split("## Research notes", 1)[1].strip().splitlines():
+        link = re.fullmatch(r"- \[\d{4}-\d{2}-\d{2}: .+\]\((docs/research/\d{4}-\d{2}-\d{2}-[\w-]+\.md)\)", line)
+        assert link is not None and (ROOT / link[1]).is_file(), line
+
+
+def test_every_marked_section_of_benchmarks_md_is_stamped() -> None:
+    marked = sections((ROOT / "BENCHMARKS.md").read_text())
+    assert "full" in marked and "seeds" in marked
+    unstamped = [name for name, body in marked.items() if not STAMP.match(body.split("\n", 1)[0])]
+    assert unstamped == []
+
+
+def test_a_stamp_says_what_was_not_recorded_and_names_the_module() -> None:
+    line = stamp({"date": "2026-11-30"}, "python bench/run_bench.py --report-only")
+    assert STAMP.match(line)
+    assert "CPU flags not recorded" in line and "commit not recorded" in line
+    assert "`python -m bench.run_bench --report-only`" in line
+    recorded = stamp({"date": "2026-12-07 05:12 UTC", "cpu_flags": ["avx2", "fma", "avx512_bf16"], "commit": "a1cf45f"}, "x")
+    assert recorded.startswith("_Measured 2026-12-07 · CPU avx512_bf16, avx2 · commit a1cf45f ·")
+    assert module_command("python bench/levers.py") == "python -m bench.research.levers"
