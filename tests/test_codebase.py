@@ -67,6 +67,22 @@ def module_level_imports(path: Path) -> list[str]:
     return [name for name in names if name == "heretic" or name.startswith("heretic.")]
 
 
+def function_level_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of the heretic modules a file imports inside functions."""
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    top = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and id(node) not in top:
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            for alias in node.names:
+                name = f"{module}.{alias.name}" if is_module(f"{module}.{alias.name}") else module
+                found.append((node.lineno, name))
+    return [(line, name) for line, name in found if name == "heretic" or name.startswith("heretic.")]
+
+
 SOURCES = sorted(SOURCE.rglob("*.py"))
 
 
@@ -75,6 +91,14 @@ def test_imports_go_down_the_layers(path: Path) -> None:
     importer = module_name(path)
     for imported in module_level_imports(path):
         assert layer_of(imported) <= layer_of(importer), f"{importer} imports the upper layer {imported}"
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda path: str(path.relative_to(SOURCE)))
+def test_imports_inside_functions_go_down_the_layers_too(path: Path) -> None:
+    """An import inside a function only defers loading (torch, for `heretic --help`); it never reaches up a layer."""
+    importer = module_name(path)
+    for line, imported in function_level_imports(path):
+        assert layer_of(imported) <= layer_of(importer), f"{importer}:{line} imports the upper layer {imported}"
 
 
 def test_no_function_is_longer_than_60_lines() -> None:

@@ -143,6 +143,16 @@ def test_every_field_is_a_flag_with_its_description() -> None:
         assert first_words in help_text, name
 
 
+def test_every_description_is_one_sentence_of_what_the_option_is_for() -> None:
+    """Details and measurements belong in docs/ and BENCHMARKS.md, not in --help."""
+    for name, info in Settings.model_fields.items():
+        text = " ".join((info.description or "").split())
+        assert text.endswith((".", ")")) and text[0].isupper(), f"{name}: one sentence, capitalized, with its full stop"
+        sentences = re.split(r"(?<!e\.g\.)(?<=[.!?])\s+(?=[A-Z])", text)
+        assert len(sentences) == 1, f"{name}: one sentence, not {len(sentences)} (move the rest to docs/)"
+        assert not re.search(r"\b(hypervolume|BENCHMARKS|on the benchmark|better front|seeds?\b \d)", text), name
+
+
 def test_help_and_version_do_not_import_torch() -> None:
     code = (
         "import sys\n"

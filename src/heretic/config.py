@@ -379,7 +379,7 @@ class Settings(BaseSettings):
     )
     trust_remote_code: bool = Field(
         default=False,
-        description="Allow models whose code lives in their repository to run that code. Only for models you trust.",
+        description="Allow models whose code lives in their repository to run that code (only for models you trust).",
         json_schema_extra=tags(Role.run),
     )
     dtypes: list[str] = Field(
@@ -417,8 +417,7 @@ class Settings(BaseSettings):
         default="none",
         description=(
             "Load the model quantized to save memory: none, bnb-4bit (NF4) or bnb-8bit (LLM.int8), with bitsandbytes "
-            "(pip install -e '.[quant]'). The merged model is still saved in full precision: the original is read "
-            "again from its safetensors files, one tensor at a time (or reloaded on the CPU)."
+            "(pip install -e '.[quant]'); the merged model is still saved in full precision."
         ),
         json_schema_extra=tags(Role.score, fingerprint="dtype"),
     )
@@ -494,9 +493,8 @@ class Settings(BaseSettings):
     )
     stop_on_verdict: bool = Field(
         default=True,
-        description="Stop generating a response once its verdict is fixed (a refusal marker seen, or end of text). "
-        "Exact: verdicts equal those of full-length responses. Objectives that need whole responses limit it to refusals, "
-        "or turn it off.",
+        description="Stop generating a response once its verdict is fixed (exact: verdicts equal those of full-length "
+        "responses; objectives that need whole responses limit it to refusals, or turn it off).",
         json_schema_extra=tags(Role.run),
     )
     share_prompt_prefix: bool = Field(
@@ -507,7 +505,7 @@ class Settings(BaseSettings):
     reuse_unchanged_layers: bool = Field(
         default=True,
         description="Record the original model's passes over the evaluation prompts once, and start each trial's prompt "
-        "passes at the first layer its ablation changes. Exact; costs up to 1 GiB of memory.",
+        "passes at the first layer its ablation changes (exact; up to 1 GiB of memory).",
         json_schema_extra=tags(Role.run),
     )
 
@@ -582,8 +580,8 @@ class Settings(BaseSettings):
     # --- Ablation -------------------------------------------------------------------------
     row_normalization: RowNormalization = Field(
         default=RowNormalization.full,
-        description="none: plain rank-1 ablation; pre: ablation of the row-normalized matrix; "
-        "full: norm-preserving ablation (every row keeps its norm).",
+        description="How a weight matrix is ablated: none (plain rank-1 ablation), pre (ablation of the row-normalized "
+        "matrix) or full (norm-preserving ablation: every row keeps its norm).",
         json_schema_extra=tags(Role.score, section="Ablation"),
     )
     full_normalization_exact: bool = Field(
@@ -610,7 +608,7 @@ class Settings(BaseSettings):
     )
     thinking_tags: list[tuple[str, str]] = Field(
         default=DEFAULT_THINKING_TAGS,
-        description="(opening, closing) chain-of-thought tags; when responses open such a block, "
+        description="The (opening, closing) tags of chain-of-thought blocks; when responses open such a block, "
         "an empty closed block is prefilled so the answer itself is judged.",
         json_schema_extra=tags(Role.score, fingerprint="response_prefix"),
     )
@@ -647,8 +645,8 @@ class Settings(BaseSettings):
     judge_model: str | None = Field(
         default=None,
         description="The model judge's model (Hugging Face id, folder or .gguf; default: the original model, at no extra "
-        "memory), or the model name sent to the --judge-url endpoint. A model with a classification head (e.g. "
-        "NousResearch/Minos-v1) is run as a classifier, its label naming a refusal read against --judge-threshold.",
+        "memory), or the model name sent to the --judge-url endpoint; a model with a classification head (e.g. "
+        "NousResearch/Minos-v1) is run as a classifier.",
         json_schema_extra=tags(Role.score, fingerprint="judge"),
     )
     judge_threshold: float = Field(
@@ -693,16 +691,14 @@ class Settings(BaseSettings):
     verify_judge: Literal["markers", "rules", "model", "http"] | None = Field(
         default=None,
         description="The judge of that count (default: the search's, reading whole responses; rules then also calls a "
-        "decline or lecture after a compliant opening a refusal). Its model and endpoint are those of the --judge-* "
-        "settings.",
+        "decline or lecture after a compliant opening a refusal), with the model and endpoint of the --judge-* settings.",
         json_schema_extra=tags(Role.run),
     )
     verify_budget: float = Field(
         default=0.2,
         ge=0.0,
         description="The time the count on whole responses may take, as a share of the search's time (its trials' "
-        "times added up): the front's trials are counted in the order --select prefers them until it is spent "
-        "(0: off). Trials off the search's front are never counted again.",
+        "times added up), spent on the front's trials in the order --select prefers them (0: off).",
         json_schema_extra=tags(Role.run),
     )
 
@@ -769,8 +765,7 @@ class Settings(BaseSettings):
     cut_hopeless_trials: bool = Field(
         default=True,
         description="Stop counting refusals once a trial is certain to be dominated (another trial has lower KL and "
-        "fewer refusals); its refusals are then recorded as a lower bound and marked as cut. Off while --objectives "
-        "are configured.",
+        "fewer refusals), recording its refusals as a lower bound (off while --objectives are configured).",
         json_schema_extra=tags(Role.score, Role.search),
     )
     checkpoint_dir: str = Field(
@@ -780,8 +775,8 @@ class Settings(BaseSettings):
     )
     resume: ResumePolicy = Field(
         default=ResumePolicy.ask,
-        description="When a checkpoint exists: ask, continue (up to n_trials), restart (discard it) or add "
-        "(n_trials more). Headless runs treat ask as continue.",
+        description="When a checkpoint exists: ask (headless: continue), continue (up to n_trials), restart (discard "
+        "it) or add (n_trials more).",
         json_schema_extra=tags(Role.run),
     )
 
@@ -878,7 +873,7 @@ class Settings(BaseSettings):
     )
     benchmark_tasks: list[str] = Field(
         default=["mmlu_high_school_computer_science"],
-        description="lm-evaluation-harness tasks (names, or paths of task YAML files) for the benchmark action and "
+        description="Tasks of lm-evaluation-harness (names, or paths of task YAML files) for the benchmark action and "
         "the benchmark objective (--objectives benchmark: their mean score on every trial).",
         json_schema_extra=tags(Role.run),
     )

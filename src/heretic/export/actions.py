@@ -18,6 +18,7 @@ from ..errors import HereticError
 from ..model.memory import stage
 from ..plugins import entry_point_names, find_plugin
 from ..search.pareto import TrialResult
+from ..search.records import RECORD_FILE
 from ..session import Session
 from ..ui import console
 from . import card, record
@@ -96,7 +97,7 @@ def result_files(session: Session, result: TrialResult, parameters: AblationPara
 
     def files(weights: dict[str, dict[str, Any]]) -> dict[str, str]:
         saved = dict(data, saved={"kind": kind, "weights": weights})
-        return {"README.md": card.render_card(saved, original), record.RECORD_FILE: record.dumps(saved)}
+        return {"README.md": card.render_card(saved, original), RECORD_FILE: record.dumps(saved)}
 
     return files
 

@@ -10,13 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..search.records import HUB_ID, hub_repo
+
 log = logging.getLogger(__name__)
 
-# huggingface.co/<owner>/<name>[/blob|resolve|tree/<revision>[/...]]
-_HUB_URL = re.compile(
-    r"^https?://(?:www\.)?(?:huggingface\.co|hf\.co)/(?!datasets/|spaces/)([\w.-]+/[\w.-]+)(?:/(?:blob|resolve|tree)/([^/]+))?"
-)
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # A folder of the Hugging Face cache: .../models--<owner>--<name>/snapshots/<commit>
 _HUB_CACHE = re.compile(r"models--([\w.-]+?)--([\w.-]+)/snapshots/")
 _LICENSE_KEYS = ("license", "license_name", "license_link")
@@ -33,16 +30,6 @@ class BaseModel:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "hub_id": self.hub_id, "file": self.file, "base_models": self.parents}
-
-
-def hub_repo(text: str) -> tuple[str, str | None] | None:
-    """(repository id, revision or None) of a Hub URL or a bare `owner/name` id; None for anything else."""
-    match = _HUB_URL.match(text.strip())
-    if match:
-        return match.group(1), match.group(2)
-    if _HUB_ID.match(text.strip()) and not Path(text).expanduser().exists():
-        return text.strip(), None
-    return None
 
 
 def base_model(source: Any) -> BaseModel:
@@ -64,7 +51,7 @@ def _folder_base_model(folder: Path) -> BaseModel:
         named = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("_name_or_path") or ""
     except (OSError, ValueError, AttributeError):
         named = ""
-    if isinstance(named, str) and _HUB_ID.match(named) and not named.startswith((".", "/", "~")):
+    if isinstance(named, str) and HUB_ID.match(named) and not named.startswith((".", "/", "~")):
         return BaseModel(named, named)
     return BaseModel(folder.expanduser().resolve().name or "model")
 

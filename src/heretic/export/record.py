@@ -19,11 +19,10 @@ from ..model.hardware import dtype_name
 from ..prompts import prompts_digest
 from ..scoring.judge_rates import corrected_entry, measured_rates
 from ..search.pareto import TrialResult
+from ..search.records import RECORD_VERSION
 from ..session import Session, kept_heldout_kl, over_refusal_spec
 from .provenance import base_model
 
-RECORD_FILE = "heretic.json"
-RECORD_VERSION = 1
 LIBRARIES = ("torch", "transformers", "peft", "optuna", "accelerate", "safetensors", "numpy")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 # Settings that name places on this machine: not recorded (a reproduction uses its own).

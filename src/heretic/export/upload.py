@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 from ..errors import HereticError, first_line
+from ..search.records import RECORD_FILE
 from ..ui import console
-from .record import RECORD_FILE
 
 
 def resolve_token(interactive: bool) -> str:

@@ -32,6 +32,7 @@ from ..ablation.parameters import AblationParameters
 from ..config import Settings
 from ..errors import HereticError, first_line
 from ..ui import console
+from .records import hub_repo, read_record
 from .space import MAX_MAX_WEIGHT, MIN_MAX_WEIGHT, LayerRanges
 
 DOWNLOAD_TIMEOUT_S = 60
@@ -74,8 +75,6 @@ def read_recorded_trials(specs: list[str], architecture: str) -> list[RecordedTr
 
 def read_recorded_trial(spec: str) -> RecordedTrial:
     """The record's chosen trial and its model's architecture and layer count."""
-    from ..export.reproduce import read_record  # the export layer reads records (and downloads them from the Hub)
-
     data = read_record(download_url(spec) if is_plain_url(spec) else spec)
     model = data["model"]
     architecture, layers = model.get("architecture"), model.get("num_layers")
@@ -89,8 +88,6 @@ def read_recorded_trial(spec: str) -> RecordedTrial:
 
 def is_plain_url(spec: str) -> bool:
     """An http(s) URL that is not a Hugging Face repository's (those go through the Hub's client)."""
-    from ..export.provenance import hub_repo
-
     return spec.startswith(("https://", "http://")) and hub_repo(spec) is None
 
 
