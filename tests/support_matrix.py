@@ -61,6 +61,10 @@ LEFT_OUT = {
     ),  # fmt: skip
     **dict.fromkeys(("whisper", "moshi", "moss_transcribe_diarize"), "audio (speech) model"),
     **dict.fromkeys(("musicgen", "musicgen_melody"), "music model"),
+    **dict.fromkeys(
+        ("gemma4_assistant", "gemma4_unified_assistant"),
+        "speculative-decoding drafter (reads its target model's hidden states and key-value cache; no text model of its own)",
+    ),
 }
 # Multimodal configs with an audio tower: the audio model is left out, its text model (the *_text
 # architecture) is in the matrix.
@@ -75,7 +79,16 @@ MUST_WORK = (
 # --- The generic tiny-config builder ----------------------------------------------------------------
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
-HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model", "n_embed", "model_dim", "embed_dim", "word_embed_proj_dim")
+HIDDEN_KEYS = (
+    "hidden_size",
+    "hidden_size_global",
+    "n_embd",
+    "d_model",
+    "n_embed",
+    "model_dim",
+    "embed_dim",
+    "word_embed_proj_dim",
+)
 HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads", "n_heads", "linear_num_value_heads", "num_attention_heads_local")
 KV_HEAD_KEYS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num", "linear_num_key_heads")
 EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "n_experts")
@@ -88,6 +101,7 @@ FIXED = {
     "kv_lora_rank": 16,
     "q_lora_rank": 32,
     "n_group": 1,
+    "num_expert_group": 1,
     "topk_group": 1,
     "n_shared_experts": 1,
     "num_shared_experts": 1,
@@ -109,6 +123,7 @@ FIXED = {
     "query_pre_attn_scalar": 16,
     "rotary_dim": 8,
 }
+QSA_INDEXER = dict(indexer_n_heads=4, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=16, indexer_compress_ratio=4)
 # The few fields the generic rules cannot get right, by architecture.
 OVERRIDES: dict[str, dict[str, Any]] = {
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
@@ -118,6 +133,58 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "granitemoehybrid": dict(layer_types=["mamba", "attention"] * 2),
     "bamba": dict(attn_layer_indices=[1, 3]),
     "lfm2": dict(layer_types=["conv", "full_attention"] * 2, full_attn_idxs=None),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"] * 2),
+    # Query-sparse attention: the indexer's fields are all unset by default (and then its layers cannot be built).
+    "qwen4_exp_text": QSA_INDEXER,
+    "qwen4_exp": dict(text_config=QSA_INDEXER),
+    # Its causal-LM head asks for is_decoder (the default config is an encoder); its axial position embeddings
+    # split the hidden size and the longest sequence.
+    "reformer": dict(is_decoder=True, axial_pos_embds_dim=[32, 32], axial_pos_shape=[16, 16], feed_forward_size=96),
+    "dots3_note_text": dict(head_dim=32),  # its sliding-window layers' heads: qk_nope_head_dim + qk_rope_head_dim
+    # The attention reads rope_theta and clip_qkv from its sub-config (as DBRX's checkpoints set them): no defaults.
+    "dbrx": dict(attn_config=dict(rope_theta=500000.0, clip_qkv=8.0)),
+    # Every layer has its own K/V source: ten layers of the class's default pattern (an indexer in layer 4,
+    # layer 9 reading its keys and values), with an index of tiny sizes.
+    "kolibri1_1": dict(
+        num_hidden_layers=10,
+        layer_types=None,
+        index_layers=None,
+        kv_source_layers=None,
+        mlp_only_layers=None,
+        index_num_heads=2,
+        index_pool_size=64,
+        index_compression=4,
+        index_topk=16,
+        index_num_local_tokens=8,
+        index_num_sink_tokens=2,
+    ),
+    # The class derives these from the hidden size, unless they are given (as in its own to_dict).
+    "zamba": dict(
+        layers_block_type=["linear_attention", "linear_attention", "hybrid"] * 2,  # its transformer block shared by two layers
+        num_hidden_layers=6,
+        attention_hidden_size=2 * HIDDEN,
+        attention_head_dim=2 * HIDDEN // 4,
+        mamba_dt_rank=HIDDEN // 16,
+    ),
+    "zamba2": dict(
+        layers_block_type=["linear_attention", "hybrid"] * 2,  # its transformer block shared by two layers
+        hybrid_layer_ids=[1, 3],
+        num_hidden_layers=4,
+        attention_hidden_size=2 * HIDDEN,
+        attention_head_dim=2 * HIDDEN // 4,
+        kv_channels=HIDDEN // 4,
+        mamba_headdim=16,
+    ),
+    # Its state sizes are rounded up to multiples of 64: a width of 128 keeps them those of its layers.
+    "xlstm": dict(hidden_size=2 * HIDDEN, embedding_dim=2 * HIDDEN, num_blocks=LAYERS),
+    # Layers come as (attention, mlp) pairs in the config: 4 layers, 1 input, 2 recurrent, 1 output.
+    "dory": dict(
+        num_hidden_layers=8,
+        layer_types=["sliding_attention", "mlp"] * 3 + ["full_attention", "mlp"],
+        n_input_layers=2,
+        n_recurrent_layers=4,
+        n_output_layers=2,
+    ),
     # transformers' GGUF loader takes these from the config class's defaults, not from the file: kept, so that
     # the exported file is read back as the model it was written from.
     "qwen3": dict(head_dim=128),
@@ -148,7 +215,7 @@ def _shrunk_value(key: str, value: Any, heads: int) -> Any:
     if key in EXPERT_KEYS:
         return 4
     if key in TOP_K_KEYS:
-        return 2
+        return min(value, 2)  # a router of one expert (ZAYA accepts no other) keeps it
     if key == "first_k_dense_replace" or ("layers" in key and key not in LAYER_COUNT_KEYS and key.startswith("num_")):
         return min(value, 1)
     return None
@@ -253,6 +320,7 @@ def shrink(config: dict[str, Any], tower: bool = False) -> dict[str, Any]:
         if new is not None:
             config[key] = new
     _consistent_head_dims(config)
+    _unset_sizes(config)
     if any(isinstance(config.get(key), int) for key in EXPERT_KEYS) and config.get("num_experts_per_tok", 0) is None:
         config["num_experts_per_tok"] = 2  # a MoE whose default leaves the router's top-k unset
     return config
@@ -264,6 +332,23 @@ def _consistent_head_dims(config: dict[str, Any]) -> None:
         config["qk_head_dim"] = config["qk_nope_head_dim"] + config["qk_rope_head_dim"]
     if "hidden_size" in config and "dim" in config and isinstance(config["dim"], int):
         config["dim"] = config["hidden_size"]
+
+
+def _unset_sizes(config: dict[str, Any]) -> None:
+    """Sizes a config class leaves unset (None) for its model to fail on, set by the usual relations: a head of
+    hidden / heads, as many key-value heads as query heads, the default rotary embedding for each layer type."""
+    heads, hidden = config.get("num_attention_heads"), config.get("hidden_size")
+    if "head_dim" in config and config["head_dim"] is None and isinstance(heads, int) and isinstance(hidden, int):
+        config["head_dim"] = hidden // heads
+    if "num_key_value_heads" in config and config["num_key_value_heads"] is None and isinstance(heads, int):
+        config["num_key_value_heads"] = heads
+    if "moe_intermediate_size" in config:  # a MoE family whose expert counts are unset by default (dots.llm1)
+        for keys, value in ((EXPERT_KEYS, 4), (TOP_K_KEYS, 2), (("n_shared_experts",), 1)):
+            for key in keys:
+                if key in config and config[key] is None:
+                    config[key] = value
+    if config.get("rope_parameters") == {} and isinstance(config.get("layer_types"), list):
+        config["rope_parameters"] = {kind: dict(rope_type="default", rope_theta=10000.0) for kind in config["layer_types"]}
 
 
 def _special_ids(config: dict[str, Any]) -> None:
@@ -381,20 +466,54 @@ def check_architecture(model_type: str, work: Path, other_dtypes: tuple[str, ...
     result = Result(model_type)
     try:
         folder = save_tiny_model(model_type, work / "model")
+        unrunnable = transformers_failure(folder, "float32")
+        if unrunnable:
+            raise NotRunnable(unrunnable)
         _float32_pipeline(result, folder, work / "float32")
         for dtype in other_dtypes:
-            result.dtypes[dtype] = _numerical_health(folder, work / dtype, dtype)
-            if result.dtypes[dtype] != "finite":
+            unrunnable = transformers_failure(folder, dtype)  # noted in its cell: the family works in float32
+            result.dtypes[dtype] = unrunnable or _numerical_health(folder, work / dtype, dtype)
+            if not unrunnable and result.dtypes[dtype] != "finite":
                 result.status, result.sentence = "broken", result.dtypes[dtype]
         missed = unablated_writes(model_type)
         if missed:
             result.status, result.sentence = "broken", missed
-    except HereticError as error:
+    except (HereticError, NotRunnable) as error:
         result.status, result.sentence = "refused", str(error)
     except Exception as error:  # noqa: BLE001 - the matrix records every failure
         result.status, result.sentence = "broken", f"{type(error).__name__}: {error}".splitlines()[0][:400]
     result.seconds = round(time.perf_counter() - started, 1)
     return result
+
+
+class NotRunnable(Exception):
+    """transformers itself cannot run the tiny model: the row is refused with that sentence."""
+
+
+def saved_class(folder: Path) -> Any:
+    """The class a model folder was saved from (AutoModelForCausalLM does not map the text halves of Emu3 and Mllama)."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    named = (AutoConfig.from_pretrained(folder).architectures or [""])[0]
+    return getattr(transformers, named, AutoModelForCausalLM)
+
+
+def transformers_failure(folder: Path, dtype: str) -> str:
+    """ "" when transformers alone (no Heretic) runs the saved tiny model in `dtype`: loaded, one forward pass with
+    a cache; else one sentence saying it cannot."""
+    import transformers
+
+    try:
+        model = saved_class(folder).from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+        prompt = torch.arange(5, 45)[None]  # as long as a chat prompt (chunked kernels take over beyond a chunk)
+        with torch.no_grad():
+            model(input_ids=prompt, use_cache=True)
+            model(input_ids=prompt, use_cache=False)  # the first pass of a load, and the directions' passes
+    except Exception as error:  # noqa: BLE001 - any failure of transformers' own forward pass
+        what = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+        return f"Not runnable: transformers {transformers.__version__} itself cannot run this model in {dtype} ({what})."
+    return ""
 
 
 def _float32_pipeline(result: Result, folder: Path, work: Path) -> None:
@@ -435,14 +554,13 @@ IDS = torch.tensor([[5, 17, 42, 99, 7, 200, 13, 61]])
 
 def _check_merged_save(session: Any, parameters: Any, work: Path) -> torch.Tensor:
     """Save the merged model, load it back: its logits are the adapters' (float32 rounding). The merged logits."""
-    from transformers import AutoModelForCausalLM
 
     from heretic.export.save import save_merged
 
     with torch.no_grad():
         adapted = session.ablator.peft_model(input_ids=IDS).logits.float()
     path = save_merged(session.loaded, session.ablator, parameters, session.directions, work / "merged")
-    reloaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    reloaded = saved_class(path).from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         logits = reloaded(input_ids=IDS).logits.float()
     difference = ((logits - adapted).abs().max() / adapted.abs().max().clamp_min(1e-6)).item()
@@ -671,8 +789,9 @@ def support_markdown(
         "model from its config class and run through the pipeline: load, architecture map, refusal directions, one",
         "trial (KL finite, generation works) in float32 and bfloat16, merged save and reload (same logits), adapter",
         "save, GGUF export where the writer supports the family (loaded back). With full ablation, each layer's write",
-        "into the residual stream is checked to have no component along the ablated direction. Generated by",
-        "`make support-matrix` (tests/support_matrix.py).",
+        "into the residual stream is checked to have no component along the ablated direction. A model that",
+        "transformers alone cannot run (loaded by itself, a forward pass) is refused with that sentence; in a dtype",
+        "other than float32, its cell says so. Generated by `make support-matrix` (tests/support_matrix.py).",
         "",
         f"Of {len(results)} architectures run ({total or len(results)} in the matrix): {counts['works']} work, "
         f"{counts['refused']} are refused with a sentence, {counts['broken']} are broken.",

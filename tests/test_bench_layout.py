@@ -84,3 +84,13 @@ def test_a_stamp_says_what_was_not_recorded_and_names_the_module() -> None:
     recorded = stamp({"date": "2026-12-07 05:12 UTC", "cpu_flags": ["avx2", "fma", "avx512_bf16"], "commit": "a1cf45f"}, "x")
     assert recorded.startswith("_Measured 2026-12-07 · CPU avx512_bf16, avx2 · commit a1cf45f ·")
     assert module_command("python bench/levers.py") == "python -m bench.research.levers"
+
+
+def test_the_demo_timing_reads_the_runs_own_output() -> None:
+    from bench.demo_time import table, verification_share
+
+    printed = "Refusals on whole responses (up to 96 tokens, rules judge): trial 3: 5 → 4/64 (0 degenerate); took\n 1m 02s, 15% of the search's 6m 51s"
+    assert verification_share(printed) == 0.15 and verification_share("no count") is None
+    row = {"date": "2026-12-07", "cpu_flags": ["avx2"], "cache": "warm", "wall_s": 480.0, "trials": 24, "verification": 0.15}
+    row["chosen"] = {"refusals": 4, "kl": 0.2, "verified": {"response_length": 96}, "heldout_kl": {"mean": 0.3, "median": 0.02}}
+    assert "| 2026-12-07 | avx2 | warm | 8.0 min | 24 | 15% | 4/64, 0.200 ✓ | 0.300, 0.0200 |" in table([row])

@@ -31,6 +31,10 @@ EXPECTED = {
         "attn: self_attn.out_proj.weight; mlp: feed_forward.w2.weight",
     ],
     "gpt_oss": ["attn: self_attn.o_proj.weight; mlp: mlp.experts.down_proj"] * 2,
+    "llama4_text": [
+        "attn: self_attn.o_proj.weight; mlp: feed_forward.experts.down_proj, feed_forward.shared_expert.down_proj.weight"
+    ]
+    * 2,
     "qwen3_next": [
         "attn: linear_attn.out_proj.weight; mlp: mlp.experts.down_proj, mlp.shared_expert.down_proj.weight",
         "attn: self_attn.o_proj.weight; mlp: mlp.experts.down_proj, mlp.shared_expert.down_proj.weight",
@@ -53,7 +57,7 @@ def test_the_map_lists_what_each_kind_of_layer_ablates(kind: str) -> None:
     assert arch.unrecognized == [] and arch.unrecognized_warning() is None
 
 
-@pytest.mark.parametrize("kind", ["jamba", "granitemoehybrid", "lfm2", "gpt_oss"])
+@pytest.mark.parametrize("kind", ["jamba", "granitemoehybrid", "lfm2", "gpt_oss", "llama4_text"])
 def test_ablation_is_exact_in_hybrid_layers(kind: str) -> None:
     """Adapters and merged weights give the same logits, and every ablated matrix (weight 1, no
     normalization) has lost its component along the direction: v^T M' = 0."""
@@ -89,6 +93,56 @@ def test_gpt_oss_experts_are_ablated_on_their_hidden_axis() -> None:
     for target in fused:
         weight = getattr(model.get_submodule(target.module), target.parameter)
         assert weight.shape[target.out_axis] == 64 and target.out_axis == 2
+
+
+def test_llama4_experts_are_ablated_on_their_hidden_axis() -> None:
+    """Llama 4 stores its experts' down projections as (experts, in, hidden) without saying so (no
+    `is_transposed`): the map finds the hidden axis from the shape."""
+    model = make_hybrid("llama4_text")
+    fused = [target for _, _, target in build_architecture_map(model).targets() if target.fused]
+    assert len(fused) == 4
+    for target in fused:
+        weight = getattr(model.get_submodule(target.module), target.parameter)
+        assert weight.shape == (4, 96, 64) and target.out_axis == 2
+
+
+@pytest.mark.parametrize(
+    ("model_type", "sentence"),
+    [
+        ("qwen4_exp_text", "keeps 4 residual streams that its layers mix"),
+        ("gemma3n_text", "keeps 4 residual streams that its layers mix"),
+        ("ergo", "rescales the residual stream dimension by dimension"),
+        ("inkling_text", "convolves each block's output over positions"),
+        ("minimax", "normalizes the residual stream itself"),
+        ("dbrx", "down projections .*mlp.w2 are stacked in one 2-D tensor"),
+        ("longcat_flash", "routes tokens to identity experts"),
+    ],
+)
+def test_layers_no_direction_can_be_removed_from_are_refused(model_type: str, sentence: str) -> None:
+    """Several residual streams, a residual stream rescaled or normalized channel by channel, block outputs
+    convolved over positions, experts stacked in a 2-D tensor: one sentence, not a partial ablation."""
+    from support_matrix import tiny_model
+
+    with pytest.raises(HereticError, match=sentence):
+        build_architecture_map(tiny_model(model_type))
+
+
+def test_xlstm_ablates_its_mlstm_and_feed_forward_outputs() -> None:
+    from support_matrix import tiny_model
+
+    arch = build_architecture_map(tiny_model("xlstm"))
+    assert arch.layer_kinds() == ["layers 0-3: attn: mlstm_layer.out_proj.weight; mlp: ffn.proj_down.weight"]
+    assert arch.unrecognized == []
+
+
+def test_jetmoe_attention_experts_are_ablated_as_attention() -> None:
+    """JetMoE's attention is a mixture of experts: their fused output projections (experts, hidden, in) under
+    `self_attention.experts` are the attention's, beside the MLP experts'."""
+    from support_matrix import tiny_model
+
+    arch = build_architecture_map(tiny_model("jetmoe"))
+    assert arch.layer_kinds() == ["layers 0-3: attn: self_attention.experts.output_linear.weight; mlp: mlp.output_linear.weight"]
+    assert all(target.fused and target.out_axis == 1 for _, _, target in arch.targets()) and arch.unrecognized == []
 
 
 def test_unrecognized_weights_are_reported() -> None:

@@ -13,7 +13,7 @@ from heretic.errors import HereticError
 from heretic.model import batching, device
 from heretic.model.architecture import build_architecture_map, find_layers, text_config
 from heretic.model.batching import choose_batch_size, is_out_of_memory
-from heretic.model.generation import Engine, common_prefix_length
+from heretic.model.generation import Engine, common_prefix_length, select_rows
 from heretic.model.loading import eos_token_ids, first_token_check, load_model, resolve_source
 from heretic.model.template import format_chat
 
@@ -172,10 +172,37 @@ def test_architecture_map(kind: str) -> None:
         assert arch.layers_path == "model.language_model.layers"
 
 
+def test_the_text_half_of_a_multimodal_family_loads_with_its_own_class(tmp_path: Path) -> None:
+    """Emu3's text model saved alone has a config class the causal-LM Auto class does not map: the class the
+    config names loads it."""
+    from support_matrix import save_tiny_model
+
+    loaded = load_model(str(save_tiny_model("emu3", tmp_path / "emu3")), dtypes=["float32"])
+    assert type(loaded.model).__name__ == "Emu3ForCausalLM"
+
+
+def test_gpt2_conv1d_projections_are_read_as_stored_in_out() -> None:
+    """GPT-2's Conv1D stores its weight (in, out): the map says so, and the weight seen as M (hidden x in) is its
+    transpose."""
+    import transformers as tf
+
+    from heretic.model.architecture import as_matrices
+
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=32, n_head=2, n_inner=48, vocab_size=64))
+    arch = build_architecture_map(model)
+    assert arch.describe() == [
+        "layer 0: attn: attn.c_proj.weight; mlp: mlp.c_proj.weight",
+        "layer 1: attn: attn.c_proj.weight; mlp: mlp.c_proj.weight",
+    ]
+    target = arch.layers[0]["mlp"][0]
+    weight = model.get_submodule(target.module).weight  # (48, 32)
+    assert target.out_axis == 1 and torch.equal(as_matrices(weight, target)[0], weight.T)
+
+
 def test_unsupported_architecture_is_named() -> None:
     import transformers as tf
 
-    model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+    model = tf.RwkvForCausalLM(tf.RwkvConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32))
     with pytest.raises(HereticError, match="no recognizable output projection"):
         build_architecture_map(model)
 
@@ -244,6 +271,38 @@ def test_prefix_sharing_and_batching_do_not_change_results(tiny_models: dict[str
     assert common_prefix_length(ids) > 5  # the system prompt and template preamble
     assert shared.generate(ids, 10) == plain.generate(ids, 10)
     torch.testing.assert_close(shared.first_logprobs(ids), plain.first_logprobs(ids), atol=2e-5, rtol=1e-4)
+
+
+def test_a_recurrent_model_without_positions_runs_its_prompts_whole() -> None:
+    """Mamba's forward takes no positions: a shared prefix would be continued across the padding between prefix
+    and suffix, so the prompts run whole, and the batch gives each prompt's own greedy response."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.MambaForCausalLM(tf.MambaConfig(vocab_size=512, hidden_size=32, num_hidden_layers=2, state_size=4)).eval()
+    engine = Engine(model, make_tokenizer(), {2}, batch_size=2, share_prefix=True)
+    assert engine.share_prefix is False
+    ids = [[5, 6, 7, 8, 9, 10], [5, 6, 7, 11]]
+    assert engine.generate(ids, 3) == [engine.generate([row], 3)[0] for row in ids]
+
+
+def test_a_model_without_an_attention_mask_is_refused() -> None:
+    """xLSTM takes no attention mask: the padding of a batch would enter its state, so it is refused."""
+    from support_matrix import tiny_model
+
+    with pytest.raises(HereticError, match="xLSTMForCausalLM takes no attention mask"):
+        Engine(tiny_model("xlstm"), make_tokenizer(), set())
+
+
+def test_a_cache_that_selects_its_own_rows_keeps_them() -> None:
+    """MiniMax's cache keeps its linear-attention states itself (selected by batch_select_indices, not by
+    transformers' reorder_cache): the rows kept are its own."""
+    from transformers.models.minimax.modeling_minimax import MiniMaxCache
+
+    cache = MiniMaxCache()
+    cache.set_linear_cache(0, torch.arange(3.0)[:, None])
+    select_rows(cache, torch.tensor([2, 0]))
+    assert cache.get_linear_cache(0).flatten().tolist() == [2.0, 0.0]
 
 
 def test_early_stop_keeps_responses_as_prefixes(tiny_models: dict[str, Path]) -> None:

@@ -219,6 +219,12 @@ def make_hybrid(kind: str, seed: int = 0) -> torch.nn.Module:
             linear_key_head_dim=16, linear_value_head_dim=16, layer_types=["linear_attention", "full_attention"] * 2,
         )  # fmt: skip
         model = tf.Qwen3NextForCausalLM(config)
+    elif kind == "llama4_text":  # fused experts stored (experts, in, hidden) by a module that does not say so
+        config = tf.Llama4TextConfig(
+            **common, head_dim=16, num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=96,
+            interleave_moe_layer_step=1,
+        )  # fmt: skip
+        model = tf.Llama4ForCausalLM(config)
     elif kind == "zamba2":  # Mamba 2 layers; hybrid layers add a transformer block through a plain `linear`
         config = tf.Zamba2Config(
             **common, mamba_d_state=8, mamba_headdim=16, n_mamba_heads=8, num_mem_blocks=1, mamba_expand=2,

@@ -192,6 +192,10 @@ class Ablator:
 
     def _write(self, target: Target, b: torch.Tensor, a: torch.Tensor) -> None:
         lora = self._lora_layers[target.name]
+        if target.fused and target.out_axis == 2 and not getattr(self._owners[target.name][0], "is_transposed", False):
+            # PEFT takes a fused tensor whose module does not say `is_transposed` for (experts, out, in): the
+            # stored (experts, in, hidden) is M^T = A^T B^T, its adapter's B is A^T and its A is B^T.
+            b, a = a.transpose(1, 2), b.transpose(1, 2)
         weight_a = lora.lora_A[ADAPTER].weight
         weight_b = lora.lora_B[ADAPTER].weight
         experts, out, rank = b.shape
@@ -234,7 +238,7 @@ class Ablator:
                 merged = merged if target.out_axis == 1 else merged.transpose(1, 2)
                 state[target.name] = merged.contiguous()
             else:
-                state[target.name] = merged[0].contiguous()
+                state[target.name] = (merged[0] if target.out_axis == 0 else merged[0].T).contiguous()
         return state
 
 

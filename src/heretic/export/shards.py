@@ -222,7 +222,7 @@ def merge_plan(
             continue
         entry = by_name.get(target.name) or _renamed(target.name, ablator.arch.layers_path, entries)
         dims = 3 if target.fused else 2
-        axis = target.out_axis if target.fused else 0
+        axis = target.out_axis
         if len(entry.shape) != dims or entry.shape[axis] != hidden:
             raise LayoutMismatch(f"{target.name} has the shape {entry.shape} in the checkpoint")
         if loaded.quantization == "none":
@@ -278,7 +278,7 @@ def merge_transform(
         factors = ablator.factors_for(matrices, layer, component, target, parameters, directions)
         merged = factors.merged(matrices).to(tensor.dtype if exact else storage)
         if not target.fused:
-            merged = merged[0]
+            merged = merged[0] if target.out_axis == 0 else merged[0].T
         elif target.out_axis == 2:
             merged = merged.transpose(1, 2)
         return merged.contiguous().to(storage).cpu()

@@ -39,6 +39,9 @@ OUTPUT_PROJECTIONS = {
     "output_linear",
     "per_layer_projection",
     "fc_out",
+    "proj_down",
+    "Wo",
+    "linear_out",
 }
 # Last names of modules that read the residual stream or work inside a block (never write into the
 # residual stream): not ablated, and not reported as unrecognized when their output happens to have
@@ -73,6 +76,20 @@ INPUT_PROJECTIONS = {
     "fc1",
     "x_proj",
     "dt_proj",
+    "r_proj",
+    "output_gate",
+    "q",
+    "k",
+    "v",
+    "ogate_preact",
+    "igate_preact",
+    "fgate_preact",
+    "proj_up",
+    "proj_up_gate",
+    "Wi",
+    "linear_x",
+    "linear_y",
+    "kv_proj",
     "q_a_proj",
     "q_b_proj",
     "kv_a_proj_with_mqa",
@@ -92,11 +109,12 @@ INPUT_PROJECTIONS = {
 FUSED_DOWN_PROJECTIONS = {"down_proj", "w2", "down_projs", "experts_down"}
 # Path fragments that tell the role of a projection (checked in this order).
 MLP_HINTS = ("mlp", "feed_forward", "ffn", "experts", "expert", "moe", "shared_expert")
-ATTN_HINTS = ("attn", "attention", "mixer", "conv", "mamba", "ssm", "token_mixer", "linear_attn")
+ATTN_HINTS = ("attn", "attention", "mixer", "conv", "mamba", "ssm", "token_mixer", "linear_attn", "mlstm", "temporal_block")
 # Output projections directly under the layer, whose role their path does not tell: Gemma 3n / 4's per-layer
 # input, projected into the residual stream after the MLP, is ablated with it.
 # Plain MLPs written straight into the layer (BioGPT, OPT, XGLM) end in fc2.
-ROLES = {"per_layer_projection": "mlp", "fc2": "mlp"}
+# JetMoE's attention is a mixture of experts whose fused output projections sit under `experts`.
+ROLES = {"per_layer_projection": "mlp", "fc2": "mlp", "self_attention.experts.output_linear": "attn"}
 # Norms applied to a component's output before it is added to the residual stream (Gemma 2-4, OLMo 2, GLM 4,
 # HyperCLOVA X, LFM 3), by layer-relative name. "post_attention_layernorm" is such a norm only in layers that also have one of
 # POST_FEEDFORWARD_NORMS (elsewhere, as in Llama, it is the MLP's input norm).
@@ -106,6 +124,12 @@ POST_NORMS = {
     "per_layer_projection": ("post_per_layer_input_norm",),
 }
 POST_FEEDFORWARD_NORMS = ("post_feedforward_layernorm", "post_mlp_layernorm", "pre_feedforward_layernorm")
+# Layer children that transform what enters the residual stream channel by channel, and what they do in words.
+RESIDUAL_TRANSFORMS = {
+    "residual_gate": "rescales the residual stream dimension by dimension in its layers",
+    "_sconv": "convolves each block's output over positions, channel by channel, before adding it",
+    "_convolution": "convolves each block's output over positions, channel by channel, before adding it",
+}
 # Module-list paths of the text decoder layers, tried first.
 LAYER_PATHS = (
     "model.layers",
@@ -125,7 +149,8 @@ class Target:
     """One weight that writes into the residual stream.
 
     module: path of the module owning the parameter; parameter: its attribute name.
-    fused: a 3-D (experts, ., .) tensor; out_axis: the axis of size hidden_size.
+    fused: a 3-D (experts, ., .) tensor; out_axis: the axis of size hidden_size (of a 2-D weight: 0, or 1 for
+    GPT-2's Conv1D, stored (in, out)).
     post_norm: path of an RMS norm applied to the weight's output before it is added to the residual stream
     (None: added as it is); the ablated direction is then taken through the norm's scale.
     """
@@ -238,16 +263,20 @@ def text_config(config: Any) -> Any:
 
 
 def find_layers(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
+    """The decoder layers: a module list of `num_layers` (the config's num_hidden_layers), or of the config's
+    num_layers where that differs (LongCat-Flash counts two sublayers per layer in num_hidden_layers)."""
     modules = dict(model.named_modules())
-    for path in LAYER_PATHS:
-        candidate = modules.get(path)
-        if isinstance(candidate, nn.ModuleList) and len(candidate) == num_layers:
-            return path, candidate
-    # Otherwise: the longest ModuleList of the configured length outside vision/audio towers.
-    for path, module in modules.items():
-        towers = ("vision", "visual", "audio", "image", "encoder")
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers and not any(part in path for part in towers):
-            return path, module
+    listed = getattr(text_config(getattr(model, "config", None)), "num_layers", None)
+    for count in [num_layers] + ([listed] if isinstance(listed, int) and listed != num_layers else []):
+        for path in LAYER_PATHS:
+            candidate = modules.get(path)
+            if isinstance(candidate, nn.ModuleList) and len(candidate) == count:
+                return path, candidate
+        # Otherwise: the first ModuleList of that length outside vision/audio towers.
+        for path, module in modules.items():
+            towers = ("vision", "visual", "audio", "image", "encoder")
+            if isinstance(module, nn.ModuleList) and len(module) == count and not any(part in path for part in towers):
+                return path, module
     raise HereticError(
         f"Could not find the {num_layers} transformer layers of {type(model).__name__}: no module list of that "
         "length; this architecture is not supported yet."
@@ -260,9 +289,21 @@ def build_architecture_map(model: nn.Module) -> ArchitectureMap:
     config = text_config(model.config)
     hidden_size = int(config.hidden_size)
     num_layers = int(config.num_hidden_layers)
+    _refuse_hyper_connections(model, config)
+    if getattr(config, "zero_expert_num", None):  # LongCat-Flash: experts that return their input as it is
+        raise HereticError(
+            f"{type(model).__name__} routes tokens to identity experts that copy the MoE block's input into the residual "
+            "stream; directional ablation of such layers is not supported."
+        )
+    if getattr(config, "full_attn_alpha_factor", None) is not None:  # DeepNorm-style: residual = norm(h) * alpha
+        raise HereticError(
+            f"{type(model).__name__} normalizes the residual stream itself in its layers (a post-norm residual); "
+            "directional ablation of such layers is not supported."
+        )
     layers_path, layers = find_layers(model, num_layers)
     mapping = ArchitectureMap(layers_path=layers_path, hidden_size=hidden_size)
     for index, layer in enumerate(layers):
+        _refuse_residual_gates(model, layer)
         found, unknown = _layer_targets(layer, f"{layers_path}.{index}", hidden_size)
         if not any(found.values()):
             raise HereticError(
@@ -279,6 +320,16 @@ def build_architecture_map(model: nn.Module) -> ArchitectureMap:
     return mapping
 
 
+def _refuse_residual_gates(model: nn.Module, layer: nn.Module) -> None:
+    """Layer children (by the end of their name) that transform a block's output or the residual stream channel by
+    channel on its way into the stream (Ergo, Inkling): a write without the direction comes out with some of it,
+    so there is no direction to remove from the blocks' output projections alone."""
+    for name, _ in layer.named_children():
+        what = next((what for end, what in RESIDUAL_TRANSFORMS.items() if name.endswith(end)), None)
+        if what is not None:
+            raise HereticError(f"{type(model).__name__} {what} ({name}); directional ablation of such layers is not supported.")
+
+
 def _layer_targets(layer: nn.Module, path: str, hidden_size: int) -> tuple[dict[str, list[Target]], list[str]]:
     """(targets by component, unrecognized weights) of one layer; `path` is the layer's module path."""
     found: dict[str, list[Target]] = {name: [] for name in COMPONENTS}
@@ -290,24 +341,45 @@ def _layer_targets(layer: nn.Module, path: str, hidden_size: int) -> tuple[dict[
         role = _role(relative)
         last = relative.rsplit(".", 1)[-1]
         out_features = getattr(module, "out_features", None)
+        conv1d = type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int)  # GPT-2: (in, out)
+        if conv1d:
+            out_features = module.nf
         is_output = last in OUTPUT_PROJECTIONS or _last_of_sequential(layer, relative)
         if out_features == hidden_size and is_output and role is not None:
             norm = norms.get(last if last in POST_NORMS else role)
-            found[role].append(Target(f"{path}.{relative}", post_norm=f"{path}.{norm}" if norm else None))
+            post_norm = f"{path}.{norm}" if norm else None
+            found[role].append(Target(f"{path}.{relative}", out_axis=1 if conv1d else 0, post_norm=post_norm))
             continue
         if out_features == hidden_size and last not in INPUT_PROJECTIONS:
             unknown.append(f"{path}.{relative}")
             continue
         for parameter_name, parameter in module.named_parameters(recurse=False):
-            if parameter.dim() != 3 or parameter_name in INPUT_PROJECTIONS:
+            if parameter.dim() == 2 and parameter_name in FUSED_DOWN_PROJECTIONS and out_features is None:
+                raise HereticError(
+                    f"The experts' down projections {path}.{relative}.{parameter_name} are stacked in one 2-D tensor; "
+                    "ablating experts stored that way is not supported."
+                )
+            if parameter.dim() != 3 or parameter_name in INPUT_PROJECTIONS or last in INPUT_PROJECTIONS:
                 continue
-            out_axis = 2 if getattr(module, "is_transposed", False) else 1
-            if parameter_name in FUSED_DOWN_PROJECTIONS and parameter.shape[out_axis] == hidden_size:
-                norm = f"{path}.{norms['mlp']}" if "mlp" in norms else None
-                found["mlp"].append(Target(f"{path}.{relative}", parameter_name, fused=True, out_axis=out_axis, post_norm=norm))
+            out_axis = _out_axis(module, parameter, hidden_size)
+            stacked = parameter_name in FUSED_DOWN_PROJECTIONS or (parameter_name == "weight" and last in OUTPUT_PROJECTIONS)
+            if stacked and parameter.shape[out_axis] == hidden_size:
+                fused_role = ROLES.get(relative, "mlp")  # JetMoE's attention experts: "attn"
+                norm = f"{path}.{norms[fused_role]}" if fused_role in norms else None
+                target = Target(f"{path}.{relative}", parameter_name, fused=True, out_axis=out_axis, post_norm=norm)
+                found[fused_role].append(target)
             elif hidden_size in parameter.shape[1:]:
                 unknown.append(f"{path}.{relative}.{parameter_name}")
     return found, unknown
+
+
+def _out_axis(module: nn.Module, parameter: torch.Tensor, hidden_size: int) -> int:
+    """The axis of a fused (experts, ., .) tensor with the output: as the module says (`is_transposed`: stored
+    (experts, in, out)), else the one axis of the hidden size (Llama 4 stores (experts, in, out) and says nothing)."""
+    transposed = getattr(module, "is_transposed", None)
+    if transposed is not None:
+        return 2 if transposed else 1
+    return 2 if parameter.shape[2] == hidden_size != parameter.shape[1] else 1
 
 
 def _last_of_sequential(layer: nn.Module, relative: str) -> bool:
@@ -336,6 +408,18 @@ def post_norms(layer: nn.Module) -> dict[str, str]:
                 continue
             found.setdefault(role, by_last[name])
     return found
+
+
+def _refuse_hyper_connections(model: nn.Module, config: Any) -> None:
+    """Hyper-connections (Qwen4-Exp, HY V4, DeepSeek V4) and AltUp (Gemma 3n) keep several residual streams that
+    the layers mix: a direction of the hidden size written out of each block does not remove it from the mixture."""
+    names = ("hc_count", "hc_mult", "altup_num_inputs")
+    streams = next((getattr(config, name) for name in names if isinstance(getattr(config, name, None), int)), 1)
+    if streams > 1:
+        raise HereticError(
+            f"{type(model).__name__} keeps {streams} residual streams that its layers mix (hyper-connections or AltUp); "
+            "ablating a direction from several residual streams is not supported."
+        )
 
 
 def _refuse_shared_weights(model: nn.Module, mapping: ArchitectureMap) -> None:
@@ -368,7 +452,8 @@ def as_matrices(weight: torch.Tensor, target: Target, module: torch.nn.Module | 
     """A target's stored weight as float32 matrices (experts, hidden, in); `module` is the weight's module
     (where bitsandbytes keeps an 8-bit weight's row scales once the model has run)."""
     if not target.fused:
-        return _dequantized(weight, module).float().unsqueeze(0)
+        dense = _dequantized(weight, module).float()
+        return (dense if target.out_axis == 0 else dense.T).unsqueeze(0)
     data = weight.detach().float()
     return data if target.out_axis == 1 else data.transpose(1, 2)
 

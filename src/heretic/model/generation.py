@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import Cache
 
 from ..errors import HereticError
 from ..prompts import Prompt
@@ -39,6 +40,8 @@ ProgressFn = Callable[[int], None]
 # context: attention over one long prompt grows with the square of its length, so a single huge
 # prompt would otherwise make memory grow until the process is killed. Refusal prompts are short.
 MAX_PROMPT_TOKENS = 8192
+# Model types whose recurrent state cannot continue a shared prompt prefix (see Engine).
+UNSHARED_PREFIX_TYPES = {"minimax"}
 
 
 @dataclass
@@ -70,9 +73,15 @@ class Engine:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         parameters = inspect.signature(base.forward).parameters
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
-        # A recurrent model without positions (Mamba) cannot continue a shared prefix across the padding
-        # between prefix and suffix: its prompts are run whole.
-        self.share_prefix = share_prefix and "position_ids" in parameters
+        if "attention_mask" not in parameters:
+            raise HereticError(
+                f"{type(base).__name__} takes no attention mask, so the padding of prompts batched together would "
+                "change its responses; such models are not supported."
+            )
+        # A recurrent model without positions (Mamba), or one whose state decays over the padding between a shared
+        # prefix and the suffix and is not copied to each row (MiniMax's lightning attention): prompts run whole.
+        recurrent = "position_ids" not in parameters or getattr(base.config, "model_type", None) in UNSHARED_PREFIX_TYPES
+        self.share_prefix = share_prefix and not recurrent
         make_head_input_contiguous(model)
         self.sliding_window = sliding_window(model)
         self.max_prompt_tokens = prompt_token_limit(model)
@@ -85,7 +94,12 @@ class Engine:
         output = self.model(use_cache=True, logits_to_keep=keep, **inputs)
         new_cache = getattr(output, "cache", None)
         if new_cache is None:
-            new_cache = output.past_key_values
+            new_cache = getattr(output, "past_key_values", None)
+        if new_cache is None:
+            raise HereticError(
+                f"{type(self.model).__name__} returns no cache from a forward pass (it has none, or keeps its state inside "
+                "the model); generating with such models is not supported."
+            )
         return (output.logits[:, -1, :] if keep == 1 else output.logits[:, -keep:, :]), new_cache
 
     @property
@@ -137,7 +151,7 @@ class Engine:
         if prefix_length:
             prefix = torch.tensor([batch.prefix], device=device)
             _, cache = self._forward(None, input_ids=prefix)
-            cache.reorder_cache(torch.zeros(rows, dtype=torch.long, device=device))  # copy the prefix to each row
+            select_rows(cache, torch.zeros(rows, dtype=torch.long, device=device))  # copy the prefix to each row
         pass_context = self._reused_pass(batch)
         width = max(len(row) for row in batch.suffixes)
         input_ids = torch.full((rows, width), self.pad_id, dtype=torch.long)
@@ -323,7 +337,7 @@ class Engine:
                 if not keep:
                     break
                 keep_index = torch.tensor(keep, dtype=torch.long, device=device)
-                cache.reorder_cache(keep_index)  # type: ignore[attr-defined]
+                select_rows(cache, keep_index)
                 mask, positions, tokens = mask[keep_index], positions[keep_index], tokens[keep_index]
                 active = [active[row] for row in keep]
             positions = positions + 1
@@ -333,6 +347,18 @@ class Engine:
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def select_rows(cache: object, rows: torch.Tensor) -> None:
+    """Keep the cache's rows `rows` (in that order). A cache class that selects rows its own way but leaves
+    reorder_cache to transformers' Cache (MiniMax's, whose linear-attention states only it knows) is asked
+    through batch_select_indices."""
+    kind = type(cache)
+    own_selection = getattr(kind, "batch_select_indices", None) is not Cache.batch_select_indices
+    if isinstance(cache, Cache) and kind.reorder_cache is Cache.reorder_cache and own_selection:
+        cache.batch_select_indices(rows)
+    else:
+        cache.reorder_cache(rows)  # type: ignore[attr-defined]
 
 
 def make_head_input_contiguous(model: PreTrainedModel) -> None:

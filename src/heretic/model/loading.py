@@ -531,7 +531,9 @@ def _load_once(
     kwargs: dict[str, Any] = dict(common, dtype=dtype, **placement)
     if quantization != "none":
         kwargs["quantization_config"] = _bnb_config(quantization, dtype)
-    model_class = _model_class(multimodal)
+    if isinstance(getattr(config, "autocast_kernel_dtype", None), str):  # xLSTM's kernels fail in any other dtype
+        kwargs["autocast_kernel_dtype"] = str(dtype).removeprefix("torch.")
+    model_class = _model_class(multimodal, config)
     try:
         if source.kind == "gguf" and kwargs["device_map"] is None and quantization == "none" and not multimodal:
             model = _load_gguf_cache(load_path, config, kwargs)
@@ -581,11 +583,21 @@ def _load_gguf_cache(folder: str, config: Any, kwargs: dict[str, Any]) -> PreTra
     return model
 
 
-def _model_class(multimodal: bool) -> Any:
+def _model_class(multimodal: bool, config: Any = None) -> Any:
+    """The class that loads the model: the Auto class of its kind; for a text model whose config class the causal-LM
+    Auto class does not map (the text half of Emu3 or Mllama, saved alone), the class its config names."""
     if multimodal:
         from transformers import AutoModelForImageTextToText
 
         return AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    named = (getattr(config, "architectures", None) or [""])[0]
+    model_type = getattr(config, "model_type", None)
+    if model_type is not None and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and named.endswith("ForCausalLM"):
+        import transformers
+
+        return getattr(transformers, named, AutoModelForCausalLM)
     return AutoModelForCausalLM
 
 
