@@ -434,3 +434,34 @@ def test_demo_abliterated_gguf_answers_what_transformers_answers(llama_cpp, demo
     assert len(prompts) >= 8  # enough refusals to test on...
     assert sum(in_transformers) <= len(prompts) // 2  # ...most of which the ablation removes...
     assert not lost, f"the GGUF refuses what transformers answers: {lost}"  # ...and so does its GGUF
+
+
+GEMMA_CHAT = (
+    "{% for m in messages %}<start_of_turn>{{ 'model' if m.role == 'assistant' else 'user' }}\n{{ m.content }}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def test_gemma3_in_float16_is_computed_finite_or_refused_by_the_dtype_check(gemma) -> None:
+    """Gemma's large activations are the known case of NaN KL in float16. On the real Gemma 3 270M, the check the
+    dtype choice runs on each candidate (first_token_check) either passes with finite logits, or names the
+    problem, and the choice then skips float16 with one log line (tests/test_model.py). The GGUF ships no chat
+    template (a base model): Gemma's own turn format is given here."""
+    from types import SimpleNamespace
+
+    from heretic.model.loading import first_token_check
+
+    path, _, tokenizer = gemma
+    model = tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float16).eval()
+    tokenizer.chat_template = GEMMA_CHAT
+    loaded = SimpleNamespace(model=model, tokenizer=tokenizer, dtype=torch.float16, input_device=torch.device("cpu"))
+    problem = first_token_check(loaded)  # type: ignore[arg-type]
+    with torch.no_grad():
+        ids = tokenizer("<start_of_turn>user\nSay hello.<end_of_turn>\n<start_of_turn>model\n", return_tensors="pt")
+        output = model(**ids, output_hidden_states=True)
+    largest = max(float(hidden.abs().max()) for hidden in output.hidden_states)
+    report(f"Gemma 3 270M in float16: largest hidden state {largest:,.0f}; the dtype check: {problem or 'passes'}")
+    if problem is None:
+        assert torch.isfinite(output.logits).all() and largest <= 0.25 * 65504
+    else:
+        assert "float16's largest value" in problem or "NaN" in problem

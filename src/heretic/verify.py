@@ -209,7 +209,7 @@ def verified_line(
         for r in order
         if r.number in verified
     )
-    judge = settings.verify_judge or settings.judge
+    judge = settings.verify_judge or settings.judge.rpartition(":")[2]  # a plug-in by its name, not its path
     line = f"Refusals on whole responses (up to {settings.verify_response_length} tokens, {judge} judge): {counts or 'none'}"
     search = budget / settings.verify_budget if settings.verify_budget else 0.0
     if spent is not None and search > 0:
