@@ -349,6 +349,21 @@ def store_setup(study: optuna.Study, batch_size: int, directions: torch.Tensor, 
         study.set_user_attr("baseline_refusals", refusals)
 
 
+def refusal_evaluator(session: Session, spec: PromptSet) -> Evaluator:
+    """An evaluator that counts the search judge's refusals (at the search's length) on the prompts of `spec`."""
+    settings = session.settings
+    prompts = load_prompts(spec, settings.system_prompt)
+    evaluator = Evaluator(session.engine, session.judge, prompts, [], settings.max_response_length, settings.stop_on_verdict)
+    evaluator.on_responses = session.evaluator.on_responses
+    return evaluator
+
+
+def restore_counts(session: Session, key: str, attr: str, counts: dict[int | None, int]) -> None:
+    """Fill `counts` ({trial number, or None for the original: count}) with those the study kept under `attr`."""
+    for name, count in stored_heldout(session.study, key, attr).items():
+        counts.setdefault(None if name == "original" else int(name), count)
+
+
 def count_heldout(session: Session, number: int, parameters: AblationParameters) -> HeldOutCount | None:
     """The refusals of trial `number` (whose ablation `parameters` is applied) and of the original model on the
     held-out harmful prompts, counted once per trial; None with --no-count-heldout or an empty set."""
@@ -357,16 +372,12 @@ def count_heldout(session: Session, number: int, parameters: AblationParameters)
         return None
     evaluator = session.heldout_evaluator
     if evaluator is None:
-        prompts = load_prompts(settings.harmful_heldout_prompts, settings.system_prompt)
-        evaluator = Evaluator(session.engine, session.judge, prompts, [], settings.max_response_length, settings.stop_on_verdict)
-        evaluator.on_responses = session.evaluator.on_responses
-        session.heldout_evaluator = evaluator
+        evaluator = session.heldout_evaluator = refusal_evaluator(session, settings.harmful_heldout_prompts)
     if not evaluator.harmful:
         return None
     key = prompts_digest(evaluator.harmful)
-    for attr, counts in ((HELDOUT_ATTR, session.heldout), (HELDOUT_DEGENERATE_ATTR, session.heldout_degenerate)):
-        for name, count in stored_heldout(session.study, key, attr).items():
-            counts.setdefault(None if name == "original" else int(name), count)
+    restore_counts(session, key, HELDOUT_ATTR, session.heldout)
+    restore_counts(session, key, HELDOUT_DEGENERATE_ATTR, session.heldout_degenerate)
     missing = [state for state in (None, number) if state not in session.heldout]
     if missing:
         for state, count in count_states(session, evaluator, missing, parameters).items():
@@ -487,15 +498,11 @@ def count_over_refusal(session: Session, number: int, parameters: AblationParame
         return None
     evaluator = session.over_refusal_evaluator
     if evaluator is None:
-        prompts = load_prompts(over_refusal_spec(session), settings.system_prompt)
-        evaluator = Evaluator(session.engine, session.judge, prompts, [], settings.max_response_length, settings.stop_on_verdict)
-        evaluator.on_responses = session.evaluator.on_responses
-        session.over_refusal_evaluator = evaluator
+        evaluator = session.over_refusal_evaluator = refusal_evaluator(session, over_refusal_spec(session))
     if not evaluator.harmful:
         return None
     key, counts = prompts_digest(evaluator.harmful), session.over_refusals
-    for name, count in stored_heldout(session.study, key, OVER_REFUSAL_ATTR).items():
-        counts.setdefault(None if name == "original" else int(name), count)
+    restore_counts(session, key, OVER_REFUSAL_ATTR, counts)
     missing = [state for state in (None, number) if state not in counts]
     if missing:
         for state, count in count_states(session, evaluator, missing, parameters).items():

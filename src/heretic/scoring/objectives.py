@@ -111,14 +111,7 @@ def load_objective(name: str, table: ObjectiveTable, settings: Settings) -> Load
 def _call_named(name: str, spec: str, what: str, objective: Any, argument: Any) -> Any:
     """The objective's optional method `what`(argument) (None without it), its exceptions one sentence."""
     method = getattr(objective, what, None)
-    if not callable(method):
-        return None
-    try:
-        return method(argument)
-    except HereticError:
-        raise
-    except Exception as error:  # noqa: BLE001 - user code
-        raise HereticError(f"The objective {name} ({spec}) failed in {what}(): {type(error).__name__}: {error}.") from None
+    return _call_user(f"{name} ({spec})", what, method, argument) if callable(method) else None
 
 
 def validate_options(name: str, factory: Any, own: dict[str, Any]) -> Any:
@@ -145,7 +138,7 @@ def setup_objectives(objectives: list[LoadedObjective], settings: Settings, eval
             context = ObjectiveContext(
                 loaded.name, settings, loaded.table, loaded.options, loaded.prompts, evaluator.engine, evaluator
             )
-            _call(loaded, "setup", setup, context)
+            _call_user(loaded.name, "setup", setup, context)
 
 
 def score_objectives(objectives: list[LoadedObjective], evaluator: Evaluator, count: RefusalCount, kl: float) -> dict[str, float]:
@@ -163,18 +156,18 @@ def score_objectives(objectives: list[LoadedObjective], evaluator: Evaluator, co
             own_prompts=own_prompts,
             own_responses=evaluator.responses(own_prompts) if own_prompts else [],
         )
-        value = _call(loaded, "score", loaded.objective.score, outputs)
+        value = _call_user(loaded.name, "score", loaded.objective.score, outputs)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise HereticError(f"The objective {loaded.name} returned {value!r}; score() must return a finite number.")
         values[loaded.name] = float(value)
     return values
 
 
-def _call(loaded: LoadedObjective, what: str, method: Callable[..., Any], argument: Any) -> Any:
-    """A method of the user's objective, its exceptions turned into one sentence."""
+def _call_user(label: str, what: str, method: Callable[..., Any], argument: Any) -> Any:
+    """`method(argument)` of the objective called `label`; an exception of user code becomes one sentence."""
     try:
         return method(argument)
     except HereticError:
         raise
     except Exception as error:  # noqa: BLE001 - user code
-        raise HereticError(f"The objective {loaded.name} failed in {what}(): {type(error).__name__}: {error}.") from None
+        raise HereticError(f"The objective {label} failed in {what}(): {type(error).__name__}: {error}.") from None
