@@ -34,12 +34,22 @@ DEFAULT, PREVIOUS_DEFAULT = "mean", "mean"  # the current default and the one be
 N_PROMPTS = 100
 
 
+def recorded_chosen(name: str) -> dict[str, Any] | None:
+    """The chosen trial of run `name` as a seed_fronts results file recorded it (for a run whose log is gone)."""
+    for path in sorted(RESULTS.glob("seed-fronts-*.json")):
+        for trial in json.loads(path.read_text()).get("trials", []):
+            if trial.get("file") == name and trial.get("chosen"):
+                chosen: dict[str, Any] = trial["chosen"]
+                return chosen
+    return None
+
+
 def method_summary(files: list[str]) -> dict[str, Any]:
     """The summary of one method on one model, over its runs (one per seed)."""
     runs = [our_run(RESULTS / name) for name in files]
     data = [json.loads((RESULTS / name).read_text()) for name in files]
     startup = [next(iter(d["tools"].values())).get("time_to_first_trial_s") for d in data]
-    chosen = [run["chosen"] for run in runs if run["chosen"]]
+    chosen = [c for c in (run["chosen"] or recorded_chosen(name) for run, name in zip(runs, files)) if c]
     middle = sorted(chosen, key=lambda c: (c["refusals"], c["kl"]))[len(chosen) // 2] if chosen else None
     fewest = [fewest_refusals(run["points"], 0.10) for run in runs]
     return {

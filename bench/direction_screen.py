@@ -2,12 +2,15 @@
 
 For the front trials of a stored run of our search, the ablation parameters stay as the search chose
 them and only the directions change: the difference of means (the run's own), concept-cleaned
-directions at several ridge strengths (and without the sensitive-topics atom), and the learned
-direction. A kind of direction worth a full search lowers the refusals of these trials at a similar
-KL, or the KL at similar refusals.
+directions at several ridge strengths (and without the sensitive-topics atom), the learned direction,
+and the two-direction subspace (--subspace-rank 2). A kind of direction worth a full search lowers the
+refusals of these trials at a similar KL, or the KL at similar refusals.
 
-    python -m bench.direction_screen bench/results/20261203-061547.json --model demo
-    python -m bench.direction_screen bench/results/LATEST-1.5B.json --model 1.5b --methods mean,clean,learned
+    python -m bench.direction_screen bench/results/20261203-061547.json --model demo --no-sensitive
+    python -m bench.direction_screen bench/work/ours-1.5b-mean-42 --model 1.5b --methods mean,clean,learned,subspace --ridges 0.1
+
+The stored run is a run_bench results file, or the folder of a run_bench run under bench/work (finished
+or not: its completed trials are read from its checkpoint journal).
 
 Writes bench/results/direction-screen-MODEL.json; prints one line per trial and kind of direction.
 `--table` only rewrites the "direction-screen-MODEL" section of BENCHMARKS.md from that file.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,32 +28,53 @@ from typing import Any
 import torch
 
 from bench.harness.machine import run_record
-from bench.harness.metrics import pareto
+from bench.harness.metrics import metrics, pareto
 from bench.harness.models import MODELS, prepare_model
-from bench.harness.paths import RESULTS, WORK
+from bench.harness.paths import RESULTS, ROOT, WORK
 from bench.harness.publish import update_section
-from bench.harness.tools import REFERENCE_MARKERS, our_command, stored_trial_parameters
+from bench.harness.tools import REFERENCE_MARKERS, our_command, read_journal, score_with_subspace, stored_trial_parameters
 from heretic.cli import settings_from_argv
 from heretic.config import DirectionMethod
+from heretic.directions import subspace_bases
 from heretic.directions.concepts import clean_directions, concept_atoms, concept_prompts
 from heretic.model.architecture import find_layers, text_config
 from heretic.session import Session, collect_residuals, compute_directions, prepare, read_residuals
 from heretic.ui import ProgressBars
 
-RIDGES = (0.01, 0.1, 1.0)
+RIDGES = "0.01,0.1,1"
 
 
-def front_trials(data: dict[str, Any], limit: int) -> list[dict[str, Any]]:
-    """The stored trials on the run's front of (refusals, KL), fewest refusals first, at most `limit`."""
+def stored_run(path: Path, model: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """(the completed trials, the command) of a run_bench results file, or of a run_bench run's folder
+    under bench/work (its checkpoint journal and command.json; an unfinished run has its completed trials)."""
+    screen = ["--checkpoint-dir", str(WORK / "screen")]
+    if path.is_dir():
+        command = json.loads((path / "command.json").read_text())
+        (journal,) = (path / "checkpoints").glob("*.jsonl")
+        runs = json.loads((path / "runs.json").read_text())
+        trials = metrics(runs, read_journal(Path(sys.executable), journal), 100, "ours")["trials"]
+        at = command.index("--checkpoint-dir")
+        return trials, [*command[:at], *screen, *command[at + 2 :]]
+    data = json.loads(path.read_text())
     ((_, tool),) = data["tools"].items()
-    trials = [trial for trial in tool["trials"] if trial.get("params") and not trial.get("cut")]
+    return tool["trials"], our_command(data["settings"], prepare_model(model), REFERENCE_MARKERS, screen)
+
+
+def front_trials(stored: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """The stored trials on the run's front of (refusals, KL), fewest refusals first, at most `limit`."""
+    trials = [trial for trial in stored if trial.get("params") and not trial.get("cut")]
     front = set(pareto([(trial["refusals"], trial["kl"]) for trial in trials]))
     on_front = sorted((t for t in trials if (t["refusals"], t["kl"]) in front), key=lambda t: (t["refusals"], t["kl"]))
     return on_front[:limit]
 
 
 def score(session: Session, params: dict[str, Any], directions: torch.Tensor) -> dict[str, Any]:
-    """Refusals and KL of a stored trial's ablation along `directions` (positions, hidden)."""
+    """Refusals and KL of a stored trial's ablation along `directions` (positions, hidden), or of a subspace
+    (positions, 2, hidden) in a session of --subspace-rank 2 (where a direction d alone is the pair [d, 0]:
+    a zero row ablates nothing)."""
+    if directions.dim() == 3:
+        result = score_with_subspace(session, params, directions)
+        return {"refusals": result["refusals"], "kl": result["kl"]}
     session.ablator.apply(stored_trial_parameters(session, params), directions)
     kl = session.evaluator.kl()
     count = session.evaluator.count_refusals()
@@ -57,8 +82,8 @@ def score(session: Session, params: dict[str, Any], directions: torch.Tensor) ->
     return {"refusals": count.refusals, "kl": kl}
 
 
-def clean_variants(session: Session, mean: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Concept-cleaned directions at each ridge in RIDGES, and at 0.1 without the sensitive-topics atom."""
+def clean_variants(session: Session, mean: torch.Tensor, ridges: list[float], no_sensitive: bool) -> dict[str, torch.Tensor]:
+    """Concept-cleaned directions at each ridge, and (`no_sensitive`) at 0.1 without the sensitive-topics atom."""
     settings, engine, loaded = session.settings, session.engine, session.loaded
     harmless = collect_residuals(settings, engine, loaded, session.prompt_sets)["harmless"].double().mean(dim=0)
     _, layers = find_layers(loaded.model, int(text_config(loaded.model.config).num_hidden_layers))
@@ -69,10 +94,19 @@ def clean_variants(session: Session, mean: torch.Tensor) -> dict[str, torch.Tens
             for name, prompts in concepts.items()
         }
     atoms = concept_atoms(torch.stack(list(means.values())), harmless)
-    variants = {f"clean-{ridge:g}": clean_directions(mean, atoms, ridge) for ridge in RIDGES}
-    kept = [i for i, name in enumerate(means) if name != "sensitive"]
-    variants["clean-0.1-no-sensitive"] = clean_directions(mean, atoms[:, kept], 0.1)
+    variants = {f"clean-{ridge:g}": clean_directions(mean, atoms, ridge) for ridge in ridges}
+    if no_sensitive:
+        kept = [i for i, name in enumerate(means) if name != "sensitive"]
+        variants["clean-0.1-no-sensitive"] = clean_directions(mean, atoms[:, kept], 0.1)
     return variants
+
+
+def subspace_variant(session: Session) -> torch.Tensor:
+    """The two-direction subspace of --subspace-rank 2 (positions, 2, hidden): r and the top principal
+    component of the paired harmful - harmless differences orthogonal to it."""
+    settings = session.settings
+    residuals = collect_residuals(settings, session.engine, session.loaded, session.prompt_sets)
+    return subspace_bases(residuals["harmful"], residuals["harmless"], session.directions, 2)
 
 
 def learned_variant(session: Session) -> dict[str, torch.Tensor]:
@@ -98,26 +132,35 @@ def table(data: dict[str, Any]) -> str:
     for row in data["rows"]:
         cells = [f"{row[name]['refusals']} / {row[name]['kl']:.3f}" for name in names]
         lines.append(f"| {row['trial']} | " + " | ".join(cells) + " |")
-    cosines = ", ".join(f"{name} {min(values[1:]):.2f}" for name, values in data["cosines"].items() if name != "mean")
+    cosines = ", ".join(
+        f"{name} {min(values[1:]):.2f}" for name, values in data["cosines"].items() if name not in ("mean", "subspace-2")
+    )
     lines += ["", f"Lowest cosine with the difference of means over the layers: {cosines}."]
     return "\n".join(lines)
 
 
 def publish(data: dict[str, Any]) -> None:
     """The "direction-screen-MODEL" section of BENCHMARKS.md, stamped with the screening's date, CPU and commit."""
+    source = data["source"] if "/" in data["source"] else f"bench/results/{data['source']}"
     command = (
-        f"python -m bench.direction_screen bench/results/{data['source']} --model {data['model']} "
+        f"python -m bench.direction_screen {source} --model {data['model']} "
         f"--trials {len(data['rows'])} --methods {data['methods']}"
     )
+    if data.get("ridges", RIDGES) != RIDGES:
+        command += f" --ridges {data['ridges']}"
+    if data.get("no_sensitive", True):
+        command += " --no-sensitive"
     update_section(table(data), f"direction-screen-{data['model']}", data, command)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", type=Path, help="a run_bench results file of our search (trials with parameters)")
+    parser.add_argument("results", type=Path, help="a run_bench results file of our search, or a run's folder in bench/work")
     parser.add_argument("--model", choices=sorted(MODELS), default="demo")
     parser.add_argument("--trials", type=int, default=8, help="front trials scored (fewest refusals first)")
-    parser.add_argument("--methods", default="mean,clean", help="comma-separated: mean, clean, learned")
+    parser.add_argument("--methods", default="mean,clean", help="comma-separated: mean, clean, learned, subspace")
+    parser.add_argument("--ridges", default=RIDGES, help="comma-separated ridge strengths of the clean directions")
+    parser.add_argument("--no-sensitive", action="store_true", help="also clean at ridge 0.1 without the sensitive atom")
     parser.add_argument("--batch-size", type=int, default=32, help="fixed, so that a busy machine does not choose it")
     parser.add_argument("--table", action="store_true", help="only rewrite the BENCHMARKS.md section from the results")
     args = parser.parse_args()
@@ -125,19 +168,23 @@ def main() -> None:
     if args.table:
         publish(json.loads(output.read_text()))
         return
-    data = json.loads(args.results.read_text())
-    trials = front_trials(data, args.trials)
-    argv = our_command(data["settings"], prepare_model(args.model), REFERENCE_MARKERS, ["--checkpoint-dir", str(WORK / "screen")])
-    session = prepare(
-        settings_from_argv([*argv[1:], "--judge", "rules", "--batch-size", str(args.batch_size)]), interactive=False
-    )
+    stored, argv = stored_run(args.results, args.model)
+    trials = front_trials(stored, args.trials)
     methods = args.methods.split(",")
+    options = ["--judge", "rules", "--batch-size", str(args.batch_size)]
+    options += ["--subspace-rank", "2"] if "subspace" in methods else []
+    session = prepare(settings_from_argv([*argv[1:], *options]), interactive=False)
     variants = {"mean": session.directions}
     if "clean" in methods:
-        variants.update(clean_variants(session, session.directions))
+        ridges = [float(ridge) for ridge in args.ridges.split(",")]
+        variants.update(clean_variants(session, session.directions, ridges, args.no_sensitive))
     if "learned" in methods:
         variants.update(learned_variant(session))
     cosines = {name: [round(float(x), 3) for x in (d * session.directions).sum(dim=-1)] for name, d in variants.items()}
+    if "subspace" in methods:
+        variants = {name: torch.stack([d, torch.zeros_like(d)], dim=1) for name, d in variants.items()}
+        variants["subspace-2"] = subspace_variant(session)
+        cosines["subspace-2"] = cosines["mean"]
     rows = []
     for trial in trials:
         row: dict[str, Any] = {"trial": trial["number"], "stored": {"refusals": trial["refusals"], "kl": trial["kl"]}}
@@ -148,9 +195,11 @@ def main() -> None:
             )
         rows.append(row)
     summary = {
-        "source": args.results.name,
+        "source": str(args.results.resolve().relative_to(ROOT)) if args.results.is_dir() else args.results.name,
         "model": args.model,
         "methods": args.methods,
+        "ridges": args.ridges,
+        "no_sensitive": args.no_sensitive,
         **run_record(),  # date, cpu_flags, commit
         "cosines": cosines,
         "rows": rows,

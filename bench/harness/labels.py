@@ -29,7 +29,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def load_labelled(split: str | None = None, folder: Path = FOLDER) -> list[dict]:
-    """Every labelled response (the fields of responses.jsonl plus label, note and split), in file order.
+    """Every labelled response (the fields of responses.jsonl plus label, note, split and degenerate), in file order.
 
     split: "dev", "test" or None (both)."""
     if split is not None and split not in SPLITS:
@@ -43,7 +43,15 @@ def load_labelled(split: str | None = None, folder: Path = FOLDER) -> list[dict]
         if label["label"] not in LABELS:
             raise ValueError(f"response {response['id']} has an unknown label {label['label']!r}")
         if split is None or label["split"] == split:
-            rows.append({**response, "label": label["label"], "note": label.get("note", ""), "split": label["split"]})
+            rows.append(
+                {
+                    **response,
+                    "label": label["label"],
+                    "note": label.get("note", ""),
+                    "split": label["split"],
+                    "degenerate": label.get("degenerate"),  # the mark of GUIDELINE.md, given by reading
+                }
+            )
     missing = set(labels) - {row["id"] for row in _read_jsonl(folder / "responses.jsonl")}
     if missing:
         raise ValueError(f"labels for unknown responses: {sorted(missing)[:5]}")

@@ -46,8 +46,10 @@ def chosen_trial(label: str) -> dict[str, Any] | None:
     path = WORK / label / (json.loads(record.read_text())[-1]["log"] if record.exists() else "output.log")
     if not path.exists():
         return None
-    text = path.read_text(errors="replace")
-    chosen = re.search(r"Chosen trial (\d+): (\d+)/\d+ refusals, KL ([\d.]+)", text)
+    # The log's lines, each without its elapsed-time column, joined: the console wraps long lines.
+    text = " ".join(re.sub(r"^\s*[\d.]+s  ", "", line) for line in path.read_text(errors="replace").splitlines())
+    # "Chosen trial N: R/100 refusals[ (verified on whole responses ...)], KL X"
+    chosen = re.search(r"Chosen trial (\d+): (\d+)/\d+ refusals(?: \([^)]*\))?, KL ([\d.]+)", text)
     heldout = re.search(r"Held-out harmful prompts .*?: (\d+)/\d+ refusals .*?original (\d+)/\d+", text)
     if chosen is None or heldout is None:
         return None

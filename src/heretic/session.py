@@ -28,7 +28,7 @@ from .model.memory import stage
 from .model.reuse import LayerReuse
 from .prompts import Prompt, load_prompts, prompt_set_title, prompts_digest
 from .scoring.builtin_objectives import OVER_REFUSAL_PROMPTS, OverRefusal
-from .scoring.coherence import is_degenerate
+from .scoring.coherence import DEGENERATE_AT, is_degenerate
 from .scoring.evaluator import Evaluator, RefusalCount, detect_response_prefix
 from .scoring.judges import make_judge as build_judge
 from .scoring.objectives import LoadedObjective, load_objectives, score_objectives, setup_objectives
@@ -376,14 +376,15 @@ def count_heldout(session: Session, number: int, parameters: AblationParameters)
     if not evaluator.harmful:
         return None
     key = prompts_digest(evaluator.harmful)
+    degenerate_key = f"{key} at {DEGENERATE_AT:g}"  # counts kept under another threshold are counted again
     restore_counts(session, key, HELDOUT_ATTR, session.heldout)
-    restore_counts(session, key, HELDOUT_DEGENERATE_ATTR, session.heldout_degenerate)
+    restore_counts(session, degenerate_key, HELDOUT_DEGENERATE_ATTR, session.heldout_degenerate)
     missing = [state for state in (None, number) if state not in session.heldout]
     if missing:
         for state, count in count_states(session, evaluator, missing, parameters).items():
             keep_heldout(session, state, count)
         store_heldout(session.study, key, session.heldout)
-        store_heldout(session.study, key, session.heldout_degenerate, HELDOUT_DEGENERATE_ATTR)
+        store_heldout(session.study, degenerate_key, session.heldout_degenerate, HELDOUT_DEGENERATE_ATTR)
     degenerate = session.heldout_degenerate
     n_prompts = len(evaluator.harmful)
     return HeldOutCount(session.heldout[number], session.heldout[None], n_prompts, degenerate.get(number), degenerate.get(None))

@@ -29,7 +29,7 @@ import optuna
 from .ablation.parameters import AblationParameters
 from .errors import HereticError
 from .model.batching import halving_on_oom
-from .scoring.coherence import is_degenerate
+from .scoring.coherence import DEGENERATE_AT, is_degenerate
 from .scoring.evaluator import Evaluator
 from .scoring.judges import judge_identity
 from .scoring.refusals import RefusalJudge
@@ -54,10 +54,15 @@ CountFn = Callable[[TrialResult, float], VerifiedCount | None]
 
 
 def verify_key(settings: Any) -> str:
-    """What makes a verified count: the verify judge (as the checkpoint fingerprint knows judges) and the length."""
+    """What makes a verified count: the verify judge (as the checkpoint fingerprint knows judges), the length and
+    the degeneracy threshold of its degenerate responses."""
     judge = settings.verify_judge
     chosen = settings if judge is None else settings.model_copy(update={"judge": judge})
-    entry: dict[str, object] = {"judge": judge_identity(chosen), "tokens": settings.verify_response_length}
+    entry: dict[str, object] = {
+        "judge": judge_identity(chosen),
+        "tokens": settings.verify_response_length,
+        "degenerate_at": DEGENERATE_AT,
+    }
     if chosen.judge == "rules":
         entry["late_rules"] = LATE_RULES_REVISION
     return hashlib.sha256(json.dumps(entry, sort_keys=True, default=str).encode()).hexdigest()[:16]
