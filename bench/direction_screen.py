@@ -82,10 +82,12 @@ def score(session: Session, params: dict[str, Any], directions: torch.Tensor) ->
     return {"refusals": count.refusals, "kl": kl}
 
 
-def clean_variants(session: Session, mean: torch.Tensor, ridges: list[float], no_sensitive: bool) -> dict[str, torch.Tensor]:
+def clean_variants(
+    session: Session, residuals: dict[str, torch.Tensor], ridges: list[float], no_sensitive: bool
+) -> dict[str, torch.Tensor]:
     """Concept-cleaned directions at each ridge, and (`no_sensitive`) at 0.1 without the sensitive-topics atom."""
-    settings, engine, loaded = session.settings, session.engine, session.loaded
-    harmless = collect_residuals(settings, engine, loaded, session.prompt_sets)["harmless"].double().mean(dim=0)
+    settings, engine, loaded, mean = session.settings, session.engine, session.loaded, session.directions
+    harmless = residuals["harmless"].double().mean(dim=0)
     _, layers = find_layers(loaded.model, int(text_config(loaded.model.config).num_hidden_layers))
     concepts = concept_prompts(settings.concept_atoms, settings.system_prompt)
     with ProgressBars() as bars:
@@ -101,18 +103,16 @@ def clean_variants(session: Session, mean: torch.Tensor, ridges: list[float], no
     return variants
 
 
-def subspace_variant(session: Session) -> torch.Tensor:
+def subspace_variant(session: Session, residuals: dict[str, torch.Tensor]) -> torch.Tensor:
     """The two-direction subspace of --subspace-rank 2 (positions, 2, hidden): r and the top principal
     component of the paired harmful - harmless differences orthogonal to it."""
-    settings = session.settings
-    residuals = collect_residuals(settings, session.engine, session.loaded, session.prompt_sets)
     return subspace_bases(residuals["harmful"], residuals["harmless"], session.directions, 2)
 
 
-def learned_variant(session: Session) -> dict[str, torch.Tensor]:
+def learned_variant(session: Session, residuals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     settings = session.settings.model_copy(update={"direction_method": DirectionMethod.learned})
     started = time.monotonic()
-    directions = compute_directions(settings, session.engine, session.loaded, session.prompt_sets)
+    directions = compute_directions(settings, session.engine, session.loaded, session.prompt_sets, residuals)
     print(f"learned direction: {time.monotonic() - started:.0f} s")
     return {"learned": directions}
 
@@ -174,16 +174,18 @@ def main() -> None:
     options = ["--judge", "rules", "--batch-size", str(args.batch_size)]
     options += ["--subspace-rank", "2"] if "subspace" in methods else []
     session = prepare(settings_from_argv([*argv[1:], *options]), interactive=False)
+    # The original's residuals, read once for every kind of direction (the session keeps those it computed).
+    residuals = session.residuals or collect_residuals(session.settings, session.engine, session.loaded, session.prompt_sets)
     variants = {"mean": session.directions}
     if "clean" in methods:
         ridges = [float(ridge) for ridge in args.ridges.split(",")]
-        variants.update(clean_variants(session, session.directions, ridges, args.no_sensitive))
+        variants.update(clean_variants(session, residuals, ridges, args.no_sensitive))
     if "learned" in methods:
-        variants.update(learned_variant(session))
+        variants.update(learned_variant(session, residuals))
     cosines = {name: [round(float(x), 3) for x in (d * session.directions).sum(dim=-1)] for name, d in variants.items()}
     if "subspace" in methods:
         variants = {name: torch.stack([d, torch.zeros_like(d)], dim=1) for name, d in variants.items()}
-        variants["subspace-2"] = subspace_variant(session)
+        variants["subspace-2"] = subspace_variant(session, residuals)
         cosines["subspace-2"] = cosines["mean"]
     rows = []
     for trial in trials:
