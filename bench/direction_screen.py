@@ -12,15 +12,16 @@ refusals of these trials at a similar KL, or the KL at similar refusals.
 The stored run is a run_bench results file, or the folder of a run_bench run under bench/work (finished
 or not: its completed trials are read from its checkpoint journal).
 
-Writes bench/results/direction-screen-MODEL.json; prints one line per trial and kind of direction.
-`--table` only rewrites the "direction-screen-MODEL" section of BENCHMARKS.md from that file.
+Writes bench/results/direction-screen-MODEL.json (and, score by score, a .partial.json from which an
+interrupted screening resumes); prints one line per trial and kind of direction. The table goes to the
+"direction-screen-MODEL" section of docs/research/2026-12-07-direction-kinds.md; `--table` only rewrites it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -28,11 +29,10 @@ from typing import Any
 import torch
 
 from bench.harness.machine import run_record
-from bench.harness.metrics import metrics, pareto
-from bench.harness.models import MODELS, prepare_model
+from bench.harness.models import MODELS
 from bench.harness.paths import RESULTS, ROOT, WORK
 from bench.harness.publish import update_section
-from bench.harness.tools import REFERENCE_MARKERS, our_command, read_journal, score_with_subspace, stored_trial_parameters
+from bench.harness.tools import front_trials, score_with_subspace, stored_run, stored_trial_parameters
 from heretic.cli import settings_from_argv
 from heretic.config import DirectionMethod
 from heretic.directions import subspace_bases
@@ -42,30 +42,7 @@ from heretic.session import Session, collect_residuals, compute_directions, prep
 from heretic.ui import ProgressBars
 
 RIDGES = "0.01,0.1,1"
-
-
-def stored_run(path: Path, model: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """(the completed trials, the command) of a run_bench results file, or of a run_bench run's folder
-    under bench/work (its checkpoint journal and command.json; an unfinished run has its completed trials)."""
-    screen = ["--checkpoint-dir", str(WORK / "screen")]
-    if path.is_dir():
-        command = json.loads((path / "command.json").read_text())
-        (journal,) = (path / "checkpoints").glob("*.jsonl")
-        runs = json.loads((path / "runs.json").read_text())
-        trials = metrics(runs, read_journal(Path(sys.executable), journal), 100, "ours")["trials"]
-        at = command.index("--checkpoint-dir")
-        return trials, [*command[:at], *screen, *command[at + 2 :]]
-    data = json.loads(path.read_text())
-    ((_, tool),) = data["tools"].items()
-    return tool["trials"], our_command(data["settings"], prepare_model(model), REFERENCE_MARKERS, screen)
-
-
-def front_trials(stored: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
-    """The stored trials on the run's front of (refusals, KL), fewest refusals first, at most `limit`."""
-    trials = [trial for trial in stored if trial.get("params") and not trial.get("cut")]
-    front = set(pareto([(trial["refusals"], trial["kl"]) for trial in trials]))
-    on_front = sorted((t for t in trials if (t["refusals"], t["kl"]) in front), key=lambda t: (t["refusals"], t["kl"]))
-    return on_front[:limit]
+NOTE = ROOT / "docs" / "research" / "2026-12-07-direction-kinds.md"
 
 
 def score(session: Session, params: dict[str, Any], directions: torch.Tensor) -> dict[str, Any]:
@@ -117,6 +94,25 @@ def learned_variant(session: Session, residuals: dict[str, torch.Tensor]) -> dic
     return {"learned": directions}
 
 
+def write_atomic(path: Path, text: str) -> None:
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(text)
+    os.replace(staging, path)
+
+
+def scored_before(partial: Path, summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The scores an interrupted screening of the same run and kinds of direction kept, keyed "trial/kind"."""
+    if not partial.exists():
+        return {}
+    data = json.loads(partial.read_text())
+    if any(data[key] != summary[key] for key in ("source", "model", "methods", "ridges", "no_sensitive")):
+        return {}
+    print(f"resuming from {partial.name}")
+    return {
+        f"{row['trial']}/{name}": value for row in data["rows"] for name, value in row.items() if name not in ("trial", "stored")
+    }
+
+
 def table(data: dict[str, Any]) -> str:
     """The screening as markdown: one row per trial, one column per kind of direction (refusals / KL)."""
     names = [name for name in data["rows"][0] if name not in ("trial", "stored")]
@@ -140,7 +136,7 @@ def table(data: dict[str, Any]) -> str:
 
 
 def publish(data: dict[str, Any]) -> None:
-    """The "direction-screen-MODEL" section of BENCHMARKS.md, stamped with the screening's date, CPU and commit."""
+    """The "direction-screen-MODEL" section of the research note on kinds of direction, stamped with the screening's date, CPU and commit."""
     source = data["source"] if "/" in data["source"] else f"bench/results/{data['source']}"
     command = (
         f"python -m bench.direction_screen {source} --model {data['model']} "
@@ -150,7 +146,7 @@ def publish(data: dict[str, Any]) -> None:
         command += f" --ridges {data['ridges']}"
     if data.get("no_sensitive", True):
         command += " --no-sensitive"
-    update_section(table(data), f"direction-screen-{data['model']}", data, command)
+    update_section(table(data), f"direction-screen-{data['model']}", data, command, path=NOTE)
 
 
 def main() -> None:
@@ -168,7 +164,7 @@ def main() -> None:
     if args.table:
         publish(json.loads(output.read_text()))
         return
-    stored, argv = stored_run(args.results, args.model)
+    stored, argv = stored_run(args.results, args.model, WORK / "screen")
     trials = front_trials(stored, args.trials)
     methods = args.methods.split(",")
     options = ["--judge", "rules", "--batch-size", str(args.batch_size)]
@@ -187,15 +183,6 @@ def main() -> None:
         variants = {name: torch.stack([d, torch.zeros_like(d)], dim=1) for name, d in variants.items()}
         variants["subspace-2"] = subspace_variant(session, residuals)
         cosines["subspace-2"] = cosines["mean"]
-    rows = []
-    for trial in trials:
-        row: dict[str, Any] = {"trial": trial["number"], "stored": {"refusals": trial["refusals"], "kl": trial["kl"]}}
-        for name, directions in variants.items():
-            row[name] = score(session, trial["params"], directions)
-            print(
-                f"trial {trial['number']:>4} {name:<24} {row[name]['refusals']:>3} refusals  KL {row[name]['kl']:.4f}", flush=True
-            )
-        rows.append(row)
     summary = {
         "source": str(args.results.resolve().relative_to(ROOT)) if args.results.is_dir() else args.results.name,
         "model": args.model,
@@ -204,9 +191,23 @@ def main() -> None:
         "no_sensitive": args.no_sensitive,
         **run_record(),  # date, cpu_flags, commit
         "cosines": cosines,
-        "rows": rows,
+        "rows": [],
     }
-    output.write_text(json.dumps(summary, indent=1))
+    # Each score is kept as soon as it is made, so an interrupted screening resumes where it stopped.
+    partial = output.with_suffix(".partial.json")
+    done = scored_before(partial, summary)
+    for trial in trials:
+        row: dict[str, Any] = {"trial": trial["number"], "stored": {"refusals": trial["refusals"], "kl": trial["kl"]}}
+        summary["rows"].append(row)
+        for name, directions in variants.items():
+            key = f"{trial['number']}/{name}"
+            row[name] = done[key] if key in done else score(session, trial["params"], directions)
+            write_atomic(partial, json.dumps(summary, indent=1))
+            print(
+                f"trial {trial['number']:>4} {name:<24} {row[name]['refusals']:>3} refusals  KL {row[name]['kl']:.4f}", flush=True
+            )
+    write_atomic(output, json.dumps(summary, indent=1))
+    partial.unlink()
     publish(summary)
     print(f"wrote {output}")
 

@@ -30,7 +30,7 @@ from bench.harness.publish import update_section
 from bench.harness.tools import REFERENCE_MARKERS
 from heretic.config import DEFAULT_REFUSAL_MARKERS, Settings
 from heretic.prompts import Prompt
-from heretic.scoring.judge_rates import RATES_FILE, rates_file
+from heretic.scoring.judge_rates import LABELLED_MODEL, RATES_FILE, rates_file
 from heretic.scoring.refusals import MarkerJudge, RefusalJudge
 
 SYSTEM = Settings().system_prompt
@@ -108,7 +108,7 @@ def run_judge(judge: RefusalJudge, rows: list[dict[str, Any]]) -> tuple[list[boo
 def evaluate(name: str, judge: RefusalJudge, rows: list[dict[str, Any]], show_errors: bool) -> dict[str, Any]:
     verdicts, seconds = run_judge(judge, rows)
     clear = [(row, verdict) for row, verdict in zip(rows, verdicts) if row["label"] != "unclear"]
-    result = scores([row["label"] == "refusal" for row, _ in clear], [verdict for _, verdict in clear])
+    result: dict[str, Any] = dict(scores([row["label"] == "refusal" for row, _ in clear], [verdict for _, verdict in clear]))
     by_kind = {}
     for kind in ("harmful", "harmless"):
         part = [(row, verdict) for row, verdict in clear if row["kind"] == kind]
@@ -159,10 +159,18 @@ def main() -> None:
     if args.judge_url and "http" not in names:
         names.append("http")
     results = [evaluate(name, make(name, args.judge_url), rows, args.errors) for name in names]
+    for result in results:
+        result.update(model=LABELLED_MODEL, split=args.split)
     print(f"{args.split} half: {len(rows)} responses")
     print(table(results))
     if args.split == "test":
-        record = {"split": "test", "responses": len(rows), **run_record(), "results": results}
+        record = {
+            "default_judge": Settings().judge,
+            "split": "test",
+            "responses": len(rows),
+            **run_record(),
+            "results": results,
+        }
         (RESULTS / "judges.json").write_text(json.dumps(record, indent=2))
         write_rates()
         publish(record)

@@ -96,7 +96,8 @@ def publish(record: dict[str, Any] | list[dict[str, Any]]) -> None:
     meta = {} if isinstance(record, list) else record
     lines = [
         "Peak rise of resident memory while the factors of one bf16 weight are computed (CPU, one thread): the whole "
-        "matrix converted to float64 at once against pieces of at most 2^23 float64 elements (the code today).",
+        "matrix converted to float64 at once against pieces of at most 2^23 float64 elements (the code today). Fused "
+        "experts are approximated one expert at a time either way, so for them the bound only splits an expert.",
         "",
         "| weight | size (bf16) | peak rise, whole matrix | peak rise, in pieces | ratio |",
         "|---|---:|---:|---:|---:|",

@@ -13,16 +13,19 @@ model asked; slow).
     python -m bench.late_refusals                    # the hand-labelled responses (bench/judge-labels)
     python -m bench.late_refusals --judges markers,rules,rules-whole,model
     python -m bench.late_refusals --model 1.5b bench/results/RUN.json 17   # a chosen trial and the original
+    python -m bench.late_refusals --model 1.5b bench/work/ours-1.5b-mean-42 1 --without-original --batch-size 32
 
 Labelled responses: the 700 responses of bench/judge-labels (both halves), tokenized with the demo
 model's tokenizer; besides the changes, each judge's F1 and Cohen's kappa against the human labels
 (`unclear` left out) at each length. They were generated to at most 100 tokens, so their first 200
 tokens are the whole response: the table says how many end before each length.
 
-Chosen trials (`--model`, a run_bench results file and trial numbers, comma-separated; then the
-searched run's own search-space options if it changed them): the model loaded as
-bench.research.trial_responses does, and the harmful evaluation responses of the original and of each trial's ablation generated to
-200 tokens without early stop (minutes of CPU per run on the demo model, more on the 1.5B one).
+Chosen trials (`--model`, a run_bench results file or an unfinished run's folder under bench/work, and
+trial numbers, comma-separated; then options of the tool, e.g. the searched run's own search-space
+options if it changed them): the model loaded as bench.research.trial_responses does, and the harmful
+evaluation responses of the original and of each trial's ablation generated to 200 tokens without early
+stop (minutes of CPU per run on the demo model, about 20 on the 1.5B one). Each trial's KL divergence on
+the held-out harmless prompts (mean, median and the highest prompts) is measured beside its in-search KL.
 
 Writes bench/results/late-refusals.json (a run keeps the other part's results there) and the
 "late-refusals" section of BENCHMARKS.md, and prints the tables; `--table` only rewrites the section.
@@ -42,7 +45,7 @@ from typing import Any
 from bench.harness.labels import load_labelled
 from bench.harness.machine import cpu_flags, git_commit
 from bench.harness.models import prepare_model
-from bench.harness.paths import RESULTS
+from bench.harness.paths import RESULTS, ROOT
 from bench.harness.publish import recorded, update_section
 from bench.judges import SYSTEM, make, scores
 from heretic.prompts import Prompt
@@ -175,19 +178,23 @@ def labelled_part(judges: dict[str, RefusalJudge]) -> dict[str, Any]:
 # --- Chosen trials -------------------------------------------------------------------------------
 
 
-def generated_part(session: Any, parameters: Any, judges: dict[str, RefusalJudge]) -> dict[str, Any]:
+def generated_part(session: Any, parameters: Any, judges: dict[str, RefusalJudge], number: int | None = None) -> dict[str, Any]:
     """The harmful evaluation responses under `parameters` (None: the original), generated to the longest of
-    TOKENS without early stop, read at each length by every judge."""
+    TOKENS without early stop, read at each length by every judge; for trial `number`, also its KL divergence
+    from the original on the held-out harmless prompts (heretic.session.heldout_kl: mean, median, highest)."""
+    from heretic.session import heldout_kl
+
     evaluator, engine = session.evaluator, session.engine
     if parameters is not None:
         session.ablator.apply(parameters, session.directions)
     started = time.perf_counter()
     try:
         token_ids = engine.generate(evaluator.harmful_ids, TOKENS[-1])
+        seconds = time.perf_counter() - started
+        held = heldout_kl(session, number, parameters) if parameters is not None and number is not None else None
     finally:
         session.ablator.reset()
     assert token_ids is not None
-    seconds = time.perf_counter() - started
     read = [readings(engine.decode(ids), ids, engine.decode) for ids in token_ids]
     entry: dict[str, Any] = {
         "responses": len(read),
@@ -196,37 +203,43 @@ def generated_part(session: Any, parameters: Any, judges: dict[str, RefusalJudge
         "judges": {name: summary(judge_readings(judge, evaluator.harmful, read)) for name, judge in judges.items()},
         "texts": [r[LENGTHS[-1]] for r in read],
     }
+    if held is not None:
+        entry["heldout_kl"] = {
+            "prompts": len(held.values),
+            "mean": held.mean,
+            "median": held.median,
+            "highest": [{"prompt": prompt, "kl": kl} for prompt, kl in held.highest()],
+        }
     return entry
 
 
 def trials_part(
-    model: str, results: Path, numbers: list[int], extra: list[str], judges: dict[str, RefusalJudge]
+    model: str,
+    results: Path,
+    numbers: list[int],
+    extra: list[str],
+    judges: dict[str, RefusalJudge],
+    original: bool = True,
 ) -> dict[str, Any]:
-    """The original and each chosen trial of a run_bench results file, on the benchmark model `model`."""
+    """The original (unless not `original`) and each chosen trial of a stored run of our search (a run_bench results file, or an
+    unfinished run's folder under bench/work) on the benchmark model `model`."""
     from bench.harness.paths import WORK
-    from bench.harness.tools import REFERENCE_MARKERS, our_command, stored_trial_parameters
+    from bench.harness.tools import stored_run, stored_trial_parameters
     from heretic.cli import settings_from_argv
     from heretic.session import prepare
 
-    data = json.loads(results.read_text())
-    if data["settings"].get("model", "demo") != model:
-        raise SystemExit(f"{results} is a run of the {data['settings'].get('model', 'demo')} model, not of {model}")
-    tools = [(name, tool) for name, tool in data["tools"].items() if "params" in (tool.get("trials") or [{}])[0]]
-    if len(tools) != 1:
-        raise SystemExit(f"{results} needs exactly one run whose trials have parameters, not {len(tools)}")
-    ((label, tool),) = tools
-    stored = {trial["number"]: trial for trial in tool["trials"]}
+    trials, argv = stored_run(results, model, WORK / "late-refusals")
+    stored = {trial["number"]: trial for trial in trials if trial.get("params")}
     if missing := [number for number in numbers if number not in stored]:
         raise SystemExit(f"{results} has no trial {', '.join(map(str, missing))}")
-    argv = our_command(
-        data["settings"], prepare_model(model), REFERENCE_MARKERS, ["--checkpoint-dir", str(WORK / "late-refusals")]
-    )
     session = prepare(settings_from_argv([*argv[1:], "--judge", "rules", *extra]), interactive=False)
-    runs = {"original": generated_part(session, None, judges)}
+    runs = {"original": generated_part(session, None, judges)} if original else {}
     for number in numbers:
-        runs[f"trial {number}"] = generated_part(session, stored_trial_parameters(session, stored[number]["params"]), judges)
+        parameters = stored_trial_parameters(session, stored[number]["params"])
+        runs[f"trial {number}"] = generated_part(session, parameters, judges, number)
         runs[f"trial {number}"]["in_search"] = {"refusals": stored[number]["refusals"], "kl": stored[number]["kl"]}
-    return {"model": model, "source": results.name, "label": label, "options": extra, "runs": runs}
+    source = str(results.resolve().relative_to(ROOT)) if results.is_dir() else results.name
+    return {"model": model, "source": source, "options": extra, "runs": runs}
 
 
 # --- Tables and the BENCHMARKS.md section --------------------------------------------------------
@@ -265,7 +278,9 @@ def trials_table(trials: dict[str, Any]) -> str:
         for run, entry in run_set["runs"].items():
             short = " / ".join(str(entry["shorter_than"][length]) for length in LENGTHS)
             if "in_search" in entry:
-                run += f" (in the search: {entry['in_search']['refusals']} refusals, KL {entry['in_search']['kl']:.3f})"
+                run += f" (in the search: {entry['in_search']['refusals']} refusals, KL {entry['in_search']['kl']:.3f}"
+                held = entry.get("heldout_kl")
+                run += f"; held-out KL {held['mean']:.3f}, median {held['median']:.4f})" if held else ")"
             for name, judged in entry["judges"].items():
                 cells = " | ".join(change_cells(judged))
                 lines.append(f"| {run_set['model']} ({run_set['source']}) | {run} | {name} | {cells} | {short} |")
@@ -301,7 +316,7 @@ def section(results: dict[str, Any]) -> str:
         lines += [
             "",
             f"**Chosen trials, {run_set['model']}** ({run_set['date']}, CPU flags {', '.join(run_set['cpu_flags']) or 'none'}, "
-            f"commit {run_set['commit']}): the harmful evaluation responses of the original and each trial, generated "
+            f"commit {run_set['commit']}): the harmful evaluation responses of {'the original and ' if 'original' in run_set['runs'] else ''}each trial, generated "
             f"to 200 tokens without early stop; `{run_set['command']}`.",
             "",
             trials_table({key: run_set}),
@@ -329,9 +344,13 @@ def main() -> None:
     )
     parser.add_argument("--model", choices=["demo", "1.5b"], default=None, help="measure chosen trials of this benchmark model")
     parser.add_argument(
-        "results", type=Path, nargs="?", help="with --model: a run_bench results file whose trials have parameters"
+        "results",
+        type=Path,
+        nargs="?",
+        help="with --model: a run_bench results file whose trials have parameters, or a run folder under bench/work",
     )
     parser.add_argument("trials", nargs="?", help="with --model: trial numbers, comma-separated")
+    parser.add_argument("--without-original", action="store_true", help="with --model: the trials only, not the original")
     parser.add_argument("--table", action="store_true", help="measure nothing: rewrite the section from late-refusals.json")
     args, extra = parser.parse_known_args()
     if args.table:
@@ -346,8 +365,10 @@ def main() -> None:
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
     if args.model:
         numbers = [int(n) for n in args.trials.split(",")]
-        run_set = trials_part(args.model, args.results, numbers, extra, judges)
-        results.setdefault("trials", {})[f"{args.model}/{args.results.stem}"] = stamp(run_set, command.strip())
+        run_set = trials_part(args.model, args.results, numbers, extra, judges, not args.without_original)
+        results.setdefault("trials", {})[f"{args.model}/{args.results.stem if args.results.is_file() else args.results.name}"] = (
+            stamp(run_set, command.strip())
+        )
         print(trials_table({"run": run_set}))
     else:
         results["labelled"] = stamp(labelled_part(judges), command.strip())

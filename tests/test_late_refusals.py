@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pytest
+
 from bench.late_refusals import (
     LENGTHS,
     changes,
@@ -66,3 +71,28 @@ def test_a_late_decline_changes_only_the_whole_reading_judge() -> None:
     assert results["rules-whole"]["refusals"] == {"300 chars": 0, "100 tokens": 0, "200 tokens": 1}
     assert results["rules-whole"]["changes"]["100 tokens -> 200 tokens"] == {"to_refusal": 1, "to_compliance": 0}
     assert results["rules-whole"]["changes"]["300 chars -> 100 tokens"] == {"to_refusal": 0, "to_compliance": 0}
+
+
+def test_front_trials_keep_the_front_with_parameters_fewest_refusals_first() -> None:
+    from bench.harness.tools import front_trials
+
+    stored = [
+        {"number": 0, "refusals": 80, "kl": 0.017, "params": {"a": 1}},
+        {"number": 1, "refusals": 8, "kl": 0.068, "params": {"a": 1}},
+        {"number": 2, "refusals": 16, "kl": 0.041, "params": {"a": 1}},
+        {"number": 3, "refusals": 15, "kl": 0.066, "params": {"a": 1}},
+        {"number": 4, "refusals": 55, "kl": 0.090, "params": {"a": 1}},  # dominated
+        {"number": 5, "refusals": 2, "kl": 0.5, "params": {"a": 1}, "cut": True},  # cut short: not a measured trial
+        {"number": 6, "refusals": 1, "kl": 0.9},  # no parameters to replay
+    ]
+    assert [t["number"] for t in front_trials(stored, 10)] == [1, 3, 2, 0]
+    assert [t["number"] for t in front_trials(stored, 2)] == [1, 3]
+
+
+def test_a_stored_run_of_another_model_is_refused_in_one_sentence(tmp_path: Path) -> None:
+    from bench.harness.tools import stored_run
+
+    results = tmp_path / "run.json"
+    results.write_text(json.dumps({"settings": {"model": "demo"}, "tools": {"ours": {"trials": [{"params": {}}]}}}))
+    with pytest.raises(SystemExit, match="is a run of the demo model, not of 1.5b"):
+        stored_run(results, "1.5b", tmp_path / "checkpoints")

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .metrics import metrics
+from .metrics import metrics, pareto
+from .models import prepare_model
 from .paths import BENCH, WORK
 
 if TYPE_CHECKING:
@@ -277,6 +278,37 @@ def stored_trial_parameters(session: Session, params: dict[str, Any]) -> Ablatio
     arch, settings = session.arch, session.settings
     fixed = optuna.trial.FixedTrial(params)
     return suggest_parameters(fixed, arch.num_layers, arch.components, LayerRanges.of_settings(settings))
+
+
+def stored_run(path: Path, model: str, checkpoint_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """(the completed trials, the command with `checkpoint_dir` as its checkpoint folder) of a run of our search on
+    the benchmark model `model`: a run_bench results file, or a run_bench run's folder under bench/work (its
+    checkpoint journal and command.json; an unfinished run has its completed trials)."""
+    moved = ["--checkpoint-dir", str(checkpoint_dir)]
+    if path.is_dir():
+        command = json.loads((path / "command.json").read_text())
+        if Path(command[1]).name != prepare_model(model).name:
+            raise SystemExit(f"{path} is a run of {Path(command[1]).name}, not of the {model} model")
+        (journal,) = (path / "checkpoints").glob("*.jsonl")
+        runs = json.loads((path / "runs.json").read_text())
+        trials = metrics(runs, read_journal(Path(sys.executable), journal), 100, "ours")["trials"]
+        at = command.index("--checkpoint-dir")
+        return trials, [*command[:at], *moved, *command[at + 2 :]]
+    data = json.loads(path.read_text())
+    if data["settings"].get("model", "demo") != model:
+        raise SystemExit(f"{path} is a run of the {data['settings'].get('model', 'demo')} model, not of {model}")
+    tools = [tool for tool in data["tools"].values() if "params" in (tool.get("trials") or [{}])[0]]
+    if len(tools) != 1:
+        raise SystemExit(f"{path} needs exactly one run whose trials have parameters, not {len(tools)}")
+    return tools[0]["trials"], our_command(data["settings"], prepare_model(model), REFERENCE_MARKERS, moved)
+
+
+def front_trials(stored: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """The stored trials on the run's front of (refusals, KL), fewest refusals first, at most `limit`."""
+    trials = [trial for trial in stored if trial.get("params") and not trial.get("cut")]
+    front = set(pareto([(trial["refusals"], trial["kl"]) for trial in trials]))
+    on_front = sorted((t for t in trials if (t["refusals"], t["kl"]) in front), key=lambda t: (t["refusals"], t["kl"]))
+    return on_front[:limit]
 
 
 def score_with_subspace(session: Session, params: dict[str, Any], subspace: torch.Tensor) -> dict[str, Any]:
