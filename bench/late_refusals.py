@@ -312,14 +312,20 @@ def section(results: dict[str, Any]) -> str:
             "",
             labelled_table(labelled),
         ]
-    for key, run_set in results.get("trials", {}).items():
+    trials = results.get("trials", {})
+    if trials:
+        runs = "; ".join(
+            f"{run_set['model']} {run_set['date']}, CPU flags {', '.join(run_set['cpu_flags']) or 'none'}, commit "
+            f"{run_set['commit']}, `{run_set['command']}`"
+            for run_set in trials.values()
+        )
         lines += [
             "",
-            f"**Chosen trials, {run_set['model']}** ({run_set['date']}, CPU flags {', '.join(run_set['cpu_flags']) or 'none'}, "
-            f"commit {run_set['commit']}): the harmful evaluation responses of {'the original and ' if 'original' in run_set['runs'] else ''}each trial, generated "
-            f"to 200 tokens without early stop; `{run_set['command']}`.",
+            "**Chosen trials** (and the original where measured): the harmful evaluation responses generated to 200 "
+            "tokens without early stop; beside each trial's in-search KL, its KL on the held-out harmless prompts "
+            f"(mean and median; where measured). {runs}.",
             "",
-            trials_table({key: run_set}),
+            trials_table(trials),
         ]
     return "\n".join(lines)
 
