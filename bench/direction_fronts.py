@@ -1,7 +1,7 @@
 """Kinds of refusal direction compared as full searches, on both benchmark models.
 
-Each run is a run_bench results file of our search (30 trials, the benchmark's settings) with one
-`--direction-method`, listed in bench/direction-runs.json as {MODEL: {METHOD: [file, ...]}} (one file
+Each run is a run_bench results file of our search (30 trials, the benchmark's settings) with one kind
+of direction (an option of the commit that ran it), listed in bench/direction-runs.json as {MODEL: {METHOD: [file, ...]}} (one file
 per seed). For each model and method: the median over seeds of the best KL within each refusal cap,
 the mean hypervolume, the fewest refusals at KL <= 0.10, the chosen trial with its held-out refusals,
 the median trial time and the start-up time. A method *wins* on a model when its median best KL is at

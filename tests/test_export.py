@@ -231,7 +231,13 @@ def test_a_record_from_before_the_exact_ablation_is_rebuilt_with_the_approximati
     assert rebuilt.full_normalization_exact is True and rebuilt.direction_positions == [-5, -4, -3, -2, -1]
     # Settings removed since the record was written (they shaped the search, not its trials) are read as absent.
     data["settings"].update(search_mlp_off=True, n_ei_candidates=128, multivariate_tpe=True)
+    data["settings"].update(subspace_rank=1, direction_method="mean", concept_ridge=0.1, learned_direction_steps=4)
     assert rebuilt_settings(Settings(model="m"), data).seed == 42
+    # A record of a kind of ablation this version no longer has is refused in one sentence, not rebuilt otherwise.
+    for name, value in (("direction_method", "learned"), ("subspace_rank", 2)):
+        other = {"settings": dict(data["settings"], **{name: value}), "model": {"name": "m"}, "tool": {"version": "0.9"}}
+        with pytest.raises(HereticError, match=f"was made with --{name.replace('_', '-')} .* rebuild it with heretic 0.9"):
+            rebuilt_settings(Settings(model="m"), other)
 
 
 def test_heldout_count_is_in_the_record_and_the_card(saved: dict[str, Path]) -> None:

@@ -275,6 +275,11 @@ CONFIG_CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
         r"The setting 'search_mlp_off' was removed, every search now has false",
     ),
     (
+        "config retired direction key",
+        lambda t: ["--config", str(write(t / "c.toml", "concept_ridge = 0.5\n"))],
+        r"The setting 'concept_ridge' was removed \(delete it from .*c\.toml\)",
+    ),
+    (
         "config wrong type",
         lambda t: ["--config", str(write(t / "c.toml", "n_trials = 'ten'\n"))],
         r"Invalid setting 'n_trials'.*c\.toml",

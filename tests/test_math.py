@@ -21,7 +21,6 @@ from heretic.ablation.kernels import (
 )
 from heretic.ablation.parameters import AblationParameters, ComponentKernel
 from heretic.directions import orthonormal_rows, refusal_directions, subspace_bases, winsorize
-from heretic.directions.concepts import clean_directions, concept_atoms, ridge_residual
 from heretic.export.tolerance import Difference, compare_tensors, ulp
 from heretic.scoring.kl import kl_divergence, kl_over_tokens
 from heretic.search.pareto import TrialResult, dominates, hypervolume, is_dominated, pareto_front, select
@@ -73,35 +72,6 @@ def test_winsorization_clamps_outliers_only() -> None:
 
 
 # --- Kernel and interpolation --------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("ridge", [1e-3, 0.1, 1.0, 10.0])
-def test_cleaned_direction_satisfies_the_ridge_identity(ridge: float) -> None:
-    """C^T r_clean = lambda (C^T C + lambda I)^-1 C^T r before normalization, at every position."""
-    generator = torch.Generator().manual_seed(2)
-    directions = torch.nn.functional.normalize(torch.randn(3, 32, generator=generator, dtype=torch.float64), dim=-1)
-    atoms = concept_atoms(torch.randn(4, 3, 32, generator=generator), torch.randn(3, 32, generator=generator))
-    residual = ridge_residual(directions, atoms, ridge)
-    for j in range(3):
-        c = atoms[j].T  # (hidden, concepts)
-        expected = ridge * torch.linalg.solve(c.T @ c + ridge * torch.eye(4, dtype=c.dtype), c.T @ directions[j])
-        torch.testing.assert_close(c.T @ residual[j], expected, rtol=1e-9, atol=1e-12)
-
-
-def test_cleaned_direction_tends_to_the_orthogonal_projection() -> None:
-    """As lambda -> 0 the cleaned direction is orthogonal to every atom; as lambda grows it is the direction itself."""
-    generator = torch.Generator().manual_seed(3)
-    directions = torch.nn.functional.normalize(torch.randn(2, 24, generator=generator), dim=-1)
-    atoms = concept_atoms(torch.randn(5, 2, 24, generator=generator), torch.zeros(2, 24))
-    assert torch.allclose(atoms.norm(dim=-1), torch.ones(2, 5, dtype=torch.float64))
-    orthogonal = clean_directions(directions, atoms, 1e-9).double()
-    assert (atoms @ orthogonal.unsqueeze(-1)).abs().max() < 1e-5
-    torch.testing.assert_close(orthogonal.norm(dim=-1), torch.ones(2, dtype=torch.float64))
-    assert torch.allclose(clean_directions(directions, atoms, 1e9), directions, atol=1e-6)
-    # The direction's part outside the atoms' span is kept: r_clean = normalize(r - P_C r) for lambda -> 0.
-    c = atoms[0].T
-    projected = directions[0].double() - c @ torch.linalg.lstsq(c, directions[0].double()).solution
-    torch.testing.assert_close(orthogonal[0], projected / projected.norm(), rtol=1e-5, atol=1e-6)
 
 
 def test_kernel_weight_at_peak_edge_and_outside() -> None:

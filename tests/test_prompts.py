@@ -194,16 +194,3 @@ def test_a_bad_jsonl_line_is_reported_by_its_line_in_the_file(tmp_path: Path) ->
 def test_hub_dataset_offline_is_one_clear_error() -> None:
     with pytest.raises(HereticError, match="Cannot load the dataset 'someone/nothing-here'"):
         load_prompt_texts(PromptSet(source="someone/nothing-here", split="train"))
-
-
-@pytest.mark.parametrize("concept", ["code", "math", "languages", "formatting", "roleplay", "sensitive"])
-def test_concept_sets_are_distinct_and_new_to_the_harmless_sets(concept: str) -> None:
-    """Each concept set has at least 64 distinct prompts, none of them in the harmless sets its mean is compared with."""
-    texts = load_prompt_texts(PromptSet(source="bundled", split=f"concept_{concept}"))
-    harmless = {
-        text
-        for split in ("harmless_train", "harmless_test")
-        for text in load_prompt_texts(PromptSet(source="bundled", split=split))
-    }
-    assert len(texts) >= 64 and len(set(texts)) == len(texts)
-    assert not set(texts) & harmless

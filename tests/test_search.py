@@ -348,30 +348,15 @@ def test_adapters_reproduce_the_explicit_subspace_ablation(mode: str) -> None:
         torch.testing.assert_close(as_matrices(merged[target.name], target), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_subspace_positions_kl_tokens_and_ranges_run_end_to_end(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+def test_positions_kl_tokens_and_ranges_run_end_to_end(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     checkpoints = tmp_path / "checkpoints"
-    extra = ["--n-trials", "2", "--subspace-rank", "2", "--kl-tokens", "3", "--direction-positions", "[-3, -1]"]
+    extra = ["--n-trials", "2", "--kl-tokens", "3", "--direction-positions", "[-3, -1]"]
     ranges = ["--direction-index-range", "[0.95, 1.0]", "--peak-position-range", "[0.0, 0.05]"]
     run(heretic_command(tiny_models["llama"], checkpoints, *extra, *ranges), tmp_path)
     trials = current_study(checkpoints).trials
     assert len(trials) == 2 and all(t.values is not None and t.values[1] >= 0 for t in trials)
     last = 3  # the tiny model's four layers
     assert all(t.params["direction_index"] >= 0.95 * last and t.params["attn.max_weight_position"] <= 0.05 * last for t in trials)
-
-
-def test_clean_directions_run_end_to_end(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    """--direction-method clean reads the concept prompts, and the search runs with the cleaned directions,
-    which the study stores and which differ from the difference of means."""
-    checkpoints = tmp_path / "checkpoints"
-    extra = ["--n-trials", "1", "--direction-method", "clean", "--concept-atoms", '["code", "math"]']
-    result = run(heretic_command(tiny_models["llama"], checkpoints, *extra), tmp_path)
-    assert "Directions cleaned of 2 concepts" in result.stdout
-    trials = current_study(checkpoints).trials
-    assert len(trials) == 1 and trials[0].values is not None
-    command = heretic_command(tiny_models["llama"], tmp_path / "other", *extra[:4], "--concept-atoms", '["poetry"]')
-    bad = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert bad.returncode != 0 and "Traceback" not in bad.stderr
-    assert "There is no concept 'poetry' in --concept-atoms" in bad.stdout + bad.stderr
 
 
 def test_an_interrupt_during_the_study_writes_waits_for_them() -> None:

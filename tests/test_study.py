@@ -104,7 +104,6 @@ def test_direction_and_component_options_enter_the_fingerprint_only_when_changed
     default = checkpoint.fingerprint(study_fingerprint(Settings(), fake_loaded(), PROMPT_SETS, ""))
     same = Settings(
         direction_positions=[-5, -4, -3, -2, -1],
-        subspace_rank=1,
         kl_tokens=1,
         direction_index_range=[0.4, 0.9],
         peak_position_range=[0.6, 1.0],
@@ -114,7 +113,6 @@ def test_direction_and_component_options_enter_the_fingerprint_only_when_changed
     defaults = {"full_normalization_exact": True, "direction_positions": [-5, -4, -3, -2, -1]}
     changes: list[dict[str, object]] = [
         {"direction_positions": [-2, -1]},
-        {"subspace_rank": 2},
         {"kl_tokens": 4},
         {"direction_index_range": [0.4, 1.0]},
         {"peak_position_range": [0.4, 1.0]},
@@ -123,7 +121,7 @@ def test_direction_and_component_options_enter_the_fingerprint_only_when_changed
         values = study_fingerprint(Settings(**change), fake_loaded(), PROMPT_SETS, "")  # type: ignore[arg-type]
         assert values["judge"]["variant"] == defaults | change  # type: ignore[index]
         seen.add(checkpoint.fingerprint(values))
-    assert len(seen) == 6
+    assert len(seen) == 5
     # The exact full ablation enters as a change from what earlier searches had (the approximation), and only
     # where the ablation is full.
     earliest = Settings(full_normalization_exact=False, direction_positions=[-1])
@@ -136,23 +134,8 @@ def test_direction_and_component_options_enter_the_fingerprint_only_when_changed
     assert fused == approximated
 
 
-def test_direction_method_settings_enter_the_fingerprint_only_where_the_method_reads_them() -> None:
-    def variant(**change: object) -> object:
-        values = study_fingerprint(Settings(**change), fake_loaded(), PROMPT_SETS, "")  # type: ignore[arg-type]
-        return values["judge"]["variant"] if isinstance(values["judge"], dict) else None  # type: ignore[index]
-
-    base = variant()
-    assert variant(concept_ridge=2.0) == base and variant(learned_direction_steps=3) == base  # not read by "mean"
-    clean = variant(direction_method="clean")
-    assert clean != base and variant(direction_method="clean", concept_ridge=2.0) != clean
-    assert variant(direction_method="clean", learned_direction_steps=3) == clean
-    learned = variant(direction_method="learned")
-    assert learned not in (base, clean) and variant(direction_method="learned", learned_direction_steps=3) != learned
-    assert variant(direction_method="learned", concept_atoms=["code"]) == learned
-
-
 # A changed value for every score setting, after the settings it needs to be read (a judge's own options only
-# under that judge, a direction method's options only under that method). A new score setting fails the test
+# under that judge). A new score setting fails the test
 # below until it is given one here, so that a setting that forgets to enter the fingerprint cannot go unseen.
 SCORE_CHANGES: dict[str, tuple[dict[str, object], object]] = {
     "model_revision": ({}, "v2"),
@@ -160,12 +143,6 @@ SCORE_CHANGES: dict[str, tuple[dict[str, object], object]] = {
     "orthogonalize_direction": ({}, False),
     "winsorization_quantile": ({}, 0.99),
     "direction_positions": ({}, [-1]),
-    "subspace_rank": ({}, 2),
-    "direction_method": ({}, "clean"),
-    "concept_atoms": ({"direction_method": "clean"}, ["code"]),
-    "concept_ridge": ({"direction_method": "clean"}, 1.0),
-    "learned_direction_weights": ({"direction_method": "learned"}, [1.0, 0.0, 1.0]),
-    "learned_direction_steps": ({"direction_method": "learned"}, 8),
     "row_normalization": ({}, "pre"),
     "full_normalization_exact": ({}, False),
     "full_normalization_rank": ({}, 2),

@@ -313,7 +313,7 @@ def front_trials(stored: list[dict[str, Any]], limit: int) -> list[dict[str, Any
 
 def score_with_subspace(session: Session, params: dict[str, Any], subspace: torch.Tensor) -> dict[str, Any]:
     """Refusals, KL and the refused prompts' indices of a stored trial of our search, ablating `subspace`
-    (positions, k, hidden) with its kernels; the session's adapters must have rank k (--subspace-rank)."""
+    (positions, k, hidden) with its kernels; the session's adapters must have rank k (`prepare(..., subspace_rank=k)`)."""
     evaluator = session.evaluator
     session.ablator.subspace = subspace
     session.ablator.apply(stored_trial_parameters(session, params), session.directions)

@@ -42,7 +42,7 @@ def main() -> None:
     stored = {trial["number"]: trial for trial in tool["trials"]}
     argv = our_command(data["settings"], prepare_model(), REFERENCE_MARKERS, ["--checkpoint-dir", str(WORK / "cluster")])
     # Rank 2 sizes the adapters for a two-row subspace; r alone is the pair [r, 0] (a zero row ablates nothing).
-    session = prepare(settings_from_argv([*argv[1:], "--judge", "rules", "--subspace-rank", "2"]), interactive=False)
+    session = prepare(settings_from_argv([*argv[1:], "--judge", "rules"]), interactive=False, subspace_rank=2)
     cluster = [prompt for prompt in session.prompt_sets["harmful"] if CODE.search(prompt.user)]
     residuals = collect_residuals(
         session.settings, session.engine, session.loaded, {"harmful": cluster, "harmless": session.prompt_sets["harmless"]}

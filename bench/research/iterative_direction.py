@@ -90,7 +90,7 @@ def main() -> None:
     stored = {trial["number"]: trial for trial in tool["trials"]}
     argv = our_command(data["settings"], prepare_model(), REFERENCE_MARKERS, ["--checkpoint-dir", str(WORK / "iterative")])
     # Rank 2 sizes the adapters for a two-row subspace.
-    session = prepare(settings_from_argv([*argv[1:], "--judge", "rules", "--subspace-rank", "2"]), interactive=False)
+    session = prepare(settings_from_argv([*argv[1:], "--judge", "rules"]), interactive=False, subspace_rank=2)
     r = session.directions  # (positions, hidden)
     alone = torch.stack([r, torch.zeros_like(r)], dim=1)
     rows = []

@@ -192,10 +192,9 @@ def describe_validation_error(error: ValidationError, config_file: str | None) -
         merged = MERGED_SETTINGS[location]
         return f"The setting '{location}' is now part of '{merged}': give its value as {flag_name(merged)} (in {config_file or 'config.toml'})."
     if first["type"] == "extra_forbidden" and location in RETIRED_SETTINGS:
-        value = json.dumps(RETIRED_SETTINGS[location])
-        return (
-            f"The setting '{location}' was removed, every search now has {value} (delete it from {config_file or 'config.toml'})."
-        )
+        value = RETIRED_SETTINGS[location]
+        now = "" if value is None else f", every search now has {json.dumps(value)}"
+        return f"The setting '{location}' was removed{now} (delete it from {config_file or 'config.toml'})."
     if first["type"] == "extra_forbidden":
         return f"Unknown setting '{location}' (in {config_file or 'config.toml'}); see `heretic --help` for valid settings."
     more = len(error.errors()) - 1

@@ -35,12 +35,6 @@ class RowNormalization(str, Enum):
     full = "full"
 
 
-class DirectionMethod(str, Enum):
-    mean = "mean"  # difference of means
-    clean = "clean"  # difference of means residualized against concept directions
-    learned = "learned"  # optimized by gradient, starting from the difference of means
-
-
 class ResumePolicy(str, Enum):
     ask = "ask"
     continue_ = "continue"
@@ -312,13 +306,23 @@ class Role(str, Enum):
 
 
 # Settings that were measured on the benchmark, helped on no model and were removed, with the value every
-# search has had since: score settings keep their fingerprint entry at that value (so that checkpoints still
-# resume), and reproduction records that name them are read as if they did not (none changes a rebuilt model).
+# search has had since (None: no search has one): score settings keep their fingerprint entry at that value (so
+# that checkpoints still resume), and reproduction records that name them at that value are read as if they did
+# not (a record with another value of one of RETIRED_ABLATIONS is refused).
 RETIRED_SETTINGS: dict[str, object] = {
     "n_ei_candidates": 24,  # TPE's candidates per trial: 128 gave a lower hypervolume
     "multivariate_tpe": False,  # a joint TPE density: the same mean hypervolume, a wider spread
     "search_mlp_off": False,  # a categorical that switched the MLP's ablation off: fewer trials with few refusals
+    # Kinds of refusal direction besides the difference of means: none lowered the front on either benchmark model.
+    "subspace_rank": 1,  # a second direction (principal component) ablated beside r: more KL, no fewer refusals
+    "direction_method": "mean",  # "clean" (concept atoms ridge-regressed out) and "learned" (by gradient)
+    "concept_atoms": None,  # None: it configured a removed kind of direction, no search has a value for it
+    "concept_ridge": None,
+    "learned_direction_weights": None,
+    "learned_direction_steps": None,
 }
+# Retired settings whose other values made another ablation: a record made with one cannot be rebuilt here.
+RETIRED_ABLATIONS = ("subspace_rank", "direction_method")
 # Settings merged into another, with it: a config file or record that names one says where it went.
 MERGED_SETTINGS = {"refusal_scorer": "judge"}  # a plug-in judge is a --judge value
 # The built-in judges; any other --judge value names a plug-in (heretic/plugins.py).
@@ -528,53 +532,6 @@ class Settings(BaseSettings):
         description="Prompt positions the refusal directions are read at, counted from the end, and averaged (-5 -4 -3 "
         "-2 -1: the chat template's last five tokens after the user's message; -1: the last token alone).",
         json_schema_extra=tags(Role.score, earlier=[-1]),
-    )
-    subspace_rank: int = Field(
-        default=1,
-        ge=1,
-        le=8,
-        description="Directions ablated together (k): the refusal direction plus the top k - 1 principal components of "
-        "the per-prompt harmful - harmless residual differences orthogonal to it, at the same layer.",
-        json_schema_extra=tags(Role.score, earlier=DEFAULT),
-    )
-
-    direction_method: DirectionMethod = Field(
-        default=DirectionMethod.mean,
-        description="How refusal directions are made: mean (difference of harmful and harmless means); clean (that "
-        "difference with the directions of the concepts in --concept-atoms ridge-regressed out, so that ablating it "
-        "spares those capabilities); learned (optimized by gradient so that its ablation removes refusals and keeps "
-        "harmless answers; computed once per model and prompts and cached).",
-        json_schema_extra=tags(Role.score, earlier=DEFAULT),
-    )
-    concept_atoms: list[str] = Field(
-        default=["code", "math", "languages", "formatting", "roleplay", "sensitive"],
-        min_length=1,
-        description="Concepts the clean directions are made orthogonal to, each a bundled prompt set concept_<name> "
-        "read against the harmless prompts.",
-        json_schema_extra=tags(Role.score, earlier=DEFAULT),
-    )
-    concept_ridge: float = Field(
-        default=0.1,
-        gt=0.0,
-        description="Ridge strength of the clean directions, relative to the mean squared concept norm: near 0 removes "
-        "the concepts' span entirely, large values leave the direction as it is.",
-        json_schema_extra=tags(Role.score, earlier=DEFAULT),
-    )
-    learned_direction_weights: list[float] = Field(
-        default=[1.0, 1.0, 1.0],
-        min_length=3,
-        max_length=3,
-        description="Weights of the learned direction's three losses: ablation (harmful prompts answered as the "
-        "ablated model answers them), addition (harmless prompts refused when the direction is added) and retain "
-        "(harmless answers unchanged by the ablation, as KL divergence).",
-        json_schema_extra=tags(Role.score, earlier=DEFAULT),
-    )
-    learned_direction_steps: int = Field(
-        default=4,
-        ge=1,
-        description="Gradient steps of the learned direction (each on 2 prompts per loss); its one-off cost grows with "
-        "them (a 0.5B model on two CPU cores: about 30 s for its targets and 14 s a step).",
-        json_schema_extra=tags(Role.score, earlier=DEFAULT),
     )
 
     # --- Ablation -------------------------------------------------------------------------

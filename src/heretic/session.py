@@ -13,10 +13,8 @@ import torch
 
 from .ablation.adapters import Ablator
 from .ablation.parameters import AblationParameters
-from .config import DirectionMethod, PromptSet, Role, Settings, fields_with
-from .directions import refusal_directions, subspace_bases, winsorize
-from .directions.concepts import cleaned_from_prompts, concept_prompts
-from .directions.learned import learn_direction
+from .config import PromptSet, Role, Settings, fields_with
+from .directions import refusal_directions, winsorize
 from .errors import HereticError
 from .model import device as backends
 from .model.architecture import ArchitectureMap, build_architecture_map, find_layers, text_config
@@ -215,10 +213,10 @@ def print_architecture(arch: ArchitectureMap) -> None:
         console.print(f"[yellow]{unrecognized}[/]")
 
 
-def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = None) -> Session:
-    """Load, read the prompts, then take the batch size, the directions and the original's refusals from
-    the study when a worker of it (or an earlier run) has computed them, else compute them and store
-    them there; open the study."""
+def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = None, subspace_rank: int = 1) -> Session:
+    """Load, read the prompts, then take the batch size, the directions and the original's refusals from the study when
+    a worker of it (or an earlier run) has computed them, else compute them and store them there; open the study.
+    `subspace_rank` k > 1 sizes the adapters for k-dimensional subspaces whose bases the caller sets (research)."""
     objectives = load_objectives(settings)  # before the model: a mistake in a table is reported at once
     loaded = loaded or load(settings)
     arch, warm_start = read_architecture(settings, loaded)
@@ -236,7 +234,7 @@ def prepare(settings: Settings, interactive: bool, loaded: LoadedModel | None = 
     with stage("computing the refusal directions"):
         directions, residuals = shared_directions(settings, engine, loaded, prompt_sets, existing)
 
-    ablator = make_ablator(settings, loaded, arch, residuals, directions, engine)
+    ablator = make_ablator(settings, loaded, arch, engine, subspace_rank)
     judge = make_judge(settings, engine, ablator)
     evaluator = Evaluator(
         engine,
@@ -610,9 +608,7 @@ def shared_directions(
     directions = workers.stored_directions(study) if study is not None else None
     if directions is not None:
         console.print(f"Refusal directions for {directions.shape[0]} residual positions (stored in the study)")
-        # Subspaces (--subspace-rank > 1) are built around the directions from the residuals.
-        residuals = collect_residuals(settings, engine, loaded, prompt_sets) if settings.subspace_rank > 1 else None
-        return directions, residuals
+        return directions, None
     residuals = collect_residuals(settings, engine, loaded, prompt_sets)
     return compute_directions(settings, engine, loaded, prompt_sets, residuals), residuals
 
@@ -663,61 +659,26 @@ def compute_directions(
     residuals = residuals or collect_residuals(settings, engine, loaded, prompt_sets)
     directions = refusal_directions(residuals["harmful"], residuals["harmless"], settings.orthogonalize_direction)
     console.print(f"Refusal directions computed for {directions.shape[0]} residual positions")
-    if settings.direction_method == DirectionMethod.clean:
-        directions = concept_cleaned(settings, engine, loaded, directions, residuals["harmless"])
-    if settings.direction_method == DirectionMethod.learned:
-        learned = learn_direction(settings, engine, loaded, prompt_sets, residuals)
-        console.print(learned.summary())
-        directions = learned.directions
     return directions
 
 
-def concept_cleaned(
-    settings: Settings, engine: Engine, loaded: LoadedModel, directions: torch.Tensor, harmless: torch.Tensor
-) -> torch.Tensor:
-    """The directions with the concepts of --concept-atoms ridge-regressed out (directions/concepts.py)."""
-    concepts = concept_prompts(settings.concept_atoms, settings.system_prompt)
-    _, layers = find_layers(loaded.model, int(text_config(loaded.model.config).num_hidden_layers))
-    with ProgressBars() as bars:
-
-        def read(name: str, prompts: list[Prompt]) -> torch.Tensor:
-            return read_residuals(settings, engine, list(layers), prompts, bars, f"concept {name}")
-
-        cleaned, cosines = cleaned_from_prompts(directions, harmless, concepts, read, settings.concept_ridge)
-    backends.free_memory()
-    console.print(
-        f"Directions cleaned of {len(concepts)} concepts (ridge {settings.concept_ridge:g}; cosine with the difference "
-        f"of means: median {cosines.median().item():.3f}, lowest {cosines.min().item():.3f})"
-    )
-    return cleaned
-
-
 def make_ablator(
-    settings: Settings,
-    loaded: LoadedModel,
-    arch: ArchitectureMap,
-    residuals: dict[str, torch.Tensor] | None,
-    directions: torch.Tensor,
-    engine: Engine | None = None,
+    settings: Settings, loaded: LoadedModel, arch: ArchitectureMap, engine: Engine | None = None, subspace_rank: int = 1
 ) -> Ablator:
-    """The model's adapters; with --subspace-rank k > 1 they ablate k-dimensional subspaces around the directions.
-    With `engine` (and --reuse-unchanged-layers), its prompt passes skip the layers the adapters leave unchanged."""
-    rank = settings.subspace_rank
+    """The model's adapters (sized for subspaces of `subspace_rank` directions, see `prepare`). With `engine`
+    (and --reuse-unchanged-layers), its prompt passes skip the layers the adapters leave unchanged."""
     ablator = Ablator(
         loaded.model,
         arch,
         settings.row_normalization.value,
         settings.full_normalization_rank,
         settings.seed,
-        rank,
+        subspace_rank,
         exact=settings.full_normalization_exact,
     )
     if engine is not None and settings.reuse_unchanged_layers:
         _, layers = find_layers(loaded.model, arch.num_layers)
         engine.reuse = LayerReuse(list(layers), lambda: ablator.unchanged_layers)
-    if rank > 1:
-        assert residuals is not None
-        ablator.subspace = subspace_bases(residuals["harmful"], residuals["harmless"], directions, rank)
     return ablator
 
 

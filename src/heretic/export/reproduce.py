@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ from rich.table import Table
 
 from .. import __version__
 from ..ablation.parameters import AblationParameters
-from ..config import MERGED_SETTINGS, RETIRED_SETTINGS, Role, Settings, fields_with, plain, variant_settings
+from ..config import MERGED_SETTINGS, RETIRED_ABLATIONS, RETIRED_SETTINGS, Role, Settings, fields_with, plain, variant_settings
 from ..demo import DEMO_NAME, demo_model_file, sha256_file
 from ..errors import HereticError
 from ..model.architecture import build_architecture_map
@@ -74,7 +75,14 @@ def rebuilt_settings(settings: Settings, data: dict[str, Any]) -> Settings:
         if recorded.get(name):
             recorded[merged] = recorded[name]
         recorded.pop(name, None)
-    for name in RETIRED_SETTINGS:  # they shaped the search, not the recorded trial's ablation
+    for name in RETIRED_ABLATIONS:  # another value made an ablation this version does not have
+        if recorded.get(name, RETIRED_SETTINGS[name]) != RETIRED_SETTINGS[name]:
+            flag, version = "--" + name.replace("_", "-"), data.get("tool", {}).get("version", "that made it")
+            raise HereticError(
+                f"The record's model was made with {flag} {json.dumps(recorded[name])}, which heretic {__version__} no "
+                f"longer has; rebuild it with heretic {version}."
+            )
+    for name in RETIRED_SETTINGS:  # the others shaped the search, not the recorded trial's ablation
         recorded.pop(name, None)
     for name, earlier in variant_settings().items():  # records written before a setting existed: what searches then had
         recorded.setdefault(name, plain(earlier))
@@ -141,7 +149,7 @@ def reproduce(settings: Settings) -> Path:
     residuals = collect_residuals(rebuilt, engine, loaded, prompt_sets)
     directions = compute_directions(rebuilt, engine, loaded, prompt_sets, residuals)
     print_directions_check(directions, data)
-    ablator = make_ablator(rebuilt, loaded, arch, residuals, directions)
+    ablator = make_ablator(rebuilt, loaded, arch)
     parameters = AblationParameters.from_dict(data["trial"]["parameters"])
     output = Path(rebuilt.output_dir or f"{loaded.source.display_name}-heretic-reproduced")
     new_record = dict(data, environment=record.environment(), directions_sha256=record.tensor_digest(directions))

@@ -18,7 +18,6 @@ from ..ablation.parameters import AblationParameters
 from ..config import (
     RETIRED_FINGERPRINT_ENTRIES,
     RETIRED_SETTINGS,
-    DirectionMethod,
     ResumePolicy,
     Role,
     RowNormalization,
@@ -127,14 +126,6 @@ def scoring_identity(settings: Settings, objectives: list[LoadedObjective] | Non
     return identity
 
 
-# The direction settings a direction method does not read (changing them changes nothing it measures).
-UNUSED_BY_METHOD = {
-    DirectionMethod.mean: ("concept_atoms", "concept_ridge", "learned_direction_weights", "learned_direction_steps"),
-    DirectionMethod.clean: ("learned_direction_weights", "learned_direction_steps"),
-    DirectionMethod.learned: ("concept_atoms", "concept_ridge"),
-}
-
-
 def changed_variant_settings(settings: Settings, fused_experts: bool = False) -> dict[str, object]:
     """{name: value} of the score settings added after checkpoints existed (`config.tags(earlier=...)`) that
     differ from what earlier searches had (the exactness of the full ablation only where the ablation is full
@@ -144,8 +135,6 @@ def changed_variant_settings(settings: Settings, fused_experts: bool = False) ->
     }
     if settings.row_normalization != RowNormalization.full or fused_experts:
         changed.pop("full_normalization_exact", None)
-    for name in UNUSED_BY_METHOD[settings.direction_method]:
-        changed.pop(name, None)
     return changed
 
 
