@@ -24,7 +24,7 @@ Chosen trials (`--model`, a run_bench results file or an unfinished run's folder
 trial numbers, comma-separated; then options of the tool, e.g. the searched run's own search-space
 options if it changed them): the model loaded as bench.research.trial_responses does, and the harmful
 evaluation responses of the original and of each trial's ablation generated to 200 tokens without early
-stop (minutes of CPU per run on the demo model, about 20 on the 1.5B one). Each trial's KL divergence on
+stop (minutes of CPU per run on the demo model, about half an hour on the 1.5B one). Each trial's KL divergence on
 the held-out harmless prompts (mean, median and the highest prompts) is measured beside its in-search KL.
 
 Writes bench/results/late-refusals.json (a run keeps the other part's results there) and the
