@@ -41,7 +41,7 @@ class LayerRanges:
 
 
 def suggest_parameters(
-    trial: optuna.Trial,
+    trial: optuna.trial.BaseTrial,  # a Trial in a search, a FixedTrial when a stored trial is replayed
     num_layers: int,
     components: list[str],
     ranges: LayerRanges | None = None,
