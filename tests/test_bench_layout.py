@@ -50,12 +50,15 @@ def test_every_bench_module_imports(name: str) -> None:
 
 
 # A research note's command for a script since removed names the commit that has it: `git checkout SHA && python -m ...`.
-AT_COMMIT = re.compile(r"git checkout [0-9a-f]{7,40} && python3? -m bench(?:\.\w+)+")
+AT_COMMIT = re.compile(r"git checkout ([0-9a-f]{7,40}) && python3? -m (bench(?:\.\w+)+)")
+
+
+def command_pages() -> list[Path]:
+    return [ROOT / "BENCHMARKS.md", ROOT / "Makefile", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
 def documented_modules() -> list[str]:
-    pages = [ROOT / "BENCHMARKS.md", ROOT / "Makefile", *sorted((ROOT / "docs").rglob("*.md"))]
-    texts = [AT_COMMIT.sub("", page.read_text()) for page in pages]
+    texts = [AT_COMMIT.sub("", page.read_text()) for page in command_pages()]
     found = {m for text in texts for m in re.findall(r"python3? -m (bench(?:\.\w+)+)", text)}
     return sorted(found)
 
@@ -67,12 +70,7 @@ def test_the_documented_bench_commands_name_existing_modules() -> None:
 
 
 def test_commands_of_removed_scripts_name_a_commit_that_has_them() -> None:
-    pages = [ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").rglob("*.md"))]
-    pinned = [
-        m
-        for page in pages
-        for m in re.findall(r"git checkout ([0-9a-f]{7,40}) && python3? -m (bench(?:\.\w+)+)", page.read_text())
-    ]
+    pinned = [m for page in command_pages() for m in AT_COMMIT.findall(page.read_text())]
     shallow = subprocess.run(["git", "rev-parse", "--is-shallow-repository"], cwd=ROOT, capture_output=True, text=True)
     if shallow.stdout.strip() != "false":
         return  # a shallow clone (or no git) lacks the older commits: the pattern above is all that can be checked
