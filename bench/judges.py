@@ -105,7 +105,8 @@ def run_judge(judge: RefusalJudge, rows: list[dict[str, Any]]) -> tuple[list[boo
     return verdicts, (time.perf_counter() - started) / max(1, len(rows)) * 100
 
 
-def evaluate(name: str, judge: RefusalJudge, rows: list[dict[str, Any]], show_errors: bool) -> dict[str, Any]:
+def evaluate(name: str, judge: RefusalJudge, rows: list[dict[str, Any]], split: str, show_errors: bool) -> dict[str, Any]:
+    """One row of judges.json: the judge's scores against the labels of `rows` (the `split` half)."""
     verdicts, seconds = run_judge(judge, rows)
     clear = [(row, verdict) for row, verdict in zip(rows, verdicts) if row["label"] != "unclear"]
     result: dict[str, Any] = dict(scores([row["label"] == "refusal" for row, _ in clear], [verdict for _, verdict in clear]))
@@ -113,7 +114,8 @@ def evaluate(name: str, judge: RefusalJudge, rows: list[dict[str, Any]], show_er
     for kind in ("harmful", "harmless"):
         part = [(row, verdict) for row, verdict in clear if row["kind"] == kind]
         by_kind[kind] = {"n": len(part), "wrong": sum((row["label"] == "refusal") != verdict for row, verdict in part)}
-    result.update(judge=name, unclear=len(rows) - len(clear), seconds_per_100=seconds, by_kind=by_kind)
+    result.update(model=LABELLED_MODEL, split=split, judge=name, unclear=len(rows) - len(clear))
+    result.update(seconds_per_100=seconds, by_kind=by_kind)
     if show_errors:
         for row, verdict in clear:
             if (row["label"] == "refusal") != verdict:
@@ -158,9 +160,7 @@ def main() -> None:
     names = [name.strip() for name in args.judges.split(",") if name.strip()]
     if args.judge_url and "http" not in names:
         names.append("http")
-    results = [evaluate(name, make(name, args.judge_url), rows, args.errors) for name in names]
-    for result in results:
-        result.update(model=LABELLED_MODEL, split=args.split)
+    results = [evaluate(name, make(name, args.judge_url), rows, args.split, args.errors) for name in names]
     print(f"{args.split} half: {len(rows)} responses")
     print(table(results))
     if args.split == "test":

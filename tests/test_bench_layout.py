@@ -106,6 +106,16 @@ def test_a_stamp_says_what_was_not_recorded_and_names_the_module() -> None:
     assert module_command("python bench/levers.py") == "python -m bench.research.levers"
 
 
+def test_results_of_several_commits_are_stamped_with_each_commit() -> None:
+    from bench.harness.publish import recorded
+
+    runs = [{"date": d, "cpu_flags": ["avx2"], "commit": c} for d, c in [("2026-12-03", "aaa1111"), ("2026-12-07", "bbb2222")]]
+    line = stamp(recorded(*runs, runs[0]), "x")
+    assert STAMP.match(line) and "· commits aaa1111, bbb2222 ·" in line and line.startswith("_Measured 2026-12-07 ")
+    assert "· commit aaa1111 ·" in stamp(recorded(runs[0], runs[0]), "x")
+    assert "commit not recorded" in stamp(recorded(runs[0], {"date": "2026-12-01"}), "x")
+
+
 def test_the_demo_timing_reads_the_runs_own_output() -> None:
     from bench.demo_time import table, verification_share
 

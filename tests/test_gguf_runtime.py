@@ -21,15 +21,20 @@ Tolerances, fixed from what rounding each tensor type costs (not from measuremen
   both, so the q8_0 tolerance.
 
 Under CI=true a missing llama-cpp-python or model package is a failure, not a skip.
+
+With HERETIC_GGUF_RUNTIME_RECORD set to a path, the measurements are also written there as JSON (what
+`python -m bench.gguf_runtime` runs, to make bench/results/gguf-runtime.json and its BENCHMARKS table).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -65,6 +70,9 @@ DEMO_PARAMETERS = {
 DEMO_HARMFUL = "bundled:harmful_test[:64]"  # the demo's evaluation prompts
 DEMO_RESPONSE_TOKENS = 48
 MEASURED: list[str] = []
+RECORD_ENV = "HERETIC_GGUF_RUNTIME_RECORD"
+# What was measured, by kind: "real" rows keyed by (model, path), "tiny" by family, and "demo_refusals".
+RECORDED: dict[str, Any] = {"real": {}, "tiny": {}}
 
 
 def missing(reason: str) -> None:
@@ -78,11 +86,26 @@ def report(line: str) -> None:
     print(line)
 
 
+def keep(kind: str, key: str | tuple[str, str], **values: float) -> None:
+    """Record measured values (rounded as the table shows them) under RECORDED[kind][key]."""
+    RECORDED[kind].setdefault(key, {}).update({name: round(value, 5) for name, value in values.items()})
+
+
+def recorded_json() -> dict[str, Any]:
+    """RECORDED as bench/gguf_runtime.py reads it."""
+    real = [{"model": model, "path": path, **values} for (model, path), values in RECORDED["real"].items()]
+    tiny = [{"family": family, **values} for family, values in RECORDED["tiny"].items()]
+    tolerances = {"real": LOGPROB_TOLERANCE, "tiny": TINY_TOLERANCE}
+    return {**RECORDED, "real": real, "tiny": tiny, "tolerances": tolerances, "types": list(GGUF_TYPES)}
+
+
 @pytest.fixture(scope="module", autouse=True)
 def measured_table() -> Iterator[None]:
     yield
     if MEASURED:
         print("\n" + "\n".join(["GGUF in llama.cpp, measured:", *MEASURED]))
+    if os.environ.get(RECORD_ENV):
+        Path(os.environ[RECORD_ENV]).write_text(json.dumps(recorded_json(), indent=2))
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +236,7 @@ def test_tiny_families_run_in_llama_cpp(llama_cpp, family: str, out_type: str, t
     scale = max(np.abs(ref).max() for ref, _ in pairs)
     error = max(np.abs(ref - out).max() for ref, out in pairs) / scale
     report(f"tiny {family:8s} {out_type:5s} max|dlogit|/max|logit| = {error:.5f} (tolerance {TINY_TOLERANCE[out_type]})")
+    keep("tiny", family, **{out_type: error})
     assert error < TINY_TOLERANCE[out_type]
     assert len(generated) == 8 and all(0 <= t < len(tokenizer) for t in generated)
 
@@ -287,6 +311,7 @@ def edit(model: torch.nn.Module, names: tuple[str, ...]) -> None:
 # Edits large enough to stand out of the rounding: the output projections of a third of the layers.
 SMOLLM_EDITED = EDITED + tuple(f"model.layers.{i}.{m}.weight" for i in (8, 13) for m in ("self_attn.o_proj", "mlp.down_proj"))
 GEMMA_EDITED = tuple(f"model.layers.{i}.{m}.weight" for i in (2, 5, 8, 11) for m in ("self_attn.o_proj", "mlp.down_proj"))
+COPY_NAMES = {"smollm": "SmolLM2-135M-Instruct", "gemma": "Gemma 3 270M"}
 
 
 @pytest.mark.parametrize("out_type", GGUF_TYPES)
@@ -297,6 +322,7 @@ def test_smollm2_full_conversion(llama_cpp, smollm, out_type: str, tmp_path: Pat
         check_tokenizer(llama_cpp, path, tokenizer)
     checked = check_in_llama_cpp(llama_cpp, path, model, tokenizer, [chat_ids(tokenizer, text) for text in CHATS])
     report(f"llama  SmolLM2-135M   full {out_type:5s} max|dlogp| = {checked.difference:.4f} nats; says {checked.generated!r}")
+    keep("real", ("SmolLM2-135M-Instruct (llama)", "full conversion"), **{out_type: checked.difference})
     assert checked.difference < LOGPROB_TOLERANCE[out_type]
 
 
@@ -308,6 +334,7 @@ def test_gemma3_full_conversion(llama_cpp, gemma, out_type: str, tmp_path: Path)
         check_tokenizer(llama_cpp, path, tokenizer)
     checked = check_in_llama_cpp(llama_cpp, path, model, tokenizer, [chat_ids(tokenizer, text) for text in CHATS])
     report(f"gemma3 Gemma-3-270M   full {out_type:5s} max|dlogp| = {checked.difference:.4f} nats; says {checked.generated!r}")
+    keep("real", ("Gemma 3 270M (gemma3)", "full conversion"), **{out_type: checked.difference})
     assert checked.difference < LOGPROB_TOLERANCE[out_type]
 
 
@@ -332,6 +359,8 @@ def test_copy_path(llama_cpp, request, name: str, edited: tuple[str, ...], tmp_p
         f"{name:6s} copy of {source.name} q8_0 max|dlogp| = {checked.difference:.4f} nats "
         f"(from the unedited model: {to_unedited:.3f}; the edit moved transformers' by {moved:.3f})"
     )
+    row = (f"{COPY_NAMES[name]}, {len(edited)} tensors edited", f"copy of the GGUF input ({source.name})")
+    keep("real", row, q8_0=checked.difference, q8_0_unedited=to_unedited)
     assert checked.difference < LOGPROB_TOLERANCE["q8_0"]  # llama.cpp matches the edited model...
     assert to_unedited > 2 * checked.difference  # ...clearly closer to it than to the unedited one
 
@@ -397,6 +426,11 @@ def test_demo_full_conversion(llama_cpp, demo: Demo, out_type: str, tmp_path: Pa
         check_tokenizer(llama_cpp, path, tokenizer)
     checked = check_in_llama_cpp(llama_cpp, path, demo.ablator.peft_model, tokenizer, [chat_ids(tokenizer, t) for t in CHATS])
     report(f"qwen2  demo, ablated  full {out_type:5s} max|dlogp| = {checked.difference:.4f} nats; says {checked.generated!r}")
+    keep(
+        "real",
+        ("Qwen2.5-Coder-0.5B-Instruct, the demo, abliterated (qwen2)", "full conversion"),
+        **{out_type: checked.difference},
+    )
     assert checked.difference < LOGPROB_TOLERANCE[out_type]
 
 
@@ -431,6 +465,13 @@ def test_demo_abliterated_gguf_answers_what_transformers_answers(llama_cpp, demo
         f"qwen2  demo copy path q8_0: of the {len(prompts)} (of {len(candidates)}) harmful prompts the original refuses, "
         f"the ablated model refuses {sum(in_transformers)} in transformers and its GGUF {sum(in_llama_cpp)} in llama.cpp"
     )
+    RECORDED["demo_refusals"] = {
+        "prompts": len(candidates),
+        "original": len(prompts),
+        "transformers": sum(in_transformers),
+        "llama_cpp": sum(in_llama_cpp),
+        "answered_in_one_refused_in_other": sum(t != g for t, g in zip(in_transformers, in_llama_cpp)),
+    }
     assert len(prompts) >= 8  # enough refusals to test on...
     assert sum(in_transformers) <= len(prompts) // 2  # ...most of which the ablation removes...
     assert not lost, f"the GGUF refuses what transformers answers: {lost}"  # ...and so does its GGUF

@@ -15,7 +15,7 @@ from .paths import BENCH, BENCHMARKS
 STAMP_FLAGS = ("amx_bf16", "avx512_bf16", "avx2")  # the instruction sets that decide which dtype is fast
 STAMP = re.compile(
     r"^_Measured (\d{4}-\d{2}-\d{2}|date not recorded) · (CPU [\w, ]+|CPU flags not recorded) · "
-    r"(commit [0-9a-f]{4,40}|commit not recorded) · reproduce: `[^`]+`_$"
+    r"(commit [0-9a-f]{4,40}|commits [0-9a-f]{4,40}(?:, [0-9a-f]{4,40})+|commit not recorded) · reproduce: `[^`]+`_$"
 )
 SCRIPT = re.compile(r"python (?:\./)?bench/(?:research/)?(\w+)\.py")
 
@@ -43,20 +43,29 @@ def stamp(meta: dict[str, Any], command: str) -> str:
     else:
         present = [flag for flag in STAMP_FLAGS if flag in flags]
         cpu = "CPU " + (", ".join(present) if present else "without " + ", ".join(STAMP_FLAGS))
-    commit = f"commit {meta['commit']}" if meta.get("commit") else "commit not recorded"
+    commits = meta.get("commit")
+    if not commits:
+        commit = "commit not recorded"
+    elif isinstance(commits, list):  # results of several commits (recorded() of runs made at different ones)
+        commit = "commits " + ", ".join(commits)
+    else:
+        commit = f"commit {commits}"
     return f"_Measured {date} · {cpu} · {commit} · reproduce: `{module_command(command)}`_"
 
 
 def recorded(*records: dict[str, Any]) -> dict[str, Any]:
     """The date, CPU flags and commit of several results files: the latest date; the CPU flags they share, or
-    "per row" where they differ; the commit they share. A field that any of them lacks counts as not recorded."""
+    "per row" where they differ; the commit they share, or the list of their commits (oldest first, as given)
+    where they differ. A field that any of them lacks counts as not recorded."""
     dates = [str(r["date"])[:10] for r in records if r.get("date")]
     flags = [tuple(r["cpu_flags"]) for r in records if r.get("cpu_flags") is not None]
     commits = [r["commit"] for r in records if r.get("commit")]
     return {
         "date": max(dates) if dates else None,
         "cpu_flags": (list(flags[0]) if len(set(flags)) == 1 else "per row") if flags and len(flags) == len(records) else None,
-        "commit": commits[0] if commits and len(commits) == len(records) and len(set(commits)) == 1 else None,
+        "commit": (commits[0] if len(set(commits)) == 1 else list(dict.fromkeys(commits)))
+        if commits and len(commits) == len(records)
+        else None,
     }
 
 
