@@ -31,7 +31,7 @@ from bench.harness.publish import update_section
 OUTPUT = RESULTS / "gguf-runtime.json"
 TYPES = ("f16", "bf16", "q8_0")
 SUITE = ["tests/test_gguf_runtime.py", "-m", "gguf_runtime"]
-RECORD_ENV = "HERETIC_GGUF_RUNTIME_RECORD"  # where the suite writes what it measured
+RECORD_ENV = "GGUF_RUNTIME_RECORD"  # where the suite writes what it measured (HERETIC_* names are settings)
 REAL_ROWS = 5  # three full conversions and two copies of a GGUF input
 TINY_FAMILIES = 6
 

@@ -22,7 +22,7 @@ Tolerances, fixed from what rounding each tensor type costs (not from measuremen
 
 Under CI=true a missing llama-cpp-python or model package is a failure, not a skip.
 
-With HERETIC_GGUF_RUNTIME_RECORD set to a path, the measurements are also written there as JSON (what
+With GGUF_RUNTIME_RECORD set to a path, the measurements are also written there as JSON (what
 `python -m bench.gguf_runtime` runs, to make bench/results/gguf-runtime.json and its BENCHMARKS table).
 """
 
@@ -70,7 +70,7 @@ DEMO_PARAMETERS = {
 DEMO_HARMFUL = "bundled:harmful_test[:64]"  # the demo's evaluation prompts
 DEMO_RESPONSE_TOKENS = 48
 MEASURED: list[str] = []
-RECORD_ENV = "HERETIC_GGUF_RUNTIME_RECORD"
+RECORD_ENV = "GGUF_RUNTIME_RECORD"
 # What was measured, by kind: "real" rows keyed by (model, path), "tiny" by family, and "demo_refusals".
 RECORDED: dict[str, Any] = {"real": {}, "tiny": {}}
 
