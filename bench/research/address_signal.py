@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from bench.harness.labels import load_labelled
+from bench.harness.machine import run_record
 from bench.harness.paths import RESULTS
 from bench.judges import scores
 
@@ -126,6 +127,8 @@ def main() -> None:
         at = "rules alone" if row["threshold"] is None else f"{row['threshold']:.3f}"
         print(f"| {at} | {row['f1']:.3f} | {row['kappa']:.3f} | {row['caught']} | {row['lost']} |")
     record = {
+        **run_record(),
+        "command": "python -m bench.research.address_signal",
         "model": "demo",
         "split": args.split,
         "seconds": seconds,
