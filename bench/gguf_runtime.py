@@ -80,8 +80,11 @@ def measure() -> dict[str, Any]:
         if done.returncode != 0:
             raise SystemExit(f"The llama.cpp suite failed (exit {done.returncode}); nothing was recorded.")
         measured = json.loads(target.read_text())
+    full = [row for row in measured["real"] if row["path"] == "full conversion"]
     complete = (
         len(measured["real"]) == REAL_ROWS
+        and all(kind in row for row in full for kind in TYPES)
+        and all("q8_0" in row for row in measured["real"])
         and len(measured["tiny"]) == TINY_FAMILIES
         and all(kind in row for row in measured["tiny"] for kind in TYPES)
         and "demo_refusals" in measured
