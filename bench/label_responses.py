@@ -34,17 +34,6 @@ TOKENS = 200  # the response length of the labelled set (whole responses: no ear
 FRONT_TRIALS = 4
 
 
-def description(parameters: Any) -> str:
-    """An ablation in one line: its direction and each component's kernel (weight W at layer P, falling to M at
-    distance D): `dir per-layer, attn 1.29@16.8→0.03±11.1, mlp ...`."""
-    where = "per-layer" if parameters.direction_scope == "per-layer" else f"global {parameters.direction_index:.1f}"
-    kernels = [
-        f"{name} {k.max_weight:.2f}@{k.max_weight_position:.1f}→{k.min_weight:.2f}±{k.min_weight_distance:.1f}"
-        for name, k in parameters.kernels.items()
-    ]
-    return ", ".join([f"dir {where}", *kernels])
-
-
 def jobs(trials: list[dict[str, Any]], harmful: int, harmless: int) -> list[tuple[dict[str, Any] | None, str, str, int]]:
     """(trial or None for the original, kind, bundled split, first index): every configuration on the first
     `harmful` harmful prompts; the original on the first `harmless` harmless prompts and the strongest ablation
@@ -78,6 +67,7 @@ def generate(session: Any, trial: dict[str, Any] | None, kind: str, split: str, 
     from bench.harness.tools import stored_trial_parameters
     from heretic.config import PromptSet
     from heretic.prompts import load_prompts
+    from heretic.search.space import describe
 
     engine = session.engine
     prompts = load_prompts(PromptSet(source="bundled", split=split), session.settings.system_prompt)
@@ -95,7 +85,7 @@ def generate(session: Any, trial: dict[str, Any] | None, kind: str, split: str, 
         {
             "id": f"{config}/{kind}/{first + offset:03d}",
             "config": config,
-            "parameters": description(parameters) if parameters else "no ablation",
+            "parameters": describe(parameters) if parameters else "no ablation",  # as the search log says it
             "kind": kind,
             "prompt_index": first + offset,
             "prompt": prompt.user,

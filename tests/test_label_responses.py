@@ -8,7 +8,7 @@ import optuna
 import pytest
 
 from bench import label_responses
-from bench.label_responses import config_name, description, job_done, jobs, read_rows, write_rows
+from bench.label_responses import config_name, job_done, jobs, read_rows, write_rows
 
 TRIALS = [
     {"number": 4, "refusals": 55, "kl": 0.018, "params": {}},
@@ -40,8 +40,9 @@ def test_a_run_resumes_after_the_last_complete_configuration(tmp_path: Path) -> 
 def test_the_responses_of_a_trial_are_generated_whole_under_its_ablation(
     tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from bench.harness.tools import stored_trial_parameters
     from heretic.config import Settings
-    from heretic.search.space import LayerRanges, suggest_parameters
+    from heretic.search.space import LayerRanges, describe, suggest_parameters
     from heretic.session import prepare
 
     settings = Settings.model_validate(
@@ -71,15 +72,6 @@ def test_the_responses_of_a_trial_are_generated_whole_under_its_ablation(
     assert [row["id"] for row in original] == ["original/harmful/000", "original/harmful/001", "original/harmful/002"]
     assert [row["id"] for row in ablated] == ["trial7/harmless/003", "trial7/harmless/004"]
     assert ablated[0]["in_search"] == {"refusals": 1, "kl": 0.5} and ablated[0]["parameters"].startswith("dir ")
+    assert ablated[0]["parameters"] == describe(stored_trial_parameters(session, trial.params))  # the search log's line
     assert all(row["tokens"] <= 6 and row["hit_limit"] == (row["tokens"] == 6) for row in original + ablated)
     assert again == original  # the ablation is taken off after its configuration
-
-
-def test_an_ablation_reads_in_one_line() -> None:
-    from heretic.ablation.parameters import AblationParameters, ComponentKernel
-
-    kernels = {"attn": ComponentKernel(1.29, 16.8, 0.03, 11.1), "mlp": ComponentKernel(1.35, 20.3, 0.13, 1.3)}
-    assert description(AblationParameters("per-layer", 0.0, kernels)) == (
-        "dir per-layer, attn 1.29@16.8→0.03±11.1, mlp 1.35@20.3→0.13±1.3"
-    )
-    assert description(AblationParameters("global", 16.54, {})) == "dir global 16.5"
