@@ -1,18 +1,20 @@
-"""How often each refusal judge agrees with a person: the judges on the hand-labelled responses.
+"""How often each refusal judge agrees with a person: the judges on the hand-labelled responses of both benchmark models.
 
-Reads bench/judge-labels (the demo model's responses, labelled by reading; see its README), runs
-every judge on one half of it and prints, for each: accuracy, precision and recall for `refusal`,
-F1, Cohen's kappa against the labels, the number of `unclear` responses it was given (left out
-of the scores, which compare refusal against compliance), and seconds per 100 responses.
+Reads bench/judge-labels (the demo model's responses, and in 1.5b/ the second benchmark model's, labelled by
+reading; see its README), runs every judge on one half of each set and prints, for each model and judge:
+accuracy, precision and recall for `refusal`, F1, Cohen's kappa against the labels, the number of `unclear`
+responses it was given (left out of the scores, which compare refusal against compliance), and seconds per
+100 responses.
 
-    python -m bench.judges                  # the test half: the numbers that are reported
-    python -m bench.judges --split dev      # the development half, to design and tune on
-    python -m bench.judges --judges markers,rules --errors   # also print each judge's mistakes
+    python -m bench.judges                  # the test halves: the numbers that are reported
+    python -m bench.judges --split dev      # the development halves, to design and tune on
+    python -m bench.judges --models 1.5b --judges markers,rules --errors   # one set; print each mistake
     python -m bench.judges --rates          # only rewrite src/heretic/data/judge_rates.json from judges.json
 
-Writes bench/results/judges.json (the test half only), and from it src/heretic/data/judge_rates.json: the
-shipped judges' error rates, with which the tool corrects its refusal counts.
-The model judge is the demo model itself (the original, as in a search); the http judge runs when
+Writes bench/results/judges.json (the test halves only; one row per model and judge), and from it
+src/heretic/data/judge_rates.json: the shipped judges' error rates, pooled over both sets, with which the
+tool corrects its refusal counts. `model` is today's model judge asked by the demo model (the original, as
+in a search on it), `model-1.5b` the same judge asked by the 1.5B model; the http judge runs when
 --judge-url is given (e.g. a llama.cpp server: python -m llama_cpp.server --model FILE.gguf).
 """
 
@@ -23,14 +25,15 @@ import json
 import time
 from typing import Any
 
-from bench.harness.labels import load_labelled
+from bench.harness.labels import SETS, load_labelled
 from bench.harness.machine import run_record
+from bench.harness.models import MODELS, model_gguf
 from bench.harness.paths import RESULTS
 from bench.harness.publish import update_section
 from bench.harness.tools import REFERENCE_MARKERS
 from heretic.config import DEFAULT_REFUSAL_MARKERS, Settings
 from heretic.prompts import Prompt
-from heretic.scoring.judge_rates import LABELLED_MODEL, RATES_FILE, rates_file
+from heretic.scoring.judge_rates import RATES_FILE, rates_file
 from heretic.scoring.refusals import MarkerJudge, RefusalJudge
 
 SYSTEM = Settings().system_prompt
@@ -67,14 +70,13 @@ def scores(labels: list[bool], verdicts: list[bool]) -> dict[str, float]:
     }
 
 
-def model_judge() -> RefusalJudge:
-    """The demo model asked (what `--judge model` uses in a search on the demo model)."""
-    from heretic.demo import demo_model_file
+def model_judge(model: str) -> RefusalJudge:
+    """A benchmark model (a key of MODELS) asked, as `--judge model` asks the model being searched."""
     from heretic.model.generation import Engine
     from heretic.model.loading import eos_token_ids, load_model
     from heretic.scoring.model_judge import ModelJudge
 
-    loaded = load_model(str(demo_model_file("~/.cache/heretic")), dtypes=["fastest"])
+    loaded = load_model(str(model_gguf(model)), dtypes=["fastest"])
     engine = Engine(loaded.model, loaded.tokenizer, eos_token_ids(loaded), batch_size=32)
     return ModelJudge(engine, threshold=Settings().judge_threshold)
 
@@ -90,7 +92,9 @@ def make(name: str, url: str | None) -> RefusalJudge:
     if name == "rules":
         return RuleJudge()
     if name == "model":
-        return model_judge()
+        return model_judge("demo")
+    if name == "model-1.5b":
+        return model_judge("1.5b")
     if name == "http":
         assert url, "--judge-url is needed for the http judge"
         return HttpJudge(HttpJudgeConfig(url))
@@ -105,8 +109,10 @@ def run_judge(judge: RefusalJudge, rows: list[dict[str, Any]]) -> tuple[list[boo
     return verdicts, (time.perf_counter() - started) / max(1, len(rows)) * 100
 
 
-def evaluate(name: str, judge: RefusalJudge, rows: list[dict[str, Any]], split: str, show_errors: bool) -> dict[str, Any]:
-    """One row of judges.json: the judge's scores against the labels of `rows` (the `split` half)."""
+def evaluate(
+    name: str, judge: RefusalJudge, rows: list[dict[str, Any]], model: str, split: str, show_errors: bool
+) -> dict[str, Any]:
+    """One row of judges.json: the judge's scores against the labels of `rows` (the `split` half of `model`'s set)."""
     verdicts, seconds = run_judge(judge, rows)
     clear = [(row, verdict) for row, verdict in zip(rows, verdicts) if row["label"] != "unclear"]
     result: dict[str, Any] = dict(scores([row["label"] == "refusal" for row, _ in clear], [verdict for _, verdict in clear]))
@@ -114,26 +120,26 @@ def evaluate(name: str, judge: RefusalJudge, rows: list[dict[str, Any]], split: 
     for kind in ("harmful", "harmless"):
         part = [(row, verdict) for row, verdict in clear if row["kind"] == kind]
         by_kind[kind] = {"n": len(part), "wrong": sum((row["label"] == "refusal") != verdict for row, verdict in part)}
-    result.update(model=LABELLED_MODEL, split=split, judge=name, unclear=len(rows) - len(clear))
+    result.update(model=model, split=split, judge=name, unclear=len(rows) - len(clear))
     result.update(seconds_per_100=seconds, by_kind=by_kind)
     if show_errors:
         for row, verdict in clear:
             if (row["label"] == "refusal") != verdict:
                 said = "refusal" if verdict else "compliance"
                 print(
-                    f"--- {name} said {said}, label {row['label']} [{row['id']}] {row['prompt'][:80]!r}\n{row['response'][:400]!r}"
+                    f"--- {name} said {said}, label {row['label']} [{model} {row['id']}] {row['prompt'][:80]!r}\n{row['response'][:400]!r}"
                 )
     return result
 
 
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| judge | accuracy | precision | recall | F1 | Cohen's κ | unclear given | s / 100 responses |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| responses of | judge | accuracy | precision | recall | F1 | Cohen's κ | unclear given | s / 100 responses |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
-            f"| {r['judge']} | {r['accuracy']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | "
+            f"| {r['model']} | {r['judge']} | {r['accuracy']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | "
             f"{r['kappa']:.3f} | {r['unclear']} | {r['seconds_per_100']:.2f} |"
         )
     return "\n".join(lines)
@@ -142,7 +148,8 @@ def table(results: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--split", choices=["dev", "test"], default="test")
-    parser.add_argument("--judges", default="markers,markers-reference,rules,model")
+    parser.add_argument("--models", default="demo,1.5b", help="the labelled sets to read (keys of bench.harness.models.MODELS)")
+    parser.add_argument("--judges", default="markers,markers-reference,rules,model,model-1.5b")
     parser.add_argument("--judge-url", default=None, help="OpenAI-compatible endpoint for the http judge")
     parser.add_argument("--errors", action="store_true", help="print every response a judge gets wrong")
     parser.add_argument("--rates", action="store_true", help="only write the shipped rates from bench/results/judges.json")
@@ -156,18 +163,27 @@ def main() -> None:
     if args.table:
         publish(json.loads((RESULTS / "judges.json").read_text()))
         return
-    rows = load_labelled(args.split)
+    models = [model.strip() for model in args.models.split(",") if model.strip()]
+    if unknown := [model for model in models if model not in SETS]:
+        raise SystemExit(f"no labelled set for {unknown}: choose from {sorted(SETS)}")
+    sets = {MODELS[model]: load_labelled(args.split, SETS[model]) for model in models}
     names = [name.strip() for name in args.judges.split(",") if name.strip()]
     if args.judge_url and "http" not in names:
         names.append("http")
-    results = [evaluate(name, make(name, args.judge_url), rows, args.split, args.errors) for name in names]
-    print(f"{args.split} half: {len(rows)} responses")
+    results = []
+    for name in names:  # each judge is made once (a model judge loads its model) and reads every set
+        judge = make(name, args.judge_url)
+        results += [evaluate(name, judge, rows, model, args.split, args.errors) for model, rows in sets.items()]
+    print(", ".join(f"{model}: {len(rows)} responses" for model, rows in sets.items()), f"({args.split} halves)")
+    results.sort(key=lambda row: list(sets).index(row["model"]))  # grouped by model, judges in the order given
     print(table(results))
     if args.split == "test":
+        if set(models) != set(SETS):
+            raise SystemExit("judges.json holds every labelled set: run the test halves without --models")
         record = {
             "default_judge": Settings().judge,
             "split": "test",
-            "responses": len(rows),
+            "responses": {model: len(rows) for model, rows in sets.items()},
             **run_record(),
             "results": results,
         }
@@ -177,15 +193,17 @@ def main() -> None:
 
 
 def publish(record: dict[str, Any]) -> None:
-    """The "judges" section of BENCHMARKS.md: every judge on the test half of bench/judge-labels."""
-    results = record["results"]
-    first = results[0]  # every judge reads the same responses
-    refusals, compliances = first["tp"] + first["fn"], first["tn"] + first["fp"]
+    """The "judges" section of BENCHMARKS.md: every judge on the test half of each labelled set."""
+    sets = []
+    for model, n in record["responses"].items():
+        first = next(row for row in record["results"] if row["model"] == model)  # every judge reads the same responses
+        refusals, compliances = first["tp"] + first["fn"], first["tn"] + first["fp"]
+        sets.append(f"{n} responses of {model} ({refusals} refusals and {compliances} compliances by reading)")
     section = (
-        f"The test half of the hand-labelled set (bench/judge-labels: {record['responses']} responses of the demo model at "
-        f"100 tokens, {refusals} refusals and {compliances} compliances by reading, the rest unclear and left out); "
-        "refusal is the positive class. The development half, on which the rules and the model judge's threshold "
-        "were tuned, is not scored here. Targets: F1 ≥ 0.95 and κ ≥ 0.85.\n\n" + table(results)
+        f"The test halves of the hand-labelled sets (bench/judge-labels: {'; '.join(sets)}; the rest unclear and "
+        "left out; the demo model's responses run to 100 tokens, the 1.5B model's to 200); refusal is the positive class. The development halves, on which the rules and the model judge's "
+        "threshold were tuned, are not scored here. `model` is the model judge asked by the demo model, `model-1.5b` "
+        "by the 1.5B model. Targets: F1 ≥ 0.95 and κ ≥ 0.85.\n\n" + table(record["results"])
     )
     update_section(section, "judges", record, "python -m bench.judges")
 

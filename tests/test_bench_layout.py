@@ -124,3 +124,13 @@ def test_the_demo_timing_reads_the_runs_own_output() -> None:
     row = {"date": "2026-12-07", "cpu_flags": ["avx2"], "cache": "warm", "wall_s": 480.0, "trials": 24, "verification": 0.15}
     row["chosen"] = {"refusals": 4, "kl": 0.2, "verified": {"response_length": 96}, "heldout_kl": {"mean": 0.3, "median": 0.02}}
     assert "| 2026-12-07 | avx2 | warm | 8.0 min | 24 | 15% | 4/64, 0.200 ✓ | 0.300, 0.0200 |" in table([row])
+
+
+def test_the_benchmark_says_which_judge_our_command_runs() -> None:
+    """The reference's markers are always passed, so without --judge our command runs the markers judge."""
+    from bench.harness.tools import our_judge
+
+    markers = ["sorry", "illegal"]
+    assert our_judge(["--judge", "rules"], markers) == "rules"
+    assert our_judge(["--search-minutes", "5", "--judge=model"], markers) == "model"
+    assert our_judge([], markers).startswith("markers (the reference's 2;")

@@ -191,32 +191,30 @@ def test_custom_markers_leave_the_counts_uncorrected_in_the_record_and_the_card(
 def test_the_rules_judge_counts_carry_their_corrected_interval(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     """The rules judge has measured error rates: the record holds each count's estimate, interval, method and
     labelled set, and the card shows them in its results table."""
-    from heretic.scoring.interval import JudgeRates, true_count
+    from heretic.scoring.interval import true_count
+    from heretic.scoring.judge_rates import measured_rates
 
     run(settings(tiny_models["qwen2"], tmp_path, judge="rules", action=["save"], n_trials=2, n_startup_trials=2))
     record = json.loads((tmp_path / "out" / "model" / "heretic.json").read_text())
     card = (tmp_path / "out" / "model" / "README.md").read_text()
     baseline, n = record["baseline"], record["baseline"]["n_prompts"]
     entry = baseline["true_refusals"]
-    expected = true_count(baseline["refusals"], n, JudgeRates(tp=39, fn=30, tn=289, fp=9))
+    shipped = measured_rates({"judge": "rules"})  # src/heretic/data/judge_rates.json
+    assert shipped is not None
+    expected = true_count(baseline["refusals"], n, shipped.rates)
     assert entry["corrected"] is True and entry["judge"] == "rules" and entry["confidence"] == 0.95
     assert entry["estimate"] == round(expected.estimate, 2) and (entry["low"], entry["high"]) == (
         round(expected.low, 2),
         round(expected.high, 2),
     )
     assert entry["low"] <= entry["estimate"] <= entry["high"] and entry["method"].startswith("Rogan-Gladen")
-    assert entry["labelled_set"] == {
-        "model": "Qwen2.5-Coder-0.5B-Instruct",
-        "split": "test",
-        "n": 367,
-        "description": "the rules judge's error rates on 367 labelled responses of Qwen2.5-Coder-0.5B-Instruct",
-    }
+    assert entry["labelled_set"] == {"model": shipped.model, "split": "test", "n": shipped.n, "description": shipped.describe()}
     original_cell = f"≈ {entry['estimate']:.0f} ({entry['low']:.0f}–{entry['high']:.0f})"
     assert f"| original | {baseline['refusals']} | {original_cell} | 0 |" in card
     trial = record["trial"]["true_refusals"]
     if not record["trial"]["refusals_is_lower_bound"]:
         assert trial["corrected"] is True and f"| ≈ {trial['estimate']:.0f} ({trial['low']:.0f}–{trial['high']:.0f}) |" in card
-    assert "corrected for the rules judge's error rates on 367 labelled responses of Qwen2.5-Coder-0.5B-Instruct" in card
+    assert f"corrected for {shipped.describe()}" in card
 
 
 def test_a_record_from_before_the_exact_ablation_is_rebuilt_with_the_approximation() -> None:

@@ -1,7 +1,8 @@
-"""Load the hand-labelled refusal set (bench/judge-labels): responses joined with their labels and split.
+"""Load the hand-labelled refusal sets (bench/judge-labels): responses joined with their labels and split.
 
-from bench.harness.labels import load_labelled
-rows = load_labelled("dev")   # or "test", or None for all
+from bench.harness.labels import SETS, load_labelled
+rows = load_labelled("dev")   # or "test", or None for all; the demo model's set
+rows = load_labelled("test", SETS["1.5b"])   # the second benchmark model's set
 rows[0]["prompt"], rows[0]["response"], rows[0]["label"], rows[0]["split"]
 """
 
@@ -14,6 +15,8 @@ from pathlib import Path
 FOLDER = Path(__file__).resolve().parents[1] / "judge-labels"
 LABELS = ("refusal", "compliance", "unclear")
 SPLITS = ("dev", "test")
+# One labelled set per benchmark model (the keys of bench.harness.models.MODELS), each with the same files.
+SETS = {"demo": FOLDER, "1.5b": FOLDER / "1.5b"}
 
 
 def split_of(prompt: str) -> str:

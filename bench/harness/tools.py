@@ -422,6 +422,7 @@ def run_ours(
     the same command left there (a run longer than one sitting, e.g. the equal-time run)."""
     folder = WORK / label
     command = our_command(settings, model, markers, extra)
+    log(f"{label}: judge {our_judge(extra, markers)}")
     if resume:
 
         def same() -> bool:
@@ -441,6 +442,17 @@ def run_ours(
     data["command"] = shlex.join(command)
     data["dtype"] = chosen_dtype(folder / runs[-1]["log"])
     return data
+
+
+def our_judge(extra: list[str], markers: list[str]) -> str:
+    """Which judge our command runs: the one `--judge` in `extra` names, else the markers judge, which the
+    reference's markers (always passed, for the side-by-side) choose."""
+    for index, arg in enumerate(extra):
+        if arg.startswith("--judge="):
+            return arg.split("=", 1)[1]
+        if arg == "--judge" and index + 1 < len(extra):
+            return extra[index + 1]
+    return f"markers (the reference's {len(markers)}; pass '--ours-args=--judge rules' for the default judge)"
 
 
 def check_resumable(folder: Path, flag: str, same_settings: Callable[[], bool]) -> None:

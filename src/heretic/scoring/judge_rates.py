@@ -1,12 +1,12 @@
 """The built-in judges' error rates measured on hand-labelled responses, and the refusal counts they correct.
 
 src/heretic/data/judge_rates.json holds, for each built-in judge whose rates were measured, its confusion
-counts (tp, fn, tn, fp) against a person's labels on the test half of bench/judge-labels (responses of the
-demo model, Qwen2.5-Coder-0.5B-Instruct). It is written from bench/results/judges.json by
-`python -m bench.judges --rates` (rates_file below), never by hand. The marker judge's rates hold only for
-the default marker list; the model judge's were measured with the demo model judging itself and are not
-applied (another judge model, another threshold), nor are any for the http judge or a plug-in: their counts
-are reported uncorrected.
+counts (tp, fn, tn, fp) against a person's labels on the test halves of bench/judge-labels (responses of the
+two benchmark models, Qwen2.5-Coder-0.5B-Instruct and -1.5B-Instruct, pooled). It is written from
+bench/results/judges.json by `python -m bench.judges --rates` (rates_file below), never by hand. The marker
+judge's rates hold only for the default marker list; the model judge's were measured with benchmark models
+judging and are not applied (another judge model, another threshold), nor are any for the http judge or a
+plug-in: their counts are reported uncorrected.
 """
 
 from __future__ import annotations
@@ -23,25 +23,25 @@ from .interval import CONFIDENCE, JudgeRates, TrueCount, true_count
 
 RATES_FILE = Path(__file__).resolve().parents[1] / "data" / "judge_rates.json"
 MEASURED_JUDGES = ("markers", "rules")  # rows of bench/results/judges.json that are the tool's judges as shipped
-LABELLED_MODEL = "Qwen2.5-Coder-0.5B-Instruct"
 UNCORRECTED = "uncorrected: no measured error rates for this judge"
 LOWER_BOUND = "uncorrected: the count is a lower bound (the trial was cut short)"
 
 
 def rates_file(results: Mapping[str, Any]) -> dict[str, Any]:
-    """The content of judge_rates.json from bench/results/judges.json (its test-half rows)."""
-    assert results["split"] == "test", "the rates are the test half's"
-    rows = {row["judge"]: row for row in results["results"]}
-    judges = {
-        name: {
-            "tp": rows[name]["tp"],
-            "fn": rows[name]["fn"],
-            "tn": rows[name]["tn"],
-            "fp": rows[name]["fp"],
-            "labelled_set": {"model": LABELLED_MODEL, "split": results["split"], "n": rows[name]["n"]},
+    """The content of judge_rates.json from bench/results/judges.json: each measured judge's confusion counts
+    summed over the test halves of every labelled set (one row per model and judge)."""
+    assert results["split"] == "test", "the rates are the test halves'"
+    judges = {}
+    for name in MEASURED_JUDGES:
+        rows = [row for row in results["results"] if row["judge"] == name]
+        judges[name] = {
+            **{cell: sum(row[cell] for row in rows) for cell in ("tp", "fn", "tn", "fp")},
+            "labelled_set": {
+                "model": " and ".join(dict.fromkeys(row["model"] for row in rows)),
+                "split": results["split"],
+                "n": sum(row["n"] for row in rows),
+            },
         }
-        for name in MEASURED_JUDGES
-    }
     return {"source": "bench/results/judges.json (python -m bench.judges --rates)", "judges": judges}
 
 
