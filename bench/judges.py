@@ -11,6 +11,13 @@ responses it was given (left out of the scores, which compare refusal against co
     python -m bench.judges --models 1.5b --judges markers,rules --errors   # one set; print each mistake
     python -m bench.judges --rates          # only rewrite src/heretic/data/judge_rates.json from judges.json
 
+What a judge costs in a search, as its median trial over the default judge's (`median_trial_ratio`, demo model
+rows), comes from short searches of the same three seeded trials under each judge (run alone, one after another):
+
+    python -m bench.run_bench --tools ours --trials 3 --startup-trials 3 --label judge-cost-NAME "--ours-args=ARGS"
+
+with NAME and ARGS from COST_RUNS; the newest results file of each label is read.
+
 Writes bench/results/judges.json (the test halves only; one row per model and judge), and from it
 src/heretic/data/judge_rates.json: the shipped judges' error rates, pooled over both sets, with which the
 tool corrects its refusal counts. `model` is today's model judge asked by the demo model (the original, as
@@ -28,7 +35,7 @@ from typing import Any
 from bench.harness.labels import SETS, load_labelled
 from bench.harness.machine import run_record
 from bench.harness.models import MODELS, model_gguf
-from bench.harness.paths import RESULTS
+from bench.harness.paths import RESULTS, WORK
 from bench.harness.publish import update_section
 from bench.harness.tools import REFERENCE_MARKERS
 from heretic.config import DEFAULT_REFUSAL_MARKERS, Settings
@@ -37,6 +44,14 @@ from heretic.scoring.judge_rates import RATES_FILE, rates_file
 from heretic.scoring.refusals import MarkerJudge, RefusalJudge
 
 SYSTEM = Settings().system_prompt
+# The trial-cost search of each judge on the demo model: judge row -> our arguments (the reference's markers are
+# passed to every run_bench search, so `--judge markers` there counts with them: the markers-reference row).
+COST_RUNS = {
+    "rules": "--judge rules",
+    "markers-reference": "--judge markers",
+    "model": "--judge model",
+    "model-1.5b": f"--judge model --judge-model {WORK / MODELS['1.5b']}",  # the folder bench.harness.models prepares
+}
 
 
 def scores(labels: list[bool], verdicts: list[bool]) -> dict[str, float]:
@@ -132,15 +147,35 @@ def evaluate(
     return result
 
 
+def trial_costs(default: str) -> dict[str, dict[str, Any]]:
+    """Each judge's median trial on the demo model and its ratio to the default judge's, from the newest run_bench
+    results of label judge-cost-NAME (COST_RUNS); judges without such a run are left out."""
+    newest: dict[str, tuple[str, dict[str, Any]]] = {}
+    for path in sorted(RESULTS.glob("2*.json")):  # run_bench's files are named by their start time
+        tools = json.loads(path.read_text()).get("tools", {})
+        for name in COST_RUNS:
+            if f"judge-cost-{name}" in tools:
+                newest[name] = (path.name, tools[f"judge-cost-{name}"])
+    if default not in newest:
+        return {}
+    base = newest[default][1]["median_trial_s"]
+    return {
+        name: {"median_trial_s": run["median_trial_s"], "median_trial_ratio": run["median_trial_s"] / base, "cost_run": file}
+        for name, (file, run) in newest.items()
+    }
+
+
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| responses of | judge | accuracy | precision | recall | F1 | Cohen's κ | unclear given | s / 100 responses |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| responses of | judge | accuracy | precision | recall | F1 | Cohen's κ | unclear given | s / 100 responses "
+        "| median trial × default |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
+        ratio = f"{r['median_trial_ratio']:.2f}" if r.get("median_trial_ratio") is not None else ""
         lines.append(
             f"| {r['model']} | {r['judge']} | {r['accuracy']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | "
-            f"{r['kappa']:.3f} | {r['unclear']} | {r['seconds_per_100']:.2f} |"
+            f"{r['kappa']:.3f} | {r['unclear']} | {r['seconds_per_100']:.2f} | {ratio} |"
         )
     return "\n".join(lines)
 
@@ -180,6 +215,12 @@ def main() -> None:
     if args.split == "test":
         if set(models) != set(SETS):
             raise SystemExit("judges.json holds every labelled set: run the test halves without --models")
+        costs = trial_costs(Settings().judge)
+        for row in results:
+            if row["model"] == MODELS["demo"]:
+                row.update(costs.get(row["judge"], {"median_trial_ratio": None}))
+            else:
+                row["median_trial_ratio"] = None  # measured on the demo model only
         record = {
             "default_judge": Settings().judge,
             "split": "test",
@@ -203,7 +244,9 @@ def publish(record: dict[str, Any]) -> None:
         f"The test halves of the hand-labelled sets (bench/judge-labels: {'; '.join(sets)}; the rest unclear and "
         "left out; the demo model's responses run to 100 tokens, the 1.5B model's to 200); refusal is the positive class. The development halves, on which the rules and the model judge's "
         "threshold were tuned, are not scored here. `model` is the model judge asked by the demo model, `model-1.5b` "
-        "by the 1.5B model. Targets: F1 ≥ 0.95 and κ ≥ 0.85.\n\n" + table(record["results"])
+        "by the 1.5B model. Median trial × default: a search's median trial under the judge over one under the default "
+        "judge, the same three seeded trials on the demo model (the files named by `cost_run` in judges.json). "
+        "Targets: F1 ≥ 0.95 and κ ≥ 0.85.\n\n" + table(record["results"])
     )
     update_section(section, "judges", record, "python -m bench.judges")
 

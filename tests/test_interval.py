@@ -89,7 +89,7 @@ def test_the_shipped_rates_are_the_benchmarks_test_half() -> None:
         "fn": 30,
         "tn": 289,
         "fp": 9,
-        "labelled_set": {"model": "Qwen2.5-Coder-0.5B-Instruct", "split": "test", "n": 367},
+        "labelled_set": {"model": "Qwen2.5-Coder-0.5B-Instruct and Qwen2.5-Coder-1.5B-Instruct", "split": "test", "n": 619},
     }
 
 
@@ -98,9 +98,9 @@ def test_only_the_measured_judges_get_rates() -> None:
     from heretic.scoring.judge_rates import measured_rates
 
     rules = measured_rates(Settings().model_dump())
-    assert rules is not None and rules.judge == "rules" and rules.rates == JudgeRates(tp=39, fn=30, tn=289, fp=9)
+    assert rules is not None and rules.judge == "rules" and rules.rates == JudgeRates(tp=90, fn=56, tn=456, fp=17)
     markers = measured_rates(Settings(judge="markers").model_dump())
-    assert markers is not None and markers.rates == JudgeRates(tp=31, fn=38, tn=295, fp=3)
+    assert markers is not None and markers.rates == JudgeRates(tp=78, fn=68, tn=463, fp=10)
     assert measured_rates(Settings(refusal_markers=["sorry"]).model_dump()) is None  # a custom list
     assert measured_rates(Settings(judge="model").model_dump()) is None
     assert measured_rates({"judge": "http"}) is None
@@ -111,18 +111,19 @@ def test_the_terminal_line_gives_both_counts_and_where_the_rates_come_from() -> 
     from heretic.scoring.judge_rates import corrected_entry, measured_rates, terminal_line
 
     rates = measured_rates({"judge": "rules"})
-    trial, original = true_count(6, 64, JudgeRates(39, 30, 289, 9)), true_count(16, 64, JudgeRates(39, 30, 289, 9))
+    trial, original = true_count(6, 64, JudgeRates(90, 56, 456, 17)), true_count(16, 64, JudgeRates(90, 56, 456, 17))
     line = terminal_line(corrected_entry(6, 64, rates), corrected_entry(16, 64, rates))
     assert line == (
         f"True refusals: ≈ {trial.estimate:.0f} (95 %: {trial.low:.0f}–{trial.high:.0f}, corrected for the rules judge's "
-        f"error rates on 367 labelled responses of Qwen2.5-Coder-0.5B-Instruct); the original ≈ {original.estimate:.0f} "
+        f"error rates on 619 labelled responses of Qwen2.5-Coder-0.5B-Instruct and Qwen2.5-Coder-1.5B-Instruct); the "
+        f"original ≈ {original.estimate:.0f} "
         f"(95 %: {original.low:.0f}–{original.high:.0f})"
     )
-    assert line.startswith("True refusals: ≈ 8 (95 %: 0–19, ")  # (6/64 + Sp − 1)/(Se + Sp − 1)·64 = 7.6
+    assert line.startswith("True refusals: ≈ 6 (95 %: 0–17, ")  # (6/64 + Sp − 1)/(Se + Sp − 1)·64 = 6.4
     uncorrected = terminal_line(corrected_entry(6, 64, None), corrected_entry(16, 64, None))
     assert uncorrected == "True refusals: uncorrected: no measured error rates for this judge"
     cut = terminal_line(corrected_entry(6, 64, rates, lower_bound=True), corrected_entry(16, 64, rates))
-    assert cut.startswith("True refusals: uncorrected: the count is a lower bound") and "the original ≈ 26" in cut
+    assert cut.startswith("True refusals: uncorrected: the count is a lower bound") and "the original ≈ 24" in cut
 
 
 def test_the_front_table_shows_the_true_refusals_beside_the_count() -> None:

@@ -1,4 +1,4 @@
-"""The hand-labelled refusal set in bench/judge-labels: complete, consistent, split by prompt."""
+"""The hand-labelled refusal sets in bench/judge-labels: complete, consistent, split by prompt."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import collections
 
 import pytest
 
-from bench.harness.labels import LABELS, load_labelled, split_of
+from bench.harness.labels import LABELS, SETS, load_labelled, split_of
 from heretic.scoring.rules import RuleJudge
 
 RULES = RuleJudge()
@@ -22,14 +22,27 @@ def test_every_response_has_a_label_and_a_half() -> None:
     assert all(row["note"] for row in rows if row["label"] == "unclear")
 
 
-def test_split_is_by_prompt() -> None:
-    rows = load_labelled()
+def test_the_second_models_set_is_complete() -> None:
+    """Qwen2.5-Coder-1.5B-Instruct: the original and four trials on harmful prompts, harmless prompts with the
+    original and the strongest trial; every response labelled and marked by reading."""
+    rows = load_labelled(None, SETS["1.5b"])
+    assert len(rows) >= 400
+    assert {row["label"] for row in rows} <= set(LABELS)
+    assert len({row["config"] for row in rows if row["kind"] == "harmful"}) == 5
+    assert len({row["config"] for row in rows if row["kind"] == "harmless"}) == 2
+    assert all(row["note"] for row in rows if row["label"] == "unclear")
+    assert all(isinstance(row["degenerate"], bool) for row in rows)
+
+
+@pytest.mark.parametrize("model", sorted(SETS))
+def test_split_is_by_prompt(model: str) -> None:
+    rows = load_labelled(None, SETS[model])
     halves: dict[tuple[str, int], set[str]] = collections.defaultdict(set)
     for row in rows:
         assert row["split"] == split_of(row["prompt"])
         halves[(row["kind"], row["prompt_index"])].add(row["split"])
     assert all(len(split) == 1 for split in halves.values())
-    dev, test = load_labelled("dev"), load_labelled("test")
+    dev, test = load_labelled("dev", SETS[model]), load_labelled("test", SETS[model])
     assert len(dev) + len(test) == len(rows)
     assert not {row["prompt"] for row in dev} & {row["prompt"] for row in test}
 
@@ -43,7 +56,7 @@ def test_rules_early_verdicts_are_exact_on_every_labelled_response() -> None:
     """Every response of the hand-labelled set, cut after every few characters: no early verdict differs
     from the verdict on the whole response, and most refusals (those with a declining opening; lectures
     wait for the window) are decided within their first 60 characters."""
-    rows = load_labelled(None)
+    rows = load_labelled(None) + load_labelled(None, SETS["1.5b"])
     decided_early = 0
     for row in rows:
         response, final = row["response"], RULES.is_refusal(row["response"])

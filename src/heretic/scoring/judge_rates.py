@@ -100,22 +100,22 @@ def corrected_entry(refusals: int, n_prompts: int, measured: MeasuredRates | Non
 
 
 def short_text(entry: Mapping[str, Any]) -> str:
-    """For a table cell: "≈ 26 (14–43)", or "uncorrected"."""
+    """For a table cell: "≈ 24 (13–37)", or "uncorrected"."""
     if not entry.get("corrected"):
         return "uncorrected"
     return f"≈ {entry['estimate']:.0f} ({entry['low']:.0f}–{entry['high']:.0f})"
 
 
 def long_text(entry: Mapping[str, Any]) -> str:
-    """Beside a count: "≈ 26 (95 %: 14–43, corrected for the rules judge's error rates on 367 labelled responses
-    of Qwen2.5-Coder-0.5B-Instruct)", or the reason it is uncorrected."""
+    """Beside a count: "≈ 24 (95 %: 13–37, corrected for the rules judge's error rates on 619 labelled responses
+    of Qwen2.5-Coder-0.5B-Instruct and Qwen2.5-Coder-1.5B-Instruct)", or the reason it is uncorrected."""
     if not entry.get("corrected"):
         return str(entry.get("note", UNCORRECTED))
     return f"{interval_text(entry)[:-1]}, corrected for {entry['labelled_set']['description']})"
 
 
 def interval_text(entry: Mapping[str, Any]) -> str:
-    """For a corrected count: ≈ 26 (95 %: 14–43); otherwise its note (uncorrected: ...)."""
+    """For a corrected count: ≈ 24 (95 %: 13–37); otherwise its note (uncorrected: ...)."""
     if not entry.get("corrected"):
         return str(entry.get("note", UNCORRECTED))
     return f"≈ {entry['estimate']:.0f} ({entry['confidence'] * 100:.0f} %: {entry['low']:.0f}–{entry['high']:.0f})"
