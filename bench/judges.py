@@ -16,7 +16,7 @@ rows), comes from short searches of the same three seeded trials under each judg
 
     python -m bench.run_bench --tools ours --trials 3 --startup-trials 3 --label judge-cost-NAME "--ours-args=ARGS"
 
-with NAME and ARGS from COST_RUNS; the newest results file of each label is read.
+with NAME and ARGS from COST_RUNS; the newest results file of each label is read (also by --table).
 
 Writes bench/results/judges.json (the test halves only; one row per model and judge), and from it
 src/heretic/data/judge_rates.json: the shipped judges' error rates, pooled over both sets, with which the
@@ -46,11 +46,11 @@ from heretic.scoring.refusals import MarkerJudge, RefusalJudge
 SYSTEM = Settings().system_prompt
 # The trial-cost search of each judge on the demo model: judge row -> our arguments (the reference's markers are
 # passed to every run_bench search, so `--judge markers` there counts with them: the markers-reference row).
-COST_RUNS = {
-    "rules": "--judge rules",
-    "markers-reference": "--judge markers",
-    "model": "--judge model",
-    "model-1.5b": f"--judge model --judge-model {WORK / MODELS['1.5b']}",  # the folder bench.harness.models prepares
+COST_RUNS = {  # judge row: (NAME of the run's label judge-cost-NAME, ARGS)
+    "rules": ("rules", "--judge rules"),
+    "markers-reference": ("markers", "--judge markers"),
+    "model": ("model", "--judge model"),
+    "model-1.5b": ("model-1.5b", f"--judge model --judge-model {WORK / MODELS['1.5b']}"),  # as bench.harness.models prepares it
 }
 
 
@@ -153,9 +153,9 @@ def trial_costs(default: str) -> dict[str, dict[str, Any]]:
     newest: dict[str, tuple[str, dict[str, Any]]] = {}
     for path in sorted(RESULTS.glob("2*.json")):  # run_bench's files are named by their start time
         tools = json.loads(path.read_text()).get("tools", {})
-        for name in COST_RUNS:
-            if f"judge-cost-{name}" in tools:
-                newest[name] = (path.name, tools[f"judge-cost-{name}"])
+        for name, (label, _) in COST_RUNS.items():
+            if f"judge-cost-{label}" in tools:
+                newest[name] = (path.name, tools[f"judge-cost-{label}"])
     if default not in newest:
         return {}
     base = newest[default][1]["median_trial_s"]
@@ -163,6 +163,15 @@ def trial_costs(default: str) -> dict[str, dict[str, Any]]:
         name: {"median_trial_s": run["median_trial_s"], "median_trial_ratio": run["median_trial_s"] / base, "cost_run": file}
         for name, (file, run) in newest.items()
     }
+
+
+def attach_costs(results: list[dict[str, Any]]) -> None:
+    """Each demo-model row gets its judge's median trial and ratio (None where not measured); other rows None."""
+    costs = trial_costs(Settings().judge)
+    for row in results:
+        row.update({"median_trial_s": None, "median_trial_ratio": None, "cost_run": None})
+        if row["model"] == MODELS["demo"]:  # measured on the demo model only
+            row.update(costs.get(row["judge"], {}))
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -189,14 +198,19 @@ def main() -> None:
     parser.add_argument("--errors", action="store_true", help="print every response a judge gets wrong")
     parser.add_argument("--rates", action="store_true", help="only write the shipped rates from bench/results/judges.json")
     parser.add_argument(
-        "--table", action="store_true", help="only rewrite the BENCHMARKS.md section from bench/results/judges.json"
+        "--table",
+        action="store_true",
+        help="only rewrite the BENCHMARKS.md section (and the trial costs) of bench/results/judges.json",
     )
     args = parser.parse_args()
     if args.rates:
         write_rates()
         return
-    if args.table:
-        publish(json.loads((RESULTS / "judges.json").read_text()))
+    if args.table:  # the costs are read again: a judge's cost run may come after its scores
+        record = json.loads((RESULTS / "judges.json").read_text())
+        attach_costs(record["results"])
+        (RESULTS / "judges.json").write_text(json.dumps(record, indent=2))
+        publish(record)
         return
     models = [model.strip() for model in args.models.split(",") if model.strip()]
     if unknown := [model for model in models if model not in SETS]:
@@ -215,12 +229,7 @@ def main() -> None:
     if args.split == "test":
         if set(models) != set(SETS):
             raise SystemExit("judges.json holds every labelled set: run the test halves without --models")
-        costs = trial_costs(Settings().judge)
-        for row in results:
-            if row["model"] == MODELS["demo"]:
-                row.update(costs.get(row["judge"], {"median_trial_ratio": None}))
-            else:
-                row["median_trial_ratio"] = None  # measured on the demo model only
+        attach_costs(results)
         record = {
             "default_judge": Settings().judge,
             "split": "test",
