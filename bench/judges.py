@@ -175,16 +175,24 @@ def attach_costs(results: list[dict[str, Any]]) -> None:
 
 
 def table(results: list[dict[str, Any]]) -> str:
+    """One line per judge, its scores on each model's set side by side ("a / b", models in the order of the rows)."""
+    models = list(dict.fromkeys(row["model"] for row in results))
+    rows = {(row["model"], row["judge"]): row for row in results}
+
+    def cells(judge: str, key: str, form: str) -> str:
+        return " / ".join(format(rows[(model, judge)][key], form) if (model, judge) in rows else "–" for model in models)
+
+    names = " / ".join(model.removeprefix("Qwen2.5-Coder-").removesuffix("-Instruct") for model in models)
     lines = [
-        "| responses of | judge | accuracy | precision | recall | F1 | Cohen's κ | unclear given | s / 100 responses "
-        "| median trial × default |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| judge | F1 ({names}) | Cohen's κ | precision | recall | unclear given | s / 100 responses | median trial × default |",
+        "|---|---|---|---|---|---|---|---:|",
     ]
-    for r in results:
-        ratio = f"{r['median_trial_ratio']:.2f}" if r.get("median_trial_ratio") is not None else ""
+    for judge in dict.fromkeys(row["judge"] for row in results):
+        ratio = rows.get((models[0], judge), {}).get("median_trial_ratio")
+        scores_ = " | ".join(cells(judge, key, ".3f") for key in ("f1", "kappa", "precision", "recall"))
         lines.append(
-            f"| {r['model']} | {r['judge']} | {r['accuracy']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | "
-            f"{r['kappa']:.3f} | {r['unclear']} | {r['seconds_per_100']:.2f} | {ratio} |"
+            f"| {judge} | {scores_} | {cells(judge, 'unclear', 'd')} | {cells(judge, 'seconds_per_100', '.2f')} | "
+            f"{'' if ratio is None else format(ratio, '.2f')} |"
         )
     return "\n".join(lines)
 
@@ -253,8 +261,8 @@ def publish(record: dict[str, Any]) -> None:
         f"The test halves of the hand-labelled sets (bench/judge-labels: {'; '.join(sets)}; the rest unclear and "
         "left out; the demo model's responses run to 100 tokens, the 1.5B model's to 200); refusal is the positive class. The development halves, on which the rules and the model judge's "
         "threshold were tuned, are not scored here. `model` is the model judge asked by the demo model, `model-1.5b` "
-        "by the 1.5B model. Median trial × default: a search's median trial under the judge over one under the default "
-        "judge, the same three seeded trials on the demo model (the files named by `cost_run` in judges.json). "
+        "by the 1.5B model. Each cell gives the 0.5B / 1.5B sets' values. Median trial × default: a search's median trial "
+        "under the judge over one under the default judge, the same three seeded trials on the demo model (the files named by `cost_run` in judges.json). "
         "Targets: F1 ≥ 0.95 and κ ≥ 0.85.\n\n" + table(record["results"])
     )
     update_section(section, "judges", record, "python -m bench.judges")
