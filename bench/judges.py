@@ -223,6 +223,8 @@ def main() -> None:
     models = [model.strip() for model in args.models.split(",") if model.strip()]
     if unknown := [model for model in models if model not in SETS]:
         raise SystemExit(f"no labelled set for {unknown}: choose from {sorted(SETS)}")
+    if args.split == "test" and set(models) != set(SETS):  # checked before any judge runs: a model judge takes long
+        raise SystemExit("judges.json holds every labelled set: run the test halves without --models")
     sets = {MODELS[model]: load_labelled(args.split, SETS[model]) for model in models}
     names = [name.strip() for name in args.judges.split(",") if name.strip()]
     if args.judge_url and "http" not in names:
@@ -235,8 +237,6 @@ def main() -> None:
     results.sort(key=lambda row: list(sets).index(row["model"]))  # grouped by model, judges in the order given
     print(table(results))
     if args.split == "test":
-        if set(models) != set(SETS):
-            raise SystemExit("judges.json holds every labelled set: run the test halves without --models")
         attach_costs(results)
         record = {
             "default_judge": Settings().judge,
