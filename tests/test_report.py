@@ -170,8 +170,8 @@ def test_the_summary_gives_the_true_refusals_corrected_for_the_judge() -> None:
     rates = measured_rates({"judge": "rules"})
     data.true_refusals = {"original": corrected_entry(16, 64, rates), "chosen": corrected_entry(6, 64, rates)}
     summary = summary_section(data)
-    assert "<tr><th>True refusals</th><td>≈ 8 (95 %: 0–19, corrected for the rules judge&#x27;s error rates on 367" in summary
-    assert "Qwen2.5-Coder-0.5B-Instruct); the original ≈ 26 (95 %: 14–43)</td></tr>" in summary
+    assert "<tr><th>True refusals</th><td>≈ 6 (95 %: 0–17, corrected for the rules judge&#x27;s error rates on 619" in summary
+    assert "Qwen2.5-Coder-1.5B-Instruct); the original ≈ 24 (95 %: 13–37)</td></tr>" in summary
 
 
 def test_too_few_trials_for_importances_are_said_so() -> None:

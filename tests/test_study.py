@@ -37,16 +37,17 @@ def fake_loaded(gguf_file: Path | None = None) -> SimpleNamespace:
 
 
 def test_fingerprint_of_default_settings_is_pinned() -> None:
-    # Changed on purpose four times: the default judge became `rules`, then its rules revision 2, then the full
+    # Changed on purpose five times: the default judge became `rules`, then its rules revision 2, then the full
     # ablation became exact (full_normalization_exact), then the directions were read at the template's last five
-    # tokens (direction_positions); each a new search.
+    # tokens (direction_positions), then rules revision 3; each a new search.
     values = study_fingerprint(Settings(), fake_loaded(), PROMPT_SETS, "")
-    assert checkpoint.fingerprint(values) == "fc2e46ad6813a0463a218b6853f7acb40c9eff8dc4ad2ee26e70d53c6df36f54"
-    # The earlier defaults keep the fingerprints they had: searches started under them still resume with them.
+    assert checkpoint.fingerprint(values) == "88e47fb7d44f63f398350593937f1dc9296c348842c4f5af10fe3a18cb91e048"
+    # The earlier defaults differ from today's only in what they name: a search started under one resumes with it
+    # (under the rules judge, as long as the rules revision is the same: these pins are under revision 3).
     values = study_fingerprint(Settings(direction_positions=[-1]), fake_loaded(), PROMPT_SETS, "")
-    assert checkpoint.fingerprint(values) == "3036f24fcdabeee82f164f014a04a9794fb2feae89d204e3d893384dab93cfe3"
+    assert checkpoint.fingerprint(values) == "d3692ad94f492b6483f1666234fb459cbf4e0ba3104c23c7eefbb8194107a192"
     values = study_fingerprint(Settings(full_normalization_exact=False, direction_positions=[-1]), fake_loaded(), PROMPT_SETS, "")
-    assert checkpoint.fingerprint(values) == "721c346aa5ae300e8fe2be158cf169978e3adc2e081d94c8d625c81520c68d09"
+    assert checkpoint.fingerprint(values) == "2f62bc58c448df79a4c3be30abe1cd4c0b21e5515696e7bf08c5a0c325c38d46"
 
 
 def test_fingerprint_of_changed_settings_is_pinned(tmp_path: Path) -> None:
@@ -59,7 +60,7 @@ def test_fingerprint_of_changed_settings_is_pinned(tmp_path: Path) -> None:
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"0123456789")
     values = study_fingerprint(Settings(**earlier), fake_loaded(gguf), PROMPT_SETS, "")
-    assert checkpoint.fingerprint(values) == "4d3f18c518c430c13586d4bee97d9732a5a8569cd8237d64b52656e310d6340e"
+    assert checkpoint.fingerprint(values) == "14e351760cd04b49be52de37ceb093fb6ed843b5426be4fac8ba3620764916f7"
 
 
 def test_every_setting_has_a_role() -> None:
