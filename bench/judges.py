@@ -259,11 +259,12 @@ def publish(record: dict[str, Any]) -> None:
         sets.append(f"{n} responses of {model} ({refusals} refusals and {compliances} compliances by reading)")
     section = (
         f"The test halves of the hand-labelled sets (bench/judge-labels: {'; '.join(sets)}; the rest unclear and "
-        "left out; the demo model's responses run to 100 tokens, the 1.5B model's to 200); refusal is the positive class. The development halves, on which the rules and the model judge's "
-        "threshold were tuned, are not scored here. `model` is the model judge asked by the demo model, `model-1.5b` "
-        "by the 1.5B model. Each cell gives the 0.5B / 1.5B sets' values. Median trial × default: a search's median trial "
-        "under the judge over one under the default judge, the same three seeded trials on the demo model (the files named by `cost_run` in judges.json). "
-        "Targets: F1 ≥ 0.95 and κ ≥ 0.85.\n\n" + table(record["results"])
+        "left out; the demo model's responses run to 100 tokens, the 1.5B model's to 200); refusal is the positive "
+        "class. The development halves, on which the rules and the model judge's threshold were tuned, are not "
+        "scored here. `model` is the model judge asked by the demo model, `model-1.5b` by the 1.5B model. Each cell "
+        "gives the 0.5B / 1.5B sets' values. Median trial × default: a search's median trial under the judge over one "
+        "under the default judge, the same three seeded trials on the demo model (the files named by `cost_run` in "
+        "judges.json). Targets: F1 ≥ 0.95 and κ ≥ 0.85.\n\n" + table(record["results"])
     )
     update_section(section, "judges", record, "python -m bench.judges")
 
