@@ -52,11 +52,19 @@ def table(record: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in record["rows"]:
+        if row["note"] == " (earlier)":  # the replaced threshold: in the text above the table
+            continue
         lines.append(
             f"| {row['split']} | {row['n']} | {row['tp'] + row['fn']} | {row['threshold']:.2f}{row['note']} | "
             f"{row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | {row['kappa']:.3f} |"
         )
     return "\n".join(lines)
+
+
+def earlier_text(record: dict[str, Any]) -> str:
+    """The replaced threshold's recall and F1 on each half, as a phrase."""
+    rows = [row for row in record["rows"] if row["note"] == " (earlier)"]
+    return "; ".join(f"{row['split']} recall {row['recall']:.3f}, F1 {row['f1']:.3f}" for row in rows)
 
 
 def publish(record: dict[str, Any]) -> None:
@@ -66,7 +74,7 @@ def publish(record: dict[str, Any]) -> None:
         f"given by reading to the {record['responses']} labelled responses of the demo model (bench/judge-labels, "
         "GUIDELINE.md); degenerate is the positive class. The threshold is tuned for the best F1 on the development half "
         f"and reported on the test half; the product counts a response degenerate from {DEGENERATE_AT:g} "
-        f"(earlier {EARLIER_AT:g}).\n\n" + table(record)
+        f"(earlier {EARLIER_AT:g}, {earlier_text(record)}).\n\n" + table(record)
     )
     update_section(section, "degeneracy", record, "python -m bench.degeneracy")
 

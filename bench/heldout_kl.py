@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import time
 from datetime import UTC, datetime
@@ -72,6 +73,18 @@ def chosen(trials: list[dict[str, Any]], kl_key: str, max_kl: float = MAX_KL) ->
     results = [TrialResult(t["number"], t["refusals"], t[kl_key], False, 0.0, {}) for t in trials]
     picked = select(pareto_front(results), "fewest-refusals", max_kl, 0)
     return next(t for t in trials if t["number"] == picked.number)
+
+
+def counted_by(run: Path) -> str:
+    """The judge that counted the stored run's refusals: the `--judge` of its command, else the markers judge (what a
+    run_bench search runs without one)."""
+    if run.is_dir():
+        command = " ".join(json.loads((run / "command.json").read_text()))
+    else:
+        (tool,) = [t for t in json.loads(run.read_text())["tools"].values() if "params" in (t.get("trials") or [{}])[0]]
+        command = tool["command"]
+    found = re.search(r"--judge[ =](\w[\w-]*)", command)
+    return found[1] if found else "markers"
 
 
 def measure(model: str, run: Path, extra: list[str]) -> dict[str, Any]:
@@ -118,6 +131,7 @@ def measure(model: str, run: Path, extra: list[str]) -> dict[str, Any]:
         "model": model,
         "run": str(run.resolve().relative_to(ROOT)) if run.is_dir() else run.name,
         "options": extra,
+        "counted_by": counted_by(run),
         "dtype": str(engine.model.dtype).removeprefix("torch."),
         "seconds_per_trial": (time.perf_counter() - started) / max(len(rows), 1),
         "prompts": {name: [p.user for p in evaluator.harmless] for name, evaluator in sets.items()},
@@ -167,9 +181,10 @@ def summarize(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def chosen_cell(trial: dict[str, Any]) -> str:
+    declined = f", declined part {trial['heldout_declined']:.3f}" if trial["heldout_declined"] is not None else ""
     return (
         f"{trial['number']}: {trial['refusals']} at {trial['search']:.3f} (mixed {trial['mixed']:.3f}); "
-        f"held-out {trial['heldout']:.3f}, median {trial['heldout_median']:.4f}"
+        f"held-out {trial['heldout']:.3f}, median {trial['heldout_median']:.4f}{declined}"
     )
 
 
@@ -193,17 +208,20 @@ def section(results: dict[str, Any]) -> str:
         declined = f"{r['search_heldout_declined']:.2f}" if "search_heldout_declined" in r else "–"
         mixed_declined = f"{r['mixed_heldout_declined']:.2f}" if "mixed_heldout_declined" in r else "–"
         lines.append(
-            f"| {model} ({entry['run']}, {entry['dtype']}) | {s['trials']} | {s['heldout_declined_prompts']} of "
+            f"| {model} ({entry['run']}, refusals by {entry['counted_by']}, {entry['dtype']}) | {s['trials']} | {s['heldout_declined_prompts']} of "
             f"{len(entry['prompts']['heldout'])} (candidates: {s['candidates_declined']} of {len(entry['prompts']['candidates'])}) | "
             f"{r['search_heldout']:.2f} ({declined}, {r['search_heldout_answered']:.2f}) | {r['mixed_heldout']:.2f} ({mixed_declined}) | "
             f"{chosen_cell(s['chosen']['search'])} | {chosen_cell(s['chosen']['mixed'])} | {'yes' if s['supports_candidates'] else 'no'} |"
         )
-    lines.append("")
-    lines.append(
-        "Per model: "
-        + "; ".join(f"{m} {e['date']}, CPU flags {', '.join(e['cpu_flags'])}, commit {e['commit']}" for m, e in results.items())
-        + "."
-    )
+    if len(results) > 1:  # one model's date, CPU and commit are the stamp's
+        lines.append("")
+        lines.append(
+            "Per model: "
+            + "; ".join(
+                f"{m} {e['date']}, CPU flags {', '.join(e['cpu_flags'])}, commit {e['commit']}" for m, e in results.items()
+            )
+            + "."
+        )
     return "\n".join(lines)
 
 

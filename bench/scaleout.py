@@ -191,16 +191,15 @@ def table(runs: list[dict[str, Any]], projection: list[dict[str, Any]], gpu_fact
             f"{run['search_seconds']} | {run['trials_per_hour']} | {run['median_trial_seconds']} | {front} | {run['hypervolume']} |"
         )
     ratio = runs[1]["search_seconds"] / runs[0]["search_seconds"] if runs[0]["search_seconds"] else float("nan")
-    lines += ["", f"Two workers / one worker, search time: {ratio:.2f}x", ""]
-    lines += [
-        f"On paper: 8B model, {PAPER_TRIALS} trials, one GPU = {gpu_factor:g}x this machine's 2 threads (assumed)",
-        "| GPUs | Trial (s) | Hours to 200 | Trials/hour | Serial share | Speed-up |",
-        "|---|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['gpus']} | {r['trial_seconds']} | {r['hours_to_200']} | {r['trials_per_hour']} | {r['serial_share']:.1%} | {r['speedup']}x |"
-        for r in projection
-    ]
+    lines.append("")
+    speedups = ", ".join(f"{r['speedup']}x on {r['gpus']}" for r in projection if r["gpus"] > 1)
+    shares = [r["serial_share"] for r in projection]
+    lines.append(
+        f"Two workers / one worker, search time: {ratio:.2f}x. On paper (8B model, {PAPER_TRIALS} trials, one GPU = {gpu_factor:g}x this machine's 2 threads, assumed): "
+        f"{projection[0]['hours_to_200']} h on one GPU; speed-up {speedups} GPUs (serial share "
+        f"{min(shares):.1%}–{max(shares):.1%}; per GPU count in bench/results/scaleout.json; the projection: "
+        "[research note](docs/research/2026-12-02-many-workers.md))."
+    )
     return "\n".join(lines)
 
 
