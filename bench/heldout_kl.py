@@ -25,7 +25,7 @@ says what the mixed KL would choose among them, not where a search led by it wou
 beside the numbers.
 
     python -m bench.heldout_kl --model demo bench/results/20261207-082950.json
-    python -m bench.heldout_kl --model 1.5b bench/work/ours-1.5b-rules-42      # a run's folder (unfinished too)
+    python -m bench.heldout_kl --model 1.5b bench/runs/ours-1.5b-rules-42      # a run's folder (unfinished too)
     python -m bench.heldout_kl --table
 
 Writes bench/results/heldout-kl.json (one entry per model) and the "heldout-kl" section of BENCHMARKS.md.
@@ -233,7 +233,7 @@ def publish(results: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", nargs="?", type=Path, help="a run_bench results file, or a run's folder under bench/work")
+    parser.add_argument("run", nargs="?", type=Path, help="a run_bench results file, or a run's folder under bench/runs")
     parser.add_argument("--model", default="demo", help="the benchmark model the run searched (default: demo)")
     parser.add_argument("--table", action="store_true", help="only rewrite the BENCHMARKS.md section from the results file")
     args, extra = parser.parse_known_args()

@@ -105,7 +105,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["demo", "1.5b"], required=True, help="the benchmark model the run searched")
-    parser.add_argument("run", type=Path, help="a run_bench results file with trial parameters, or a run folder under bench/work")
+    parser.add_argument("run", type=Path, help="a run_bench results file with trial parameters, or a run folder under bench/runs")
     parser.add_argument("--trials", help=f"trial numbers, comma-separated (default: the first {FRONT_TRIALS} of its front)")
     parser.add_argument("--harmful", type=int, default=80, help="bundled harmful_test prompts per configuration")
     parser.add_argument("--harmless", type=int, default=30, help="bundled harmless_test prompts for each of two configurations")

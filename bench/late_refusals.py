@@ -20,7 +20,7 @@ model's tokenizer; besides the changes, each judge's F1 and Cohen's kappa agains
 (`unclear` left out) at each length. They were generated to at most 100 tokens, so their first 200
 tokens are the whole response: the table says how many end before each length.
 
-Chosen trials (`--model`, a run_bench results file or an unfinished run's folder under bench/work, and
+Chosen trials (`--model`, a run_bench results file or an unfinished run's folder under bench/runs, and
 trial numbers, comma-separated; then options of the tool, e.g. the searched run's own search-space
 options if it changed them): the model loaded as bench.research.trial_responses does, and the harmful
 evaluation responses of the original and of each trial's ablation generated to 200 tokens without early
@@ -222,7 +222,7 @@ def trials_part(
     original: bool = True,
 ) -> dict[str, Any]:
     """The original (unless not `original`) and each chosen trial of a stored run of our search (a run_bench results file, or an
-    unfinished run's folder under bench/work) on the benchmark model `model`."""
+    unfinished run's folder under bench/runs) on the benchmark model `model`."""
     from bench.harness.paths import WORK
     from bench.harness.tools import stored_run, stored_trial_parameters
     from heretic.cli import settings_from_argv
@@ -353,7 +353,7 @@ def main() -> None:
         "results",
         type=Path,
         nargs="?",
-        help="with --model: a run_bench results file whose trials have parameters, or a run folder under bench/work",
+        help="with --model: a run_bench results file whose trials have parameters, or a run folder under bench/runs",
     )
     parser.add_argument("trials", nargs="?", help="with --model: trial numbers, comma-separated")
     parser.add_argument("--without-original", action="store_true", help="with --model: the trials only, not the original")

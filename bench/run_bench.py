@@ -16,6 +16,9 @@ from its Optuna checkpoint journal; ours are read from ours.
                                                  # a run longer than one sitting, continued in the next
                                                  # (each trial's one-sitting wall time is recorded: python -m bench.seed_fronts --timed)
 
+Our runs live in bench/runs/LABEL (command, logs, checkpoint journal: small, and not ignored by git), so that an
+unfinished run goes with the checkout to another clone or machine and continues there with --resume-ours.
+
 Writes bench/results/latest.json, bench/results/<stamp>.json, bench/results/fronts.png and the
 table in BENCHMARKS.md, with each performance target checked (a front metric that falls short by
 less than the run-to-run noise counts as within noise: our seeds' spread combined with the
@@ -139,7 +142,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--resume-ours",
         action="store_true",
-        help="continue our unfinished study in bench/work/LABEL (started with the same options, e.g. a run with "
+        help="continue our unfinished study in bench/runs/LABEL (started with the same options, e.g. a run with "
         "--search-minutes that did not fit in one sitting) instead of starting it anew",
     )
     parser.add_argument("--ours-args", default="", help="extra flags for our tool (e.g. to switch a speed-up off)")

@@ -167,7 +167,7 @@ def target_lines(summary: dict[str, Any]) -> list[str]:
 
 
 def chosen_table(runs: list[dict[str, Any]]) -> list[str]:
-    """The trial each run chose and its held-out refusals (runs without a log in bench/work are left out)."""
+    """The trial each run chose and its held-out refusals (runs without a log in bench/runs are left out)."""
     runs_with_logs = [run for run in runs if run["chosen"] is not None]
     if not runs_with_logs:
         return []

@@ -8,7 +8,7 @@ from __future__ import annotations
 from .machine import CPU_PROFILES, cpu_flags, git_commit, machine, run_record
 from .metrics import KL_CAP, REFUSAL_CAPS, best_kl, best_kl_at, hypervolume, pareto
 from .models import MODELS, model_gguf, prepare_model
-from .paths import BENCHMARKS, DEFAULT_DATASETS, RESEARCH, RESULTS, ROOT, WORK
+from .paths import BENCHMARKS, DEFAULT_DATASETS, RESEARCH, RESULTS, ROOT, RUNS, WORK
 from .publish import module_command, recorded, stamp, update_section
 from .runs import our_run
 
@@ -22,6 +22,7 @@ __all__ = [
     "RESEARCH",
     "RESULTS",
     "ROOT",
+    "RUNS",
     "WORK",
     "best_kl",
     "best_kl_at",

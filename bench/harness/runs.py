@@ -1,5 +1,5 @@
 """Our runs as run_bench recorded them: a results file's trials, wall time and command, and the trial
-the run chose with its held-out refusals (from its log in bench/work)."""
+the run chose with its held-out refusals (from its log in bench/runs)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .paths import WORK
+from .paths import RUNS, WORK
 
 
 def our_run(path: Path, budget_s: float | None = None) -> dict[str, Any]:
@@ -40,10 +40,11 @@ def our_run(path: Path, budget_s: float | None = None) -> dict[str, Any]:
 
 
 def chosen_trial(label: str) -> dict[str, Any] | None:
-    """The trial the run chose and its held-out refusals, from its (last sitting's) log in bench/work
-    (None without it)."""
-    record = WORK / label / "runs.json"
-    path = WORK / label / (json.loads(record.read_text())[-1]["log"] if record.exists() else "output.log")
+    """The trial the run chose and its held-out refusals, from its (last sitting's) log in bench/runs (or in
+    bench/work, where runs were kept before; None without it)."""
+    folder = RUNS / label if (RUNS / label).exists() else WORK / label
+    record = folder / "runs.json"
+    path = folder / (json.loads(record.read_text())[-1]["log"] if record.exists() else "output.log")
     if not path.exists():
         return None
     # The log's lines, each without its elapsed-time column, joined: the console wraps long lines.

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from .metrics import metrics, pareto
 from .models import prepare_model
-from .paths import BENCH, WORK
+from .paths import BENCH, RUNS, WORK
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -282,7 +282,7 @@ def stored_trial_parameters(session: Session, params: dict[str, Any]) -> Ablatio
 
 def stored_run(path: Path, model: str, checkpoint_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """(the completed trials, the command with `checkpoint_dir` as its checkpoint folder) of a run of our search on
-    the benchmark model `model`: a run_bench results file, or a run_bench run's folder under bench/work (its
+    the benchmark model `model`: a run_bench results file, or a run_bench run's folder under bench/runs (its
     checkpoint journal and command.json; an unfinished run has its completed trials)."""
     moved = ["--checkpoint-dir", str(checkpoint_dir)]
     if path.is_dir():
@@ -418,9 +418,9 @@ def run_ours(
     label: str = "ours",
     resume: bool = False,
 ) -> dict[str, Any]:
-    """Run our tool in bench/work/LABEL; with `resume`, continue the study an earlier invocation with
+    """Run our tool in bench/runs/LABEL; with `resume`, continue the study an earlier invocation with
     the same command left there (a run longer than one sitting, e.g. the equal-time run)."""
-    folder = WORK / label
+    folder = RUNS / label
     command = our_command(settings, model, markers, extra)
     log(f"{label}: judge {our_judge(extra, markers)}")
     if resume:
