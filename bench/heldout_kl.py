@@ -40,6 +40,7 @@ import statistics
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from statistics import fmean as mean
 from typing import Any
 
 from scipy.stats import spearmanr
@@ -54,10 +55,6 @@ CANDIDATES = Path(__file__).parent / "prompts" / "harmless_disclaimer.txt"
 OPENING_TOKENS = 48  # the original's answer read for a decline or disclaimer
 MAX_KL = 0.5  # the default --max-kl of the fewest-refusals rule
 MIN_RHO_GAIN = 0.05  # the decision rule's margin
-
-
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 def rho(x: list[float], y: list[float]) -> float:
